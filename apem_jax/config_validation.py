@@ -1,0 +1,75 @@
+"""Checks of a run's config that fail before anything is compiled, naming the key at fault."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+from apem_jax.schema import Schema
+
+# Section -> key -> accepted types. Model keys are checked by the model registry.
+_REQUIRED = {
+    "": {"seed": (int,)},
+    "train": {"batch_size": (int,), "eval_batch_size": (int,), "num_epochs": (int,),
+              "patience": (int,), "log_every": (int,), "task_weights": (tuple, list),
+              "progress_bar": (bool,)},
+    "optimizer": {"learning_rate": (float, int), "schedule": (str,), "warmup_steps": (int,),
+                  "final_lr_ratio": (float, int), "b1": (float,), "b2": (float,),
+                  "weight_decay": (float, int), "grad_clip_norm": (float, int)},
+    "parallel": {"mode": (str,), "model_parallelism": (int,)},
+    "checkpoint": {"keep_latest": (int,)},
+    "data": {"name": (str,)},
+    "model": {"name": (str,)},
+}
+_POSITIVE = ("train.batch_size", "train.eval_batch_size", "train.num_epochs", "train.patience",
+             "train.log_every", "optimizer.learning_rate", "checkpoint.keep_latest",
+             "parallel.model_parallelism")
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+  node = config
+  for part in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or part not in node:
+      raise ValueError(f"config: missing required key {path!r}")
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the first missing, mistyped or out-of-range key."""
+  for section, keys in _REQUIRED.items():
+    for key, types in keys.items():
+      path = f"{section}.{key}" if section else key
+      value = _get(config, path)
+      if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ValueError(f"config: {path}={value!r} has type {type(value).__name__}, expected "
+                         f"{' or '.join(t.__name__ for t in types)}")
+  for path in _POSITIVE:
+    if _get(config, path) <= 0:
+      raise ValueError(f"config: {path}={_get(config, path)!r} must be positive")
+  if config.parallel.mode not in ("jit",):
+    raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit'")
+
+
+def validate_for_schema(config: ml_collections.ConfigDict, schema: Schema) -> None:
+  """Checks that depend on the dataset's tasks."""
+  weights = tuple(config.train.task_weights)
+  if weights and len(weights) != schema.num_tasks:
+    raise ValueError(f"config: train.task_weights has {len(weights)} entries, expected one per "
+                     f"task {list(schema.task_names)} (or an empty tuple for all ones)")
+  if any(w < 0 for w in weights):
+    raise ValueError(f"config: train.task_weights={weights} must be non-negative")
+
+
+def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+  """Dotted keys whose values differ between two nested mappings."""
+  out = []
+  for key in sorted(set(a) | set(b)):
+    path = f"{prefix}{key}"
+    va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+    if isinstance(va, Mapping) and isinstance(vb, Mapping):
+      out += diff_keys(va, vb, path + ".")
+    elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
+      out.append(path)
+  return out

@@ -1,0 +1,122 @@
+"""APEM: Adaptive Pattern Extraction Multi-task learning.
+
+Tao, Ha, Ma, Cheng, Lin, Guo, "Adaptive Pattern Extraction Multi-Task Learning for Multi-Step
+Conversion Estimations", arXiv 2301.02494.
+
+What is the paper's (its abstract; DESIGN.md section 1):
+
+* the model learns interactions between the input feature fields and extracts task-specific
+  information from them;
+* a DeepAuto Group Transformer enhances feature expressivity with a *modified set attention* and a
+  *Squeeze-and-Excitation* operation;
+* an explicit Pattern Selector learns a selective representation per task through *adaptive
+  task-indicator vectors*;
+* the target is multi-step conversion (tasks with sequential dependence).
+
+What is **our reconstruction** (DESIGN.md section 2; the paper gives no equations): everything
+else: the per-field embedding; competitive grouping (softmax over groups, renormalised over
+fields) as the "modification" of set attention; seeds, heads, LN/FFN placement, broadcast back;
+SE over fields with mean-over-d squeeze; the pattern bank of field + group tokens; indicators
+``tau_t + g_t(mean_f E_L)``; dot-product selection with optional top-k; towers on
+``[h_t ; mean_f E_L]``. Funnel chaining of the logits is done by the losses module, not here.
+
+Pipeline: FieldEmbedding -> DeepAutoGroupTransformer -> PatternSelector -> per-task towers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from apem_jax.models import layers
+from apem_jax.models.embedding import FieldEmbedding
+from apem_jax.models.group_transformer import GROUPINGS, DeepAutoGroupTransformer
+from apem_jax.models.layers import BatchedMLP, get_dtype
+from apem_jax.models.pattern_selector import PatternSelector
+from apem_jax.schema import Schema
+
+
+class APEM(nn.Module):
+  """APEM model. Keys of the config are the attributes below (see ``defaults.py``).
+
+  ``__call__(batch, train)`` returns:
+    * ``logits``: float32 [B, T], one per task in schema order;
+    * ``pattern_weights``: float32 [B, T, F+G], the Pattern Selector's alpha;
+    * ``group_weights``: float32 [B, H, G, F], last DAGT block's pooling weights (sum to 1 over F);
+    * ``group_assignment`` (grouping='competitive' only): float32 [B, H, G, F], softmax over G.
+  """
+
+  output_space: ClassVar[str | None] = None  # decided by the task heads (losses config)
+
+  schema: Schema
+  embed_dim: int = 16
+  num_blocks: int = 2
+  num_groups: int = 8
+  num_heads: int = 2
+  ffn_mult: int = 2
+  grouping: str = "competitive"
+  se: bool = True
+  se_reduction: int = 4
+  pattern_selector: bool = True
+  selector_top_k: int = 0
+  adaptive_indicators: bool = True
+  indicator_hidden: int = 32
+  tower_hidden: Sequence[int] = (64, 32)
+  dropout: float = 0.0
+  dtype: Any = "float32"
+
+  @classmethod
+  def from_config(cls, cfg, schema: Schema) -> "APEM":
+    kw = layers.common_kwargs(cfg)
+    kw.update(
+        num_blocks=layers.require_int(cfg, "num_blocks", 1),
+        grouping=layers.require_choice(cfg, "grouping", GROUPINGS),
+        num_heads=layers.require_int(cfg, "num_heads", 1),
+        ffn_mult=layers.require_int(cfg, "ffn_mult", 1),
+        se=layers.require_bool(cfg, "se"),
+        se_reduction=layers.require_int(cfg, "se_reduction", 1),
+        pattern_selector=layers.require_bool(cfg, "pattern_selector"),
+        selector_top_k=layers.require_int(cfg, "selector_top_k", 0),
+        adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
+        indicator_hidden=layers.require_int(cfg, "indicator_hidden", 1),
+        tower_hidden=layers.require_widths(cfg, "tower_hidden", allow_empty=True),
+    )
+    kw["num_groups"] = layers.require_int(cfg, "num_groups", 0 if kw["grouping"] == "none" else 1)
+    if kw["embed_dim"] % kw["num_heads"]:
+      raise ValueError(f"model config 'num_heads'={kw['num_heads']} must divide "
+                       f"'embed_dim'={kw['embed_dim']}")
+    if schema.num_fields == 0:
+      raise ValueError("APEM: the schema has no feature fields")
+    return cls(schema=schema, **kw)
+
+  @nn.compact
+  def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
+    dtype = get_dtype(self.dtype)
+    tokens = FieldEmbedding(self.schema, self.embed_dim, self.dtype, name="embedding")(batch)
+    dagt = DeepAutoGroupTransformer(
+        num_blocks=self.num_blocks, num_groups=self.num_groups, num_heads=self.num_heads,
+        ffn_mult=self.ffn_mult, grouping=self.grouping, se=self.se,
+        se_reduction=self.se_reduction, dropout=self.dropout, dtype=self.dtype,
+        name="dagt")(tokens, train)
+    h, alpha = PatternSelector(
+        num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,
+        adaptive=self.adaptive_indicators, indicator_hidden=self.indicator_hidden,
+        enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector")(
+            dagt.fields, dagt.groups)
+    num_tasks = self.schema.num_tasks
+    pooled = jnp.mean(dagt.fields, axis=1, keepdims=True).astype(dtype)  # [B, 1, d]
+    tower_in = jnp.concatenate(
+        [h.astype(dtype), jnp.broadcast_to(pooled, h.shape)], axis=-1)  # [B, T, 2d]
+    logits = BatchedMLP(num_tasks, tuple(self.tower_hidden) + (1,), dropout=self.dropout,
+                        activate_final=False, dtype=dtype, name="towers")(tower_in, train)
+    out = {
+        "logits": logits[..., 0].astype(jnp.float32),
+        "pattern_weights": alpha.astype(jnp.float32),
+        "group_weights": dagt.group_weights.astype(jnp.float32),
+    }
+    if dagt.group_assignment is not None:
+      out["group_assignment"] = dagt.group_assignment.astype(jnp.float32)
+    return out

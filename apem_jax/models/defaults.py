@@ -1,0 +1,47 @@
+"""Default model configs: every key a model reads, with its default.
+
+Config files in ``configs/`` start from ``default_model_config(name)`` and override keys.
+``registry.build_model`` fills keys a config leaves out from these defaults and rejects keys that
+are not listed here (so a typo is an error, not a silently ignored setting).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_COMMON = dict(embed_dim=16, dropout=0.0, dtype="float32")
+
+_DEFAULTS: dict[str, dict] = {
+    "apem": dict(
+        num_blocks=2,  # DAGT blocks L
+        num_groups=8,  # G
+        num_heads=2,  # H (must divide embed_dim)
+        ffn_mult=2,  # FFN hidden = ffn_mult * embed_dim
+        grouping="competitive",  # 'competitive' | 'standard' | 'none'
+        se=True,  # Squeeze-and-Excitation over fields
+        se_reduction=4,  # SE reduction ratio r
+        pattern_selector=True,  # False: mean pooling of patterns
+        selector_top_k=0,  # 0 = dense selection; k > 0 = top-k patterns
+        adaptive_indicators=True,  # False: static task indicators
+        indicator_hidden=32,  # hidden width of g_t
+        tower_hidden=(64, 32),
+    ),
+    "single_task": dict(bottom_hidden=(128, 64), tower_hidden=(64, 32)),
+    "shared_bottom": dict(bottom_hidden=(128, 64), tower_hidden=(64, 32)),
+    "mmoe": dict(num_experts=8, expert_hidden=(128, 64), tower_hidden=(64, 32)),
+    "ple": dict(num_levels=2, num_shared_experts=2, num_task_experts=2, expert_hidden=(128, 64),
+                tower_hidden=(64, 32)),
+    "esmm": dict(tower_hidden=(128, 64, 32)),
+    "aitm": dict(tower_hidden=(128, 64, 32), transfer_hidden=(32,)),
+}
+
+
+def model_names() -> tuple[str, ...]:
+  return tuple(_DEFAULTS)
+
+
+def default_model_config(name: str) -> ml_collections.ConfigDict:
+  """A ConfigDict with ``name`` and every key model ``name`` reads, set to its default."""
+  if name not in _DEFAULTS:
+    raise ValueError(f"unknown model {name!r}; registered models: {sorted(_DEFAULTS)}")
+  return ml_collections.ConfigDict(dict(name=name, **_COMMON, **_DEFAULTS[name]))

@@ -1,0 +1,148 @@
+"""Shared building blocks: dtype handling, MLPs, batched (per-member) MLPs, config checks.
+
+Parameters are always float32 (``param_dtype``); activations use the compute ``dtype``
+('float32' or 'bfloat16').
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PARAM_DTYPE = jnp.float32
+
+
+def get_dtype(name: str | Dtype) -> Dtype:
+  """Maps a config dtype name ('float32' | 'bfloat16') to a jnp dtype."""
+  if isinstance(name, str):
+    if name not in DTYPES:
+      raise ValueError(f"model config 'dtype' must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+  return name
+
+
+class MLP(nn.Module):
+  """Dense -> relu -> dropout, for each width in ``features``.
+
+  Attributes:
+    features: widths of the layers; the last is the output width.
+    dropout: dropout rate after every activated layer (0 = none).
+    activate_final: apply relu (and dropout) after the last layer too.
+    dtype: compute dtype.
+  """
+
+  features: Sequence[int]
+  dropout: float = 0.0
+  activate_final: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """x: [..., in] -> [..., features[-1]]."""
+    x = x.astype(self.dtype)
+    for i, width in enumerate(self.features):
+      x = nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=f"dense_{i}")(x)
+      if i < len(self.features) - 1 or self.activate_final:
+        x = nn.relu(x)
+        if self.dropout > 0:
+          x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return x
+
+
+class BatchedMLP(nn.Module):
+  """``num_members`` independent MLPs evaluated as one batched einsum per layer.
+
+  Used for experts (MMoE, PLE) and per-task towers. Every member owns its own kernel slice
+  ``[num_members, in, out]``, initialised independently (lecun normal with a batch axis), so
+  members differ at initialisation.
+
+  Input either ``[B, in]`` (the same input for every member) or ``[B, M, in]`` (member m reads
+  ``x[:, m]``). Output ``[B, M, features[-1]]``.
+  """
+
+  num_members: int
+  features: Sequence[int]
+  dropout: float = 0.0
+  activate_final: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.astype(self.dtype)
+    kernel_init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    for i, width in enumerate(self.features):
+      in_dim = x.shape[-1]
+      kernel = self.param(f"kernel_{i}", kernel_init, (self.num_members, in_dim, width),
+                          PARAM_DTYPE)
+      bias = self.param(f"bias_{i}", nn.initializers.zeros, (self.num_members, width),
+                        PARAM_DTYPE)
+      kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+      if x.ndim == 2:
+        x = jnp.einsum("bi,mio->bmo", x, kernel) + bias
+      else:
+        x = jnp.einsum("bmi,mio->bmo", x, kernel) + bias
+      if i < len(self.features) - 1 or self.activate_final:
+        x = nn.relu(x)
+        if self.dropout > 0:
+          x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation helpers: every error names the offending config key.
+
+
+def require_int(cfg, key: str, minimum: int) -> int:
+  value = cfg[key]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"model config {key!r} must be an int >= {minimum}, got {value!r}")
+  return value
+
+
+def require_widths(cfg, key: str, allow_empty: bool = False) -> tuple[int, ...]:
+  value = cfg[key]
+  try:
+    widths = tuple(value)
+  except TypeError:
+    widths = None
+  if (widths is None or (not widths and not allow_empty)
+      or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
+    raise ValueError(
+        f"model config {key!r} must be a {'possibly empty ' if allow_empty else 'non-empty '}"
+        f"sequence of positive ints, got {value!r}")
+  return widths
+
+
+def require_rate(cfg, key: str) -> float:
+  value = cfg[key]
+  if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    raise ValueError(f"model config {key!r} must be a rate in [0, 1), got {value!r}")
+  return float(value)
+
+
+def require_choice(cfg, key: str, choices: Sequence[str]) -> str:
+  value = cfg[key]
+  if value not in choices:
+    raise ValueError(f"model config {key!r} must be one of {list(choices)}, got {value!r}")
+  return value
+
+
+def require_bool(cfg, key: str) -> bool:
+  value = cfg[key]
+  if not isinstance(value, bool):
+    raise ValueError(f"model config {key!r} must be a bool, got {value!r}")
+  return value
+
+
+def common_kwargs(cfg) -> dict:
+  """Checks and returns the keys every model has: embed_dim, dropout, dtype."""
+  get_dtype(cfg["dtype"])  # raises naming 'dtype'
+  return dict(embed_dim=require_int(cfg, "embed_dim", 1), dropout=require_rate(cfg, "dropout"),
+              dtype=cfg["dtype"])

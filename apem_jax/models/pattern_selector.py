@@ -1,0 +1,91 @@
+"""Pattern Selector with adaptive task indicators (DESIGN.md section 2).
+
+The paper names "an explicit Pattern Selector" with "adaptive task-indicator vectors"; the
+equations are **our reconstruction**:
+
+* pattern bank ``P = concat(fields, groups)`` [B, N = F+G, d];
+* indicator ``tau_t(x) = tau_t + g_t(mean_f E_L)`` with ``g_t`` a per-task MLP d -> hidden -> d
+  (``adaptive=False``: ``tau_t(x) = tau_t``);
+* ``alpha_t = softmax_p(<tau_t(x), W_k P_p> / sqrt(d))``; with ``top_k > 0`` every logit but the
+  k largest is masked before the softmax (exactly k non-zero weights);
+* ``h_t = sum_p alpha_{t,p} W_v P_p``.
+
+``enabled=False`` (ablation "no Pattern Selector"): ``h_t = mean_p P_p`` for every task and
+alpha is uniform.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from apem_jax.models.layers import PARAM_DTYPE, get_dtype
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+  """bool mask [..., N], True at exactly the k largest entries of the last axis (0 = all)."""
+  n = logits.shape[-1]
+  if k <= 0 or k >= n:
+    return jnp.ones(logits.shape, bool)
+  _, idx = jax.lax.top_k(logits, k)  # [..., k]
+  return jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)
+
+
+class PatternSelector(nn.Module):
+  """Per-task soft selection over the pattern bank.
+
+  Attributes:
+    num_tasks: T.
+    top_k: 0 = dense selection; k > 0 keeps only the k largest logits per task.
+    adaptive: add the per-sample term g_t(mean_f E_L) to each indicator.
+    indicator_hidden: hidden width of g_t.
+    enabled: False = mean pooling of the patterns for every task.
+    dtype: compute dtype name.
+  """
+
+  num_tasks: int
+  top_k: int = 0
+  adaptive: bool = True
+  indicator_hidden: int = 32
+  enabled: bool = True
+  dtype: Any = "float32"
+
+  @nn.compact
+  def __call__(self, fields: jax.Array, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fields [B, F, d], groups [B, G, d] -> (h [B, T, d], alpha float32 [B, T, F+G])."""
+    dtype = get_dtype(self.dtype)
+    patterns = jnp.concatenate([fields, groups.astype(fields.dtype)], axis=1).astype(dtype)
+    batch, num_patterns, width = patterns.shape
+    tasks = self.num_tasks
+    if not self.enabled:
+      h = jnp.broadcast_to(jnp.mean(patterns, axis=1, keepdims=True), (batch, tasks, width))
+      alpha = jnp.full((batch, tasks, num_patterns), 1.0 / num_patterns, jnp.float32)
+      return h, alpha
+
+    tau = self.param("task_indicators", nn.initializers.normal(stddev=1.0),
+                     (tasks, width), PARAM_DTYPE).astype(dtype)  # [T, d]
+    tau = jnp.broadcast_to(tau[None], (batch, tasks, width))
+    if self.adaptive:
+      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
+                                              out_axis=-1, batch_axis=(0,))
+      hidden = self.indicator_hidden
+      w1 = self.param("indicator_kernel_1", init, (tasks, width, hidden), PARAM_DTYPE)
+      b1 = self.param("indicator_bias_1", nn.initializers.zeros, (tasks, hidden), PARAM_DTYPE)
+      w2 = self.param("indicator_kernel_2", init, (tasks, hidden, width), PARAM_DTYPE)
+      b2 = self.param("indicator_bias_2", nn.initializers.zeros, (tasks, width), PARAM_DTYPE)
+      context = jnp.mean(fields, axis=1).astype(dtype)  # [B, d]
+      g = nn.relu(jnp.einsum("bd,tdh->bth", context, w1.astype(dtype)) + b1.astype(dtype))
+      tau = tau + jnp.einsum("bth,thd->btd", g, w2.astype(dtype)) + b2.astype(dtype)
+
+    keys = nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE, name="pattern_key")(patterns)
+    values = nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE, name="pattern_value")(patterns)
+    logits = jnp.einsum("btd,bpd->btp", tau, keys).astype(jnp.float32) / math.sqrt(width)
+    mask = top_k_mask(logits, self.top_k)
+    alpha = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+    alpha = jnp.where(mask, alpha, 0.0)  # exact zeros outside the top k
+    h = jnp.einsum("btp,bpd->btd", alpha.astype(dtype), values)
+    return h, alpha

