@@ -2,21 +2,48 @@
 
 Any config value can be overridden, e.g. --config.train.num_epochs=5 --config.model.num_groups=4.
 A workdir that already holds checkpoints resumes from the latest one.
+
+Several hosts (README, "Several hosts"): run the same command in every process with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or ``--distributed`` alone
+where JAX finds them itself: Cloud TPU, Slurm, Open MPI, ``JAX_COORDINATOR_ADDRESS``); the
+workdir must be on storage every process sees.
 """
 
+import os
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apem_jax import trainer
+from apem_jax import trainer  # importing touches no device, so initialize() can still follow
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a run over several processes.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() even without the three flags above, "
+    "letting JAX detect the cluster (Cloud TPU, Slurm, Open MPI) and read JAX_COORDINATOR_ADDRESS.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize`` when this is one process of several; must precede any device
+  use. Flags left out are filled in by JAX (cluster detection, ``JAX_COORDINATOR_ADDRESS``)."""
+  given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not (_DISTRIBUTED.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+          or any(v is not None for v in given)):
+    return
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  initialize_distributed()
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(f"Best validation score {summary['best_validation_score']:.5f} at step "
         f"{summary['best_step']}; metrics in {_WORKDIR.value}/metrics.json")

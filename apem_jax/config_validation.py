@@ -17,7 +17,7 @@ _REQUIRED = {
     "optimizer": {"learning_rate": (float, int), "schedule": (str,), "warmup_steps": (int,),
                   "final_lr_ratio": (float, int), "b1": (float,), "b2": (float,),
                   "weight_decay": (float, int), "grad_clip_norm": (float, int)},
-    "parallel": {"mode": (str,), "model_parallelism": (int,)},
+    "parallel": {"mode": (str,), "model_parallelism": (int,), "shard_embeddings_min_rows": (int,)},
     "checkpoint": {"keep_latest": (int,)},
     "data": {"name": (str,)},
     "model": {"name": (str,)},
@@ -48,8 +48,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in _POSITIVE:
     if _get(config, path) <= 0:
       raise ValueError(f"config: {path}={_get(config, path)!r} must be positive")
-  if config.parallel.mode not in ("jit",):
-    raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit'")
+  if config.parallel.mode not in ("jit", "pmap"):
+    raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit', 'pmap'")
+  if config.parallel.shard_embeddings_min_rows < 0:
+    raise ValueError(f"config: parallel.shard_embeddings_min_rows="
+                     f"{config.parallel.shard_embeddings_min_rows} must be >= 0 (0 disables)")
+  if config.parallel.mode == "pmap" and config.parallel.model_parallelism != 1:
+    raise ValueError(f"config: parallel.mode='pmap' is data parallel only; "
+                     f"parallel.model_parallelism={config.parallel.model_parallelism} needs "
+                     f"parallel.mode='jit'")
 
 
 def validate_for_schema(config: ml_collections.ConfigDict, schema: Schema) -> None:

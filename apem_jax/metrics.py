@@ -92,3 +92,68 @@ def selection_score(metrics: Mapping[str, Mapping[str, float]], tasks: Sequence)
   if binary:
     return float(np.mean(binary))
   return -float(np.mean([metrics[t.name]["mse"] for t in tasks]))
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion funnels
+# --------------------------------------------------------------------------------------------
+
+def entire_space_probabilities(conditional: np.ndarray, parents: Sequence[int]) -> np.ndarray:
+  """True (or predicted) conditional probabilities q [N, T] -> entire-space p [N, T]:
+  ``p_t = q_t * p_parent(t)`` (``parents[t] = -1``: ``p_t = q_t``)."""
+  q = np.asarray(conditional, dtype=np.float64)
+  p = np.empty_like(q)
+  for t, parent in enumerate(parents):
+    p[:, t] = q[:, t] if parent < 0 else q[:, t] * p[:, parent]
+  return p
+
+
+def funnel_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
+                   predictions: np.ndarray, conditional: np.ndarray,
+                   true_conditional: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+  """Per-step metrics of a conversion funnel (schema tasks with ``depends_on``).
+
+  Args:
+    schema: the tasks; only the binary ones get funnel metrics.
+    labels: [N, T]; ``y_t = 1`` only if the example went through step t.
+    label_mask: [N, T], 1 where the label is present.
+    predictions: [N, T] entire-space probabilities ``p_t``.
+    conditional: [N, T] conditional probabilities ``q_t`` (step t given its parent step).
+    true_conditional: optional [N, T] true ``q_t`` of synthetic data (the generating model).
+
+  Returns:
+    ``{task: metrics}`` with, on the entire space (every example whose label is present):
+    ``auc``, ``logloss``, ``calibration`` (mean ``p_t`` over the observed rate ``mean y_t``; 1 is
+    calibrated); on the examples whose parent step happened (parent label present and 1; for a
+    root step, the entire space): ``auc_conditional`` (AUC of ``q_t``), ``conditional_examples``;
+    for a dependent step ``violation_rate``, the fraction of examples with ``p_t > p_parent``
+    (0 by construction for chained heads); and, with ``true_conditional``: ``oracle_auc`` and
+    ``oracle_logloss`` (the true ``p_t = prod q`` scored the same way: the best achievable values),
+    ``oracle_gap`` (``oracle_auc - auc``) and ``oracle_auc_conditional``.
+  """
+  parents = schema.parents
+  true_p = (None if true_conditional is None
+            else entire_space_probabilities(true_conditional, parents))
+  out = {}
+  for t, task in enumerate(schema.tasks):
+    if task.kind != "binary":
+      continue
+    present = label_mask[:, t] > 0
+    y, p = labels[present, t], predictions[present, t]
+    rate = float(np.mean(y)) if len(y) else float("nan")
+    m = {"auc": auc(y, p), "logloss": logloss(y, p),
+         "calibration": float(np.mean(p)) / rate if rate > 0 else float("nan")}
+    parent = parents[t]
+    reached = present if parent < 0 else present & (label_mask[:, parent] > 0) & (
+        labels[:, parent] > 0)
+    m["auc_conditional"] = auc(labels[reached, t], conditional[reached, t])
+    m["conditional_examples"] = int(reached.sum())
+    if parent >= 0:
+      m["violation_rate"] = float(np.mean(predictions[:, t] > predictions[:, parent]))
+    if true_p is not None:
+      m["oracle_auc"] = auc(y, true_p[present, t])
+      m["oracle_logloss"] = logloss(y, true_p[present, t])
+      m["oracle_gap"] = m["oracle_auc"] - m["auc"]
+      m["oracle_auc_conditional"] = auc(labels[reached, t], true_conditional[reached, t])
+    out[task.name] = m
+  return out

@@ -1,20 +1,44 @@
 """Device mesh, shardings, and the compiled forms of the pure step functions.
 
 The step functions themselves (``apem_jax.step``) know nothing of devices; this module only wraps
-them. The mesh has two axes, ``data`` (the batch is split over it) and ``model`` (reserved for
-row-sharded embedding tables; size 1 unless configured).
+them, in one of two ways (``config.parallel.mode``):
+
+* ``jit`` (default): ``jax.jit`` over a 2-D mesh ``(data, model)`` of every device of every
+  process. The batch is split over ``data``; dense weights are replicated; large embedding tables
+  are row-sharded over ``model`` (:func:`state_shardings`), and XLA inserts the collectives.
+* ``pmap``: ``jax.pmap`` over this process's devices (pure data parallelism): the state is
+  replicated (one copy per device, :func:`replicate`), every device runs the same
+  ``train_step`` on its slice of the batch (:func:`pmap_batch`) with ``axis_name=PMAP_AXIS``,
+  and the step all-reduces the gradients and metrics itself. Checkpoints and evaluation use the
+  jit form of the state (:func:`unreplicate`), so a checkpoint does not depend on the mode.
+
+Large tables (the rule): a state leaf named like an embedding table (``TABLE_NAMES``), 2-D, with at
+least ``shard_embeddings_min_rows`` rows gets ``PartitionSpec('model', None)`` when the ``model``
+axis has more than one device; that covers the parameter and every optimizer-state leaf that
+mirrors it (Adam's ``mu`` and ``nu`` end in the same path). Each device then holds
+``rows / model`` rows. A row-sharded dimension must be a multiple of the axis size, so
+:func:`pad_tables` stores such a table with its rows padded up to the next multiple: the model
+still sees exactly its own ``[rows, d]`` table (a slice, which XLA keeps sharded), the padding rows
+are never read and get zero gradients. The padded shape is what checkpoints hold, so resuming
+needs the same ``parallel.model_parallelism`` (when padding was needed at all).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
+PMAP_AXIS = "devices"
+MODES = ("jit", "pmap")
+# Parameter names of embedding tables ([rows, d]) that may be row-sharded.
+TABLE_NAMES = ("categorical_table",)
 
 
 def make_mesh(model_parallelism: int = 1) -> Mesh:
@@ -50,6 +74,107 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+# --------------------------------------------------------------------------------------------
+# Large embedding tables
+# --------------------------------------------------------------------------------------------
+
+def _key_name(key: Any) -> Any:
+  return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+
+def _is_large_table(path: tuple, leaf: Any, min_rows: int) -> bool:
+  return (min_rows > 0 and bool(path) and _key_name(path[-1]) in TABLE_NAMES
+          and len(leaf.shape) == 2 and leaf.shape[0] >= min_rows)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_rows: int) -> Any:
+  """The sharding of every leaf of a state (a pytree of arrays or ``ShapeDtypeStruct``s).
+
+  Embedding tables with at least ``min_rows`` rows (and the optimizer-state leaves that mirror
+  them: same name, same shape) are row-sharded, ``P('model', None)``, when the mesh's ``model``
+  axis is larger than 1; everything else is replicated. ``min_rows=0`` disables sharding.
+  """
+  model_size = mesh.shape[MODEL_AXIS]
+
+  def rule(path, leaf):
+    if model_size > 1 and _is_large_table(path, leaf, min_rows):
+      if leaf.shape[0] % model_size:
+        raise ValueError(f"{jax.tree_util.keystr(path)}: {leaf.shape[0]} rows do not divide over "
+                         f"the model axis of {model_size} devices; build the model with "
+                         f"parallel.pad_tables")
+      return NamedSharding(mesh, P(MODEL_AXIS, None))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(rule, abstract_state)
+
+
+def with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  """``ShapeDtypeStruct``s carrying their shardings (what Orbax restores into)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, shardings)
+
+
+def _map_padded(params: Any, padding: Mapping[tuple, tuple[int, int]], fn: Callable) -> Any:
+  def visit(path, leaf):
+    key = tuple(_key_name(k) for k in path)
+    return fn(leaf, *padding[key]) if key in padding else leaf
+  return jax.tree_util.tree_map_with_path(visit, params)
+
+
+class RowPaddedModel:
+  """A Flax model whose large tables are stored with padded rows (see the module doc).
+
+  Has the two methods the step functions use: ``init`` (pads the listed tables with zero rows)
+  and ``apply`` (gives the model the first ``rows`` rows of each). Other attributes are the
+  model's.
+
+  Attributes:
+    model: the wrapped ``flax.linen.Module``.
+    padding: parameter path (tuple of names) -> (rows, padded rows).
+  """
+
+  def __init__(self, model: Any, padding: Mapping[tuple, tuple[int, int]]):
+    self.model = model
+    self.padding = dict(padding)
+
+  def init(self, rngs, *args, **kwargs) -> dict:
+    variables = dict(self.model.init(rngs, *args, **kwargs))
+    variables["params"] = _map_padded(
+        variables["params"], self.padding,
+        lambda x, rows, padded: jnp.pad(x, ((0, padded - rows),) + ((0, 0),) * (x.ndim - 1)))
+    return variables
+
+  def apply(self, variables, *args, **kwargs):
+    variables = dict(variables)
+    variables["params"] = _map_padded(variables["params"], self.padding,
+                                      lambda x, rows, padded: x[:rows])
+    return self.model.apply(variables, *args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    if name == "model":  # not set yet (e.g. while copying): do not recurse
+      raise AttributeError(name)
+    return getattr(self.model, name)
+
+
+def pad_tables(model: Any, example_inputs: Mapping[str, Any], mesh: Mesh, min_rows: int) -> Any:
+  """``model``, wrapped in :class:`RowPaddedModel` if a table to be row-sharded over the mesh's
+  ``model`` axis has a number of rows that is not a multiple of the axis size."""
+  model_size = mesh.shape[MODEL_AXIS]
+  if model_size == 1 or min_rows <= 0:
+    return model
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), example_inputs, train=False))["params"]
+  padding = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    rows = leaf.shape[0] if leaf.shape else 0
+    if _is_large_table(path, leaf, min_rows) and rows % model_size:
+      padding[tuple(_key_name(k) for k in path)] = (rows, math.ceil(rows / model_size) * model_size)
+  return RowPaddedModel(model, padding) if padding else model
+
+
+# --------------------------------------------------------------------------------------------
+# jit
+# --------------------------------------------------------------------------------------------
+
 def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: Any) -> Callable:
   """``train_step(state, batch) -> (state, metrics)`` jitted over the mesh, state donated."""
   return jax.jit(train_step,
@@ -63,6 +188,63 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, state_sharding: Any) -> Calla
   return jax.jit(eval_step,
                  in_shardings=(state_sharding, batch_sharding(mesh)),
                  out_shardings=batch_sharding(mesh))
+
+
+# --------------------------------------------------------------------------------------------
+# pmap
+# --------------------------------------------------------------------------------------------
+
+def pmap_train_step(train_step: Callable) -> Callable:
+  """``train_step`` (with ``axis_name=PMAP_AXIS`` bound) under ``jax.pmap``, state donated.
+
+  Takes the replicated state (:func:`replicate`) and a batch from :func:`pmap_batch`; returns the
+  new replicated state and the metrics of the first local device (the step all-reduces them, so
+  every device holds the same values).
+  """
+  step = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
+
+  def wrapped(state, batch):
+    state, metrics = step(state, batch)
+    return state, jax.tree.map(lambda m: m[0], metrics)
+
+  return wrapped
+
+
+def pmap_batch(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows [B_local, ...] -> [local devices, B_local / local devices, ...]."""
+  n = jax.local_device_count()
+  out = {}
+  for k, v in local_batch.items():
+    if v.shape[0] % n:
+      raise ValueError(f"batch of {v.shape[0]} rows per process does not split over the {n} "
+                       f"local devices")
+    out[k] = np.reshape(v, (n, v.shape[0] // n) + v.shape[1:])
+  return out
+
+
+def replicate(state: Any) -> Any:
+  """A fully replicated state (jit form) -> one copy per local device, leading axis [devices]."""
+  devices = jax.local_devices()
+  sharding = NamedSharding(Mesh(np.array(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+
+  def put(x):
+    if not x.sharding.is_fully_replicated:
+      raise ValueError("parallel.mode='pmap' replicates the whole state; row-sharded tables need "
+                       "parallel.mode='jit'")
+    local = x.addressable_data(0)
+    return jax.device_put(jnp.broadcast_to(local, (len(devices),) + local.shape), sharding)
+
+  return jax.tree.map(put, state)
+
+
+def unreplicate(state: Any, shardings: Any) -> Any:
+  """The inverse of :func:`replicate`: global arrays with ``shardings`` (replicated), built from
+  the per-device copies without a round trip through the host."""
+  def get(x, sharding):
+    shape = x.shape[1:]
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [s.data.reshape(shape) for s in x.addressable_shards])
+  return jax.tree.map(get, state, shardings)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -44,9 +44,19 @@ class CategoricalField:
 
 @dataclasses.dataclass(frozen=True)
 class NumericField:
-  """A real-valued input field (normalised before it reaches the model)."""
+  """A real-valued input field (normalised before it reaches the model).
+
+  ``boundaries``: optional increasing cut points on the normalised value; the model then also
+  embeds the bucket ``#{b : x > b}`` (``len(boundaries) + 1`` buckets).
+  """
 
   name: str
+  boundaries: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+    if any(b >= c for b, c in zip(self.boundaries, self.boundaries[1:])):
+      raise ValueError(f"field {self.name!r}: boundaries must be strictly increasing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +97,10 @@ class Schema:
         raise ValueError(
             f"task {task.name!r}: depends_on={task.depends_on!r} must name an earlier task "
             f"of {task_names}")
+      if task.depends_on is not None and (
+          task.kind != "binary" or self.tasks[task_names.index(task.depends_on)].kind != "binary"):
+        raise ValueError(f"task {task.name!r}: a funnel step and the step it depends on "
+                         f"({task.depends_on!r}) must both be binary tasks")
 
   @property
   def num_fields(self) -> int:
@@ -99,6 +113,17 @@ class Schema:
   @property
   def task_names(self) -> tuple[str, ...]:
     return tuple(t.name for t in self.tasks)
+
+  @property
+  def parents(self) -> tuple[int, ...]:
+    """Per task, the index of the task it depends on (``depends_on``), or -1 for none."""
+    names = self.task_names
+    return tuple(-1 if t.depends_on is None else names.index(t.depends_on) for t in self.tasks)
+
+  @property
+  def has_funnel(self) -> bool:
+    """Whether some task depends on another (a conversion funnel)."""
+    return any(t.depends_on is not None for t in self.tasks)
 
   @property
   def vocab_sizes(self) -> tuple[int, ...]:

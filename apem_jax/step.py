@@ -64,20 +64,41 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arra
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schema: Schema,
-               task_weights: Sequence[float]) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, schema: Schema, task_weights: Sequence[float],
+               axis_name: str | None = None,
+               head: losses.TaskHead | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a batch.
 
-  Returns the new state and ``{"loss": scalar, "loss_sum": [T], "count": [T], "grad_norm": scalar}``.
+  With ``axis_name`` (under ``jax.pmap``), ``batch`` is this device's share of the global batch.
+  Each task's loss is then normalised by its global label count (a ``psum``), so the ``psum`` of
+  the devices' gradients is exactly the gradient of the global batch's loss (a mean of per-device
+  means would not be, when devices hold different numbers of labels), and the metrics are summed
+  over the devices: every device returns the global batch's values, as ``jax.jit`` on the whole
+  batch would. Each device also draws its own dropout masks.
+
+  ``head`` (default: the model's, ``losses.make_head``) says how logits become probabilities and
+  losses (funnels: chained product or direct, entire-space or conditional loss, calibration).
+
+  Returns the new state and ``{"loss": scalar, "loss_sum": [T], "count": [T],
+  "penalty_sum": scalar, "examples": scalar, "grad_norm": scalar}``.
   """
+  head = default_head(model, schema) if head is None else head
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
     out = model.apply({"params": params}, model_inputs(batch), train=True,
                       rngs={"dropout": dropout_rng})
-    return losses.multitask_loss(out["logits"], batch, schema, task_weights)
+    loss, sums = losses.multitask_loss(out["logits"], batch, schema, task_weights, head)
+    if axis_name is not None:  # this device's share of the global loss (multitask_loss's formula)
+      totals = jax.lax.psum({"count": sums["count"], "examples": sums["examples"]}, axis_name)
+      loss = losses.total_loss({**sums, **totals}, task_weights, head)
+    return loss, sums
 
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, loss, sums = jax.lax.psum((grads, loss, sums), axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -85,15 +106,29 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
-              schema: Schema) -> jax.Array:
-  """Predictions [B, T] (probabilities for binary tasks) for a batch."""
+              schema: Schema, head: losses.TaskHead | None = None) -> dict[str, jax.Array]:
+  """Predictions of a batch: ``{'predictions': [B, T], 'conditional': [B, T]}``.
+
+  ``predictions`` are entire-space probabilities ``p_t`` for binary tasks (values for regression
+  tasks); ``conditional`` are ``q_t``, the probability of a funnel step given the step it depends
+  on (``= p_t`` for a task that depends on none). See :mod:`apem_jax.losses`.
+  """
+  head = default_head(model, schema) if head is None else head
   out = model.apply({"params": state.params}, model_inputs(batch), train=False)
-  return losses.task_predictions(out["logits"], schema)
+  return losses.funnel_predictions(out["logits"], head)
+
+
+def default_head(model: nn.Module, schema: Schema) -> losses.TaskHead:
+  """The head a model gets when the config says nothing (``train.funnel='entire_space'``)."""
+  return losses.make_head(schema, getattr(model, "output_space", None))
 
 
 def bind_steps(model: nn.Module, tx: optax.GradientTransformation, schema: Schema,
-               task_weights: Sequence[float]) -> tuple[Callable, Callable]:
-  """The two step functions with their static arguments bound."""
+               task_weights: Sequence[float], axis_name: str | None = None,
+               head: losses.TaskHead | None = None) -> tuple[Callable, Callable]:
+  """The two step functions with their static arguments bound (``axis_name``: the train step's,
+  for ``jax.pmap``; ``head``: default :func:`default_head`)."""
+  head = default_head(model, schema) if head is None else head
   return (functools.partial(train_step, model=model, tx=tx, schema=schema,
-                            task_weights=tuple(task_weights)),
-          functools.partial(eval_step, model=model, schema=schema))
+                            task_weights=tuple(task_weights), axis_name=axis_name, head=head),
+          functools.partial(eval_step, model=model, schema=schema, head=head))

@@ -35,8 +35,11 @@ class Experiment:
     self.data = load_dataset(config.data)
     self.schema: Schema = self.data.schema
     config_validation.validate_for_schema(config, self.schema)
-    self.model = build_model(config.model, self.schema)
     self.mesh = parallel.make_mesh(config.parallel.model_parallelism)
+    # Large tables are stored with their rows padded to a multiple of the model axis (parallel.py).
+    self.model = parallel.pad_tables(build_model(config.model, self.schema), self._example_batch(),
+                                     self.mesh, config.parallel.shard_embeddings_min_rows)
+    self.pmap = config.parallel.mode == "pmap"
     parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
@@ -46,13 +49,17 @@ class Experiment:
     self.total_steps = self.steps_per_epoch * config.train.num_epochs
     self.tx = step_lib.make_optimizer(config, self.total_steps)
     train_step, eval_step = step_lib.bind_steps(self.model, self.tx, self.schema,
-                                                task_weights(config, self.schema))
+                                                task_weights(config, self.schema),
+                                                parallel.PMAP_AXIS if self.pmap else None)
     self.traces = {"train_step": 0, "eval_step": 0}
     train_step = _count_traces(train_step, self.traces, "train_step")
     eval_step = _count_traces(eval_step, self.traces, "eval_step")
-    self.abstract_state = self._abstract_state()
-    self.state_sharding = jax.tree.map(lambda _: parallel.replicated(self.mesh), self.abstract_state)
-    self.train_step = parallel.jit_train_step(train_step, self.mesh, self.state_sharding)
+    abstract = jax.eval_shape(self._init, jax.random.key(0))
+    self.state_sharding = parallel.state_shardings(abstract, self.mesh,
+                                                   config.parallel.shard_embeddings_min_rows)
+    self.abstract_state = parallel.with_shardings(abstract, self.state_sharding)
+    self.train_step = (parallel.pmap_train_step(train_step) if self.pmap else
+                       parallel.jit_train_step(train_step, self.mesh, self.state_sharding))
     self.eval_step = parallel.jit_eval_step(eval_step, self.mesh, self.state_sharding)
 
   def _example_batch(self) -> dict[str, jax.Array]:
@@ -63,15 +70,24 @@ class Experiment:
   def _init(self, rng: jax.Array) -> step_lib.TrainState:
     return step_lib.init_state(self.model, self.tx, rng, self._example_batch())
 
-  def _abstract_state(self) -> Any:
-    abstract = jax.eval_shape(self._init, jax.random.key(0))
-    sharding = parallel.replicated(self.mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-
   def init_state(self) -> step_lib.TrainState:
     """Fresh state, created directly with its shardings."""
     init = jax.jit(self._init, out_shardings=self.state_sharding)
     return init(jax.random.key(self.config.seed))
+
+  # The state as train_step takes it: as is for 'jit'; one copy per local device for 'pmap'.
+  # Checkpoints and evaluation always take the state as init_state returns it.
+  def device_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return parallel.pmap_batch(local) if self.pmap else parallel.global_batch(local, self.mesh)
+
+  def to_train(self, state: step_lib.TrainState) -> step_lib.TrainState:
+    return parallel.replicate(state) if self.pmap else state
+
+  def from_train(self, state: step_lib.TrainState) -> step_lib.TrainState:
+    return parallel.unreplicate(state, self.state_sharding) if self.pmap else state
+
+  def step_of(self, state: step_lib.TrainState) -> int:
+    return int(state.step[0] if self.pmap else state.step)
 
   def predict(self, state: step_lib.TrainState, split: str) -> dict[str, np.ndarray]:
     """Predictions, labels and label mask of every real example of a split, on the host."""
@@ -89,6 +105,22 @@ class Experiment:
     """Exact per-task metrics over the whole split."""
     out = self.predict(state, split)
     return metrics_lib.task_metrics(self.schema, out["labels"], out["label_mask"], out["predictions"])
+
+
+def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The model and data keys of ``config`` must be those the checkpoint was trained with."""
+  mismatched = [k for k in config_validation.diff_keys(meta["config"], config.to_dict())
+                if k.startswith(("model.", "data.")) and k != "data.data_dir"]
+  if mismatched:
+    raise ValueError(f"{workdir}: its checkpoint was trained with a different config; "
+                     f"differing keys: {mismatched}")
+
+
+def _check_schema(meta: Mapping, schema: Schema, workdir: str) -> None:
+  if Schema.from_dict(meta["schema"]) != schema:
+    raise ValueError(f"{workdir}: the data now gives a different schema (fields, vocabularies, "
+                     f"bucket boundaries or tasks) than the checkpoint was trained on; train in a "
+                     f"new workdir, or restore the data the run used")
 
 
 def _count_traces(fn, counter: dict, name: str):
@@ -143,11 +175,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = reporting.ScalarWriter(workdir)
 
   if ckpt.latest_step(checkpointing.LATEST) is not None:
+    saved = ckpt.restore_meta(checkpointing.LATEST)
+    _check_config(saved, config, workdir)
+    _check_schema(saved, exp.schema, workdir)
     state, meta = ckpt.restore(checkpointing.LATEST, exp.abstract_state)
     print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['epoch']}).")
   else:
     state = exp.init_state()
     meta = _meta(config, exp.schema, 0, 0, None, None, -math.inf, None, 0, [], False)
+  state = exp.to_train(state)
   epoch, best_score, best_step = meta["epoch"], meta["best_score"], meta["best_step"]
   bad_evals, history, stopped = meta["evals_without_improvement"], meta["history"], meta["stopped"]
 
@@ -160,11 +196,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     disable=jax.process_index() != 0 or not config.train.progress_bar,
                     mininterval=1.0)
     for i, local in enumerate(bar):
-      state, step_metrics = exp.train_step(state, parallel.global_batch(local, exp.mesh))
+      state, step_metrics = exp.train_step(state, exp.device_batch(local))
       loss_sum = step_metrics["loss"] if loss_sum is None else loss_sum + step_metrics["loss"]
       loss_count += 1
       if (i + 1) % config.train.log_every == 0 or i + 1 == exp.steps_per_epoch:
-        step = int(state.step)
+        step = exp.step_of(state)
         mean_loss = float(loss_sum) / loss_count
         _check_finite(mean_loss, step)
         bar.set_postfix(loss=f"{mean_loss:.4f}",
@@ -176,9 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     epoch_seconds = time.time() - t0
     train_seconds += epoch_seconds
     epoch += 1
-    step = int(state.step)
+    step = exp.step_of(state)
 
-    val_metrics = exp.evaluate(state, "validation")
+    saved = exp.from_train(state)
+    val_metrics = exp.evaluate(saved, "validation")
     score = metrics_lib.selection_score(val_metrics, exp.schema.tasks)
     improved = score > best_score
     if improved:
@@ -194,8 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = _meta(config, exp.schema, epoch, step, val_metrics, score, best_score, best_step,
                  bad_evals, history, stopped)
     if improved:
-      ckpt.save(checkpointing.BEST, step, state, meta)
-    ckpt.save(checkpointing.LATEST, step, state, meta)
+      ckpt.save(checkpointing.BEST, step, saved, meta)
+    ckpt.save(checkpointing.LATEST, step, saved, meta)
     if jax.process_index() == 0:
       print(f"epoch {epoch}: step {step}, {epoch_seconds:.1f}s, validation score {score:.5f}"
             f"{' (best)' if improved else ''}  " +
@@ -225,13 +262,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   if ckpt.latest_step(kind) is None:
     raise FileNotFoundError(f"{workdir}: no {kind} checkpoint under {workdir}/checkpoints/{kind}; "
                             f"train first (train.py --workdir {workdir})")
-  saved = ckpt.restore_meta(kind, step)["config"]
-  mismatched = [k for k in config_validation.diff_keys(saved, config.to_dict())
-                if k.startswith(("model.", "data."))]
-  if mismatched:
-    raise ValueError(f"{workdir}: the {kind} checkpoint was trained with a different config; "
-                     f"differing keys: {mismatched}")
+  saved = ckpt.restore_meta(kind, step)
+  _check_config(saved, config, workdir)
   exp = Experiment(config)
+  _check_schema(saved, exp.schema, workdir)
   state, meta = ckpt.restore(kind, exp.abstract_state, step)
   ckpt.close()
   return {"step": meta["step"], "metrics": exp.evaluate(state, split)}

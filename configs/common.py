@@ -28,7 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,
       grad_clip_norm=1.0,     # 0 disables clipping
   ))
-  config.parallel = ml_collections.ConfigDict(dict(mode="jit", model_parallelism=1))
+  config.parallel = ml_collections.ConfigDict(dict(
+      mode="jit",             # 'jit' (NamedSharding over a (data, model) mesh) | 'pmap' (data parallel)
+      model_parallelism=1,    # size of the mesh's 'model' axis (jit only; must divide the devices)
+      shard_embeddings_min_rows=1_000_000,  # tables with >= this many rows are row-sharded over
+                                            # 'model' (jit, model_parallelism > 1); 0 disables
+  ))
   config.checkpoint = ml_collections.ConfigDict(dict(keep_latest=1))
   return config
 
@@ -38,8 +43,9 @@ def census_data(task_group: str = "income_marital") -> ml_collections.ConfigDict
       name="census_income",
       data_dir="data",
       task_group=task_group,       # 'income_marital' | 'education_marital'
-      numeric_transform="log1p",   # 'none' | 'log1p', applied before standardisation
+      numeric_transform="none",    # 'none' | 'log1p', applied before standardisation
       min_count=1,
+      numeric_buckets=32,           # >1: also embed each numeric value's training-quantile bucket
   ))
 
 

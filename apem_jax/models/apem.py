@@ -39,6 +39,11 @@ from apem_jax.models.pattern_selector import PatternSelector
 from apem_jax.schema import Schema
 
 
+# What each task tower reads besides its selected pattern h_t: the mean of the field tokens
+# ('pooled', [B, d]) or all field tokens flattened ('flat', [B, F*d]).
+TOWER_INPUTS = ("pooled", "flat")
+
+
 class APEM(nn.Module):
   """APEM model. Keys of the config are the attributes below (see ``defaults.py``).
 
@@ -65,6 +70,7 @@ class APEM(nn.Module):
   adaptive_indicators: bool = True
   indicator_hidden: int = 32
   tower_hidden: Sequence[int] = (64, 32)
+  tower_input: str = "flat"
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -83,6 +89,7 @@ class APEM(nn.Module):
         adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
         indicator_hidden=layers.require_int(cfg, "indicator_hidden", 1),
         tower_hidden=layers.require_widths(cfg, "tower_hidden", allow_empty=True),
+        tower_input=layers.require_choice(cfg, "tower_input", TOWER_INPUTS),
     )
     kw["num_groups"] = layers.require_int(cfg, "num_groups", 0 if kw["grouping"] == "none" else 1)
     if kw["embed_dim"] % kw["num_heads"]:
@@ -107,9 +114,13 @@ class APEM(nn.Module):
         enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector")(
             dagt.fields, dagt.groups)
     num_tasks = self.schema.num_tasks
-    pooled = jnp.mean(dagt.fields, axis=1, keepdims=True).astype(dtype)  # [B, 1, d]
-    tower_in = jnp.concatenate(
-        [h.astype(dtype), jnp.broadcast_to(pooled, h.shape)], axis=-1)  # [B, T, 2d]
+    if self.tower_input == "pooled":
+      shared = jnp.mean(dagt.fields, axis=1)  # [B, d]
+    else:
+      shared = dagt.fields.reshape(dagt.fields.shape[0], -1)  # [B, F*d]
+    shared = jnp.broadcast_to(shared[:, None, :].astype(dtype),
+                              (h.shape[0], num_tasks, shared.shape[-1]))
+    tower_in = jnp.concatenate([h.astype(dtype), shared], axis=-1)  # [B, T, d + d or F*d]
     logits = BatchedMLP(num_tasks, tuple(self.tower_hidden) + (1,), dropout=self.dropout,
                         activate_final=False, dtype=dtype, name="towers")(tower_in, train)
     out = {

@@ -25,6 +25,7 @@ _DEFAULTS: dict[str, dict] = {
         adaptive_indicators=True,  # False: static task indicators
         indicator_hidden=32,  # hidden width of g_t
         tower_hidden=(64, 32),
+        tower_input="flat",  # towers read [h_t ; field tokens flattened] ('pooled': their mean)
     ),
     "single_task": dict(bottom_hidden=(128, 64), tower_hidden=(64, 32)),
     "shared_bottom": dict(bottom_hidden=(128, 64), tower_hidden=(64, 32)),

@@ -9,6 +9,10 @@ Parameter layout (collection 'params' of a ``FieldEmbedding``):
   fields, and row-sharding a large table is a single PartitionSpec on axis 0.
 * ``numeric_kernel``, ``numeric_bias``: float32 ``[Fn, d]``; numeric field f maps x to
   ``x * numeric_kernel[f] + numeric_bias[f]``.
+* ``numeric_bucket_table``: float32 ``[Fn, K, d]``, only when some numeric field of the schema has
+  bucket ``boundaries`` (K = 1 + the most boundaries of any field): the embedding of the value's
+  bucket ``#{b : x > b}`` is added to the field's token, so a field's token can depend on its
+  value non-linearly (thresholds, as in capital gains) before any attention or MLP.
 
 Absent when the schema has no field of that kind. Output ``E0``: ``[B, Fc + Fn, d]``,
 categorical fields first, then numeric, in schema order.
@@ -70,5 +74,23 @@ class FieldEmbedding(nn.Module):
       kernel = self.param("numeric_kernel", init, (num_num, self.embed_dim), PARAM_DTYPE)
       bias = self.param("numeric_bias", init, (num_num, self.embed_dim), PARAM_DTYPE)
       x = jnp.asarray(batch["numeric"]).astype(dtype)[..., None]  # [B, Fn, 1]
-      tokens.append(x * kernel.astype(dtype) + bias.astype(dtype))  # [B, Fn, d]
+      numeric_tokens = x * kernel.astype(dtype) + bias.astype(dtype)  # [B, Fn, d]
+      if any(f.boundaries for f in self.schema.numeric):
+        numeric_tokens = numeric_tokens + self._bucket_embedding(batch["numeric"], init, dtype)
+      tokens.append(numeric_tokens)
     return tokens[0] if len(tokens) == 1 else jnp.concatenate(tokens, axis=1)
+
+  def _bucket_embedding(self, numeric: jax.Array, init, dtype) -> jax.Array:
+    """numeric [B, Fn] -> embeddings of each value's bucket [B, Fn, d]."""
+    fields = self.schema.numeric
+    num_buckets = 1 + max(len(f.boundaries) for f in fields)
+    cuts = np.full((len(fields), num_buckets - 1), np.inf, np.float32)
+    for i, f in enumerate(fields):
+      cuts[i, :len(f.boundaries)] = f.boundaries
+    table = self.param("numeric_bucket_table", init, (len(fields), num_buckets, self.embed_dim),
+                       PARAM_DTYPE)
+    x = jnp.asarray(numeric, jnp.float32)
+    buckets = jnp.sum(x[..., None] > jnp.asarray(cuts), axis=-1)  # [B, Fn]
+    rows = buckets + num_buckets * jnp.arange(len(fields))  # into the flattened table
+    flat = table.reshape(len(fields) * num_buckets, self.embed_dim)
+    return jnp.take(flat, rows, axis=0).astype(dtype)

@@ -1,0 +1,14 @@
+"""Data: Census-Income (KDD) via TFDS, synthetic MMoE data, preprocessing, the input pipeline.
+
+The only package that imports TensorFlow (lazily: importing it does not load TF). Entry point::
+
+  splits = apem_jax.data.load_dataset(config.data)
+"""
+
+from apem_jax.data.pipeline import DatasetSplits
+from apem_jax.data.pipeline import load_dataset
+from apem_jax.data.preprocessing import encode
+from apem_jax.data.preprocessing import fit_preprocessing
+from apem_jax.data.preprocessing import Preprocessing
+
+__all__ = ["DatasetSplits", "load_dataset", "encode", "fit_preprocessing", "Preprocessing"]

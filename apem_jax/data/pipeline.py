@@ -1,0 +1,321 @@
+"""The one entry point the trainer uses: ``load_dataset(data_config) -> DatasetSplits``.
+
+``DatasetSplits`` holds the encoded arrays of train / validation / test in host memory (Census is
+~300k rows x 46 columns, a few tens of MB) and serves batches in the format of
+:mod:`apem_jax.schema`:
+
+* ``train_batches(batch_size, seed)``: an infinite tf.data iterator; each process reads its own
+  shard (``shard(jax.process_count(), jax.process_index())``), shuffled with ``seed`` and
+  reshuffled every epoch, ``batch_size // process_count`` rows per batch, remainder dropped.
+* ``eval_batches(split, batch_size)``: a finite numpy iterator over this process's shard; every
+  batch has exactly ``batch_size // process_count`` rows, the last padded with ``weight = 0``,
+  ``label_mask = 0`` rows; every process yields the same number of batches.
+
+Census encoded arrays are cached in ``<data_dir>/census_income/encoded_<hash>.npz`` (hash of the
+settings that change them), so only the first run pays for TFDS preparation.
+
+TensorFlow and TFDS are imported lazily (importing this package is cheap and leaves TF alone),
+and ``jax.process_*`` is only called inside the batch methods, so ``XLA_FLAGS`` set by the caller
+before its first JAX device use still apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from apem_jax import schema as schema_lib
+from apem_jax.data import census_source
+from apem_jax.data import preprocessing as prep_lib
+from apem_jax.data import synthetic
+
+SPLITS = ("train", "validation", "test")
+DATASETS = ("census_income", "synthetic_mmoe")
+# Bump when the encoded arrays change for the same config (invalidates the .npz caches).
+ENCODING_VERSION = 3
+CENSUS_TFDS_VERSION = "1.0.0"
+
+Batch = dict[str, np.ndarray]
+
+
+def _import_tf():
+  """TensorFlow, imported on first use, quiet, and without any GPU (JAX owns accelerators)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # Already initialised: nothing more to do.
+    pass
+  return tf
+
+
+def _tf_options(tf) -> Any:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 1  # the host has few cores; JAX needs them
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+@dataclasses.dataclass
+class DatasetSplits:
+  """Encoded train / validation / test arrays and their schema.
+
+  Attributes:
+    schema: fields and tasks (tasks in config order).
+    preprocessing: the fitted Preprocessing (None for synthetic data).
+    arrays: ``{split: {'categorical', 'numeric', 'labels', 'label_mask'}}`` (unpadded).
+  """
+
+  schema: schema_lib.Schema
+  preprocessing: prep_lib.Preprocessing | None
+  arrays: dict[str, dict[str, np.ndarray]]
+
+  def _split(self, split: str) -> dict[str, np.ndarray]:
+    if split not in self.arrays:
+      raise ValueError(f"unknown split {split!r}; known: {sorted(self.arrays)}")
+    return self.arrays[split]
+
+  def num_examples(self, split: str) -> int:
+    """Rows of `split` (all processes together)."""
+    return int(self._split(split)["labels"].shape[0])
+
+  @staticmethod
+  def _per_process(batch_size: int) -> tuple[int, int, int]:
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size <= 0 or batch_size % count:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                       f"jax.process_count()={count}")
+    return batch_size // count, count, index
+
+  def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+    """Infinite iterator of this process's training batches of ``batch_size // process_count``.
+
+    Same seed -> same sequence. Each epoch is a fresh permutation of this process's shard
+    (``shuffle`` precedes ``repeat``, so epochs do not mix).
+    """
+    per_process, count, index = self._per_process(batch_size)
+    arrays = self._split("train")
+    n = self.num_examples("train")
+    shard_size = len(range(index, n, count))
+    if shard_size < per_process:
+      raise ValueError(f"train split has {shard_size} rows on this process, fewer than one "
+                       f"batch of {per_process}")
+    tf = _import_tf()
+    tensors = {k: tf.constant(v) for k, v in arrays.items()}
+
+    def gather(indices):
+      batch = {k: tf.gather(t, indices) for k, t in tensors.items()}
+      batch["weight"] = tf.ones(tf.shape(indices), tf.float32)
+      return batch
+
+    # A dataset of row indices, gathered a batch at a time: the same elements as
+    # from_tensor_slices(arrays), far cheaper than shuffling whole rows one by one.
+    ds = (tf.data.Dataset.range(n)
+          .shard(count, index)
+          .shuffle(shard_size, seed=seed, reshuffle_each_iteration=True)
+          .repeat()
+          .batch(per_process, drop_remainder=True)
+          .map(gather)
+          .prefetch(2)
+          .with_options(_tf_options(tf)))
+    return ds.as_numpy_iterator()
+
+  def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+    """Finite iterator over this process's rows of `split`, fixed batch shape, padded last.
+
+    Process ``i`` of ``k`` reads rows ``i, i + k, ...``; all processes yield
+    ``ceil(ceil(n / k) / (batch_size // k))`` batches. Padding rows are zeros with
+    ``weight = 0`` and ``label_mask = 0``.
+    """
+    per_process, count, index = self._per_process(batch_size)
+    arrays = self._split(split)
+    n = self.num_examples(split)
+    rows = np.arange(index, n, count)
+    num_batches = -(-(-(-n // count)) // per_process)
+    for b in range(num_batches):
+      idx = rows[b * per_process:(b + 1) * per_process]
+      real = len(idx)
+      batch = {}
+      for k, v in arrays.items():
+        out = np.zeros((per_process,) + v.shape[1:], dtype=v.dtype)
+        out[:real] = v[idx]
+        batch[k] = out
+      weight = np.zeros((per_process,), np.float32)
+      weight[:real] = 1.0
+      batch["weight"] = weight
+      yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  if config is None:
+    return default
+  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+  return default if value is None else value
+
+
+def load_dataset(data_config: Any) -> DatasetSplits:
+  """Loads, encodes (or reads from cache) and returns the dataset a config names.
+
+  Args:
+    data_config: an ``ml_collections.ConfigDict`` (or mapping) with ``name``
+      ('census_income' | 'synthetic_mmoe'), ``data_dir`` (default 'data'), ``task_group``
+      (census: 'income_marital' | 'education_marital'), ``numeric_transform``
+      ('none' | 'log1p', default 'log1p'), ``min_count`` (default 1) and, for synthetic data,
+      ``synthetic`` (input_dim, scale, correlation, num_sines, alpha, beta, noise_std,
+      num_examples, seed).
+
+  Raises:
+    ValueError: unknown ``data.name``, ``data.task_group`` or ``data.numeric_transform``.
+  """
+  name = _get(data_config, "name", None)
+  if name == "census_income":
+    return _load_census(data_config)
+  if name == "synthetic_mmoe":
+    return _load_synthetic(data_config)
+  raise ValueError(f"data.name: unknown dataset {name!r}; known: {list(DATASETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic
+# --------------------------------------------------------------------------------------------
+
+def _load_synthetic(data_config: Any) -> DatasetSplits:
+  sub = _get(data_config, "synthetic", None)
+  kwargs = {}
+  for key, default in synthetic.DEFAULTS.items():
+    value = _get(sub, key, default)
+    kwargs[key] = list(value) if key in ("alpha", "beta") and value is not None else value
+  unknown = sorted(set(sub.keys() if sub is not None and hasattr(sub, "keys") else ())
+                   - set(synthetic.DEFAULTS))
+  if unknown:
+    raise ValueError(f"data.synthetic: unknown keys {unknown}; known: {sorted(synthetic.DEFAULTS)}")
+  task_kind = kwargs.pop("task_kind")
+  if task_kind not in synthetic.TASK_KINDS:
+    raise ValueError(f"data.synthetic.task_kind={task_kind!r}; expected one of {synthetic.TASK_KINDS}")
+  data = synthetic.generate(**kwargs)
+  if task_kind == "binary":
+    data["labels"] = synthetic.binarize(data["labels"])
+  data["label_mask"] = np.ones_like(data["labels"])
+  data["categorical"] = np.zeros((len(data["labels"]), 0), np.int32)
+  schema = schema_lib.Schema(
+      categorical=(),
+      numeric=tuple(schema_lib.NumericField(f"x{i}") for i in range(kwargs["input_dim"])),
+      tasks=tuple(schema_lib.Task(t, task_kind) for t in synthetic.TASK_NAMES))
+  return DatasetSplits(schema, None, synthetic.split(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Census-Income
+# --------------------------------------------------------------------------------------------
+
+def census_cache_key(task_group: str, numeric_transform: str, min_count: int,
+                     numeric_buckets: int = 0) -> str:
+  settings = dict(encoding=ENCODING_VERSION, tfds=CENSUS_TFDS_VERSION, task_group=task_group,
+                  numeric_transform=numeric_transform, min_count=int(min_count),
+                  numeric_buckets=int(numeric_buckets), split_seed=census_source.SPLIT_SEED)
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_census_tfds(data_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+  """Prepares (first time) the TFDS dataset in ``<data_dir>/tfds`` and reads all splits."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  _import_tf()
+  from apem_jax.data import census_tfds  # pylint: disable=g-import-not-at-top
+  builder = census_tfds.CensusIncomeKdd(data_dir=os.fspath(pathlib.Path(data_dir) / "tfds"),
+                                        raw_data_dir=data_dir)
+  start = time.perf_counter()
+  builder.download_and_prepare(download_config=census_tfds.download_config())
+  logging.info("census_income TFDS ready in %.1f s", time.perf_counter() - start)
+  return {split: census_tfds.read_split(builder, split) for split in SPLITS}
+
+
+def _census_schema(preprocessing: prep_lib.Preprocessing, tasks: tuple[str, ...]
+                   ) -> schema_lib.Schema:
+  return schema_lib.Schema(
+      categorical=tuple(schema_lib.CategoricalField(n, v) for n, v in
+                        zip(preprocessing.categorical_fields, preprocessing.vocab_sizes)),
+      numeric=tuple(schema_lib.NumericField(n, b) for n, b in zip(
+          preprocessing.numeric_fields,
+          preprocessing.bucket_boundaries or ((),) * len(preprocessing.numeric_fields))),
+      tasks=tuple(schema_lib.Task(t, "binary") for t in tasks))
+
+
+def encode_census(raw: Mapping[str, Mapping[str, np.ndarray]], task_group: str,
+                  numeric_transform: str = "log1p", min_count: int = 1, numeric_buckets: int = 0
+                  ) -> tuple[prep_lib.Preprocessing, dict[str, dict[str, np.ndarray]]]:
+  """Fits preprocessing on ``raw['train']`` and encodes every split of raw columns."""
+  tasks = census_source.task_names(task_group)
+  categorical, numeric = census_source.feature_columns(task_group)
+  preprocessing = prep_lib.fit_preprocessing(raw["train"], categorical, numeric,
+                                             numeric_transform=numeric_transform,
+                                             min_count=min_count,
+                                             numeric_buckets=numeric_buckets)
+  arrays = {}
+  for split, columns in raw.items():
+    encoded = prep_lib.encode(columns, preprocessing)
+    labels = np.stack([np.asarray(columns[t], np.float32) for t in tasks], axis=-1)
+    arrays[split] = dict(encoded, labels=labels, label_mask=np.ones_like(labels))
+  return preprocessing, arrays
+
+
+def _save_npz_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _load_census(data_config: Any) -> DatasetSplits:
+  data_dir = pathlib.Path(_get(data_config, "data_dir", "data"))
+  task_group = _get(data_config, "task_group", "income_marital")
+  tasks = census_source.task_names(task_group)  # validates the group
+  numeric_transform = _get(data_config, "numeric_transform", "log1p")
+  if numeric_transform not in prep_lib.NUMERIC_TRANSFORMS:
+    raise ValueError(f"data.numeric_transform: unknown {numeric_transform!r}; "
+                     f"known: {list(prep_lib.NUMERIC_TRANSFORMS)}")
+  min_count = int(_get(data_config, "min_count", 1))
+  if min_count < 1:
+    raise ValueError(f"data.min_count must be >= 1, got {min_count}")
+  numeric_buckets = int(_get(data_config, "numeric_buckets", 0))
+  if numeric_buckets < 0:
+    raise ValueError(f"data.numeric_buckets must be >= 0, got {numeric_buckets}")
+
+  cache = data_dir / "census_income" / (
+      f"encoded_{census_cache_key(task_group, numeric_transform, min_count, numeric_buckets)}.npz")
+  if cache.exists():
+    with np.load(cache, allow_pickle=False) as f:
+      preprocessing = prep_lib.Preprocessing.from_json(str(f["preprocessing_json"]))
+      arrays = {s: {k: f[f"{s}.{k}"] for k in ("categorical", "numeric", "labels",
+                                                 "label_mask")} for s in SPLITS}
+  else:
+    start = time.perf_counter()
+    raw = read_census_tfds(data_dir)
+    preprocessing, arrays = encode_census(raw, task_group, numeric_transform, min_count,
+                                          numeric_buckets)
+    flat = {f"{s}.{k}": v for s, d in arrays.items() for k, v in d.items()}
+    flat["preprocessing_json"] = np.array(preprocessing.to_json())
+    _save_npz_atomic(cache, flat)
+    logging.info("census_income encoded and cached in %.1f s: %s",
+                 time.perf_counter() - start, cache)
+  return DatasetSplits(_census_schema(preprocessing, tasks), preprocessing, arrays)

@@ -1,0 +1,76 @@
+"""The ``apem-export`` command line (also ``python -m apem_jax.export``).
+
+apem-export --workdir runs/census_apem --output exports/census_apem
+  [--checkpoint best|latest] [--step N] [--config configs/census_apem.py] [--overwrite]
+  [--platforms cpu,cuda] [--data_dir data] [--check_examples 256]
+
+Flags live here rather than in :mod:`apem_jax.export` so that importing the library defines none.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from apem_jax import export as export_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "The export directory to create.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the newest).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional: the config file the run was trained with; the export fails if it "
+    "does not match the checkpoint's config (which is what the export uses).", lock_config=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export at --output.")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu"],
+                               "Platforms to lower for: any of cpu, cuda, rocm, tpu.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "Where the dataset is (default: the run's data.data_dir).")
+_CHECK_EXAMPLES = flags.DEFINE_integer("check_examples", 256,
+                                       "Validation examples the export checks run on.")
+flags.mark_flags_as_required(["workdir", "output"])
+
+_ERRORS = (FileNotFoundError, FileExistsError, ValueError, export_lib.ExportCheckError)
+
+
+def _run(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    meta = export_lib.export(
+        _WORKDIR.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
+        config=_CONFIG.value, overwrite=_OVERWRITE.value, platforms=tuple(_PLATFORMS.value),
+        data_dir=_DATA_DIR.value, num_check_examples=_CHECK_EXAMPLES.value)
+  except _ERRORS as e:
+    sys.exit(f"apem-export: error: {e}")
+  checks, ckpt = meta["checks"], meta["checkpoint"]
+  print(f"Exported the {ckpt['kind']} checkpoint (step {ckpt['step']}) of {_WORKDIR.value} to "
+        f"{_OUTPUT.value}:")
+  inputs = meta["saved_model"]["inputs"]
+  strings = sum(spec["dtype"] == "string" for spec in inputs.values())
+  print(f"  {export_lib.SAVED_MODEL_DIR}/  (signature {export_lib.SIGNATURE!r}: {len(inputs)} raw "
+        f"features, {strings} string and {len(inputs) - strings} float32, each [None]; outputs "
+        f"{', '.join(meta['saved_model']['outputs'])}, float32 [None])")
+  print(f"  {export_lib.STABLEHLO_FILE}  (categorical int32 [b, "
+        f"{meta['stablehlo']['inputs'][0]['shape'][1]}], numeric float32 [b, "
+        f"{meta['stablehlo']['inputs'][1]['shape'][1]}] -> predictions float32 [b, "
+        f"{len(meta['tasks'])}])")
+  print(f"  {export_lib.METADATA_FILE}")
+  print(f"Checked on a batch of {checks['examples']} validation examples: max |diff| vs JAX: "
+        f"SavedModel {checks['max_abs_diff_saved_model']:.2e}, "
+        f"StableHLO {checks['max_abs_diff_stablehlo']:.2e} (tolerance {checks['tolerance']:g}).")
+  if ckpt.get("validation"):
+    print("Validation metrics of the checkpoint: " + json.dumps(ckpt["validation"]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  app.run(_run, argv=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,168 @@
+"""Quality benchmark: models x seeds on one dataset, selected on validation, reported on test.
+
+  python benchmarks/quality.py --dataset census --models apem,mmoe,ple --seeds 5
+  python benchmarks/quality.py --dataset census_education --seeds 5
+  python benchmarks/quality.py --dataset synthetic --correlations 0.5,0.9,1.0 --models shared_bottom,mmoe,ple,apem
+
+Every (model, seed[, correlation]) run trains in its own workdir under --runs (checkpoint chosen on
+validation by the trainer), then its best checkpoint is evaluated on test. A run whose
+``eval/test.json`` exists is not repeated, and a half-trained one resumes from its latest
+checkpoint, so an interrupted sweep picks up where it stopped. Writes a markdown table (the command
+that made it at the top) and a PNG plot under --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from apem_jax import reporting, trainer
+from configs import census as census_configs
+from configs import synthetic as synthetic_configs
+
+DATASETS = {"census": "income_marital", "census_education": "education_marital", "synthetic": None}
+ALL_MODELS = "apem,single_task,shared_bottom,mmoe,ple,esmm,aitm"
+
+_DATASET = flags.DEFINE_enum("dataset", "census", list(DATASETS), "Dataset.")
+_MODELS = flags.DEFINE_string("models", ALL_MODELS, "Comma-separated registered model names.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per model (0 .. seeds-1).")
+_CORRELATIONS = flags.DEFINE_string("correlations", "0.5,0.9,1.0", "Synthetic task correlations p.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Override train.num_epochs for every run.")
+_RUNS = flags.DEFINE_string("runs", "runs/benchmark", "Where the runs' workdirs go.")
+_OUT = flags.DEFINE_string("out", "docs/results", "Where the table and plot go.")
+
+
+def _config(model: str, seed: int, correlation: float | None):
+  if correlation is None:
+    arg = model + ("," + DATASETS[_DATASET.value])
+    config = census_configs.get_config(arg)
+  else:
+    config = synthetic_configs.get_config(f"{model},{correlation}")
+  config.seed = seed
+  config.train.progress_bar = False
+  if _EPOCHS.value:
+    config.train.num_epochs = _EPOCHS.value
+  return config
+
+
+def run_one(model: str, seed: int, correlation: float | None) -> dict:
+  """Trains (or resumes) one run and evaluates its best checkpoint on test; cached on disk."""
+  name = f"{model}/seed{seed}" + ("" if correlation is None else f"/p{correlation}")
+  workdir = os.path.join(_RUNS.value, _DATASET.value, name)
+  result_path = os.path.join(workdir, "eval", "test.json")
+  summary_path = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(result_path):
+    config = _config(model, seed, correlation)
+    t0 = time.time()
+    trainer.train_and_evaluate(config, workdir)
+    test = trainer.evaluate_checkpoint(config, workdir, "test")["metrics"]
+    reporting.write_json_atomic(result_path, test)
+    print(f"{name}: {time.time() - t0:.0f}s  " + json.dumps(test), flush=True)
+  with open(result_path) as f, open(summary_path) as g:
+    summary = json.load(g)
+    train_seconds = sum(h["epoch_seconds"] for h in summary["history"])
+    return {"test": json.load(f), "num_params": summary["num_params"],
+            "train_seconds": train_seconds, "epochs": summary["epochs"]}
+
+
+def _metric_names(task_metrics: dict) -> list[str]:
+  return ["auc", "logloss"] if "auc" in task_metrics else ["mse", "mae"]
+
+
+def summarise(runs: list[dict]) -> dict:
+  """Mean and std over seeds of every task metric, parameter count, training time."""
+  tasks = list(runs[0]["test"])
+  out = {"num_params": runs[0]["num_params"],
+         "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+         "epochs": float(np.mean([r["epochs"] for r in runs])), "seeds": len(runs), "tasks": {}}
+  for task in tasks:
+    out["tasks"][task] = {}
+    for m in _metric_names(runs[0]["test"][task]):
+      values = np.array([r["test"][task][m] for r in runs])
+      out["tasks"][task][m] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+  return out
+
+
+def markdown_table(rows: dict[str, dict], title: str) -> str:
+  """rows: {label: summary}."""
+  first = next(iter(rows.values()))
+  tasks = list(first["tasks"])
+  headers = ["model"] + [f"{t} {m}" for t in tasks for m in first["tasks"][t]] + [
+      "params", "train s / run", "epochs"]
+  lines = [f"### {title}", "", "| " + " | ".join(headers) + " |",
+           "|" + "---|" * len(headers)]
+  for label, s in rows.items():
+    cells = [label] + [f"{mean:.4f} ± {std:.4f}" for t in tasks for mean, std in s["tasks"][t].values()]
+    cells += [f"{s['num_params']:,}", f"{s['train_seconds']:.0f}", f"{s['epochs']:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  if census:
+    rows = rows_by_p[None]
+    tasks = list(next(iter(rows.values()))["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5))
+    for ax, task in zip(np.atleast_1d(axes), tasks):
+      labels = list(rows)
+      means = [rows[m]["tasks"][task]["auc"][0] for m in labels]
+      stds = [rows[m]["tasks"][task]["auc"][1] for m in labels]
+      ax.bar(labels, means, yerr=stds, capsize=3)
+      ax.set_ylim(min(means) - 3 * max(stds + [1e-3]), max(means) + 3 * max(stds + [1e-3]))
+      ax.set_title(f"test AUC: {task}")
+      ax.tick_params(axis="x", rotation=45)
+  else:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    ps = sorted(rows_by_p)
+    models = list(rows_by_p[ps[0]])
+    for t_index, ax in enumerate(axes):
+      for m in models:
+        task = list(rows_by_p[ps[0]][m]["tasks"])[t_index]
+        means = [rows_by_p[p][m]["tasks"][task]["mse"][0] for p in ps]
+        stds = [rows_by_p[p][m]["tasks"][task]["mse"][1] for p in ps]
+        ax.errorbar(ps, means, yerr=stds, marker="o", capsize=3, label=m)
+      ax.set_xlabel("task correlation p")
+      ax.set_ylabel(f"test MSE, task {t_index + 1}")
+      ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  models = _MODELS.value.split(",")
+  census = _DATASET.value != "synthetic"
+  correlations = [None] if census else [float(p) for p in _CORRELATIONS.value.split(",")]
+  rows_by_p = {}
+  for p in correlations:
+    rows_by_p[p] = {m: summarise([run_one(m, s, p) for s in range(_SEEDS.value)]) for m in models}
+  command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  os.makedirs(_OUT.value, exist_ok=True)
+  parts = [f"# Quality benchmark: {_DATASET.value}", "", f"Regenerate with `{command}`", "",
+           f"Mean ± sample std over {_SEEDS.value} seeds of each run's best-on-validation checkpoint, "
+           f"evaluated on the test split. Training seconds measured on the machine that ran it."]
+  for p, rows in rows_by_p.items():
+    parts += ["", markdown_table(rows, _DATASET.value if p is None else f"correlation p = {p}")]
+  text = "\n".join(parts) + "\n"
+  with open(os.path.join(_OUT.value, f"{_DATASET.value}.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(_OUT.value, f"{_DATASET.value}.json"), "w") as f:
+    json.dump({str(p): rows for p, rows in rows_by_p.items()}, f, indent=2)
+  plot(rows_by_p, os.path.join(_OUT.value, f"{_DATASET.value}.png"), census)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,313 @@
+"""Export for serving: a SavedModel on raw features and a StableHLO artifact, checked end to end.
+
+Two tiny runs, each trained for one epoch: a fake Census-Income (the real 32 categorical and 7
+numeric feature names, random values, and validation rows holding values never seen in training;
+only the TFDS reading is faked, encoding and caching are the real pipeline's) and the synthetic
+numeric-only data.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from apem_jax import checkpointing, export as export_lib, trainer
+from apem_jax.data import census_source, pipeline
+from configs import common
+from test_trainer import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+def _fake_census_split(rng: np.random.Generator, n: int, unseen: bool) -> dict[str, np.ndarray]:
+  """Raw columns as ``census_tfds.read_split`` returns them (bytes strings, float32 numbers)."""
+  categorical, numeric = census_source.feature_columns("income_marital")
+  cols = {}
+  for i, name in enumerate(categorical):
+    values = np.array([f"{name} value {v}".encode() for v in range(2 + i % 5)], dtype=object)
+    col = values[rng.integers(0, len(values), n)]
+    if unseen:  # values absent from the training split: OOV
+      col[::7] = f"never seen {name}".encode()
+    cols[name] = col
+  for i, name in enumerate(numeric):
+    x = rng.integers(0, 100, n).astype(np.float32)
+    if i % 2:  # census-like heavy tail: mostly zero, sometimes large
+      x = np.where(rng.random(n) < 0.8, 0, rng.integers(1, 99_999, n)).astype(np.float32)
+    cols[name] = x
+  signal = (cols["age"] > 50).astype(np.int64)
+  cols["income"] = np.where(rng.random(n) < 0.8, signal, 1 - signal)
+  cols["marital"] = (cols[categorical[0]] == categorical[0].encode() + b" value 0").astype(np.int64)
+  return cols
+
+
+def _fake_census() -> dict[str, dict[str, np.ndarray]]:
+  rng = np.random.default_rng(0)
+  return {"train": _fake_census_split(rng, 640, unseen=False),
+          "validation": _fake_census_split(rng, 1000, unseen=True),
+          "test": _fake_census_split(rng, 128, unseen=True)}
+
+
+@pytest.fixture(scope="module")
+def census_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("census")
+  raw = _fake_census()
+  config = tiny_config()
+  config.data = common.census_data()
+  config.data.data_dir = str(root / "data")
+  config.train.num_epochs = 1
+  workdir = str(root / "run")
+  with pytest.MonkeyPatch.context() as mp:  # (never a download, whatever the cache does)
+    mp.setattr(pipeline, "read_census_tfds", lambda data_dir: raw)
+    trainer.train_and_evaluate(config, workdir)
+    exp = trainer.Experiment(config)
+    ckpt = checkpointing.Checkpoints(workdir)
+    state, meta = ckpt.restore(checkpointing.BEST, exp.abstract_state)
+    ckpt.close()
+    predictions = exp.predict(state, "validation")["predictions"]  # the eval path
+    yield dict(config=config, workdir=workdir, raw=raw, exp=exp, meta=meta,
+               predictions=predictions, root=root)
+
+
+@pytest.fixture(scope="module")
+def census_export(census_run):
+  output = str(census_run["root"] / "export")
+  meta = export_lib.export(census_run["workdir"], output)
+  return dict(output=output, meta=meta)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("synthetic")
+  config = tiny_config("shared_bottom")  # a second model of the registry, quick to compile
+  config.data.synthetic.num_examples = 1200
+  config.train.num_epochs = 1
+  workdir = str(root / "run")
+  trainer.train_and_evaluate(config, workdir)
+  return dict(config=config, workdir=workdir, root=root)
+
+
+def _leftovers(parent) -> list[str]:
+  return [n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n]
+
+
+# --------------------------------------------------------------------------------------------
+# In-graph preprocessing (no model)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transform", ["log1p", "none"])
+def test_in_graph_encoder_matches_numpy_encode(transform):
+  from apem_jax.data import preprocessing as prep_lib, serving  # imports TensorFlow
+  train = {"color": np.array(["red", "blue", "red", "green"]),
+           "size": np.array([b"S", b"M", b"L", b"M"], dtype=object),
+           "price": np.array([0.0, 12.5, -3.0, 99_999.0]), "count": np.array([1.0, 1.0, 1.0, 1.0])}
+  prep = prep_lib.fit_preprocessing(train, ["color", "size"], ["price", "count"],
+                                    numeric_transform=transform)
+  raw = {"color": np.array(["blue", "purple", "", "red"]),
+         "size": np.array(["M", "XL", "S", "m"]),
+         "price": np.array([5.0, -7.25, 1e6, 0.0], np.float32),
+         "count": np.array([1.0, 2.0, 0.0, -1.0], np.float32)}
+  expected = prep_lib.encode(raw, prep)
+  np.testing.assert_array_equal(expected["categorical"], [[0, 1], [3, 3], [3, 2], [2, 3]])
+  encoder = serving.RawFeatureEncoder(prep)
+  got = encoder({k: serving.tf.constant(v) for k, v in raw.items()})
+  np.testing.assert_array_equal(got["categorical"].numpy(), expected["categorical"])
+  np.testing.assert_allclose(got["numeric"].numpy(), expected["numeric"], rtol=1e-6, atol=1e-7)
+  # decode inverts encode: ids exactly, numeric values to float32 rounding.
+  decoded = serving.decode(expected["categorical"], expected["numeric"], prep)
+  assert decoded["color"][1] == serving.unseen_value(prep) == "<unseen>"
+  again = prep_lib.encode(decoded, prep)
+  np.testing.assert_array_equal(again["categorical"], expected["categorical"])
+  np.testing.assert_allclose(again["numeric"], expected["numeric"], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Census-like: raw features, OOV, fresh TensorFlow process, StableHLO
+# --------------------------------------------------------------------------------------------
+
+def test_census_export_writes_artifacts_and_metadata(census_run, census_export):
+  output, meta = census_export["output"], census_export["meta"]
+  assert sorted(os.listdir(output)) == ["metadata.json", "model.stablehlo", "preprocessing.json",
+                                        "saved_model"]
+  assert not _leftovers(census_run["root"])
+  with open(os.path.join(output, "metadata.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(meta))
+  categorical, numeric = census_source.feature_columns("income_marital")
+  inputs = meta["saved_model"]["inputs"]
+  assert list(inputs) == list(categorical + numeric)
+  assert {inputs[c]["dtype"] for c in categorical} == {"string"}
+  assert {inputs[c]["dtype"] for c in numeric} == {"float32"}
+  assert list(meta["saved_model"]["outputs"]) == ["income", "marital"]
+  assert [t["output"] for t in meta["tasks"]] == ["probability", "probability"]
+  assert meta["checkpoint"]["kind"] == "best"
+  assert meta["checkpoint"]["step"] == census_run["meta"]["step"] == 10
+  assert meta["checkpoint"]["validation"] == census_run["meta"]["validation"]
+  assert meta["config"]["model"]["name"] == "apem"
+  assert [f["vocab_size"] for f in meta["fields"][:len(categorical)]] == [
+      2 + i % 5 for i in range(len(categorical))]
+  assert set(meta["versions"]) >= {"jax", "flax", "tensorflow"}
+  assert meta["checks"]["max_abs_diff_saved_model"] <= ATOL
+  assert meta["checks"]["max_abs_diff_stablehlo"] <= ATOL
+
+
+_TF_ONLY_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+    model_dir, inputs_path, outputs_path = sys.argv[1:]
+    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    with np.load(inputs_path) as f:
+      raw = {k: f[k] for k in f.files}
+    out = {}
+    for size in (1, 1000):
+      got = serve(**{k: tf.constant(v[:size]) for k, v in raw.items()})
+      for task, value in got.items():
+        out[f"{task}.{size}"] = value.numpy()
+    np.savez(outputs_path, **out)
+    assert not any(m.split(".")[0] == "apem_jax" for m in sys.modules)
+    print("ok")
+""")
+
+
+def test_saved_model_in_fresh_tensorflow_process_matches_eval_path(census_run, census_export,
+                                                                   tmp_path):
+  exp, raw = census_run["exp"], census_run["raw"]["validation"]
+  fields = [f.name for f in exp.schema.categorical] + [f.name for f in exp.schema.numeric]
+  # Row 0 holds unseen values in every categorical field (they encode to the OOV id).
+  np.testing.assert_array_equal(exp.data.arrays["validation"]["categorical"][0],
+                                exp.schema.vocab_sizes)
+  inputs = {name: (raw[name].astype(np.bytes_).astype(str) if raw[name].dtype == object
+                   else raw[name]) for name in fields}
+  np.savez(tmp_path / "raw.npz", **inputs)
+  result = subprocess.run(
+      [sys.executable, "-c", _TF_ONLY_SCRIPT,
+       os.path.join(census_export["output"], "saved_model"), str(tmp_path / "raw.npz"),
+       str(tmp_path / "out.npz")],
+      capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = census_run["predictions"]
+  assert expected.shape == (1000, 2)
+  with np.load(tmp_path / "out.npz") as out:
+    for size in (1, 1000):
+      got = np.stack([out[f"income.{size}"], out[f"marital.{size}"]], axis=-1)
+      assert got.dtype == np.float32 and got.shape == (size, 2)
+      np.testing.assert_allclose(got, expected[:size], atol=ATOL, rtol=0)
+
+
+def test_stablehlo_round_trip(census_run, census_export):
+  with open(os.path.join(census_export["output"], "model.stablehlo"), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  assert str(exported.in_avals[0].shape[0]) == "b"
+  assert exported.in_avals[0].shape[1] == 32 and exported.in_avals[1].shape[1] == 7
+  arrays = census_run["exp"].data.arrays["validation"]
+  expected = census_run["predictions"]
+  for size in (1, 1000):
+    got = np.asarray(exported.call(arrays["categorical"][:size], arrays["numeric"][:size]))
+    assert got.shape == (size, 2)
+    np.testing.assert_allclose(got, expected[:size], atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic (numeric only): command line, overwrite, failure leaves nothing
+# --------------------------------------------------------------------------------------------
+
+def test_synthetic_export_command_line_and_overwrite(synthetic_run):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  workdir, output = synthetic_run["workdir"], str(synthetic_run["root"] / "out")
+  result = subprocess.run(
+      [sys.executable, "-m", "apem_jax.export", f"--workdir={workdir}", f"--output={output}",
+       "--checkpoint=latest"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Exported the latest checkpoint" in result.stdout
+  with open(os.path.join(output, "metadata.json")) as f:
+    meta = json.load(f)
+  assert list(meta["saved_model"]["inputs"]) == [f"x{i}" for i in range(6)]
+  assert meta["stablehlo"]["inputs"][0]["shape"] == ["b", 0]
+
+  run = export_lib.restore_run(workdir, checkpointing.LATEST)
+  numeric = run.experiment.data.arrays["validation"]["numeric"][:7]
+  expected = np.asarray(jax.jit(export_lib.predict_fn(run))(
+      run.params, np.zeros((7, 0), np.int32), numeric))
+  serve = tf.saved_model.load(os.path.join(output, "saved_model")).signatures["serving_default"]
+  got = serve(**{f"x{i}": tf.constant(numeric[:, i]) for i in range(6)})
+  np.testing.assert_allclose(np.stack([got["y1"], got["y2"]], -1), expected, atol=ATOL, rtol=0)
+
+  # An existing export is refused, then replaced with --overwrite.
+  with pytest.raises(FileExistsError, match="already holds an export; pass --overwrite"):
+    export_lib.export(workdir, output)
+  assert meta == json.load(open(os.path.join(output, "metadata.json")))
+  new = export_lib.export(workdir, output, overwrite=True, num_check_examples=16)
+  assert new["checkpoint"]["kind"] == "best" and new["checks"]["examples"] == 16
+  assert not _leftovers(synthetic_run["root"])
+
+
+def test_failed_check_leaves_nothing_behind(synthetic_run, monkeypatch, tmp_path):
+  def failing_check(run, directory, num_examples):
+    assert sorted(os.listdir(directory)) == ["model.stablehlo", "saved_model"]  # half written
+    raise export_lib.ExportCheckError("the reloaded SavedModel differs from the JAX model")
+
+  monkeypatch.setattr(export_lib, "check_export", failing_check)
+  with pytest.raises(export_lib.ExportCheckError, match="differs from the JAX model"):
+    export_lib.export(synthetic_run["workdir"], str(tmp_path / "out"))
+  assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def test_workdir_without_checkpoints(tmp_path):
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  output = tmp_path / "out"
+  with pytest.raises(FileNotFoundError, match="no best checkpoint.*train first"):
+    export_lib.export(str(empty), str(output))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    export_lib.export(str(tmp_path / "missing"), str(output))
+  assert sorted(os.listdir(tmp_path)) == ["empty_run"] and os.listdir(empty) == []
+
+
+def test_missing_step_lists_available(census_run, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no latest checkpoint at step 7.*\[10\]"):
+    export_lib.export(census_run["workdir"], str(tmp_path / "out"), checkpoint="latest", step=7)
+  assert os.listdir(tmp_path) == []
+
+
+def test_config_mismatch(census_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(census_run["workdir"], workdir)
+  with open(workdir / "config.json") as f:
+    config = json.load(f)
+  config["model"]["embed_dim"] = 4
+  with open(workdir / "config.json", "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ValueError, match=r"config.json does not match.*\['model.embed_dim'\]"):
+    export_lib.export(str(workdir), str(tmp_path / "out"))
+
+  given = ml_collections.ConfigDict(census_run["config"].to_dict())
+  given.model.num_groups = 2
+  given.data.data_dir = "/elsewhere"  # a location, not a mismatch
+  with pytest.raises(ValueError, match=r"different config.*\['model.num_groups'\]"):
+    export_lib.export(census_run["workdir"], str(tmp_path / "out"), config=given)
+  assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_output_that_is_not_an_export_is_never_replaced(census_run, tmp_path):
+  output = tmp_path / "out"
+  output.mkdir()
+  (output / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="holds no export"):
+    export_lib.export(census_run["workdir"], str(output), overwrite=True)
+  assert os.listdir(output) == ["notes.txt"]
