@@ -233,13 +233,14 @@ def _run_preprocessing(workdir: str, exp: trainer.Experiment) -> Preprocessing |
 # --------------------------------------------------------------------------------------------
 
 def predict_fn(run: Run) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-  """``predict(params, categorical [b, Fc], numeric [b, Fn]) -> predictions [b, T]``."""
-  model, schema = run.experiment.model, run.schema
+  """``predict(params, categorical [b, Fc], numeric [b, Fn]) -> predictions [b, T]`` (funnel
+  steps: entire-space probabilities ``p_t``, as evaluation reports them)."""
+  model, schema, head = run.experiment.model, run.schema, run.experiment.head
 
   def predict(params, categorical, numeric):
     out = model.apply({"params": params}, {"categorical": categorical, "numeric": numeric},
                       train=False)
-    return losses.task_predictions(out["logits"], schema)
+    return losses.task_predictions(out["logits"], schema, head)
   return predict
 
 

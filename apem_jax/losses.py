@@ -193,7 +193,8 @@ def total_loss(sums: Mapping[str, jax.Array], task_weights: Sequence[float],
   task_loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
   total = jnp.sum(jnp.asarray(task_weights, jnp.float32) * task_loss)
   if head.calibration_weight > 0 and head.dependent:
-    total = total + head.calibration_weight * sums["penalty_sum"] / jnp.maximum(sums["examples"], 1.0)
+    penalty = sums["penalty_sum"] / jnp.maximum(sums["examples"], 1.0)
+    total = total + head.calibration_weight * penalty
   return total
 
 

@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from apem_jax import checkpointing, config_validation, metrics as metrics_lib, parallel, reporting, step as step_lib
+from apem_jax import checkpointing, config_validation, losses, metrics as metrics_lib, parallel, reporting, step as step_lib
 from apem_jax.data import load_dataset
+from apem_jax.data.pipeline import EVAL_ONLY_KEYS
 from apem_jax.models import build_model
 from apem_jax.schema import Schema
 
@@ -48,9 +49,11 @@ class Experiment:
                        f"{self.data.num_examples('train')} training examples")
     self.total_steps = self.steps_per_epoch * config.train.num_epochs
     self.tx = step_lib.make_optimizer(config, self.total_steps)
+    self.head = task_head(config, self.schema, self.model)
     train_step, eval_step = step_lib.bind_steps(self.model, self.tx, self.schema,
                                                 task_weights(config, self.schema),
-                                                parallel.PMAP_AXIS if self.pmap else None)
+                                                parallel.PMAP_AXIS if self.pmap else None,
+                                                head=self.head)
     self.traces = {"train_step": 0, "eval_step": 0}
     train_step = _count_traces(train_step, self.traces, "train_step")
     eval_step = _count_traces(eval_step, self.traces, "eval_step")
@@ -90,27 +93,40 @@ class Experiment:
     return int(state.step[0] if self.pmap else state.step)
 
   def predict(self, state: step_lib.TrainState, split: str) -> dict[str, np.ndarray]:
-    """Predictions, labels and label mask of every real example of a split, on the host."""
-    preds, labels, masks = [], [], []
+    """Every real example of a split, on the host: ``predictions`` [N, T] (entire-space ``p_t``),
+    ``conditional`` [N, T] (``q_t``, step t given the step it depends on; ``= p_t`` outside
+    funnels), ``labels``, ``label_mask`` and, where the data has them, the evaluation-only arrays
+    (``true_q`` of synthetic funnels)."""
+    out = {}
     for local in self.data.eval_batches(split, self.config.train.eval_batch_size):
       batch = parallel.global_batch(local, self.mesh)
       keep = parallel.to_host(batch["weight"]) > 0
-      preds.append(parallel.to_host(self.eval_step(state, batch))[keep])
-      labels.append(parallel.to_host(batch["labels"])[keep])
-      masks.append(parallel.to_host(batch["label_mask"])[keep])
-    return {"predictions": np.concatenate(preds), "labels": np.concatenate(labels),
-            "label_mask": np.concatenate(masks)}
+      rows = dict(self.eval_step(state, batch), labels=batch["labels"],
+                  label_mask=batch["label_mask"],
+                  **{k: batch[k] for k in EVAL_ONLY_KEYS if k in batch})
+      for k, v in rows.items():
+        out.setdefault(k, []).append(parallel.to_host(v)[keep])
+    return {k: np.concatenate(v) for k, v in out.items()}
 
   def evaluate(self, state: step_lib.TrainState, split: str) -> dict[str, dict[str, float]]:
-    """Exact per-task metrics over the whole split."""
+    """Exact per-task metrics over the whole split; for a funnel schema also the per-step funnel
+    metrics (``metrics.funnel_metrics``: conditional AUC, calibration, oracle AUC and gap)."""
     out = self.predict(state, split)
-    return metrics_lib.task_metrics(self.schema, out["labels"], out["label_mask"], out["predictions"])
+    result = metrics_lib.task_metrics(self.schema, out["labels"], out["label_mask"],
+                                      out["predictions"])
+    if self.schema.has_funnel:
+      funnel = metrics_lib.funnel_metrics(self.schema, out["labels"], out["label_mask"],
+                                          out["predictions"], out["conditional"], out.get("true_q"))
+      for task, m in funnel.items():
+        result[task].update(m)
+    return result
 
 
 def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str) -> None:
   """The model and data keys of ``config`` must be those the checkpoint was trained with."""
   mismatched = [k for k in config_validation.diff_keys(meta["config"], config.to_dict())
-                if k.startswith(("model.", "data.")) and k != "data.data_dir"]
+                if k.startswith(("model.", "data.")) and k != "data.data_dir"
+                or k == "train.funnel" and "funnel" in meta["config"].get("train", {})]
   if mismatched:
     raise ValueError(f"{workdir}: its checkpoint was trained with a different config; "
                      f"differing keys: {mismatched}")
@@ -129,6 +145,14 @@ def _count_traces(fn, counter: dict, name: str):
     counter[name] += 1
     return fn(*args)
   return traced
+
+
+def task_head(config: ml_collections.ConfigDict, schema: Schema, model) -> losses.TaskHead:
+  """The task head of ``config.train.funnel`` / ``calibration_weight`` for ``model`` on
+  ``schema`` (see :mod:`apem_jax.losses`)."""
+  return losses.make_head(schema, getattr(model, "output_space", None),
+                          funnel=config.train.get("funnel", "entire_space"),
+                          calibration_weight=config.train.get("calibration_weight", None))
 
 
 def task_weights(config: ml_collections.ConfigDict, schema: Schema) -> tuple[float, ...]:

@@ -3,6 +3,13 @@
   python benchmarks/quality.py --dataset census --models apem,mmoe,ple --seeds 5
   python benchmarks/quality.py --dataset census_education --seeds 5
   python benchmarks/quality.py --dataset synthetic --correlations 0.5,0.9,1.0 --models shared_bottom,mmoe,ple,apem
+  python benchmarks/quality.py --dataset funnel --seeds 5 --funnel_modes entire_space,conditional
+
+``--dataset funnel`` is the synthetic conversion funnel (configs/funnel.py): every step's test
+entire-space AUC, AUC of the conditional probability on the population that reached the previous
+step, logloss, calibration, the oracle AUC of the true probabilities and the model's gap to it.
+``--funnel_modes`` runs each model under each ``train.funnel`` mode it supports (rows
+``model/mode``; ESMM has no 'off', AITM no 'conditional').
 
 Every (model, seed[, correlation]) run trains in its own workdir under --runs (checkpoint chosen on
 validation by the trainer), then its best checkpoint is evaluated on test. A run whose
@@ -26,9 +33,14 @@ import numpy as np
 
 from apem_jax import reporting, trainer
 from configs import census as census_configs
+from configs import funnel as funnel_configs
 from configs import synthetic as synthetic_configs
 
-DATASETS = {"census": "income_marital", "census_education": "education_marital", "synthetic": None}
+DATASETS = {"census": "income_marital", "census_education": "education_marital", "synthetic": None,
+            "funnel": None}
+FUNNEL_METRICS = ["auc", "auc_conditional", "logloss", "calibration", "violation_rate",
+                  "oracle_auc", "oracle_gap"]
+UNSUPPORTED_MODES = {("esmm", "off"), ("aitm", "conditional")}
 ALL_MODELS = "apem,single_task,shared_bottom,mmoe,ple,esmm,aitm"
 
 _DATASET = flags.DEFINE_enum("dataset", "census", list(DATASETS), "Dataset.")
@@ -36,12 +48,17 @@ _MODELS = flags.DEFINE_string("models", ALL_MODELS, "Comma-separated registered 
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per model (0 .. seeds-1).")
 _CORRELATIONS = flags.DEFINE_string("correlations", "0.5,0.9,1.0", "Synthetic task correlations p.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override train.num_epochs for every run.")
+_FUNNEL_MODES = flags.DEFINE_string("funnel_modes", "entire_space",
+                                    "--dataset funnel: comma-separated train.funnel modes.")
 _RUNS = flags.DEFINE_string("runs", "runs/benchmark", "Where the runs' workdirs go.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where the table and plot go.")
 
 
-def _config(model: str, seed: int, correlation: float | None):
-  if correlation is None:
+def _config(model: str, seed: int, correlation: float | None, mode: str | None = None):
+  if _DATASET.value == "funnel":
+    config = funnel_configs.get_config(model)
+    config.train.funnel = mode or "entire_space"
+  elif correlation is None:
     arg = model + ("," + DATASETS[_DATASET.value])
     config = census_configs.get_config(arg)
   else:
@@ -53,14 +70,15 @@ def _config(model: str, seed: int, correlation: float | None):
   return config
 
 
-def run_one(model: str, seed: int, correlation: float | None) -> dict:
+def run_one(model: str, seed: int, correlation: float | None, mode: str | None = None) -> dict:
   """Trains (or resumes) one run and evaluates its best checkpoint on test; cached on disk."""
-  name = f"{model}/seed{seed}" + ("" if correlation is None else f"/p{correlation}")
+  name = (f"{model}/seed{seed}" + ("" if correlation is None else f"/p{correlation}")
+          + ("" if mode in (None, "entire_space") else f"/{mode}"))
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
   if not os.path.exists(result_path):
-    config = _config(model, seed, correlation)
+    config = _config(model, seed, correlation, mode)
     t0 = time.time()
     trainer.train_and_evaluate(config, workdir)
     test = trainer.evaluate_checkpoint(config, workdir, "test")["metrics"]
@@ -74,12 +92,15 @@ def run_one(model: str, seed: int, correlation: float | None) -> dict:
 
 
 def _metric_names(task_metrics: dict) -> list[str]:
+  if "oracle_auc" in task_metrics:
+    return [m for m in FUNNEL_METRICS if m in task_metrics]  # a first step has no violation_rate
   return ["auc", "logloss"] if "auc" in task_metrics else ["mse", "mae"]
 
 
 def summarise(runs: list[dict]) -> dict:
   """Mean and std over seeds of every task metric, parameter count, training time."""
-  tasks = list(runs[0]["test"])
+  order = list(funnel_configs.synthetic_funnel.STEP_NAMES)  # funnel steps in funnel order
+  tasks = sorted(runs[0]["test"], key=lambda t: order.index(t) if t in order else -1)
   out = {"num_params": runs[0]["num_params"],
          "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
          "epochs": float(np.mean([r["epochs"] for r in runs])), "seeds": len(runs), "tasks": {}}
@@ -145,9 +166,17 @@ def main(argv):
   models = _MODELS.value.split(",")
   census = _DATASET.value != "synthetic"
   correlations = [None] if census else [float(p) for p in _CORRELATIONS.value.split(",")]
+  modes = _FUNNEL_MODES.value.split(",") if _DATASET.value == "funnel" else [None]
   rows_by_p = {}
   for p in correlations:
-    rows_by_p[p] = {m: summarise([run_one(m, s, p) for s in range(_SEEDS.value)]) for m in models}
+    rows_by_p[p] = {}
+    for m in models:
+      for mode in modes:
+        if (m, mode) in UNSUPPORTED_MODES:
+          print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
+          continue
+        label = m if len(modes) == 1 else f"{m}/{mode}"
+        rows_by_p[p][label] = summarise([run_one(m, s, p, mode) for s in range(_SEEDS.value)])
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   os.makedirs(_OUT.value, exist_ok=True)
   parts = [f"# Quality benchmark: {_DATASET.value}", "", f"Regenerate with `{command}`", "",

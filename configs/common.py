@@ -17,6 +17,12 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=50,
       task_weights=(),        # one per task; empty means all ones
       progress_bar=True,
+      # Conversion funnels (tasks with depends_on; apem_jax/losses.py): 'entire_space' (q_t chained
+      # by product, BCE(p_t, y_t) on every impression) | 'conditional' (a step's q_t trained only
+      # where its parent step happened: the biased classic) | 'off' (independent heads).
+      funnel="entire_space",
+      # lambda * sum_t mean(max(p_t - p_{t-1}, 0)); None: 0.6 for AITM (its paper), 0 otherwise.
+      calibration_weight=ml_collections.config_dict.placeholder(float),
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3,

@@ -1,4 +1,5 @@
-"""Data: Census-Income (KDD) via TFDS, synthetic MMoE data, preprocessing, the input pipeline.
+"""Data: Census-Income (KDD) via TFDS, synthetic MMoE data, synthetic conversion funnels,
+preprocessing, the input pipeline.
 
 The only package that imports TensorFlow (lazily: importing it does not load TF). Entry point::
 

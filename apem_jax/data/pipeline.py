@@ -38,9 +38,14 @@ from apem_jax import schema as schema_lib
 from apem_jax.data import census_source
 from apem_jax.data import preprocessing as prep_lib
 from apem_jax.data import synthetic
+from apem_jax.data import synthetic_funnel
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("census_income", "synthetic_mmoe")
+DATASETS = ("census_income", "synthetic_mmoe", "synthetic_funnel")
+# Arrays evaluation reads but training batches leave out: the true conditional probabilities of
+# synthetic funnels (for oracle metrics).
+EVAL_ONLY_KEYS = ("true_q",)
+INCONSISTENT_FUNNEL_POLICIES = ("error", "drop")
 # Bump when the encoded arrays change for the same config (invalidates the .npz caches).
 ENCODING_VERSION = 3
 CENSUS_TFDS_VERSION = "1.0.0"
@@ -74,12 +79,16 @@ class DatasetSplits:
   Attributes:
     schema: fields and tasks (tasks in config order).
     preprocessing: the fitted Preprocessing (None for synthetic data).
-    arrays: ``{split: {'categorical', 'numeric', 'labels', 'label_mask'}}`` (unpadded).
+    arrays: ``{split: {'categorical', 'numeric', 'labels', 'label_mask'}}`` (unpadded); synthetic
+      funnels add ``true_q`` [N, T], the true conditional step probabilities (evaluation only).
+    inconsistent_funnel_rows: ``{split: rows dropped}`` by ``data.inconsistent_funnel='drop'``
+      (funnel schemas only; see :func:`enforce_funnel_consistency`).
   """
 
   schema: schema_lib.Schema
   preprocessing: prep_lib.Preprocessing | None
   arrays: dict[str, dict[str, np.ndarray]]
+  inconsistent_funnel_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def _split(self, split: str) -> dict[str, np.ndarray]:
     if split not in self.arrays:
@@ -112,7 +121,7 @@ class DatasetSplits:
       raise ValueError(f"train split has {shard_size} rows on this process, fewer than one "
                        f"batch of {per_process}")
     tf = _import_tf()
-    tensors = {k: tf.constant(v) for k, v in arrays.items()}
+    tensors = {k: tf.constant(v) for k, v in arrays.items() if k not in EVAL_ONLY_KEYS}
 
     def gather(indices):
       batch = {k: tf.gather(t, indices) for k, t in tensors.items()}
@@ -173,21 +182,90 @@ def load_dataset(data_config: Any) -> DatasetSplits:
 
   Args:
     data_config: an ``ml_collections.ConfigDict`` (or mapping) with ``name``
-      ('census_income' | 'synthetic_mmoe'), ``data_dir`` (default 'data'), ``task_group``
-      (census: 'income_marital' | 'education_marital'), ``numeric_transform``
+      ('census_income' | 'synthetic_mmoe' | 'synthetic_funnel'), ``data_dir`` (default 'data'),
+      ``task_group`` (census: 'income_marital' | 'education_marital'), ``numeric_transform``
       ('none' | 'log1p', default 'log1p'), ``min_count`` (default 1) and, for synthetic data,
       ``synthetic`` (input_dim, scale, correlation, num_sines, alpha, beta, noise_std,
-      num_examples, seed).
+      num_examples, seed); for synthetic funnels ``funnel`` (``synthetic_funnel.DEFAULTS``).
+      ``inconsistent_funnel`` ('error' | 'drop', default 'error'): what to do with rows of a funnel
+      schema whose later step is positive where an earlier one is negative.
 
   Raises:
     ValueError: unknown ``data.name``, ``data.task_group`` or ``data.numeric_transform``.
   """
   name = _get(data_config, "name", None)
+  policy = _get(data_config, "inconsistent_funnel", "error")
+  if policy not in INCONSISTENT_FUNNEL_POLICIES:
+    raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
+                     f"{INCONSISTENT_FUNNEL_POLICIES}")
   if name == "census_income":
-    return _load_census(data_config)
-  if name == "synthetic_mmoe":
-    return _load_synthetic(data_config)
-  raise ValueError(f"data.name: unknown dataset {name!r}; known: {list(DATASETS)}")
+    splits = _load_census(data_config)
+    source = str(pathlib.Path(_get(data_config, "data_dir", "data")) / "census_income")
+  elif name == "synthetic_mmoe":
+    splits = _load_synthetic(data_config)
+    source = "dataset 'synthetic_mmoe'"
+  elif name == "synthetic_funnel":
+    splits = _load_synthetic_funnel(data_config)
+    source = "dataset 'synthetic_funnel'"
+  else:
+    raise ValueError(f"data.name: unknown dataset {name!r}; known: {list(DATASETS)}")
+  if splits.schema.has_funnel:
+    for split in list(splits.arrays):
+      splits.arrays[split], dropped = enforce_funnel_consistency(
+          splits.arrays[split], splits.schema, policy, f"{source}, split {split!r}")
+      splits.inconsistent_funnel_rows[split] = dropped
+  return splits
+
+
+# --------------------------------------------------------------------------------------------
+# Funnel label consistency
+# --------------------------------------------------------------------------------------------
+
+def inconsistent_funnel_rows(labels: np.ndarray, label_mask: np.ndarray,
+                             parents: tuple[int, ...]) -> np.ndarray:
+  """Rows [N] (bool) where a funnel step is positive while the step it depends on is negative
+  (both labels present). ``parents[t]``: the index of task t's parent step, -1 for none."""
+  bad = np.zeros(labels.shape[0], dtype=bool)
+  for t, parent in enumerate(parents):
+    if parent >= 0:
+      bad |= ((label_mask[:, t] > 0) & (labels[:, t] > 0)
+              & (label_mask[:, parent] > 0) & (labels[:, parent] <= 0))
+  return bad
+
+
+def enforce_funnel_consistency(arrays: Mapping[str, np.ndarray], schema: schema_lib.Schema,
+                               policy: str, source: str) -> tuple[dict[str, np.ndarray], int]:
+  """Checks that no later funnel step is positive where an earlier one is negative.
+
+  Args:
+    arrays: one split's arrays (``labels``, ``label_mask``, ...), rows aligned.
+    schema: the tasks (``depends_on``).
+    policy: ``'error'``: raise, naming ``source``, the first bad row and the count; ``'drop'``:
+      return the arrays without the bad rows (and log the count).
+    source: where the rows come from (a file, or a dataset and split), for the messages.
+
+  Returns:
+    (arrays, number of rows dropped).
+  """
+  bad = inconsistent_funnel_rows(arrays["labels"], arrays["label_mask"], schema.parents)
+  count = int(bad.sum())
+  if count == 0:
+    return dict(arrays), 0
+  if policy == "error":
+    row = int(np.flatnonzero(bad)[0])
+    names = schema.task_names
+    steps = ", ".join(f"{names[t]}={arrays['labels'][row, t]:g}" for t in range(len(names))
+                      if arrays["label_mask"][row, t] > 0)
+    raise ValueError(
+        f"{source}: {count} of {len(bad)} rows are inconsistent funnels (a step is positive "
+        f"where the step it depends on is negative); first at row {row} ({steps}). Fix the data, "
+        f"or set data.inconsistent_funnel='drop' to drop such rows")
+  if policy != "drop":
+    raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
+                     f"{INCONSISTENT_FUNNEL_POLICIES}")
+  logging.warning("%s: dropped %d of %d rows with an inconsistent funnel "
+                  "(data.inconsistent_funnel='drop')", source, count, len(bad))
+  return {k: v[~bad] for k, v in arrays.items()}, count
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +294,31 @@ def _load_synthetic(data_config: Any) -> DatasetSplits:
       categorical=(),
       numeric=tuple(schema_lib.NumericField(f"x{i}") for i in range(kwargs["input_dim"])),
       tasks=tuple(schema_lib.Task(t, task_kind) for t in synthetic.TASK_NAMES))
+  return DatasetSplits(schema, None, synthetic.split(data))
+
+
+def _load_synthetic_funnel(data_config: Any) -> DatasetSplits:
+  sub = _get(data_config, "funnel", None)
+  given = set(sub.keys() if sub is not None and hasattr(sub, "keys") else ())
+  unknown = sorted(given - set(synthetic_funnel.DEFAULTS))
+  if unknown:
+    raise ValueError(f"data.funnel: unknown keys {unknown}; known: "
+                     f"{sorted(synthetic_funnel.DEFAULTS)}")
+  kwargs = {k: _get(sub, k, d) for k, d in synthetic_funnel.DEFAULTS.items()}
+  kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
+  start = time.perf_counter()
+  data = synthetic_funnel.generate(**kwargs)
+  logging.info("synthetic_funnel: %d examples generated in %.1f s", kwargs["num_examples"],
+               time.perf_counter() - start)
+  data["label_mask"] = np.ones_like(data["labels"])
+  steps = synthetic_funnel.STEP_NAMES[:kwargs["num_steps"]]
+  schema = schema_lib.Schema(
+      categorical=tuple(schema_lib.CategoricalField(n, v) for n, v in zip(
+          synthetic_funnel.CATEGORICAL_FIELDS, synthetic_funnel.vocab_sizes(
+              kwargs["num_users"], kwargs["num_items"], kwargs["num_categories"]))),
+      numeric=tuple(schema_lib.NumericField(n) for n in synthetic_funnel.NUMERIC_FIELDS),
+      tasks=tuple(schema_lib.Task(t, "binary", depends_on=steps[i - 1] if i else None)
+                  for i, t in enumerate(steps)))
   return DatasetSplits(schema, None, synthetic.split(data))
 
 
