@@ -24,8 +24,6 @@ from apem_jax.data.pipeline import EVAL_ONLY_KEYS
 from apem_jax.models import build_model
 from apem_jax.schema import Schema
 
-_DONE = "done"
-
 
 class Experiment:
   """Data, model, mesh and compiled steps of one config: what training and evaluation share."""

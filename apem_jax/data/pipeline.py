@@ -110,31 +110,36 @@ class DatasetSplits:
   def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
     """Infinite iterator of this process's training batches of ``batch_size // process_count``.
 
-    Same seed -> same sequence. Each epoch is a fresh permutation of this process's shard
-    (``shuffle`` precedes ``repeat``, so epochs do not mix).
+    Same seed -> same sequence. Each epoch is a fresh permutation of this process's shard, cut
+    into full batches (the remainder is dropped; epochs do not mix).
     """
     per_process, count, index = self._per_process(batch_size)
     arrays = self._split("train")
     n = self.num_examples("train")
-    shard_size = len(range(index, n, count))
-    if shard_size < per_process:
-      raise ValueError(f"train split has {shard_size} rows on this process, fewer than one "
+    shard = np.arange(index, n, count, dtype=np.int64)
+    if len(shard) < per_process:
+      raise ValueError(f"train split has {len(shard)} rows on this process, fewer than one "
                        f"batch of {per_process}")
     tf = _import_tf()
     tensors = {k: tf.constant(v) for k, v in arrays.items() if k not in EVAL_ONLY_KEYS}
+    shard_rows = tf.constant(shard)
+    batches_per_epoch = len(shard) // per_process
+
+    def epoch_batches(epoch):
+      # One permutation per epoch, drawn in a single op and cut into batches of row indices:
+      # per-row shuffling in tf.data costs more than the step of a small model.
+      perm = tf.random.experimental.stateless_shuffle(
+          shard_rows, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+      rows = tf.reshape(perm[:batches_per_epoch * per_process], [batches_per_epoch, per_process])
+      return tf.data.Dataset.from_tensor_slices(rows)
 
     def gather(indices):
       batch = {k: tf.gather(t, indices) for k, t in tensors.items()}
       batch["weight"] = tf.ones(tf.shape(indices), tf.float32)
       return batch
 
-    # A dataset of row indices, gathered a batch at a time: the same elements as
-    # from_tensor_slices(arrays), far cheaper than shuffling whole rows one by one.
-    ds = (tf.data.Dataset.range(n)
-          .shard(count, index)
-          .shuffle(shard_size, seed=seed, reshuffle_each_iteration=True)
-          .repeat()
-          .batch(per_process, drop_remainder=True)
+    ds = (tf.data.Dataset.range(np.iinfo(np.int64).max)
+          .flat_map(epoch_batches)
           .map(gather)
           .prefetch(2)
           .with_options(_tf_options(tf)))
