@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 LATEST = "latest"
@@ -73,8 +72,3 @@ class Checkpoints:
     for manager in self._managers.values():
       manager.close()
 
-
-def abstract_like(state: Any) -> Any:
-  """Shapes, dtypes and shardings of a state, for restoring into."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)

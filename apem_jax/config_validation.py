@@ -80,3 +80,16 @@ def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
     elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
       out.append(path)
   return out
+
+
+# Keys that say where things are, not what was trained: they may differ between runs of a model.
+LOCATION_KEYS = ("data.data_dir",)
+
+
+def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
+  """Keys that define a trained model and differ between a checkpoint's config and another:
+  every ``model.*`` and ``data.*`` key but locations, and ``train.funnel`` (it changes what the
+  logits mean) where the checkpoint records it."""
+  return [k for k in diff_keys(saved, current)
+          if k.startswith(("model.", "data.")) and k not in LOCATION_KEYS
+          or k == "train.funnel" and "funnel" in saved.get("train", {})]

@@ -68,8 +68,6 @@ PREPROCESSING_FILE = "preprocessing.json"
 SIGNATURE = "serving_default"
 TOLERANCE = 1e-5
 FORMAT_VERSION = 1
-# Config keys that locate data without changing it: allowed to differ from the checkpoint's.
-_LOCATION_KEYS = ("data.data_dir",)
 
 
 class ExportCheckError(RuntimeError):
@@ -104,11 +102,6 @@ def checkpoint_steps(workdir: str, kind: str) -> list[int]:
     return []
   return sorted(int(d) for d in os.listdir(directory)
                 if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
-
-
-def _model_data_diff(a: dict, b: dict) -> list[str]:
-  return [k for k in config_validation.diff_keys(a, b)
-          if k.startswith(("model.", "data.")) and k not in _LOCATION_KEYS]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -171,13 +164,13 @@ def restore_run(workdir: str, kind: str = checkpointing.BEST, step: int | None =
                          f"there is no config.json")
       saved = on_disk
     elif on_disk is not None:
-      diff = _model_data_diff(saved, on_disk)
+      diff = config_validation.model_data_diff(saved, on_disk)
       if diff:
         raise ValueError(f"{workdir}: config.json does not match the config of the {kind} "
                          f"checkpoint (step {step}); differing keys: {diff}")
     if config is not None:
       given = config.to_dict()
-      diff = _model_data_diff(saved, given)
+      diff = config_validation.model_data_diff(saved, given)
       if diff:
         raise ValueError(f"{workdir}: the {kind} checkpoint (step {step}) was trained with a "
                          f"different config than the one given; differing keys: {diff}")

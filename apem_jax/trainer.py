@@ -122,9 +122,7 @@ class Experiment:
 
 def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str) -> None:
   """The model and data keys of ``config`` must be those the checkpoint was trained with."""
-  mismatched = [k for k in config_validation.diff_keys(meta["config"], config.to_dict())
-                if k.startswith(("model.", "data.")) and k != "data.data_dir"
-                or k == "train.funnel" and "funnel" in meta["config"].get("train", {})]
+  mismatched = config_validation.model_data_diff(meta["config"], config.to_dict())
   if mismatched:
     raise ValueError(f"{workdir}: its checkpoint was trained with a different config; "
                      f"differing keys: {mismatched}")

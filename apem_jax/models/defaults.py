@@ -37,10 +37,6 @@ _DEFAULTS: dict[str, dict] = {
 }
 
 
-def model_names() -> tuple[str, ...]:
-  return tuple(_DEFAULTS)
-
-
 def default_model_config(name: str) -> ml_collections.ConfigDict:
   """A ConfigDict with ``name`` and every key model ``name`` reads, set to its default."""
   if name not in _DEFAULTS:
