@@ -12,10 +12,12 @@ step, logloss, calibration, the oracle AUC of the true probabilities and the mod
 ``model/mode``; ESMM has no 'off', AITM no 'conditional').
 
 Every (model, seed[, correlation]) run trains in its own workdir under --runs (checkpoint chosen on
-validation by the trainer), then its best checkpoint is evaluated on test. A run whose
-``eval/test.json`` exists is not repeated, and a half-trained one resumes from its latest
-checkpoint, so an interrupted sweep picks up where it stopped. Writes a markdown table (the command
-that made it at the top) and a PNG plot under --out.
+validation by the trainer), then its best checkpoint is evaluated on test. Runs go seed-major
+(every model's seed 0 first), a run whose ``eval/test.json`` exists is not repeated, and a
+half-trained one resumes from its latest checkpoint, so an interrupted sweep picks up where it
+stopped; a workdir made with another config is refused. ``--set key=value`` overrides a config key
+for every run. Writes a markdown table (the command that made it at the top), its JSON and a PNG
+plot under --out. Results and their reading: docs/results/README.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from apem_jax import reporting, trainer
+from apem_jax import config_validation, reporting, trainer
 from configs import census as census_configs
 from configs import funnel as funnel_configs
 from configs import synthetic as synthetic_configs
@@ -52,6 +54,9 @@ _FUNNEL_MODES = flags.DEFINE_string("funnel_modes", "entire_space",
                                     "--dataset funnel: comma-separated train.funnel modes.")
 _RUNS = flags.DEFINE_string("runs", "runs/benchmark", "Where the runs' workdirs go.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where the table and plot go.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "key=value config override for every run, e.g. --set train.batch_size=2048 "
+    "(repeatable; the value is parsed as the key's type).")
 
 
 def _config(model: str, seed: int, correlation: float | None, mode: str | None = None):
@@ -67,7 +72,37 @@ def _config(model: str, seed: int, correlation: float | None, mode: str | None =
   config.train.progress_bar = False
   if _EPOCHS.value:
     config.train.num_epochs = _EPOCHS.value
+  for override in _SET.value:
+    apply_override(config, override)
   return config
+
+
+def apply_override(config, override: str) -> None:
+  """``key.path=value`` -> sets that config key; the value is parsed as the key's current type."""
+  key, sep, text = override.partition("=")
+  if not sep:
+    raise ValueError(f"--set {override!r}: expected key=value")
+  parent = config
+  *path, leaf = key.split(".")
+  for part in path:
+    if part not in parent:
+      raise ValueError(f"--set {override!r}: no config key {key!r}")
+    parent = parent[part]
+  if leaf not in parent:
+    raise ValueError(f"--set {override!r}: no config key {key!r}")
+  old = parent[leaf]
+  if isinstance(old, bool):
+    if text not in ("true", "false", "True", "False"):
+      raise ValueError(f"--set {override!r}: {key} is a bool; expected true or false")
+    parent[leaf] = text.lower() == "true"
+  elif isinstance(old, (int, float, str)):
+    try:
+      parent[leaf] = type(old)(text)
+    except ValueError as e:
+      raise ValueError(f"--set {override!r}: {key} is a {type(old).__name__}: {e}") from None
+  else:
+    raise ValueError(f"--set {override!r}: {key} holds a {type(old).__name__}; only bool, int, "
+                     "float and string keys can be set here")
 
 
 def run_one(model: str, seed: int, correlation: float | None, mode: str | None = None) -> dict:
@@ -77,8 +112,9 @@ def run_one(model: str, seed: int, correlation: float | None, mode: str | None =
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
+  config = _config(model, seed, correlation, mode)
+  check_same_config(config, workdir)
   if not os.path.exists(result_path):
-    config = _config(model, seed, correlation, mode)
     t0 = time.time()
     trainer.train_and_evaluate(config, workdir)
     test = trainer.evaluate_checkpoint(config, workdir, "test")["metrics"]
@@ -89,6 +125,17 @@ def run_one(model: str, seed: int, correlation: float | None, mode: str | None =
     train_seconds = sum(h["epoch_seconds"] for h in summary["history"])
     return {"test": json.load(f), "num_params": summary["num_params"],
             "train_seconds": train_seconds, "epochs": summary["epochs"]}
+
+
+def check_same_config(config, workdir: str) -> None:
+  """A run already in ``workdir`` is reused only if it was made with exactly this config."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      differ = config_validation.diff_keys(json.load(f), json.loads(config.to_json()))
+    if differ:
+      raise ValueError(f"{path}: the run there was made with another config (keys {differ}); "
+                       "give this sweep its own --runs directory")
 
 
 def _metric_names(task_metrics: dict) -> list[str]:
@@ -121,7 +168,8 @@ def markdown_table(rows: dict[str, dict], title: str) -> str:
   lines = [f"### {title}", "", "| " + " | ".join(headers) + " |",
            "|" + "---|" * len(headers)]
   for label, s in rows.items():
-    cells = [label] + [f"{mean:.4f} ± {std:.4f}" for t in tasks for mean, std in s["tasks"][t].values()]
+    cells = [label] + [f"{mean:.5f}" + (f" ± {std:.5f}" if s["seeds"] > 1 else "")
+                       for t in tasks for mean, std in s["tasks"][t].values()]
     cells += [f"{s['num_params']:,}", f"{s['train_seconds']:.0f}", f"{s['epochs']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -134,14 +182,17 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
   if census:
     rows = rows_by_p[None]
     tasks = list(next(iter(rows.values()))["tasks"])
+    # Funnel: each step's gap to the oracle AUC (lower is better); otherwise test AUC.
+    metric = "oracle_gap" if "oracle_gap" in rows[next(iter(rows))]["tasks"][tasks[0]] else "auc"
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5))
     for ax, task in zip(np.atleast_1d(axes), tasks):
       labels = list(rows)
-      means = [rows[m]["tasks"][task]["auc"][0] for m in labels]
-      stds = [rows[m]["tasks"][task]["auc"][1] for m in labels]
+      means = [rows[m]["tasks"][task][metric][0] for m in labels]
+      stds = [rows[m]["tasks"][task][metric][1] for m in labels]
       ax.bar(labels, means, yerr=stds, capsize=3)
-      ax.set_ylim(min(means) - 3 * max(stds + [1e-3]), max(means) + 3 * max(stds + [1e-3]))
-      ax.set_title(f"test AUC: {task}")
+      pad = max(3 * max(stds), 0.5 * (max(means) - min(means)), 1e-5)
+      ax.set_ylim(min(means) - pad, max(means) + pad)
+      ax.set_title(f"test {'AUC' if metric == 'auc' else 'oracle AUC - AUC'}: {task}")
       ax.tick_params(axis="x", rotation=45)
   else:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -167,21 +218,24 @@ def main(argv):
   census = _DATASET.value != "synthetic"
   correlations = [None] if census else [float(p) for p in _CORRELATIONS.value.split(",")]
   modes = _FUNNEL_MODES.value.split(",") if _DATASET.value == "funnel" else [None]
-  rows_by_p = {}
-  for p in correlations:
-    rows_by_p[p] = {}
-    for m in models:
-      for mode in modes:
-        if (m, mode) in UNSUPPORTED_MODES:
-          print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
-          continue
-        label = m if len(modes) == 1 else f"{m}/{mode}"
-        rows_by_p[p][label] = summarise([run_one(m, s, p, mode) for s in range(_SEEDS.value)])
+  for m, mode in ((m, mode) for m in models for mode in modes if (m, mode) in UNSUPPORTED_MODES):
+    print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
+  cells = [(p, m, mode) for p in correlations for m in models for mode in modes
+           if (m, mode) not in UNSUPPORTED_MODES]
+  # Seed-major: every model's seed 0 before any seed 1, so a sweep cut short has every model.
+  runs = {(cell, s): run_one(cell[1], s, cell[0], cell[2])
+          for s in range(_SEEDS.value) for cell in cells}
+  rows_by_p = {p: {} for p in correlations}
+  for p, m, mode in cells:
+    label = m if len(modes) == 1 else f"{m}/{mode}"
+    rows_by_p[p][label] = summarise([runs[(p, m, mode), s] for s in range(_SEEDS.value)])
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   os.makedirs(_OUT.value, exist_ok=True)
   parts = [f"# Quality benchmark: {_DATASET.value}", "", f"Regenerate with `{command}`", "",
-           f"Mean ± sample std over {_SEEDS.value} seeds of each run's best-on-validation checkpoint, "
-           f"evaluated on the test split. Training seconds measured on the machine that ran it."]
+           (f"Mean ± sample std over {_SEEDS.value} seeds" if _SEEDS.value > 1 else
+            "One seed (0), so no spread is measured,")
+           + " of each run's best-on-validation checkpoint, evaluated on the test split. Training "
+           "seconds measured on the machine that ran it."]
   for p, rows in rows_by_p.items():
     parts += ["", markdown_table(rows, _DATASET.value if p is None else f"correlation p = {p}")]
   text = "\n".join(parts) + "\n"

@@ -2,15 +2,12 @@
 
 Usage: python train.py --config configs/census_apem.py --workdir runs/census_apem
 Override any value: --config.train.batch_size=2048 --config.model.num_groups=4
+
+The same config as ``configs/census.py:apem`` (the quality benchmark's APEM).
 """
 
-from configs import common
+from configs import census
 
 
 def get_config():
-  config = common.census_config("apem")
-  # Chosen on the validation split (see docs/census_apem.md): one DAGT block learned faster and
-  # better per second of CPU than two.
-  config.model.num_blocks = 1
-  config.train.num_epochs = 8
-  return config
+  return census.get_config("apem")

@@ -1,0 +1,61 @@
+"""benchmarks/quality.py end to end on tiny synthetic data: the table is the mean and spread of
+the runs' own test results, a half-finished sweep resumes without repeating finished runs, and a
+run made with another config is refused rather than reused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("shared_bottom", "mmoe")
+
+
+def _sweep(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "benchmarks/quality.py", "--dataset", "synthetic",
+         "--models", ",".join(MODELS), "--seeds", "2", "--correlations", "1.0",
+         "--set", "data.synthetic.num_examples=1000", "--set", "train.num_epochs=2",
+         "--set", "train.batch_size=128", "--runs", str(tmp_path / "runs"),
+         "--out", str(tmp_path / "out"), *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _trained(stdout: str) -> list[str]:
+  """Run names the sweep trained (it prints '<model>/seed<s>/p<p>: <seconds>s  {...}')."""
+  return sorted(line.split(":")[0] for line in stdout.splitlines() if "/seed" in line and "s  {" in line)
+
+
+def test_sweep_table_resume_and_config_check(tmp_path):
+  first = _sweep(tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert _trained(first.stdout) == sorted(f"{m}/seed{s}/p1.0" for m in MODELS for s in (0, 1))
+
+  # The table is the mean and sample std of each run's own eval/test.json.
+  table = json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"]
+  for model in MODELS:
+    runs = [json.loads((tmp_path / "runs" / "synthetic" / model / f"seed{s}" / "p1.0" / "eval" /
+                        "test.json").read_text()) for s in (0, 1)]
+    for task, metrics in table[model]["tasks"].items():
+      for name, (mean, std) in metrics.items():
+        values = [r[task][name] for r in runs]
+        np.testing.assert_allclose(mean, np.mean(values), rtol=1e-12)
+        np.testing.assert_allclose(std, np.std(values, ddof=1), rtol=1e-12)
+    assert table[model]["seeds"] == 2 and table[model]["num_params"] > 0
+  text = (tmp_path / "out" / "synthetic.md").read_text()
+  assert "Regenerate with `python benchmarks/quality.py --dataset synthetic" in text
+  assert (tmp_path / "out" / "synthetic.png").stat().st_size > 0
+
+  # An interrupted sweep: one run lost its test result; only that run is redone.
+  lost = tmp_path / "runs" / "synthetic" / "mmoe" / "seed1" / "p1.0" / "eval" / "test.json"
+  lost.unlink()
+  second = _sweep(tmp_path)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert _trained(second.stdout) == ["mmoe/seed1/p1.0"]
+  assert lost.exists()
+
+  # The same workdirs with another config are refused, naming the file and the differing key.
+  third = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
+  assert third.returncode != 0
+  assert "seed0/p1.0/config.json" in third.stderr and "optimizer.learning_rate" in third.stderr
