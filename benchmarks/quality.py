@@ -132,7 +132,7 @@ def check_same_config(config, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
-      differ = config_validation.diff_keys(json.load(f), json.loads(config.to_json()))
+      differ = config_validation.diff_keys(json.load(f), config.to_dict())
     if differ:
       raise ValueError(f"{path}: the run there was made with another config (keys {differ}); "
                        "give this sweep its own --runs directory")
