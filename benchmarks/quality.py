@@ -31,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections.config_flags import config_path
 import numpy as np
 
 from apem_jax import config_validation, reporting, trainer
@@ -82,27 +83,23 @@ def apply_override(config, override: str) -> None:
   key, sep, text = override.partition("=")
   if not sep:
     raise ValueError(f"--set {override!r}: expected key=value")
-  parent = config
-  *path, leaf = key.split(".")
-  for part in path:
-    if part not in parent:
-      raise ValueError(f"--set {override!r}: no config key {key!r}")
-    parent = parent[part]
-  if leaf not in parent:
-    raise ValueError(f"--set {override!r}: no config key {key!r}")
-  old = parent[leaf]
+  try:
+    old = config_path.get_value(key, config)
+  except (KeyError, ValueError):
+    raise ValueError(f"--set {override!r}: no config key {key!r}") from None
   if isinstance(old, bool):
     if text not in ("true", "false", "True", "False"):
       raise ValueError(f"--set {override!r}: {key} is a bool; expected true or false")
-    parent[leaf] = text.lower() == "true"
+    value = text.lower() == "true"
   elif isinstance(old, (int, float, str)):
     try:
-      parent[leaf] = type(old)(text)
+      value = type(old)(text)
     except ValueError as e:
       raise ValueError(f"--set {override!r}: {key} is a {type(old).__name__}: {e}") from None
   else:
     raise ValueError(f"--set {override!r}: {key} holds a {type(old).__name__}; only bool, int, "
                      "float and string keys can be set here")
+  config_path.set_value(key, config, value)
 
 
 def run_one(model: str, seed: int, correlation: float | None, mode: str | None = None) -> dict:
@@ -181,9 +178,10 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   if census:
     rows = rows_by_p[None]
-    tasks = list(next(iter(rows.values()))["tasks"])
+    first_tasks = next(iter(rows.values()))["tasks"]
+    tasks = list(first_tasks)
     # Funnel: each step's gap to the oracle AUC (lower is better); otherwise test AUC.
-    metric = "oracle_gap" if "oracle_gap" in rows[next(iter(rows))]["tasks"][tasks[0]] else "auc"
+    metric = "oracle_gap" if "oracle_gap" in first_tasks[tasks[0]] else "auc"
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5))
     for ax, task in zip(np.atleast_1d(axes), tasks):
       labels = list(rows)
