@@ -1,5 +1,6 @@
 # The two commands of the README: `make train` (main job) and `make test` (test suite).
-# Each creates .venv on first use.
+# Each creates .venv on first use. The tests run in 2 processes (pytest-xdist), a test file
+# each at a time, so that a file's module fixtures are built once.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,7 +22,7 @@ train: $(VENV)/.installed
 	$(PY) eval.py --config $(CONFIG) --workdir $(WORKDIR) --split test
 
 test: $(VENV)/.installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

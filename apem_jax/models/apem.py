@@ -16,7 +16,7 @@ What is the paper's (its abstract; DESIGN.md section 1):
 What is **our reconstruction** (DESIGN.md section 2; the paper gives no equations): everything
 else: the per-field embedding; competitive grouping (softmax over groups, renormalised over
 fields) as the "modification" of set attention; seeds, heads, LN/FFN placement, broadcast back;
-SE over fields with mean-over-d squeeze; the pattern bank of field + group tokens; indicators
+SE over fields with a grouped mean/max squeeze (FiBiNet++); the pattern bank of field + group tokens; indicators
 ``tau_t + g_t(mean_f E_L)``; dot-product selection with optional top-k; towers on
 ``[h_t ; mean_f E_L]``. Funnel chaining of the logits is done by the losses module, not here.
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from apem_jax.models import layers
 from apem_jax.models.embedding import FieldEmbedding
-from apem_jax.models.group_transformer import GROUPINGS, DeepAutoGroupTransformer
+from apem_jax.models.group_transformer import GROUPINGS, SE_SQUEEZES, DeepAutoGroupTransformer
 from apem_jax.models.layers import BatchedMLP, get_dtype
 from apem_jax.models.pattern_selector import PatternSelector
 from apem_jax.schema import Schema
@@ -65,6 +65,8 @@ class APEM(nn.Module):
   grouping: str = "competitive"
   se: bool = True
   se_reduction: int = 4
+  se_squeeze: str = "grouped"
+  se_squeeze_groups: int = 4
   pattern_selector: bool = True
   selector_top_k: int = 0
   adaptive_indicators: bool = True
@@ -84,6 +86,8 @@ class APEM(nn.Module):
         ffn_mult=layers.require_int(cfg, "ffn_mult", 1),
         se=layers.require_bool(cfg, "se"),
         se_reduction=layers.require_int(cfg, "se_reduction", 1),
+        se_squeeze=layers.require_choice(cfg, "se_squeeze", SE_SQUEEZES),
+        se_squeeze_groups=layers.require_int(cfg, "se_squeeze_groups", 1),
         pattern_selector=layers.require_bool(cfg, "pattern_selector"),
         selector_top_k=layers.require_int(cfg, "selector_top_k", 0),
         adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
@@ -94,6 +98,9 @@ class APEM(nn.Module):
     kw["num_groups"] = layers.require_int(cfg, "num_groups", 0 if kw["grouping"] == "none" else 1)
     if kw["embed_dim"] % kw["num_heads"]:
       raise ValueError(f"model config 'num_heads'={kw['num_heads']} must divide "
+                       f"'embed_dim'={kw['embed_dim']}")
+    if kw["se_squeeze"] == "grouped" and kw["embed_dim"] % kw["se_squeeze_groups"]:
+      raise ValueError(f"model config 'se_squeeze_groups'={kw['se_squeeze_groups']} must divide "
                        f"'embed_dim'={kw['embed_dim']}")
     if schema.num_fields == 0:
       raise ValueError("APEM: the schema has no feature fields")
@@ -106,7 +113,8 @@ class APEM(nn.Module):
     dagt = DeepAutoGroupTransformer(
         num_blocks=self.num_blocks, num_groups=self.num_groups, num_heads=self.num_heads,
         ffn_mult=self.ffn_mult, grouping=self.grouping, se=self.se,
-        se_reduction=self.se_reduction, dropout=self.dropout, dtype=self.dtype,
+        se_reduction=self.se_reduction, se_squeeze=self.se_squeeze,
+        se_squeeze_groups=self.se_squeeze_groups, dropout=self.dropout, dtype=self.dtype,
         name="dagt")(tokens, train)
     h, alpha = PatternSelector(
         num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,

@@ -20,6 +20,8 @@ _DEFAULTS: dict[str, dict] = {
         grouping="competitive",  # 'competitive' | 'standard' | 'none'
         se=True,  # Squeeze-and-Excitation over fields
         se_reduction=4,  # SE reduction ratio r
+        se_squeeze="grouped",  # 'grouped' (mean and max of K channel groups) | 'mean' (ablation)
+        se_squeeze_groups=4,  # K; must divide embed_dim
         pattern_selector=True,  # False: mean pooling of patterns
         selector_top_k=0,  # 0 = dense selection; k > 0 = top-k patterns
         adaptive_indicators=True,  # False: static task indicators

@@ -14,8 +14,18 @@ the block below is **our reconstruction** of those words, specified in DESIGN.md
    Heads are projected back to d: ``Z = LN(S + W_o pool)``, then ``Z = LN(Z + FFN(Z))``.
 2. Broadcast back: field tokens attend to the group tokens (softmax over G), residual + LN, then a
    position-wise FFN, residual + LN. Cost O(B F G d) per block.
-3. SE over fields: ``z = mean_d E`` [B, F]; ``s = sigmoid(W2 relu(W1 z))`` with hidden width
-   ``max(1, F // r)``; ``E <- E * s``.
+3. SE over fields: a squeeze ``z`` of every field token, ``s = sigmoid(W2 relu(W1 z))`` with
+   hidden width ``max(1, F // r)``; ``E <- E * s``. The squeeze (``se_squeeze``):
+   * ``'grouped'`` (default): each token's d channels are cut into K contiguous groups and each
+     group gives its mean and its max, ``z`` [B, F * 2K] (the squeeze of FiBiNet++'s SENet+,
+     Zhang et al. 2022, arXiv 2209.05016).
+   * ``'mean'``: ``z = mean_d E`` [B, F] (FiBiNet's SENET, Huang et al. 2019). Kept for the
+     ablation table only: the tokens SE reads have just left a LayerNorm, whose output has mean
+     zero over d by construction (exactly so at initialisation, where its scale is 1 and its bias
+     0). So ``z`` is float round-off (~1e-9), ``relu(W1 z + b1)`` keeps or drops each unit by the
+     sign of that round-off, and the gradient of ``W1``, ``b1`` and of the LayerNorm before SE
+     depends on the order of float sums (one device against eight, AVX-512 against AVX2).
+     Group means and maxima of a normalised token are O(1) and carry what the token holds.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import jax.numpy as jnp
 from apem_jax.models.layers import PARAM_DTYPE, MLP, get_dtype
 
 GROUPINGS = ("competitive", "standard", "none")
+SE_SQUEEZES = ("grouped", "mean")
 
 
 class DAGTOutput(NamedTuple):
@@ -43,10 +54,27 @@ class DAGTOutput(NamedTuple):
   group_assignment: jax.Array | None
 
 
+def squeeze_fields(tokens: jax.Array, squeeze: str, groups: int) -> jax.Array:
+  """The SE squeeze of every field token. tokens: [B, F, d] -> [B, F * 2K] ('grouped', K groups
+  of d/K channels: mean and max of each) or [B, F] ('mean')."""
+  if squeeze == "mean":
+    return jnp.mean(tokens, axis=-1)
+  if squeeze != "grouped":
+    raise ValueError(f"se_squeeze must be one of {SE_SQUEEZES}, got {squeeze!r}")
+  batch, num_fields, width = tokens.shape
+  if width % groups:
+    raise ValueError(f"se_squeeze_groups={groups} must divide the embedding width {width}")
+  parts = tokens.reshape(batch, num_fields, groups, width // groups)
+  stats = jnp.concatenate([jnp.mean(parts, axis=-1), jnp.max(parts, axis=-1)], axis=-1)
+  return stats.reshape(batch, num_fields * 2 * groups)
+
+
 class SqueezeExcitation(nn.Module):
-  """Rescales each field token by a learned gate computed from all fields' mean activations."""
+  """Rescales each field token by a learned gate computed from a squeeze of all field tokens."""
 
   reduction: int = 4
+  squeeze: str = "grouped"
+  squeeze_groups: int = 4
   dtype: Any = "float32"
 
   @nn.compact
@@ -54,18 +82,20 @@ class SqueezeExcitation(nn.Module):
     """tokens: [B, F, d] -> [B, F, d]."""
     dtype = get_dtype(self.dtype)
     num_fields = tokens.shape[-2]
-    z = jnp.mean(tokens, axis=-1)  # [B, F]
+    z = squeeze_fields(tokens, self.squeeze, self.squeeze_groups)  # [B, F * 2K] or [B, F]
     hidden = max(1, num_fields // self.reduction)
     s = nn.relu(nn.Dense(hidden, dtype=dtype, param_dtype=PARAM_DTYPE, name="squeeze")(z))
     s = nn.sigmoid(nn.Dense(num_fields, dtype=dtype, param_dtype=PARAM_DTYPE, name="excite")(s))
     return tokens * s[..., None].astype(tokens.dtype)
 
 
-def _heads(x: jax.Array, num_heads: int, dtype, name: str) -> jax.Array:
-  """[..., d] -> [..., H, d/H] linear projection."""
+def _heads(x: jax.Array, num_heads: int, dtype, name: str, use_bias: bool = True) -> jax.Array:
+  """[..., d] -> [..., H, d/H] linear projection. A query or key projection whose bias only adds
+  a constant along the axis its softmax normalises over takes ``use_bias=False``: that bias has a
+  gradient of exactly zero, so it would never learn and would only move with round-off."""
   width = x.shape[-1]
-  return nn.DenseGeneral((num_heads, width // num_heads), dtype=dtype, param_dtype=PARAM_DTYPE,
-                         name=name)(x)
+  return nn.DenseGeneral((num_heads, width // num_heads), use_bias=use_bias, dtype=dtype,
+                         param_dtype=PARAM_DTYPE, name=name)(x)
 
 
 def _merge_heads(x: jax.Array, width: int, dtype, name: str) -> jax.Array:
@@ -83,6 +113,8 @@ class GroupTransformerBlock(nn.Module):
     grouping: 'competitive' | 'standard' | 'none'.
     se: apply Squeeze-and-Excitation over fields.
     se_reduction: SE reduction ratio r.
+    se_squeeze: 'grouped' | 'mean' (module docstring).
+    se_squeeze_groups: K, the channel groups of the 'grouped' squeeze; must divide d.
     dropout: rate on attention and FFN outputs before each residual.
     dtype: compute dtype name.
   """
@@ -93,6 +125,8 @@ class GroupTransformerBlock(nn.Module):
   grouping: str = "competitive"
   se: bool = True
   se_reduction: int = 4
+  se_squeeze: str = "grouped"
+  se_squeeze_groups: int = 4
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -122,11 +156,15 @@ class GroupTransformerBlock(nn.Module):
       # 1. Automatic grouping: learned seeds query the field tokens.
       seeds = self.param("group_seeds", nn.initializers.normal(stddev=1.0 / math.sqrt(width)),
                          (self.num_groups, width), PARAM_DTYPE).astype(dtype)  # [G, d]
-      q = _heads(seeds, heads, dtype, "group_query")  # [G, H, dh]
-      k = _heads(fields, heads, dtype, "group_key")  # [B, F, H, dh]
+      # A query bias shifts the logits of a field equally for every group (dead under the
+      # competitive softmax over G); a key bias shifts those of a group equally for every field
+      # (dead under the standard softmax over F).
+      competitive = self.grouping == "competitive"
+      q = _heads(seeds, heads, dtype, "group_query", use_bias=not competitive)  # [G, H, dh]
+      k = _heads(fields, heads, dtype, "group_key", use_bias=competitive)  # [B, F, H, dh]
       v = _heads(fields, heads, dtype, "group_value")  # [B, F, H, dh]
       logits = jnp.einsum("ghc,bfhc->bhgf", q, k).astype(jnp.float32) * scale  # [B, H, G, F]
-      if self.grouping == "competitive":
+      if competitive:
         assignment = jax.nn.softmax(logits, axis=-2)  # each field over groups
         weights = assignment / (jnp.sum(assignment, axis=-1, keepdims=True) + 1e-9)
       else:
@@ -143,7 +181,7 @@ class GroupTransformerBlock(nn.Module):
 
       # 2. Broadcast back: fields attend to the group tokens (softmax over G).
       q2 = _heads(fields, heads, dtype, "field_query")  # [B, F, H, dh]
-      k2 = _heads(groups, heads, dtype, "field_key")  # [B, G, H, dh]
+      k2 = _heads(groups, heads, dtype, "field_key", use_bias=False)  # [B, G, H, dh]
       v2 = _heads(groups, heads, dtype, "field_value")  # [B, G, H, dh]
       logits2 = jnp.einsum("bfhc,bghc->bhfg", q2, k2).astype(jnp.float32) * scale
       attn = jax.nn.softmax(logits2, axis=-1).astype(dtype)  # [B, H, F, G]
@@ -157,7 +195,8 @@ class GroupTransformerBlock(nn.Module):
 
     # 3. Squeeze-and-Excitation over fields.
     if self.se:
-      fields = SqueezeExcitation(self.se_reduction, self.dtype, name="se")(fields)
+      fields = SqueezeExcitation(self.se_reduction, self.se_squeeze, self.se_squeeze_groups,
+                                 self.dtype, name="se")(fields)
     return DAGTOutput(fields, groups, weights, assignment)
 
 
@@ -175,6 +214,8 @@ class DeepAutoGroupTransformer(nn.Module):
   grouping: str = "competitive"
   se: bool = True
   se_reduction: int = 4
+  se_squeeze: str = "grouped"
+  se_squeeze_groups: int = 4
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -185,7 +226,7 @@ class DeepAutoGroupTransformer(nn.Module):
       out = GroupTransformerBlock(
           num_groups=self.num_groups, num_heads=self.num_heads, ffn_mult=self.ffn_mult,
           grouping=self.grouping, se=self.se, se_reduction=self.se_reduction,
-          dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
+          se_squeeze=self.se_squeeze, se_squeeze_groups=self.se_squeeze_groups, dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
       fields = out.fields
     if out is None:
       raise ValueError("DeepAutoGroupTransformer: num_blocks must be >= 1")

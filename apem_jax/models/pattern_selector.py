@@ -81,7 +81,9 @@ class PatternSelector(nn.Module):
       g = nn.relu(jnp.einsum("bd,tdh->bth", context, w1.astype(dtype)) + b1.astype(dtype))
       tau = tau + jnp.einsum("bth,thd->btd", g, w2.astype(dtype)) + b2.astype(dtype)
 
-    keys = nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE, name="pattern_key")(patterns)
+    # No key bias: it would shift every pattern's logit of a task equally (softmax over patterns).
+    keys = nn.Dense(width, use_bias=False, dtype=dtype, param_dtype=PARAM_DTYPE,
+                    name="pattern_key")(patterns)
     values = nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE, name="pattern_value")(patterns)
     logits = jnp.einsum("btd,bpd->btp", tau, keys).astype(jnp.float32) / math.sqrt(width)
     mask = top_k_mask(logits, self.top_k)
