@@ -38,6 +38,7 @@ from apem_jax import config_validation, reporting, trainer
 from configs import census as census_configs
 from configs import funnel as funnel_configs
 from configs import synthetic as synthetic_configs
+import machine  # benchmarks/machine.py
 
 DATASETS = {"census": "income_marital", "census_education": "education_marital", "synthetic": None,
             "funnel": None}
@@ -233,7 +234,8 @@ def main(argv):
            (f"Mean ± sample std over {_SEEDS.value} seeds" if _SEEDS.value > 1 else
             "One seed (0), so no spread is measured,")
            + " of each run's best-on-validation checkpoint, evaluated on the test split. Training "
-           "seconds measured on the machine that ran it."]
+           f"seconds measured on the machine that ran it: {machine.describe()} (metrics move in "
+           "their last digits from one CPU to another)."]
   for p, rows in rows_by_p.items():
     parts += ["", markdown_table(rows, _DATASET.value if p is None else f"correlation p = {p}")]
   text = "\n".join(parts) + "\n"

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 from apem_jax import losses, step as step_lib  # noqa: E402
 from apem_jax.trainer import Experiment  # noqa: E402
 from configs import census, census_apem  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -327,17 +327,6 @@ def main(argv=None):
   write_markdown(args, command, ceiling, rows, profile, rechub, time.time() - started)
 
 
-def cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 ANALYSIS_MARKER = "<!-- hand-written analysis below: kept when this file is regenerated -->"
 
 
@@ -345,7 +334,7 @@ def write_markdown(args, command, ceiling, rows, profile, rechub, seconds, now=N
   now = now or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   raw = {"command": command, "now": now, "seconds": seconds, "reps": args.reps,
          "target_s": args.target_s, "profile_batch": args.profile_batch,
-         "rechub_batch": args.rechub_batch, "cpu": cpu_name(), "cores": os.cpu_count(),
+         "rechub_batch": args.rechub_batch, "cpu": machine.describe(), "cores": os.cpu_count(),
          "jax": jax.__version__, "backend": jax.default_backend(),
          "rows": [{k: v for k, v in r.items() if k != "state"} for r in rows],
          "profile": profile, "rechub": rechub, "ceiling": ceiling}

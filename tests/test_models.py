@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 
 from apem_jax.models import (MODELS, FieldEmbedding, build_model, default_model_config,
                              table_offsets)
-from apem_jax.models.group_transformer import squeeze_fields
-from apem_jax.models.pattern_selector import top_k_mask
+from apem_jax.models.group_transformer import (GroupTransformerBlock, SqueezeExcitation,
+                                               squeeze_fields)
+from apem_jax.models.layers import MLP, BatchedMLP
+from apem_jax.models.pattern_selector import PatternSelector, top_k_mask
 from apem_jax.schema import make_schema
 
 B = 8
@@ -268,6 +271,91 @@ def test_apem_gradients_do_not_hang_on_round_off(grouping):
     a, b = np.asarray(a), np.asarray(b)
     change = np.linalg.norm(a - b) / np.linalg.norm(a)
     assert change < 1e-3, f"{jax.tree_util.keystr(path)}: gradient moved by {change:.2g}"
+
+
+def _einsum_block(p, fields, grouping, heads):
+  """One DAGT block (train=False, float32) written as DESIGN.md states it: per-head projections
+  of every token, then attention einsums. The module computes the same function in GEMM shape."""
+  apply = lambda module, name, x: module.apply({"params": p[name]}, x)
+  dense = lambda x, name, axes: (jnp.tensordot(x, p[name]["kernel"], axes)
+                                 + p[name].get("bias", 0.0))
+  batch, num_fields, width = fields.shape
+  scale = 1.0 / np.sqrt(width // heads)
+  q = dense(p["group_seeds"], "group_query", 1)  # [G, H, dh]
+  k, v = dense(fields, "group_key", 1), dense(fields, "group_value", 1)  # [B, F, H, dh]
+  logits = jnp.einsum("ghc,bfhc->bhgf", q, k) * scale
+  if grouping == "competitive":
+    weights = jax.nn.softmax(logits, axis=-2)
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-9)
+  else:
+    weights = jax.nn.softmax(logits, axis=-1)
+  pooled = dense(jnp.einsum("bhgf,bfhc->bghc", weights, v), "group_out", 2)
+  groups = apply(nn.LayerNorm(), "group_ln1", p["group_seeds"][None] + pooled)
+  groups = apply(nn.LayerNorm(), "group_ln2",
+                 groups + apply(MLP((2 * width, width), activate_final=False), "group_ffn", groups))
+  q2, k2, v2 = (dense(fields, "field_query", 1), dense(groups, "field_key", 1),
+                dense(groups, "field_value", 1))
+  attn = jax.nn.softmax(jnp.einsum("bfhc,bghc->bhfg", q2, k2) * scale, axis=-1)
+  back = dense(jnp.einsum("bhfg,bghc->bfhc", attn, v2), "field_out", 2)
+  fields = apply(nn.LayerNorm(), "field_ln1", fields + back)
+  fields = apply(nn.LayerNorm(), "field_ln2",
+                 fields + apply(MLP((2 * width, width), activate_final=False), "field_ffn", fields))
+  return apply(SqueezeExcitation(), "se", fields), groups, weights
+
+
+@pytest.mark.parametrize("grouping", ["competitive", "standard"])
+def test_dagt_block_in_gemm_shape_computes_the_einsum_formulation(grouping):
+  fields = jax.random.normal(jax.random.key(0), (B, NUM_FIELDS, D))
+  block = GroupTransformerBlock(num_groups=4, num_heads=2, grouping=grouping)
+  params = block.init(jax.random.key(1), fields)["params"]
+  # Every parameter random (biases and LayerNorms too, not their zero/one initial values).
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  out = block.apply({"params": params}, fields)
+  ref_fields, ref_groups, ref_weights = _einsum_block(params, fields, grouping, 2)
+  chex.assert_trees_all_close((out.fields, out.groups, out.group_weights),
+                              (ref_fields, ref_groups, ref_weights), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_pattern_selector_in_gemm_shape_computes_the_einsum_formulation(top_k):
+  fields = jax.random.normal(jax.random.key(0), (B, NUM_FIELDS, D))
+  groups = jax.random.normal(jax.random.key(1), (B, 4, D))
+  selector = PatternSelector(num_tasks=2, top_k=top_k, indicator_hidden=8)
+  params = selector.init(jax.random.key(2), fields, groups)["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  h, alpha = selector.apply({"params": params}, fields, groups)
+  # DESIGN.md's form: project every pattern, then attend.
+  patterns = jnp.concatenate([fields, groups], axis=1)
+  hidden = jax.nn.relu(jnp.einsum("bd,tdh->bth", fields.mean(1), params["indicator_kernel_1"])
+                       + params["indicator_bias_1"])
+  tau = (params["task_indicators"] + jnp.einsum("bth,thd->btd", hidden,
+                                                params["indicator_kernel_2"])
+         + params["indicator_bias_2"])
+  logits = jnp.einsum("btd,bpd->btp", tau, patterns @ params["pattern_key"]["kernel"]) / np.sqrt(D)
+  mask = top_k_mask(logits, top_k)
+  ref_alpha = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), 0.0)
+  values = patterns @ params["pattern_value"]["kernel"] + params["pattern_value"]["bias"]
+  ref_h = jnp.einsum("btp,bpd->btd", ref_alpha, values)
+  chex.assert_trees_all_close((h, alpha), (ref_h, ref_alpha), atol=1e-5, rtol=1e-5)
+  if top_k:
+    np.testing.assert_array_equal((alpha > 0).sum(-1), top_k)
+
+
+def test_batched_mlp_shared_input_is_the_concatenation():
+  own = jax.random.normal(jax.random.key(0), (B, 3, 4))  # [B, M, in]
+  shared = jax.random.normal(jax.random.key(1), (B, 10))  # [B, in_s]
+  mlp = BatchedMLP(3, (5, 2), activate_final=False)
+  concat = jnp.concatenate([own, jnp.broadcast_to(shared[:, None], (B, 3, 10))], axis=-1)
+  params = mlp.init(jax.random.key(2), concat)
+  chex.assert_trees_all_equal_shapes(params, mlp.init(jax.random.key(2), own, shared=shared))
+  chex.assert_trees_all_close(mlp.apply(params, own, shared=shared), mlp.apply(params, concat),
+                              atol=1e-6)
 
 
 def test_se_mean_squeeze_of_layernormed_tokens_is_round_off():

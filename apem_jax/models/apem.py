@@ -121,16 +121,14 @@ class APEM(nn.Module):
         adaptive=self.adaptive_indicators, indicator_hidden=self.indicator_hidden,
         enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector")(
             dagt.fields, dagt.groups)
-    num_tasks = self.schema.num_tasks
     if self.tower_input == "pooled":
       shared = jnp.mean(dagt.fields, axis=1)  # [B, d]
     else:
       shared = dagt.fields.reshape(dagt.fields.shape[0], -1)  # [B, F*d]
-    shared = jnp.broadcast_to(shared[:, None, :].astype(dtype),
-                              (h.shape[0], num_tasks, shared.shape[-1]))
-    tower_in = jnp.concatenate([h.astype(dtype), shared], axis=-1)  # [B, T, d + d or F*d]
-    logits = BatchedMLP(num_tasks, tuple(self.tower_hidden) + (1,), dropout=self.dropout,
-                        activate_final=False, dtype=dtype, name="towers")(tower_in, train)
+    # Each tower reads [h_t ; shared] (BatchedMLP's `shared`: no [B, T, F*d] copy).
+    logits = BatchedMLP(self.schema.num_tasks, tuple(self.tower_hidden) + (1,),
+                        dropout=self.dropout, activate_final=False, dtype=dtype,
+                        name="towers")(h.astype(dtype), train, shared=shared)
     out = {
         "logits": logits[..., 0].astype(jnp.float32),
         "pattern_weights": alpha.astype(jnp.float32),

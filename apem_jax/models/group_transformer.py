@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apem_jax.models.layers import PARAM_DTYPE, MLP, get_dtype
+from apem_jax.models.layers import PARAM_DTYPE, MLP, ProjectionParams, get_dtype
 
 GROUPINGS = ("competitive", "standard", "none")
 SE_SQUEEZES = ("grouped", "mean")
@@ -89,20 +89,6 @@ class SqueezeExcitation(nn.Module):
     return tokens * s[..., None].astype(tokens.dtype)
 
 
-def _heads(x: jax.Array, num_heads: int, dtype, name: str, use_bias: bool = True) -> jax.Array:
-  """[..., d] -> [..., H, d/H] linear projection. A query or key projection whose bias only adds
-  a constant along the axis its softmax normalises over takes ``use_bias=False``: that bias has a
-  gradient of exactly zero, so it would never learn and would only move with round-off."""
-  width = x.shape[-1]
-  return nn.DenseGeneral((num_heads, width // num_heads), use_bias=use_bias, dtype=dtype,
-                         param_dtype=PARAM_DTYPE, name=name)(x)
-
-
-def _merge_heads(x: jax.Array, width: int, dtype, name: str) -> jax.Array:
-  """[..., H, d/H] -> [..., d] output projection."""
-  return nn.DenseGeneral(width, axis=(-2, -1), dtype=dtype, param_dtype=PARAM_DTYPE, name=name)(x)
-
-
 class GroupTransformerBlock(nn.Module):
   """One DAGT block: grouping by set attention, broadcast back, SE.
 
@@ -129,6 +115,12 @@ class GroupTransformerBlock(nn.Module):
   se_squeeze_groups: int = 4
   dropout: float = 0.0
   dtype: Any = "float32"
+
+  def _projection(self, in_shape, out_shape, name: str, use_bias: bool = True):
+    """(kernel, bias or None) of the projection ``name``, in the compute dtype."""
+    kernel, bias = ProjectionParams(in_shape, out_shape, use_bias, name=name)()
+    dtype = get_dtype(self.dtype)
+    return kernel.astype(dtype), None if bias is None else bias.astype(dtype)
 
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
     if self.dropout > 0:
@@ -160,18 +152,32 @@ class GroupTransformerBlock(nn.Module):
       # competitive softmax over G); a key bias shifts those of a group equally for every field
       # (dead under the standard softmax over F).
       competitive = self.grouping == "competitive"
-      q = _heads(seeds, heads, dtype, "group_query", use_bias=not competitive)  # [G, H, dh]
-      k = _heads(fields, heads, dtype, "group_key", use_bias=competitive)  # [B, F, H, dh]
-      v = _heads(fields, heads, dtype, "group_value")  # [B, F, H, dh]
-      logits = jnp.einsum("ghc,bfhc->bhgf", q, k).astype(jnp.float32) * scale  # [B, H, G, F]
+      head_shape = (heads, width // heads)
+      w_q, b_q = self._projection((width,), head_shape, "group_query", not competitive)
+      w_k, b_k = self._projection((width,), head_shape, "group_key", competitive)
+      w_v, b_v = self._projection((width,), head_shape, "group_value")
+      w_o, b_o = self._projection(head_shape, (width,), "group_out")
+      q = jnp.einsum("gd,dhc->ghc", seeds, w_q) + (0 if b_q is None else b_q)  # [G, H, dh]
+      seed_keys = jnp.einsum("dhc,ghc->dhg", w_k, q) * scale  # [d, H, G]
+      logits = jnp.einsum("bfd,dx->bfx", fields, seed_keys.reshape(width, -1))  # [B, F, H*G]
+      logits = logits.reshape(batch, num_fields, heads, -1)
+      if b_k is not None:
+        logits = logits + jnp.einsum("hc,ghc->hg", b_k, q) * scale
+      logits = logits.astype(jnp.float32)  # [B, F, H, G]
       if competitive:
-        assignment = jax.nn.softmax(logits, axis=-2)  # each field over groups
-        weights = assignment / (jnp.sum(assignment, axis=-1, keepdims=True) + 1e-9)
+        assignment = jax.nn.softmax(logits, axis=-1)  # each field over groups
+        weights = assignment / (jnp.sum(assignment, axis=1, keepdims=True) + 1e-9)
       else:
         assignment = None
-        weights = jax.nn.softmax(logits, axis=-1)  # each group over fields
-      pooled = jnp.einsum("bhgf,bfhc->bghc", weights.astype(dtype), v)  # [B, G, H, dh]
-      pooled = _merge_heads(pooled, width, dtype, "group_out")  # [B, G, d]
+        weights = jax.nn.softmax(logits, axis=1)  # each group over fields
+      flat_weights = weights.astype(dtype).reshape(batch, num_fields, -1)  # [B, F, H*G]
+      pooled_tokens = jnp.einsum("bfx,bfd->bxd", flat_weights, fields)  # [B, H*G, d]
+      pooled_tokens = pooled_tokens.reshape(batch, heads, -1, width)  # [B, H, G, d]
+      weight_sums = jnp.sum(flat_weights, axis=1).reshape(batch, heads, -1)  # [B, H, G]
+      value_out = jnp.einsum("dhc,hce->hde", w_v, w_o)  # [H, d, d]
+      pooled = (jnp.einsum("bhgd,hde->bge", pooled_tokens, value_out)
+                + jnp.einsum("bhg,he->bge", weight_sums, jnp.einsum("hc,hce->he", b_v, w_o))
+                + b_o)  # [B, G, d]
       groups = nn.LayerNorm(dtype=dtype, param_dtype=PARAM_DTYPE, name="group_ln1")(
           seeds[None] + self._drop(pooled, train))
       ffn = MLP((self.ffn_mult * width, width), activate_final=False, dtype=dtype,
@@ -180,12 +186,23 @@ class GroupTransformerBlock(nn.Module):
           groups + self._drop(ffn, train))
 
       # 2. Broadcast back: fields attend to the group tokens (softmax over G).
-      q2 = _heads(fields, heads, dtype, "field_query")  # [B, F, H, dh]
-      k2 = _heads(groups, heads, dtype, "field_key", use_bias=False)  # [B, G, H, dh]
-      v2 = _heads(groups, heads, dtype, "field_value")  # [B, G, H, dh]
-      logits2 = jnp.einsum("bfhc,bghc->bhfg", q2, k2).astype(jnp.float32) * scale
-      attn = jax.nn.softmax(logits2, axis=-1).astype(dtype)  # [B, H, F, G]
-      back = _merge_heads(jnp.einsum("bhfg,bghc->bfhc", attn, v2), width, dtype, "field_out")
+      w_q2, b_q2 = self._projection((width,), head_shape, "field_query")
+      w_k2, _ = self._projection((width,), head_shape, "field_key", False)
+      w_v2, b_v2 = self._projection((width,), head_shape, "field_value")
+      w_o2, b_o2 = self._projection(head_shape, (width,), "field_out")
+      k2 = jnp.einsum("bgd,dhc->bghc", groups, w_k2)  # [B, G, H, dh]
+      group_keys = jnp.einsum("dhc,bghc->bdhg", w_q2, k2) * scale  # [B, d, H, G]
+      logits2 = (jnp.einsum("bfd,bdx->bfx", fields, group_keys.reshape(batch, width, -1))
+                 .reshape(batch, num_fields, heads, -1)
+                 + jnp.einsum("hc,bghc->bhg", b_q2, k2)[:, None] * scale)  # [B, F, H, G]
+      attn = jax.nn.softmax(logits2.astype(jnp.float32), axis=-1).astype(dtype)
+      group_values = (jnp.einsum("bgd,dhe->bhge", groups, jnp.einsum("dhc,hce->dhe", w_v2, w_o2))
+                      + jnp.einsum("hc,hce->he", b_v2, w_o2)[:, None])  # [B, H, G, d]
+      back = jnp.einsum("bfx,bxe->bfe", attn.reshape(batch, num_fields, -1),
+                        group_values.reshape(batch, -1, width)) + b_o2  # [B, F, d]
+      weights = weights.transpose(0, 2, 3, 1)  # [B, H, G, F]
+      if assignment is not None:
+        assignment = assignment.transpose(0, 2, 3, 1)
       fields = nn.LayerNorm(dtype=dtype, param_dtype=PARAM_DTYPE, name="field_ln1")(
           fields + self._drop(back, train))
       ffn = MLP((self.ffn_mult * width, width), activate_final=False, dtype=dtype,

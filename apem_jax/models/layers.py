@@ -6,6 +6,7 @@ Parameters are always float32 (``param_dtype``); activations use the compute ``d
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -55,6 +56,28 @@ class MLP(nn.Module):
     return x
 
 
+class ProjectionParams(nn.Module):
+  """The kernel [*in_shape, *out_shape] and bias [*out_shape] (or None) of an ``nn.DenseGeneral``,
+  with its names, shapes and initial values, returned rather than applied, for modules that
+  multiply projections with each other before they touch the data (the DAGT block, the Pattern
+  Selector)."""
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+    def kernel_init(rng, shape, dtype=PARAM_DTYPE):
+      flat = (math.prod(self.in_shape), math.prod(self.out_shape))
+      return nn.initializers.lecun_normal()(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", kernel_init, self.in_shape + self.out_shape, PARAM_DTYPE)
+    bias = (self.param("bias", nn.initializers.zeros, self.out_shape, PARAM_DTYPE)
+            if self.use_bias else None)
+    return kernel, bias
+
+
 class BatchedMLP(nn.Module):
   """``num_members`` independent MLPs evaluated as one batched einsum per layer.
 
@@ -63,7 +86,10 @@ class BatchedMLP(nn.Module):
   members differ at initialisation.
 
   Input either ``[B, in]`` (the same input for every member) or ``[B, M, in]`` (member m reads
-  ``x[:, m]``). Output ``[B, M, features[-1]]``.
+  ``x[:, m]``), optionally with ``shared`` ``[B, in_s]`` that every member reads after its own
+  input: the same function as ``concat([x, broadcast(shared)], -1)``, without materialising the
+  broadcast (the shared part of the first layer is one ``[B, in_s] x [in_s, M * out]`` GEMM).
+  Output ``[B, M, features[-1]]``.
   """
 
   num_members: int
@@ -73,21 +99,24 @@ class BatchedMLP(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               shared: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
     kernel_init = nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
     for i, width in enumerate(self.features):
       in_dim = x.shape[-1]
-      kernel = self.param(f"kernel_{i}", kernel_init, (self.num_members, in_dim, width),
-                          PARAM_DTYPE)
+      shared_dim = shared.shape[-1] if shared is not None and i == 0 else 0
+      kernel = self.param(f"kernel_{i}", kernel_init,
+                          (self.num_members, in_dim + shared_dim, width), PARAM_DTYPE)
       bias = self.param(f"bias_{i}", nn.initializers.zeros, (self.num_members, width),
                         PARAM_DTYPE)
       kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
-      if x.ndim == 2:
-        x = jnp.einsum("bi,mio->bmo", x, kernel) + bias
-      else:
-        x = jnp.einsum("bmi,mio->bmo", x, kernel) + bias
+      own = "bi,mio->bmo" if x.ndim == 2 else "bmi,mio->bmo"
+      out = jnp.einsum(own, x, kernel[:, :in_dim]) + bias
+      if shared_dim:
+        out = out + jnp.einsum("bi,mio->bmo", shared.astype(self.dtype), kernel[:, in_dim:])
+      x = out
       if i < len(self.features) - 1 or self.activate_final:
         x = nn.relu(x)
         if self.dropout > 0:

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apem_jax.models.layers import PARAM_DTYPE, get_dtype
+from apem_jax.models.layers import PARAM_DTYPE, ProjectionParams, get_dtype
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
@@ -58,11 +58,13 @@ class PatternSelector(nn.Module):
   def __call__(self, fields: jax.Array, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
     """fields [B, F, d], groups [B, G, d] -> (h [B, T, d], alpha float32 [B, T, F+G])."""
     dtype = get_dtype(self.dtype)
-    patterns = jnp.concatenate([fields, groups.astype(fields.dtype)], axis=1).astype(dtype)
-    batch, num_patterns, width = patterns.shape
+    fields, groups = fields.astype(dtype), groups.astype(dtype)
+    batch, num_fields, width = fields.shape
+    num_patterns = num_fields + groups.shape[1]
     tasks = self.num_tasks
     if not self.enabled:
-      h = jnp.broadcast_to(jnp.mean(patterns, axis=1, keepdims=True), (batch, tasks, width))
+      h = (jnp.sum(fields, axis=1) + jnp.sum(groups, axis=1)) / num_patterns  # mean_p P_p
+      h = jnp.broadcast_to(h[:, None], (batch, tasks, width))
       alpha = jnp.full((batch, tasks, num_patterns), 1.0 / num_patterns, jnp.float32)
       return h, alpha
 
@@ -77,17 +79,25 @@ class PatternSelector(nn.Module):
       b1 = self.param("indicator_bias_1", nn.initializers.zeros, (tasks, hidden), PARAM_DTYPE)
       w2 = self.param("indicator_kernel_2", init, (tasks, hidden, width), PARAM_DTYPE)
       b2 = self.param("indicator_bias_2", nn.initializers.zeros, (tasks, width), PARAM_DTYPE)
-      context = jnp.mean(fields, axis=1).astype(dtype)  # [B, d]
+      context = jnp.mean(fields, axis=1)  # [B, d]
       g = nn.relu(jnp.einsum("bd,tdh->bth", context, w1.astype(dtype)) + b1.astype(dtype))
       tau = tau + jnp.einsum("bth,thd->btd", g, w2.astype(dtype)) + b2.astype(dtype)
 
+    # GEMM shape: <tau, W_k P_p> = <W_k^T tau, P_p>, and since alpha sums to 1 over patterns,
+    # sum_p alpha_p (W_v P_p + b_v) = W_v (sum_p alpha_p P_p) + b_v: the projections act on the
+    # T indicators and the T selected patterns, not on all F+G patterns of every example.
     # No key bias: it would shift every pattern's logit of a task equally (softmax over patterns).
-    keys = nn.Dense(width, use_bias=False, dtype=dtype, param_dtype=PARAM_DTYPE,
-                    name="pattern_key")(patterns)
-    values = nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE, name="pattern_value")(patterns)
-    logits = jnp.einsum("btd,bpd->btp", tau, keys).astype(jnp.float32) / math.sqrt(width)
+    w_k, _ = ProjectionParams((width,), (width,), use_bias=False, name="pattern_key")()
+    w_v, b_v = ProjectionParams((width,), (width,), name="pattern_value")()
+    query = jnp.einsum("btd,ed->bte", tau, w_k.astype(dtype)) / math.sqrt(width)  # [B, T, d]
+    logits = jnp.concatenate([jnp.einsum("btd,bfd->btf", query, fields),
+                              jnp.einsum("btd,bgd->btg", query, groups)], axis=-1)
+    logits = logits.astype(jnp.float32)  # [B, T, F+G]
     mask = top_k_mask(logits, self.top_k)
     alpha = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
     alpha = jnp.where(mask, alpha, 0.0)  # exact zeros outside the top k
-    h = jnp.einsum("btp,bpd->btd", alpha.astype(dtype), values)
+    weights = alpha.astype(dtype)
+    selected = (jnp.einsum("btf,bfd->btd", weights[..., :num_fields], fields)
+                + jnp.einsum("btg,bgd->btd", weights[..., num_fields:], groups))  # [B, T, d]
+    h = selected @ w_v.astype(dtype) + b_v.astype(dtype)
     return h, alpha
