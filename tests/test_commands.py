@@ -57,6 +57,7 @@ def test_every_documented_command_runs_in_the_venv():
     # absl's --help (train.py, eval.py, export, saved_model_cli) prints the flags, then exits 1.
     absl_help = process.returncode == 1 and output.rstrip().endswith(
         "Try --helpfull to get a list of all flags.")
-    if not (process.returncode == 0 or absl_help) or "Traceback" in output or "--" not in output:
+    crashed = "Traceback (most recent call last)" in output
+    if not (process.returncode == 0 or absl_help) or crashed or "--" not in output:
       failures.append(f"{command} (exit {process.returncode}): {output[-500:]}")
   assert not failures, "\n\n".join(failures)

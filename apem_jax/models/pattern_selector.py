@@ -10,6 +10,10 @@ equations are **our reconstruction**:
   k largest is masked before the softmax (exactly k non-zero weights);
 * ``h_t = sum_p alpha_{t,p} W_v P_p``.
 
+Computed in GEMM shape (the same function): ``<tau, W_k P_p> = <W_k^T tau, P_p>`` and
+``sum_p alpha_p (W_v P_p + b_v) = W_v sum_p alpha_p P_p + b_v``, so the projections act on T
+vectors per example instead of all F+G patterns.
+
 ``enabled=False`` (ablation "no Pattern Selector"): ``h_t = mean_p P_p`` for every task and
 alpha is uniform.
 """
