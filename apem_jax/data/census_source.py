@@ -102,6 +102,13 @@ TASK_GROUPS: Mapping[str, tuple[str, ...]] = {
 }
 ALL_TASKS: tuple[str, ...] = ("income", "marital", "education")
 
+def label_key(task: str) -> str:
+  """The column that holds task ``task``'s 0/1 label in the prepared dataset. Never an attribute's
+  name: the ``education`` task (holds a college degree) and the 17-level ``education`` attribute
+  (a feature of the ``income_marital`` group) are different columns."""
+  return f"label_{task}"
+
+
 # The fixed seed of the validation/test split. Changing it changes the benchmark protocol.
 SPLIT_SEED = 20_230_105
 

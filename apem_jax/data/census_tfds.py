@@ -2,7 +2,9 @@
 
 Each example holds every raw attribute column (categorical as a ``tf.string`` scalar, numeric as
 ``float32``), the ``instance_weight`` (float32, not a model feature), the three task labels
-(``income``, ``marital``, ``education``: int64 0/1, see :mod:`census_source`) and ``row_index``:
+under ``label_<task>`` (``label_income``, ``label_marital``, ``label_education``: int64 0/1, see
+:mod:`census_source`; version 1.0.0 stored them under the task names, so the ``education`` label
+replaced the ``education`` attribute) and ``row_index``:
 the row's 0-based index in its official file (train file for ``train``; test file for
 ``validation`` and ``test``). Examples are read back in TFDS's (deterministic) shard order;
 sort by ``row_index`` for file order.
@@ -54,8 +56,11 @@ def download_config() -> tfds.download.DownloadConfig:
 class CensusIncomeKdd(tfds.core.GeneratorBasedBuilder):
   """UCI Census-Income (KDD), with validation/test split from the official test file."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Task labels stored as label_<task>; the education attribute keeps its raw values.",
+  }
 
   # TFDS 4.9.10's default `code_path` imports the `importlib_resources` backport, which it does
   # not declare as a dependency on Python >= 3.9; this module's own file is the same answer.
@@ -77,7 +82,7 @@ class CensusIncomeKdd(tfds.core.GeneratorBasedBuilder):
     features.update({c: tfds.features.Tensor(shape=(), dtype=np.float32)
                      for c in census_source.NUMERIC_COLUMNS})
     features[census_source.WEIGHT_COLUMN] = tfds.features.Tensor(shape=(), dtype=np.float32)
-    features.update({t: tfds.features.ClassLabel(names=["no", "yes"])
+    features.update({census_source.label_key(t): tfds.features.ClassLabel(names=["no", "yes"])
                      for t in census_source.ALL_TASKS})
     features["row_index"] = tfds.features.Tensor(shape=(), dtype=np.int64)
     return self.dataset_info_from_configs(
@@ -106,7 +111,7 @@ class CensusIncomeKdd(tfds.core.GeneratorBasedBuilder):
     categorical = [(c, columns[c]) for c in census_source.CATEGORICAL_COLUMNS]
     floats = [(c, columns[c].astype(np.float32))
               for c in census_source.NUMERIC_COLUMNS + (census_source.WEIGHT_COLUMN,)]
-    label_items = [(t, labels[t]) for t in census_source.ALL_TASKS]
+    label_items = [(census_source.label_key(t), labels[t]) for t in census_source.ALL_TASKS]
     for i in rows.tolist():
       example: dict[str, Any] = {c: v[i] for c, v in categorical}
       example.update((c, v[i]) for c, v in floats)

@@ -48,7 +48,7 @@ EVAL_ONLY_KEYS = ("true_q",)
 INCONSISTENT_FUNNEL_POLICIES = ("error", "drop")
 # Bump when the encoded arrays change for the same config (invalidates the .npz caches).
 ENCODING_VERSION = 3
-CENSUS_TFDS_VERSION = "1.0.0"
+CENSUS_TFDS_VERSION = "1.1.0"
 
 Batch = dict[str, np.ndarray]
 
@@ -376,7 +376,8 @@ def encode_census(raw: Mapping[str, Mapping[str, np.ndarray]], task_group: str,
   arrays = {}
   for split, columns in raw.items():
     encoded = prep_lib.encode(columns, preprocessing)
-    labels = np.stack([np.asarray(columns[t], np.float32) for t in tasks], axis=-1)
+    labels = np.stack([np.asarray(columns[census_source.label_key(t)], np.float32)
+                       for t in tasks], axis=-1)
     arrays[split] = dict(encoded, labels=labels, label_mask=np.ones_like(labels))
   return preprocessing, arrays
 
