@@ -93,3 +93,20 @@ def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
   return [k for k in diff_keys(saved, current)
           if k.startswith(("model.", "data.")) and k not in LOCATION_KEYS
           or k == "train.funnel" and "funnel" in saved.get("train", {})]
+
+
+# Keys a resumed run may change: where the data is, how the run reports and checkpoints, how it
+# is spread over devices (the same math), and how long it goes on. Every other key changes the
+# trajectory (model, data, optimizer, batch size, seed, schedule, losses).
+RESUMABLE_KEYS = ("data.data_dir", "train.num_epochs", "train.patience", "train.log_every",
+                  "train.progress_bar", "train.eval_batch_size", "parallel.", "checkpoint.")
+
+
+def resume_diff(saved: Mapping, current: Mapping) -> tuple[list[str], list[str]]:
+  """(refused, accepted): the differing keys that would change a resumed run's trajectory, and
+  those a resume may change (:data:`RESUMABLE_KEYS`)."""
+  refused, accepted = [], []
+  for key in diff_keys(saved, current):
+    resumable = any(key == k or k.endswith(".") and key.startswith(k) for k in RESUMABLE_KEYS)
+    (accepted if resumable else refused).append(key)
+  return refused, accepted

@@ -86,11 +86,18 @@ def task_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
 def selection_score(metrics: Mapping[str, Mapping[str, float]], tasks: Sequence) -> float:
   """The number early stopping and best-checkpoint selection maximise.
 
-  Mean AUC over binary tasks; minus the mean MSE when every task is a regression.
+  Mean AUC over the binary tasks whose AUC is defined. A task whose validation labels hold one
+  class has AUC NaN (reported as such) and is left out; if no binary task has a defined AUC, the
+  score is minus their mean logloss. Minus the mean MSE when every task is a regression. So a
+  score is NaN only when the predictions themselves are, and never blocks the best checkpoint
+  of a valid one.
   """
-  binary = [metrics[t.name]["auc"] for t in tasks if t.kind == "binary"]
+  binary = [metrics[t.name] for t in tasks if t.kind == "binary"]
   if binary:
-    return float(np.mean(binary))
+    aucs = [m["auc"] for m in binary if np.isfinite(m["auc"])]
+    if aucs:
+      return float(np.mean(aucs))
+    return -float(np.mean([m["logloss"] for m in binary]))
   return -float(np.mean([metrics[t.name]["mse"] for t in tasks]))
 
 

@@ -7,6 +7,7 @@ exact evaluation on the validation split, a checkpoint, and the early-stopping d
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -128,6 +129,25 @@ def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str
                      f"differing keys: {mismatched}")
 
 
+def _check_resume(meta: Mapping, config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Refuses a resume whose config changes the run's trajectory, or shortens it; returns the
+  accepted changes as ``{key: [saved, now]}`` (recorded in the run's history)."""
+  saved, now = meta["config"], config.to_dict()
+  refused, accepted = config_validation.resume_diff(saved, now)
+  if refused:
+    raise ValueError(f"{workdir}: its checkpoint was trained with a different config, and these "
+                     f"keys change the run's trajectory: {refused}; resume with the config in "
+                     f"{workdir}/config.json (a resume may change only "
+                     f"{list(config_validation.RESUMABLE_KEYS)}) or train in a new --workdir")
+  if config.train.num_epochs < meta["epoch"]:
+    raise ValueError(f"{workdir}: train.num_epochs={config.train.num_epochs} is below the "
+                     f"{meta['epoch']} epochs the run has done; it may only grow on resume")
+  get = lambda tree, key: functools.reduce(lambda node, part: node.get(part, "<missing>")
+                                           if isinstance(node, Mapping) else node,
+                                           key.split("."), tree)
+  return {key: [get(saved, key), get(now, key)] for key in accepted}
+
+
 def _check_schema(meta: Mapping, schema: Schema, workdir: str) -> None:
   if Schema.from_dict(meta["schema"]) != schema:
     raise ValueError(f"{workdir}: the data now gives a different schema (fields, vocabularies, "
@@ -174,11 +194,24 @@ def _check_finite(loss: float, step: int) -> None:
 
 
 def _meta(config, schema, epoch, step, val_metrics, score, best_score, best_step, bad_evals,
-          history, stopped) -> dict:
+          history, stopped, resumes) -> dict:
   return {"epoch": epoch, "step": step, "validation": val_metrics, "score": score,
           "best_score": best_score, "best_step": best_step, "evals_without_improvement": bad_evals,
-          "history": history, "stopped": stopped, "config": config.to_dict(),
+          "history": history, "stopped": stopped, "resumes": resumes, "config": config.to_dict(),
           "schema": schema.to_dict()}
+
+
+def _resume_kind(ckpt: checkpointing.Checkpoints, workdir: str) -> str | None:
+  """The checkpoint a run in ``workdir`` continues from: the latest; else the best (said, never
+  a silent start from scratch that would then overwrite it); None for a new run."""
+  if ckpt.latest_step(checkpointing.LATEST) is not None:
+    return checkpointing.LATEST
+  best = ckpt.latest_step(checkpointing.BEST)
+  if best is not None:
+    print(f"{workdir}: no checkpoint under checkpoints/{checkpointing.LATEST}; resuming from the "
+          f"best checkpoint (step {best}) instead.")
+    return checkpointing.BEST
+  return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -186,26 +219,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   that is also written to ``<workdir>/metrics.json``."""
   t_start = time.time()
   exp = Experiment(config)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest)
+  kind = _resume_kind(ckpt, workdir)
+  if kind is not None:  # every check before anything in the workdir is written
+    saved = ckpt.restore_meta(kind)
+    changes = _check_resume(saved, config, workdir)
+    _check_schema(saved, exp.schema, workdir)
   reporting.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
   if exp.data.preprocessing is not None:
     reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
                                 exp.data.preprocessing.to_dict())
-  ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest)
   writer = reporting.ScalarWriter(workdir)
 
-  if ckpt.latest_step(checkpointing.LATEST) is not None:
-    saved = ckpt.restore_meta(checkpointing.LATEST)
-    _check_config(saved, config, workdir)
-    _check_schema(saved, exp.schema, workdir)
-    state, meta = ckpt.restore(checkpointing.LATEST, exp.abstract_state)
-    print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['epoch']}).")
+  if kind is not None:
+    state, meta = ckpt.restore(kind, exp.abstract_state)
+    meta.setdefault("resumes", [])
+    if changes:
+      meta["resumes"].append({"step": meta["step"], "changed": changes})
+    print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['epoch']})"
+          + (f"; changed: {changes}" if changes else "") + ".")
   else:
     state = exp.init_state()
-    meta = _meta(config, exp.schema, 0, 0, None, None, -math.inf, None, 0, [], False)
+    meta = _meta(config, exp.schema, 0, 0, None, None, -math.inf, None, 0, [], False, [])
   state = exp.to_train(state)
   epoch, best_score, best_step = meta["epoch"], meta["best_score"], meta["best_step"]
-  bad_evals, history, stopped = meta["evals_without_improvement"], meta["history"], meta["stopped"]
+  bad_evals, history, resumes = meta["evals_without_improvement"], meta["history"], meta["resumes"]
+  stopped = bad_evals >= config.train.patience  # a resume may change the patience
 
   train_seconds = 0.0
   while epoch < config.train.num_epochs and not stopped:
@@ -249,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         "validation/score": score,
                         "train/examples_per_second": exp.steps_per_epoch * config.train.batch_size / epoch_seconds})
     meta = _meta(config, exp.schema, epoch, step, val_metrics, score, best_score, best_step,
-                 bad_evals, history, stopped)
+                 bad_evals, history, stopped, resumes)
     if improved:
       ckpt.save(checkpointing.BEST, step, saved, meta)
     ckpt.save(checkpointing.LATEST, step, saved, meta)
@@ -263,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   summary = {"best_step": best_step, "best_validation_score": best_score,
              "best_validation": next((h["validation"] for h in history if h["step"] == best_step), None),
-             "epochs": epoch, "stopped_early": stopped, "history": history,
+             "epochs": epoch, "stopped_early": stopped, "history": history, "resumes": resumes,
              "train_seconds_this_run": train_seconds,
              "wall_seconds_this_run": time.time() - t_start,
              "train_step_traces": exp.traces["train_step"],

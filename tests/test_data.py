@@ -122,6 +122,19 @@ def test_wrong_column_count_names_line(tmp_path):
     cs.read_raw_file(path)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity"])
+def test_non_finite_number_names_line_and_column(tmp_path, value):
+  lines = census_like_lines(3, seed=0)
+  row = lines[1].split(", ")
+  row[cs.COLUMNS.index("capital_gains")] = value
+  lines[1] = ", ".join(row)
+  path = tmp_path / "bad.csv"
+  path.write_text("".join(lines))
+  with pytest.raises(cs.CensusSourceError, match=rf"bad\.csv line 2: column 17 \(capital_gains\) "
+                                                 rf"should be a finite number, found '{value}'"):
+    cs.read_raw_file(path)
+
+
 def test_unknown_label_names_line(tmp_path):
   path = tmp_path / "bad.csv"
   path.write_text(", ".join(["1"] * 41) + ", maybe\n")

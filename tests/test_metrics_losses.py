@@ -80,3 +80,11 @@ def test_regression_loss_is_squared_error():
   assert float(total) == pytest.approx((1.0 + 4.0) / 2)
   np.testing.assert_allclose(losses.task_predictions(jnp.array([[3.0]]), schema), [[3.0]])
   assert jax.devices()[0].platform == "cpu"
+
+
+def test_selection_score_leaves_out_undefined_aucs():
+  schema = make_schema((), 1, ["a", "b"])
+  out = {"a": {"auc": 0.8, "logloss": 0.4}, "b": {"auc": float("nan"), "logloss": 0.2}}
+  assert metrics.selection_score(out, schema.tasks) == pytest.approx(0.8)  # b: one class
+  out["a"]["auc"] = float("nan")
+  assert metrics.selection_score(out, schema.tasks) == pytest.approx(-0.3)  # no AUC defined

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -161,3 +162,71 @@ def test_command_line_rejects_unknown_key(tmp_path):
   assert result.returncode != 0
   assert "no_such_key" in result.stderr
   assert not (tmp_path / "w").exists()
+
+
+def _tree(directory) -> dict[str, bytes]:
+  """Every file under ``directory`` with its contents."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
+  config = tiny_config()
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  before = _tree(workdir)
+
+  changed = tiny_config()
+  changed.train.num_epochs = 2
+  changed.seed = 1
+  changed.optimizer.learning_rate = 1e-2
+  changed.train.batch_size = 128
+  with pytest.raises(ValueError, match=r"change the run's trajectory: \['optimizer.learning_rate', "
+                                       r"'seed', 'train.batch_size'\]"):
+    trainer.train_and_evaluate(changed, workdir)
+  shorter = tiny_config()
+  shorter.train.num_epochs = 1
+  shorter.model.num_groups = 2
+  with pytest.raises(ValueError, match=r"\['model.num_groups'\]"):
+    trainer.train_and_evaluate(shorter, workdir)
+  assert _tree(workdir) == before  # config.json and preprocessing.json included
+
+  # A deleted latest checkpoint: the run resumes from the best one, never from scratch.
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, "checkpoints", checkpointing.LATEST, "30"))
+  longer = tiny_config()
+  longer.train.update(num_epochs=2, patience=7)
+  summary = trainer.train_and_evaluate(longer, copy)
+  assert "resuming from the best checkpoint (step 30)" in capsys.readouterr().out
+  assert [h["epoch"] for h in summary["history"]] == [1, 2]
+  # num_epochs may grow and patience change; the run records it.
+  assert summary["resumes"] == [{"step": 30, "changed": {"train.num_epochs": [1, 2],
+                                                          "train.patience": [5, 7]}}]
+
+
+def test_a_single_class_validation_task_does_not_block_the_best_checkpoint(tmp_path,
+                                                                            monkeypatch):
+  real_load = trainer.load_dataset
+
+  def one_class(data_config):
+    data = real_load(data_config)
+    data.arrays["validation"]["labels"][:, 1] = 0.0
+    return data
+
+  monkeypatch.setattr(trainer, "load_dataset", one_class)
+  config = tiny_config()
+  config.train.num_epochs = 1
+  summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  best = summary["best_validation"]
+  assert np.isnan(best["y2"]["auc"])  # reported as such
+  assert summary["best_step"] == 30
+  assert summary["best_validation_score"] == pytest.approx(best["y1"]["auc"])
+  result = trainer.evaluate_checkpoint(config, str(tmp_path / "run"), "validation")
+  assert result["step"] == 30

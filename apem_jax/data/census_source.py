@@ -264,8 +264,8 @@ def read_raw_file(path: str | os.PathLike, expected_rows: int | None = None,
     (object rather than a fixed-width ``str`` dtype: several times faster to build).
 
   Raises:
-    CensusSourceError: a line without 42 columns (naming the line), a non-numeric value in a
-      numeric column, an unknown income label, or a row count other than ``expected_rows``.
+    CensusSourceError: a line without 42 columns (naming the line), a non-numeric, NaN or
+      infinite value in a numeric column, an unknown income label, or a row count other than ``expected_rows``.
   """
   name = display_name or os.fspath(path)
   lines = _checked_lines(path, expected_rows, name)
@@ -286,6 +286,12 @@ def read_raw_file(path: str | os.PathLike, expected_rows: int | None = None,
                 f"{name} line {lineno}: column {i + 1} ({col}) should be numeric, "
                 f"found {v!r}") from None
         raise
+      finite = np.isfinite(columns[col])
+      if not finite.all():  # float() accepts 'nan' and 'inf'; one would poison the statistics
+        lineno = int(np.argmin(finite)) + 1
+        raise CensusSourceError(
+            f"{name} line {lineno}: column {i + 1} ({col}) should be a finite number, "
+            f"found {values[lineno - 1].strip()!r}")
     else:
       out = np.empty(len(values), dtype=object)
       out[:] = [v.strip() for v in values]
