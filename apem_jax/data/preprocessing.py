@@ -105,6 +105,13 @@ def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
   return values.astype(str)
 
 
+def categorical_values(values: np.ndarray | Sequence) -> np.ndarray:
+  """The strings a categorical value is looked up as: str, surrounding whitespace removed. The
+  serving graph applies the same rule (``tf.strings.strip`` in ``serving.RawFeatureEncoder``), so
+  a raw value served with its original spacing finds the vocabulary entry training made."""
+  return np.char.strip(as_str_array(values))
+
+
 def transform_numeric(values: np.ndarray, transform: str) -> np.ndarray:
   """float64 ``t(x)``: identity for 'none', ``sign(x) * log1p(|x|)`` for 'log1p'."""
   x = np.asarray(values, dtype=np.float64)
@@ -136,7 +143,7 @@ def fit_preprocessing(train_columns: Mapping[str, np.ndarray],
     raise ValueError(f"min_count must be >= 1, got {min_count}")
   vocabularies = []
   for name in categorical_fields:
-    values, counts = np.unique(as_str_array(train_columns[name]), return_counts=True)
+    values, counts = np.unique(categorical_values(train_columns[name]), return_counts=True)
     vocab = values[counts >= min_count]
     if vocab.size == 0:
       raise ValueError(f"field {name!r}: no value occurs >= min_count={min_count} times "
@@ -177,7 +184,7 @@ def quantile_boundaries(values: np.ndarray, num_buckets: int) -> tuple[float, ..
 
 def encode_categorical(values: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
   """int32 ``[N]`` ids: the index in the sorted ``vocabulary``, or ``len(vocabulary)`` (OOV)."""
-  values = as_str_array(values)
+  values = categorical_values(values)
   vocab = np.asarray(vocabulary, dtype=str)
   idx = np.searchsorted(vocab, values)
   hit = vocab[np.minimum(idx, len(vocab) - 1)] == values

@@ -78,7 +78,7 @@ class RawFeatureEncoder(tf.Module):
     batch = tf.shape(features[first])[0]
     if self.categorical_fields:
       categorical = tf.stack(
-          [tf.cast(table.lookup(tf.reshape(features[f], [-1])), tf.int32)
+          [tf.cast(table.lookup(tf.strings.strip(tf.reshape(features[f], [-1]))), tf.int32)
            for f, table in zip(self.categorical_fields, self._tables)], axis=1)
     else:
       categorical = tf.zeros([batch, 0], tf.int32)
