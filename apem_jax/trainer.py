@@ -185,12 +185,24 @@ def _epoch_batches(exp: Experiment, epoch: int) -> Iterator[Mapping[str, np.ndar
     yield next(batches)
 
 
-def _check_finite(loss: float, step: int) -> None:
+@jax.jit
+def _first_non_finite(first: jax.Array, task_loss_sums: jax.Array, step: jax.Array) -> jax.Array:
+  """first [T] int32: the step after which each task's loss was first not finite (-1: never),
+  updated on the device every step so the trainer need not read the losses back each step."""
+  num_tasks = first.shape[0]
+  task_loss_sums = jnp.reshape(task_loss_sums, (-1, num_tasks))[0]  # (pmap: every device's copy)
+  return jnp.where((first < 0) & ~jnp.isfinite(task_loss_sums), jnp.ravel(step)[0], first)
+
+
+def _check_finite(loss: float, step: int, first_non_finite: np.ndarray,
+                  task_names: tuple[str, ...]) -> None:
   if not math.isfinite(loss):
+    culprits = sorted((int(s), t) for s, t in zip(first_non_finite, task_names) if s >= 0)
+    where = ", ".join(f"task {t!r} from step {s}" for s, t in culprits) or "no task's own loss"
     raise FloatingPointError(
-        f"training loss is {loss} at step {step}; the run stopped. Lower optimizer.learning_rate "
-        f"or set optimizer.grad_clip_norm, then restart (the workdir resumes from the last good "
-        f"checkpoint).")
+        f"training loss is {loss} at step {step} (not finite: {where}); the run stopped. Lower "
+        f"optimizer.learning_rate or set optimizer.grad_clip_norm, or check the data for NaN "
+        f"labels, then restart (the workdir resumes from its last checkpoint, which is intact).")
 
 
 def _meta(config, schema, epoch, step, val_metrics, score, best_score, best_step, bad_evals,
@@ -250,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   while epoch < config.train.num_epochs and not stopped:
     t0 = time.time()
     loss_sum, loss_count = None, 0
+    first_non_finite = jnp.full((exp.schema.num_tasks,), -1, jnp.int32)
     bar = tqdm.tqdm(_epoch_batches(exp, epoch), total=exp.steps_per_epoch, unit="step",
                     desc=f"epoch {epoch + 1}/{config.train.num_epochs}", leave=False,
                     disable=jax.process_index() != 0 or not config.train.progress_bar,
@@ -257,11 +270,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for i, local in enumerate(bar):
       state, step_metrics = exp.train_step(state, exp.device_batch(local))
       loss_sum = step_metrics["loss"] if loss_sum is None else loss_sum + step_metrics["loss"]
+      first_non_finite = _first_non_finite(first_non_finite, step_metrics["loss_sum"], state.step)
       loss_count += 1
       if (i + 1) % config.train.log_every == 0 or i + 1 == exp.steps_per_epoch:
         step = exp.step_of(state)
         mean_loss = float(loss_sum) / loss_count
-        _check_finite(mean_loss, step)
+        _check_finite(mean_loss, step, np.asarray(first_non_finite), exp.schema.task_names)
         bar.set_postfix(loss=f"{mean_loss:.4f}",
                         ex_per_s=f"{(i + 1) * config.train.batch_size / (time.time() - t0):.0f}")
         writer.write(step, {"train/loss": mean_loss,

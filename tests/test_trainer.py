@@ -126,6 +126,24 @@ def test_nan_loss_stops_with_clear_error(tmp_path, monkeypatch):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
+def test_nan_label_names_the_task_and_step(tmp_path, monkeypatch):
+  config = tiny_config()
+  real = trainer._epoch_batches
+
+  def nan_labels(exp, epoch):
+    for i, batch in enumerate(real(exp, epoch)):
+      if i == 3:  # the 4th step: task y2 only; NaN parameters then spread to y1 at step 5
+        labels = batch["labels"].copy()
+        labels[:, 1] = np.nan
+        batch = dict(batch, labels=labels)
+      yield batch
+
+  monkeypatch.setattr(trainer, "_epoch_batches", nan_labels)
+  with pytest.raises(FloatingPointError, match=r"at step 10 \(not finite: task 'y2' from step 4, "
+                                               r"task 'y1' from step 5\)"):
+    trainer.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
 def test_config_errors_name_the_key(tmp_path):
   config = tiny_config()
   config.train.task_weights = (1.0, 1.0, 1.0)
