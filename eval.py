@@ -9,21 +9,23 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apem_jax import reporting, trainer
+from apem_jax import cli, reporting, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the newest).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  result = trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value,
-                                       _CHECKPOINT.value, _STEP.value)
+  with cli.user_errors_in_one_line("eval.py", _DEBUG.value):
+    result = trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value,
+                                         _CHECKPOINT.value, _STEP.value)
   path = os.path.join(_WORKDIR.value, "eval", f"{_SPLIT.value}.json")
   reporting.write_json_atomic(path, result["metrics"])
   print(reporting.format_table(
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('eval.py'))

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apem_jax import trainer  # importing touches no device, so initialize() can still follow
+from apem_jax import cli, trainer  # importing touches no device, so initialize() can still follow
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -26,6 +26,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0.
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() even without the three flags above, "
     "letting JAX detect the cluster (Cloud TPU, Slurm, Open MPI) and read JAX_COORDINATOR_ADDRESS.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad config, "
+                           "refused workdir, bad data) instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,10 +46,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   initialize_distributed()
-  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with cli.user_errors_in_one_line("train.py", _DEBUG.value):
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(f"Best validation score {summary['best_validation_score']:.5f} at step "
         f"{summary['best_step']}; metrics in {_WORKDIR.value}/metrics.json")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train.py'))

@@ -10,13 +10,12 @@ Flags live here rather than in :mod:`apem_jax.export` so that importing the libr
 from __future__ import annotations
 
 import json
-import sys
 from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apem_jax import export as export_lib
+from apem_jax import cli, export as export_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "The export directory to create.")
@@ -32,22 +31,19 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Where the dataset is (default: the run's data.data_dir).")
 _CHECK_EXAMPLES = flags.DEFINE_integer("check_examples", 256,
                                        "Validation examples the export checks run on.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["workdir", "output"])
-
-_ERRORS = (FileNotFoundError, FileExistsError, ValueError, export_lib.ExportCheckError)
 
 
 def _run(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  try:
+  with cli.user_errors_in_one_line("apem-export", _DEBUG.value, also=(export_lib.ExportCheckError,)):
     meta = export_lib.export(
         _WORKDIR.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
         config=_CONFIG.value, overwrite=_OVERWRITE.value, platforms=tuple(_PLATFORMS.value),
         data_dir=_DATA_DIR.value, num_check_examples=_CHECK_EXAMPLES.value)
-  except _ERRORS as e:
-    sys.exit(f"apem-export: error: {e}")
   checks, ckpt = meta["checks"], meta["checkpoint"]
   print(f"Exported the {ckpt['kind']} checkpoint (step {ckpt['step']}) of {_WORKDIR.value} to "
         f"{_OUTPUT.value}:")
@@ -69,7 +65,8 @@ def _run(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  app.run(_run, argv=list(argv) if argv is not None else None)
+  app.run(_run, argv=list(argv) if argv is not None else None,
+          flags_parser=cli.flags_parser("apem-export"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""What the command lines share: a user's mistake is one line on stderr, not a traceback.
+
+A user error (a bad config value, a workdir or file that is missing, refused or malformed) ends
+the command with ``<program>: error: <what is wrong and what was expected>`` and exit status 1;
+``--debug`` shows the traceback instead. Anything else is a bug and keeps its traceback. Flags
+that do not parse (a value of the wrong type, a ``--config.<key>`` the config does not have) end
+the same way, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator, Sequence
+
+from absl import flags
+
+from apem_jax.data.census_source import CensusSourceError
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
+               CensusSourceError)
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line(program: str, debug: bool = False,
+                            also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+  """Turns a :data:`USER_ERRORS` exception (or one of ``also``) raised inside into one line and
+  exit status 1."""
+  try:
+    yield
+  except USER_ERRORS + also as e:
+    if debug:
+      raise
+    message = " ".join(str(e).split())  # one line, whatever the message's layout
+    sys.exit(f"{program}: error: {message}")
+
+
+def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
+  """A ``flags_parser`` for ``absl.app.run`` that reports a flag that does not parse in one line
+  (absl's own parser lets ml_collections' error for an unknown ``--config.<key>`` through as a
+  traceback)."""
+
+  def parse(argv: Sequence[str]) -> list[str]:
+    try:
+      return flags.FLAGS(list(argv))
+    except flags.Error as e:
+      sys.exit(f"{program}: error: {e} (--helpfull lists the flags)")
+    except (AttributeError, KeyError) as e:  # ml_collections: no such key in the config
+      key = str(e).strip("\"'")
+      given = next((a for a in argv if a.startswith("--config.") and key in a), key)
+      sys.exit(f"{program}: error: {given}: the config has no key {key!r} (the config file and "
+               f"apem_jax/models/defaults.py list the keys)")
+
+  return parse
