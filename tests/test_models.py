@@ -117,6 +117,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
   out = model.apply({"params": params}, batch)
   assert out["logits"].dtype == jnp.float32
   chex.assert_tree_all_finite(out)
+  # The logit layer computes in float32: its outputs are not bfloat16 values cast back (which
+  # carry 3 significant digits, so that close scores tie and lower an exact AUC).
+  logits = np.asarray(out["logits"])
+  assert np.any(logits != logits.astype(jnp.bfloat16).astype(np.float32))
 
 
 @pytest.mark.parametrize("name", ["apem", "shared_bottom"])

@@ -128,7 +128,7 @@ class APEM(nn.Module):
     # Each tower reads [h_t ; shared] (BatchedMLP's `shared`: no [B, T, F*d] copy).
     logits = BatchedMLP(self.schema.num_tasks, tuple(self.tower_hidden) + (1,),
                         dropout=self.dropout, activate_final=False, dtype=dtype,
-                        name="towers")(h.astype(dtype), train, shared=shared)
+                        float32_output=True, name="towers")(h.astype(dtype), train, shared=shared)
     out = {
         "logits": logits[..., 0].astype(jnp.float32),
         "pattern_weights": alpha.astype(jnp.float32),

@@ -33,7 +33,7 @@ def _flat_embedding(schema: Schema, embed_dim: int, dtype: Any, batch, name: str
 def _towers(num_tasks: int, hidden: Sequence[int], dropout: float, dtype, x, train: bool):
   """Per-task towers: x [B, in] or [B, T, in] -> float32 logits [B, T]."""
   out = BatchedMLP(num_tasks, tuple(hidden) + (1,), dropout=dropout, activate_final=False,
-                   dtype=dtype, name="towers")(x, train)
+                   dtype=dtype, float32_output=True, name="towers")(x, train)
   return out[..., 0].astype(jnp.float32)
 
 
@@ -68,7 +68,7 @@ class SingleTask(nn.Module):
     for t in range(self.schema.num_tasks):
       x = _flat_embedding(self.schema, self.embed_dim, self.dtype, batch, name=f"embedding_{t}")
       net = MLP(tuple(self.bottom_hidden) + tuple(self.tower_hidden) + (1,), dropout=self.dropout,
-                activate_final=False, dtype=dtype, name=f"dnn_{t}")
+                activate_final=False, dtype=dtype, float32_output=True, name=f"dnn_{t}")
       logits.append(net(x, train)[:, 0])
     return {"logits": jnp.stack(logits, axis=1).astype(jnp.float32)}
 
@@ -285,6 +285,7 @@ class AITM(nn.Module):
       weights.append(w)
       z.append(jnp.einsum("bu,bud->bd", w.astype(dtype), h3))
     z = jnp.stack(z, axis=1)  # [B, T, D]
-    logits = BatchedMLP(num_tasks, (1,), activate_final=False, dtype=dtype, name="heads")(z)
+    logits = BatchedMLP(num_tasks, (1,), activate_final=False, dtype=dtype, float32_output=True,
+                        name="heads")(z)
     return {"logits": logits[..., 0].astype(jnp.float32),
             "transfer_weights": jnp.stack(weights, axis=1)}

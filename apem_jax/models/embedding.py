@@ -73,8 +73,10 @@ class FieldEmbedding(nn.Module):
     if num_num:
       kernel = self.param("numeric_kernel", init, (num_num, self.embed_dim), PARAM_DTYPE)
       bias = self.param("numeric_bias", init, (num_num, self.embed_dim), PARAM_DTYPE)
-      x = jnp.asarray(batch["numeric"]).astype(dtype)[..., None]  # [B, Fn, 1]
-      numeric_tokens = x * kernel.astype(dtype) + bias.astype(dtype)  # [B, Fn, d]
+      # In float32 whatever the compute dtype: a bfloat16 input would keep 3 significant digits
+      # of every standardised value.
+      x = jnp.asarray(batch["numeric"], jnp.float32)[..., None]  # [B, Fn, 1]
+      numeric_tokens = (x * kernel + bias).astype(dtype)  # [B, Fn, d]
       if any(f.boundaries for f in self.schema.numeric):
         numeric_tokens = numeric_tokens + self._bucket_embedding(batch["numeric"], init, dtype)
       tokens.append(numeric_tokens)

@@ -28,6 +28,14 @@ def get_dtype(name: str | Dtype) -> Dtype:
   return name
 
 
+def _layer_dtype(mlp, index: int) -> Dtype:
+  """The compute dtype of layer ``index`` of an MLP or BatchedMLP (float32 for the last layer of
+  one with ``float32_output``)."""
+  if mlp.float32_output and index == len(mlp.features) - 1:
+    return jnp.float32
+  return mlp.dtype
+
+
 class MLP(nn.Module):
   """Dense -> relu -> dropout, for each width in ``features``.
 
@@ -36,19 +44,23 @@ class MLP(nn.Module):
     dropout: dropout rate after every activated layer (0 = none).
     activate_final: apply relu (and dropout) after the last layer too.
     dtype: compute dtype.
+    float32_output: compute the last layer in float32 whatever ``dtype`` (a logit layer: under
+      bfloat16 its outputs would carry 3 significant digits, and ties lower an exact AUC).
   """
 
   features: Sequence[int]
   dropout: float = 0.0
   activate_final: bool = True
   dtype: Dtype = jnp.float32
+  float32_output: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [..., in] -> [..., features[-1]]."""
     x = x.astype(self.dtype)
     for i, width in enumerate(self.features):
-      x = nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=f"dense_{i}")(x)
+      dtype = _layer_dtype(self, i)
+      x = nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE, name=f"dense_{i}")(x.astype(dtype))
       if i < len(self.features) - 1 or self.activate_final:
         x = nn.relu(x)
         if self.dropout > 0:
@@ -97,6 +109,7 @@ class BatchedMLP(nn.Module):
   dropout: float = 0.0
   activate_final: bool = True
   dtype: Dtype = jnp.float32
+  float32_output: bool = False  # as MLP's
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -111,11 +124,12 @@ class BatchedMLP(nn.Module):
                           (self.num_members, in_dim + shared_dim, width), PARAM_DTYPE)
       bias = self.param(f"bias_{i}", nn.initializers.zeros, (self.num_members, width),
                         PARAM_DTYPE)
-      kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+      dtype = _layer_dtype(self, i)
+      kernel, bias = kernel.astype(dtype), bias.astype(dtype)
       own = "bi,mio->bmo" if x.ndim == 2 else "bmi,mio->bmo"
-      out = jnp.einsum(own, x, kernel[:, :in_dim]) + bias
+      out = jnp.einsum(own, x.astype(dtype), kernel[:, :in_dim]) + bias
       if shared_dim:
-        out = out + jnp.einsum("bi,mio->bmo", shared.astype(self.dtype), kernel[:, in_dim:])
+        out = out + jnp.einsum("bi,mio->bmo", shared.astype(dtype), kernel[:, in_dim:])
       x = out
       if i < len(self.features) - 1 or self.activate_final:
         x = nn.relu(x)
