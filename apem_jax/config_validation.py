@@ -102,11 +102,19 @@ RESUMABLE_KEYS = ("data.data_dir", "train.num_epochs", "train.patience", "train.
                   "train.progress_bar", "train.eval_batch_size", "parallel.", "checkpoint.")
 
 
-def resume_diff(saved: Mapping, current: Mapping) -> tuple[list[str], list[str]]:
+def _value_at(tree: Mapping, key: str) -> Any:
+  for part in key.split("."):
+    tree = tree.get(part, "<missing>") if isinstance(tree, Mapping) else "<missing>"
+  return tree
+
+
+def resume_diff(saved: Mapping, current: Mapping) -> tuple[list[str], dict[str, list]]:
   """(refused, accepted): the differing keys that would change a resumed run's trajectory, and
-  those a resume may change (:data:`RESUMABLE_KEYS`)."""
-  refused, accepted = [], []
+  the changes a resume may make (:data:`RESUMABLE_KEYS`) as ``{key: [saved, current]}``."""
+  refused, accepted = [], {}
   for key in diff_keys(saved, current):
-    resumable = any(key == k or k.endswith(".") and key.startswith(k) for k in RESUMABLE_KEYS)
-    (accepted if resumable else refused).append(key)
+    if any(key == k or k.endswith(".") and key.startswith(k) for k in RESUMABLE_KEYS):
+      accepted[key] = [_value_at(saved, key), _value_at(current, key)]
+    else:
+      refused.append(key)
   return refused, accepted

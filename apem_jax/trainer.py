@@ -7,7 +7,6 @@ exact evaluation on the validation split, a checkpoint, and the early-stopping d
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -132,8 +131,7 @@ def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str
 def _check_resume(meta: Mapping, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Refuses a resume whose config changes the run's trajectory, or shortens it; returns the
   accepted changes as ``{key: [saved, now]}`` (recorded in the run's history)."""
-  saved, now = meta["config"], config.to_dict()
-  refused, accepted = config_validation.resume_diff(saved, now)
+  refused, accepted = config_validation.resume_diff(meta["config"], config.to_dict())
   if refused:
     raise ValueError(f"{workdir}: its checkpoint was trained with a different config, and these "
                      f"keys change the run's trajectory: {refused}; resume with the config in "
@@ -142,10 +140,7 @@ def _check_resume(meta: Mapping, config: ml_collections.ConfigDict, workdir: str
   if config.train.num_epochs < meta["epoch"]:
     raise ValueError(f"{workdir}: train.num_epochs={config.train.num_epochs} is below the "
                      f"{meta['epoch']} epochs the run has done; it may only grow on resume")
-  get = lambda tree, key: functools.reduce(lambda node, part: node.get(part, "<missing>")
-                                           if isinstance(node, Mapping) else node,
-                                           key.split("."), tree)
-  return {key: [get(saved, key), get(now, key)] for key in accepted}
+  return accepted
 
 
 def _check_schema(meta: Mapping, schema: Schema, workdir: str) -> None:
