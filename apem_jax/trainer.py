@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -25,13 +26,24 @@ from apem_jax.models import build_model
 from apem_jax.schema import Schema
 
 
+def load_dataset_prepared_once(data_config: Any):
+  """The dataset, prepared (downloaded, built, encoded and cached) by process 0 alone: the other
+  processes wait at a barrier, then read what it wrote (the data directory must be on storage
+  every process sees, as the workdir is). With one process: ``load_dataset``."""
+  if jax.process_count() == 1:
+    return load_dataset(data_config)
+  data = load_dataset(data_config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("apem_jax: dataset prepared by process 0")
+  return load_dataset(data_config) if data is None else data
+
+
 class Experiment:
   """Data, model, mesh and compiled steps of one config: what training and evaluation share."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     config_validation.validate(config)
     self.config = config
-    self.data = load_dataset(config.data)
+    self.data = load_dataset_prepared_once(config.data)
     self.schema: Schema = self.data.schema
     config_validation.validate_for_schema(config, self.schema)
     self.mesh = parallel.make_mesh(config.parallel.model_parallelism)

@@ -248,3 +248,15 @@ def test_a_single_class_validation_task_does_not_block_the_best_checkpoint(tmp_p
   assert summary["best_validation_score"] == pytest.approx(best["y1"]["auc"])
   result = trainer.evaluate_checkpoint(config, str(tmp_path / "run"), "validation")
   assert result["step"] == 30
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_only_process_0_prepares_the_data_the_others_wait(monkeypatch, process):
+  calls = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: process)
+  monkeypatch.setattr(trainer, "load_dataset", lambda data_config: calls.append("load") or "data")
+  monkeypatch.setattr(trainer.multihost_utils, "sync_global_devices",
+                      lambda name: calls.append("barrier"))
+  assert trainer.load_dataset_prepared_once(None) == "data"
+  assert calls == (["load", "barrier"] if process == 0 else ["barrier", "load"])
