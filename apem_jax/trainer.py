@@ -220,17 +220,33 @@ def _meta(config, schema, epoch, step, val_metrics, score, best_score, best_step
           "schema": schema.to_dict()}
 
 
-def _resume_kind(ckpt: checkpointing.Checkpoints, workdir: str) -> str | None:
-  """The checkpoint a run in ``workdir`` continues from: the latest; else the best (said, never
-  a silent start from scratch that would then overwrite it); None for a new run."""
-  if ckpt.latest_step(checkpointing.LATEST) is not None:
-    return checkpointing.LATEST
-  best = ckpt.latest_step(checkpointing.BEST)
-  if best is not None:
+def _resume(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str):
+  """``(state, meta, accepted config changes)`` of the checkpoint a run in ``workdir`` continues
+  from, or None for a new run. The latest checkpoint; if it is missing or does not restore, the
+  best one, saying so: a workdir with checkpoints is never restarted from scratch (its first
+  save would overwrite them). Nothing is written here."""
+  kinds = [k for k in (checkpointing.LATEST, checkpointing.BEST) if ckpt.latest_step(k) is not None]
+  if not kinds:
+    return None
+  if kinds[0] != checkpointing.LATEST:
     print(f"{workdir}: no checkpoint under checkpoints/{checkpointing.LATEST}; resuming from the "
-          f"best checkpoint (step {best}) instead.")
-    return checkpointing.BEST
-  return None
+          f"best checkpoint (step {ckpt.latest_step(checkpointing.BEST)}) instead.")
+  failures = []
+  for kind in kinds:
+    try:
+      meta = ckpt.restore_meta(kind)
+      changes = _check_resume(meta, exp.config, workdir)  # user errors: raised, not skipped
+      _check_schema(meta, exp.schema, workdir)
+      state, meta = ckpt.restore(kind, exp.abstract_state)
+    except checkpointing.CorruptCheckpointError as e:
+      failures.append(str(e))
+      print(f"{e}" + ("; trying the best checkpoint" if kind == checkpointing.LATEST and
+                      len(kinds) > 1 else ""))
+      continue
+    return state, meta, changes
+  raise checkpointing.CorruptCheckpointError(
+      f"{workdir}: no checkpoint restores ({'; '.join(failures)}); restore the files from a "
+      f"copy, or train in a new --workdir")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -239,19 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   exp = Experiment(config)
   ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest)
-  kind = _resume_kind(ckpt, workdir)
-  if kind is not None:  # every check before anything in the workdir is written
-    saved = ckpt.restore_meta(kind)
-    changes = _check_resume(saved, config, workdir)
-    _check_schema(saved, exp.schema, workdir)
+  resumed = _resume(ckpt, exp, workdir)  # every check before anything in the workdir is written
   reporting.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
   if exp.data.preprocessing is not None:
     reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
                                 exp.data.preprocessing.to_dict())
   writer = reporting.ScalarWriter(workdir)
 
-  if kind is not None:
-    state, meta = ckpt.restore(kind, exp.abstract_state)
+  if resumed is not None:
+    state, meta, changes = resumed
     meta.setdefault("resumes", [])
     if changes:
       meta["resumes"].append({"step": meta["step"], "changed": changes})

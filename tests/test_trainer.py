@@ -260,3 +260,40 @@ def test_only_process_0_prepares_the_data_the_others_wait(monkeypatch, process):
                       lambda name: calls.append("barrier"))
   assert trainer.load_dataset_prepared_once(None) == "data"
   assert calls == (["load", "barrier"] if process == 0 else ["barrier", "load"])
+
+
+def _scramble_data_files(checkpoint_dir: str) -> None:
+  """Random bytes in the middle of every data file of a checkpoint's state."""
+  rng = np.random.default_rng(0)
+  for root, _, files in os.walk(os.path.join(checkpoint_dir, "state")):
+    if os.path.basename(root) != "d":
+      continue
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size // 2)
+        f.write(rng.bytes(min(64, size - size // 2)))
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_run_falls_back_to_one_that_restores(tmp_path,
+                                                                                  capsys):
+  config = tiny_config()
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  both = str(tmp_path / "both")
+  shutil.copytree(workdir, both)
+  latest = os.path.join(workdir, "checkpoints", checkpointing.LATEST, "30")
+  _scramble_data_files(latest)
+  config.train.num_epochs = 2
+  summary = trainer.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert f"checkpoint {latest} " in out and "trying the best checkpoint" in out
+  assert [h["epoch"] for h in summary["history"]] == [1, 2]
+
+  for kind in (checkpointing.LATEST, checkpointing.BEST):
+    _scramble_data_files(os.path.join(both, "checkpoints", kind, "30"))
+  before = _tree(both)
+  with pytest.raises(checkpointing.CorruptCheckpointError, match="no checkpoint restores"):
+    trainer.train_and_evaluate(config, both)
+  assert _tree(both) == before
