@@ -76,6 +76,8 @@ class Checkpoints:
   def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
     """Saves ``state`` and ``meta`` as checkpoint ``step`` of ``kind`` (``latest`` or ``best``)."""
     manager = self._managers[kind]
+    if step in manager.all_steps():  # a run resumed from before a crash that came between the
+      manager.delete(step)           # best and the latest save redoes the step: same state
     meta = dict(meta, checksums=state_checksums(state))
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)

@@ -297,3 +297,15 @@ def test_a_corrupt_checkpoint_is_named_and_the_run_falls_back_to_one_that_restor
   with pytest.raises(checkpointing.CorruptCheckpointError, match="no checkpoint restores"):
     trainer.train_and_evaluate(config, both)
   assert _tree(both) == before
+
+
+def test_a_crash_between_the_best_and_the_latest_save_resumes(tmp_path):
+  config = tiny_config()
+  config.train.num_epochs = 2
+  config.checkpoint.keep_latest = 2
+  workdir = str(tmp_path / "run")
+  summary = trainer.train_and_evaluate(config, workdir)
+  assert summary["best_step"] == 60  # the second epoch's save wrote best/60, then latest/60
+  shutil.rmtree(os.path.join(workdir, "checkpoints", checkpointing.LATEST, "60"))  # the crash
+  resumed = trainer.train_and_evaluate(config, workdir)  # redoes epoch 2, saves best/60 again
+  assert resumed["best_step"] == 60 and [h["epoch"] for h in resumed["history"]] == [1, 2]
