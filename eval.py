@@ -16,7 +16,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the newest).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error instead of one line.")
+_DEBUG = flags.DEFINE_bool("debug", False,
+                           "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser('eval.py'))
+  app.run(main, flags_parser=cli.flags_parser("eval.py"))

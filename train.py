@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser('train.py'))
+  app.run(main, flags_parser=cli.flags_parser("train.py"))

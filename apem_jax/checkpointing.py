@@ -50,12 +50,25 @@ def _checksums(state: Any) -> jax.Array:
   def one(x):
     words = _words(x)
     weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
-    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                      jnp.sum(words * weights, dtype=jnp.uint32)])
   return jnp.stack([one(x) for x in jax.tree.leaves(state)])
 
 
 def state_checksums(state: Any) -> list[list[int]]:
+  """Per leaf of ``state`` (in ``jax.tree.leaves`` order), ``[sum, position-weighted sum]``."""
   return [[int(a), int(b)] for a, b in jax.device_get(_checksums(state))]
+
+
+def _read(manager: ocp.CheckpointManager, step: int, **items) -> dict:
+  """``manager.restore`` of ``step``; any failure to read raises :class:`CorruptCheckpointError`
+  naming the checkpoint directory (Orbax and TensorStore raise many types for unreadable files)."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:
+    raise CorruptCheckpointError(
+        f"checkpoint {os.path.join(os.fspath(manager.directory), str(step))} cannot be read: "
+        f"{type(e).__name__}: {str(e)[:300]}") from e
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -95,20 +108,17 @@ class Checkpoints:
     if step not in manager.all_steps():
       raise FileNotFoundError(f"no {kind} checkpoint at step {step} under {manager.directory}; "
                               f"available steps: {sorted(manager.all_steps())}")
-    path = os.path.join(os.fspath(manager.directory), str(step))
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
-      raise CorruptCheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: "
-                                   f"{str(e)[:300]}") from e
+    restored = _read(manager, step, state=ocp.args.StandardRestore(abstract_state),
+                     meta=ocp.args.JsonRestore())
     state, meta = restored["state"], restored["meta"]
-    if "checksums" in meta and state_checksums(state) != meta["checksums"]:
-      changed = [jax.tree_util.keystr(p) for (p, _), got, want in zip(
-          jax.tree_util.tree_flatten_with_path(state)[0], state_checksums(state),
-          meta["checksums"]) if got != want]
-      raise CorruptCheckpointError(f"checkpoint {path} does not hold what was saved: the "
-                                   f"checksums of {changed[:3]} differ")
+    if "checksums" in meta:
+      got = state_checksums(state)
+      if got != meta["checksums"]:
+        changed = [jax.tree_util.keystr(p) for (p, _), a, b in zip(
+            jax.tree_util.tree_flatten_with_path(state)[0], got, meta["checksums"]) if a != b]
+        raise CorruptCheckpointError(
+            f"checkpoint {os.path.join(os.fspath(manager.directory), str(step))} does not hold "
+            f"what was saved: the checksums of {changed[:3]} differ")
     return state, meta
 
   def restore_meta(self, kind: str, step: int | None = None) -> dict:
@@ -117,12 +127,7 @@ class Checkpoints:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no {kind} checkpoint under {manager.directory}")
-    try:
-      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:
-      raise CorruptCheckpointError(
-          f"checkpoint {os.path.join(os.fspath(manager.directory), str(step))} cannot be read: "
-          f"{type(e).__name__}: {str(e)[:300]}") from e
+    return _read(manager, step, meta=ocp.args.JsonRestore())["meta"]
 
   def close(self) -> None:
     for manager in self._managers.values():

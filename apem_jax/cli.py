@@ -4,7 +4,7 @@ A user error (a bad config value, a workdir or file that is missing, refused or 
 the command with ``<program>: error: <what is wrong and what was expected>`` and exit status 1;
 ``--debug`` shows the traceback instead. Anything else is a bug and keeps its traceback. Flags
 that do not parse (a value of the wrong type, a ``--config.<key>`` the config does not have) end
-the same way, with exit status 2.
+the same way.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Where the dataset is (default: the run's data.data_dir).")
 _CHECK_EXAMPLES = flags.DEFINE_integer("check_examples", 256,
                                        "Validation examples the export checks run on.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error instead of one line.")
+_DEBUG = flags.DEFINE_bool("debug", False,
+                           "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -39,7 +40,8 @@ def _run(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  with cli.user_errors_in_one_line("apem-export", _DEBUG.value, also=(export_lib.ExportCheckError,)):
+  with cli.user_errors_in_one_line("apem-export", _DEBUG.value,
+                                   also=(export_lib.ExportCheckError,)):
     meta = export_lib.export(
         _WORKDIR.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
         config=_CONFIG.value, overwrite=_OVERWRITE.value, platforms=tuple(_PLATFORMS.value),

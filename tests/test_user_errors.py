@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from apem_jax import trainer
-from test_trainer import tiny_config
+from test_trainer import _tree, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -60,15 +60,6 @@ CASES = [
 ]
 
 
-def _tree(directory: str) -> dict[str, bytes]:
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
-  return out
-
-
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
   root = tmp_path_factory.mktemp("user_errors")
@@ -76,7 +67,7 @@ def places(tmp_path_factory):
   tiny.write_text(textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {TESTS!r})
-      from test_trainer import tiny_config
+      from test_trainer import _tree, tiny_config
 
       def get_config():
         return tiny_config()

@@ -102,6 +102,7 @@ TASK_GROUPS: Mapping[str, tuple[str, ...]] = {
 }
 ALL_TASKS: tuple[str, ...] = ("income", "marital", "education")
 
+
 def label_key(task: str) -> str:
   """The column that holds task ``task``'s 0/1 label in the prepared dataset. Never an attribute's
   name: the ``education`` task (holds a college degree) and the 17-level ``education`` attribute
@@ -265,7 +266,8 @@ def read_raw_file(path: str | os.PathLike, expected_rows: int | None = None,
 
   Raises:
     CensusSourceError: a line without 42 columns (naming the line), a non-numeric, NaN or
-      infinite value in a numeric column, an unknown income label, or a row count other than ``expected_rows``.
+      infinite value in a numeric column, an unknown income label, or a row count other than
+      ``expected_rows``.
   """
   name = display_name or os.fspath(path)
   lines = _checked_lines(path, expected_rows, name)

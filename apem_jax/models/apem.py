@@ -16,8 +16,8 @@ What is the paper's (its abstract; DESIGN.md section 1):
 What is **our reconstruction** (DESIGN.md section 2; the paper gives no equations): everything
 else: the per-field embedding; competitive grouping (softmax over groups, renormalised over
 fields) as the "modification" of set attention; seeds, heads, LN/FFN placement, broadcast back;
-SE over fields with a grouped mean/max squeeze (FiBiNet++); the pattern bank of field + group tokens; indicators
-``tau_t + g_t(mean_f E_L)``; dot-product selection with optional top-k; towers on
+SE over fields with a grouped mean/max squeeze (FiBiNet++); the pattern bank of field + group
+tokens; indicators ``tau_t + g_t(mean_f E_L)``; dot-product selection with optional top-k; towers on
 ``[h_t ; mean_f E_L]``. Funnel chaining of the logits is done by the losses module, not here.
 
 Pipeline: FieldEmbedding -> DeepAutoGroupTransformer -> PatternSelector -> per-task towers.

@@ -265,7 +265,8 @@ class DeepAutoGroupTransformer(nn.Module):
       out = GroupTransformerBlock(
           num_groups=self.num_groups, num_heads=self.num_heads, ffn_mult=self.ffn_mult,
           grouping=self.grouping, se=self.se, se_reduction=self.se_reduction,
-          se_squeeze=self.se_squeeze, se_squeeze_groups=self.se_squeeze_groups, dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
+          se_squeeze=self.se_squeeze, se_squeeze_groups=self.se_squeeze_groups,
+          dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
       fields = out.fields
     if out is None:
       raise ValueError("DeepAutoGroupTransformer: num_blocks must be >= 1")
