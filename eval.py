@@ -15,7 +15,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
-_STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the newest).")
+_STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the one --checkpoint names).")
 _DEBUG = flags.DEFINE_bool("debug", False,
                            "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])

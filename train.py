@@ -1,7 +1,11 @@
 """Train a multi-task model: python train.py --config configs/census_apem.py --workdir runs/census_apem
 
 Any config value can be overridden, e.g. --config.train.num_epochs=5 --config.model.num_groups=4.
-A workdir that already holds checkpoints resumes from the latest one.
+A workdir that already holds checkpoints resumes from the newest one that restores.
+
+SIGTERM or SIGINT (Ctrl-C; twice to interrupt at once) finishes the current step, saves a
+checkpoint and exits with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as
+does a preemption notice on several processes (143); rerun the same command to resume.
 
 Several hosts (README, "Several hosts"): run the same command in every process with
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or ``--distributed`` alone
@@ -10,6 +14,8 @@ workdir must be on storage every process sees.
 """
 
 import os
+import signal
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -48,6 +54,8 @@ def main(argv):
   initialize_distributed()
   with cli.user_errors_in_one_line("train.py", _DEBUG.value):
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if summary["stopped_by"]:
+    sys.exit(128 + signal.Signals[summary["stopped_by"]["signal"]].value)
   print(f"Best validation score {summary['best_validation_score']:.5f} at step "
         f"{summary['best_step']}; metrics in {_WORKDIR.value}/metrics.json")
 

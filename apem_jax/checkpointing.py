@@ -1,14 +1,17 @@
 """Checkpoints: the only module that imports Orbax.
 
-A workdir holds two Orbax ``CheckpointManager`` directories:
+A workdir's checkpoints live in one Orbax ``CheckpointManager`` directory, ``checkpoints/``, one
+subdirectory per step. Orbax's own preservation policy decides what is kept: the newest
+``keep_latest`` checkpoints and the one with the best validation selection score (its metric,
+stored by Orbax beside each evaluated checkpoint). Checkpoints saved between evaluations carry no
+metric and are kept only while they are among the newest. There is one manager, so there is no
+moment at which a "best" and a "latest" copy disagree.
 
-* ``checkpoints/latest``: saved every evaluation (the last ``keep`` kept); a restarted run resumes
-  from here.
-* ``checkpoints/best``: the checkpoint with the best validation selection score (one kept).
-
-Each checkpoint holds the train state (``state``) and a JSON ``meta`` item (step, epoch, metrics,
-early-stopping bookkeeping, the config and the schema). Orbax writes to a temporary directory and
-renames it when complete, so an interrupted save never leaves a checkpoint that restores.
+Each checkpoint holds the train state (``state``) and a JSON ``meta`` item (step, epoch, data
+position, metrics, early-stopping bookkeeping, the config and the schema). Saves are
+asynchronous (the arrays are copied to the host, then written by a background thread while
+training goes on) and atomic: Orbax writes into a temporary directory and renames it when
+complete, so an interrupted save never leaves a checkpoint that restores half-written.
 
 Orbax does not notice bytes changed inside a data file when its compression still decodes. So
 ``meta`` also holds a checksum of every leaf of the state (two sums of its 32-bit words modulo
@@ -20,15 +23,19 @@ files Orbax cannot read.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 LATEST = "latest"
 BEST = "best"
+KINDS = (BEST, LATEST)
 
 
 class CorruptCheckpointError(ValueError):
@@ -55,9 +62,16 @@ def _checksums(state: Any) -> jax.Array:
   return jnp.stack([one(x) for x in jax.tree.leaves(state)])
 
 
-def state_checksums(state: Any) -> list[list[int]]:
-  """Per leaf of ``state`` (in ``jax.tree.leaves`` order), ``[sum, position-weighted sum]``."""
-  return [[int(a), int(b)] for a, b in jax.device_get(_checksums(state))]
+def _path_name(path: tuple) -> str:
+  """``'params/tower_0/kernel'``: a leaf's path, the same for a dataclass field and a dict key."""
+  return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+  """Per leaf of ``state``, by its path: ``[sum, position-weighted sum]``."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  sums = jax.device_get(_checksums([x for _, x in flat])) if flat else []
+  return {_path_name(p): [int(a), int(b)] for (p, _), (a, b) in zip(flat, sums)}
 
 
 def _read(manager: ocp.CheckpointManager, step: int, **items) -> dict:
@@ -71,65 +85,175 @@ def _read(manager: ocp.CheckpointManager, step: int, **items) -> dict:
         f"{type(e).__name__}: {str(e)[:300]}") from e
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=False)
+class _ExpectedWarnings(logging.Filter):
+  """Orbax warns about what this module does by design: checkpoints between evaluations have no
+  metric, and evaluation and export open the checkpoints read-only."""
+
+  EXPECTED = ("did not provide metrics", "read_only=True, setting", "directory is read only")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_ExpectedWarnings())
+
+
+def _drop_closed_loop_callbacks(previous):
+  """An ``sys.unraisablehook`` that drops the errors TensorStore's late callbacks raise into the
+  closed event loop of a restore that failed early (one per pending read, each a traceback on
+  stderr after the error that matters was already reported); anything else goes to ``previous``."""
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _rank(metrics: dict) -> tuple[float, int]:
+  """Orders evaluated checkpoints: higher score first, then the earlier step (the trainer's
+  rule: a checkpoint is the best only if it beats every earlier score strictly)."""
+  return metrics["score"], -metrics["step"]
+
+
+def _manager(directory: str, keep_latest: int, async_save: bool,
+             read_only: bool) -> ocp.CheckpointManager:
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep_latest),
+      checkpoint_managers.BestN(get_metric_fn=_rank, reverse=False, n=1,
+                                keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=_rank, best_mode="max", create=not read_only,
+      read_only=read_only, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "meta"))
 
 
+def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restore arguments that place every leaf as ``abstract`` says (shape, dtype, sharding)."""
+  return ocp.args.PyTreeRestore(item=abstract, partial_restore=partial,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 class Checkpoints:
-  """The latest and best checkpoints of one workdir."""
+  """The checkpoints of one workdir (``<workdir>/checkpoints``).
 
-  def __init__(self, workdir: str, keep_latest: int = 1):
-    root = os.path.join(workdir, "checkpoints")
-    self._managers = {LATEST: _manager(os.path.join(root, LATEST), keep_latest),
-                      BEST: _manager(os.path.join(root, BEST), 1)}
+  ``kind`` arguments name a checkpoint without its step: ``'latest'`` (the newest) or ``'best'``
+  (the best validation score among evaluated checkpoints). ``read_only=True`` creates and deletes
+  nothing (evaluation and export).
+  """
 
-  def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` and ``meta`` as checkpoint ``step`` of ``kind`` (``latest`` or ``best``)."""
-    manager = self._managers[kind]
-    if step in manager.all_steps():  # a run resumed from before a crash that came between the
-      manager.delete(step)           # best and the latest save redoes the step: same state
+  def __init__(self, workdir: str, keep_latest: int = 2, async_save: bool = False,
+               read_only: bool = False):
+    self.directory = os.path.join(workdir, "checkpoints")
+    legacy = [k for k in KINDS if os.path.isdir(os.path.join(self.directory, k))]
+    if legacy:
+      raise ValueError(f"{self.directory} holds checkpoints in the layout of an earlier version "
+                       f"({'/, '.join(legacy)}/ subdirectories); evaluate or export them with "
+                       f"that version, or train again in a new --workdir")
+    self._read_only = read_only
+    self._manager = (None if read_only and not os.path.isdir(self.directory) else
+                     _manager(self.directory, keep_latest, async_save, read_only))
+
+  def steps(self) -> list[int]:
+    """The steps of every complete checkpoint, oldest first."""
+    return sorted(self._manager.all_steps()) if self._manager else []
+
+  def step_of(self, kind: str = LATEST, step: int | None = None) -> int | None:
+    """The step ``kind`` (or the given ``step``) names; None where there is no such checkpoint.
+
+    Raises:
+      ValueError: ``kind`` is neither ``'best'`` nor ``'latest'``.
+      FileNotFoundError: ``step`` is given and has no checkpoint.
+    """
+    if kind not in KINDS:
+      raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    steps = self.steps()
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f"no checkpoint at step {step} under {self.directory}; "
+                                f"available steps: {steps}")
+      return step
+    if not steps:
+      return None
+    if kind == LATEST:
+      return steps[-1]
+    best = self._manager.best_step()
+    return best if self._manager.metrics(best) is not None else None
+
+  def _resolve(self, kind: str, step: int | None) -> int:
+    resolved = self.step_of(kind, step)
+    if resolved is None:
+      what = "evaluated checkpoint (one saved with a validation score)" if kind == BEST else \
+          "checkpoint"
+      raise FileNotFoundError(f"no {what} under {self.directory}")
+    return resolved
+
+  def save(self, step: int, state: Any, meta: dict, score: float | None = None) -> None:
+    """Starts saving ``state`` and ``meta`` as checkpoint ``step`` (returns once the arrays are
+    copied off the devices; :meth:`wait` waits for the files). ``score``: the validation
+    selection score of an evaluated checkpoint, which the ``best`` checkpoint is chosen by."""
+    if step in self._manager.all_steps():  # a resume from an older checkpoint redoes its steps
+      self._manager.delete(step)
     meta = dict(meta, checksums=state_checksums(state))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+    metrics = None if score is None else {"score": float(score), "step": int(step)}
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                     meta=ocp.args.JsonSave(meta)),
+                       metrics=metrics, force=True)
 
-  def latest_step(self, kind: str) -> int | None:
-    return self._managers[kind].latest_step()
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    if self._manager:
+      self._manager.wait_until_finished()
 
-  def restore(self, kind: str, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step every process agreed to save at after a preemption notice (several
+    processes under ``jax.distributed``; always False for one process)."""
+    return self._manager.reached_preemption(step)
+
+  def restore(self, abstract_state: Any, kind: str = LATEST,
+              step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, meta)``; ``abstract_state`` gives shapes, dtypes and shardings."""
-    manager = self._managers[kind]
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no {kind} checkpoint under {manager.directory}")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no {kind} checkpoint at step {step} under {manager.directory}; "
-                              f"available steps: {sorted(manager.all_steps())}")
-    restored = _read(manager, step, state=ocp.args.StandardRestore(abstract_state),
+    step = self._resolve(kind, step)
+    restored = _read(self._manager, step, state=_pytree_restore(abstract_state),
                      meta=ocp.args.JsonRestore())
     state, meta = restored["state"], restored["meta"]
-    if "checksums" in meta:
-      got = state_checksums(state)
-      if got != meta["checksums"]:
-        changed = [jax.tree_util.keystr(p) for (p, _), a, b in zip(
-            jax.tree_util.tree_flatten_with_path(state)[0], got, meta["checksums"]) if a != b]
-        raise CorruptCheckpointError(
-            f"checkpoint {os.path.join(os.fspath(manager.directory), str(step))} does not hold "
-            f"what was saved: the checksums of {changed[:3]} differ")
+    _verify(self._path(step), state, meta.get("checksums"))
     return state, meta
 
-  def restore_meta(self, kind: str, step: int | None = None) -> dict:
+  def restore_params(self, abstract_params: Any, kind: str = LATEST,
+                     step: int | None = None) -> tuple[Any, dict]:
+    """Restores only ``(params, meta)`` (the optimizer state is not read): ``abstract_params``
+    gives shapes, dtypes and shardings, which may differ from training's (e.g. one device)."""
+    step = self._resolve(kind, step)
+    restored = _read(self._manager, step, meta=ocp.args.JsonRestore(),
+                     state=_pytree_restore({"params": abstract_params}, partial=True))
+    params, meta = restored["state"]["params"], restored["meta"]
+    _verify(self._path(step), {"params": params}, meta.get("checksums"))
+    return params, meta
+
+  def restore_meta(self, kind: str = LATEST, step: int | None = None) -> dict:
     """Only the JSON ``meta`` of a checkpoint (no arrays read)."""
-    manager = self._managers[kind]
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no {kind} checkpoint under {manager.directory}")
-    return _read(manager, step, meta=ocp.args.JsonRestore())["meta"]
+    step = self._resolve(kind, step)
+    return _read(self._manager, step, meta=ocp.args.JsonRestore())["meta"]
+
+  def _path(self, step: int) -> str:
+    return os.path.join(os.path.abspath(self.directory), str(step))
 
   def close(self) -> None:
-    for manager in self._managers.values():
-      manager.close()
+    if self._manager:
+      self._manager.close()
 
+
+def _verify(path: str, state: Any, saved: dict) -> None:
+  """Raises :class:`CorruptCheckpointError` unless every leaf of ``state`` (the whole saved state
+  or a part of it) has the checksum saved under its path."""
+  if not isinstance(saved, dict):
+    raise CorruptCheckpointError(f"checkpoint {path}: its meta holds no checksums of the state")
+  got = state_checksums(state)
+  changed = [name for name, sums in got.items() if saved.get(name) != sums]
+  if changed:
+    raise CorruptCheckpointError(f"checkpoint {path} does not hold what was saved: the "
+                                 f"checksums of {changed[:3]} differ")

@@ -13,12 +13,13 @@ _REQUIRED = {
     "": {"seed": (int,)},
     "train": {"batch_size": (int,), "eval_batch_size": (int,), "num_epochs": (int,),
               "patience": (int,), "log_every": (int,), "task_weights": (tuple, list),
-              "progress_bar": (bool,)},
+              "progress_bar": (bool,), "eval_every_steps": (int,),
+              "checkpoint_every_steps": (int,)},
     "optimizer": {"learning_rate": (float, int), "schedule": (str,), "warmup_steps": (int,),
                   "final_lr_ratio": (float, int), "b1": (float,), "b2": (float,),
                   "weight_decay": (float, int), "grad_clip_norm": (float, int)},
     "parallel": {"mode": (str,), "model_parallelism": (int,), "shard_embeddings_min_rows": (int,)},
-    "checkpoint": {"keep_latest": (int,)},
+    "checkpoint": {"keep_latest": (int,), "async_save": (bool,)},
     "data": {"name": (str,)},
     "model": {"name": (str,)},
 }
@@ -48,6 +49,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in _POSITIVE:
     if _get(config, path) <= 0:
       raise ValueError(f"config: {path}={_get(config, path)!r} must be positive")
+  for path in ("train.eval_every_steps", "train.checkpoint_every_steps"):
+    if _get(config, path) < 0:
+      raise ValueError(f"config: {path}={_get(config, path)} must be >= 0 (0: "
+                       f"{'once per epoch' if 'eval' in path else 'at every evaluation only'})")
+  if config.checkpoint.keep_latest < 2:
+    raise ValueError(f"config: checkpoint.keep_latest={config.checkpoint.keep_latest} must be >= "
+                     f"2, so that a resume can fall back to an older checkpoint if the newest "
+                     f"one is damaged")
   if config.parallel.mode not in ("jit", "pmap"):
     raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit', 'pmap'")
   if config.parallel.shard_embeddings_min_rows < 0:
@@ -99,7 +108,8 @@ def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
 # is spread over devices (the same math), and how long it goes on. Every other key changes the
 # trajectory (model, data, optimizer, batch size, seed, schedule, losses).
 RESUMABLE_KEYS = ("data.data_dir", "train.num_epochs", "train.patience", "train.log_every",
-                  "train.progress_bar", "train.eval_batch_size", "parallel.", "checkpoint.")
+                  "train.progress_bar", "train.eval_batch_size", "train.checkpoint_every_steps",
+                  "parallel.", "checkpoint.")
 
 
 def _value_at(tree: Mapping, key: str) -> Any:

@@ -4,9 +4,11 @@ Besides :mod:`apem_jax.data`, this is the one module that imports TensorFlow (fo
 the SavedModel format); the in-graph raw-feature preprocessing itself lives in
 :mod:`apem_jax.data.serving`, and checkpoints are read through :mod:`apem_jax.checkpointing`.
 
-``export(workdir, output)`` restores a checkpoint of a training workdir (the best one unless told
-otherwise), rebuilds its config (stored in the checkpoint), model (registry) and preprocessing
-(``<workdir>/preprocessing.json``), and writes ``output/``:
+``export(workdir, output)`` restores the parameters of a checkpoint of a training workdir (the
+best one unless told otherwise) onto one device, whatever mesh trained them, with the config and
+schema stored in the checkpoint, the model from the registry and the preprocessing of
+``<workdir>/preprocessing.json``: it reads neither the dataset nor the optimizer state. It
+writes ``output/``:
 
 * ``saved_model/``: a TensorFlow SavedModel (``jax2tf``, native serialization) whose
   ``serving_default`` signature takes every raw feature by name, ``tf.string [None]`` for
@@ -23,8 +25,9 @@ otherwise), rebuilds its config (stored in the checkpoint), model (registry) and
 * ``preprocessing.json`` (when the data has preprocessing): vocabularies and statistics.
 
 Before the export is put in place, both artifacts are reloaded (the SavedModel in TensorFlow, the
-StableHLO artifact in JAX) and run on a batch of validation examples (the first row with every
-categorical value unseen); the export fails if either differs from the JAX model by more than ``TOLERANCE`` on any prediction.
+StableHLO artifact in JAX) and run on validation rows that training stored in
+``<workdir>/validation_sample.npz`` (the first row made all-unseen); the export fails if either
+differs from the JAX model by more than ``TOLERANCE`` on any prediction.
 The SavedModel needs raw values: the data package keeps only encoded arrays, so they are
 rebuilt with :func:`apem_jax.data.serving.decode` (ids -> vocabulary strings, OOV ids -> a string
 in no vocabulary, numeric values un-normalised and un-transformed), and the JAX reference for the
@@ -33,7 +36,7 @@ SavedModel is the model on those raw values encoded by :func:`apem_jax.data.enco
 Everything is written to a temporary directory next to ``output`` and renamed into place only
 when complete and checked: a failed export leaves nothing behind.
 
-Command line (``apem-export`` or ``python -m apem_jax.export``): see :mod:`apem_jax.export_main`.
+Command line (``apem-export`` or ``python -m apem_jax.export_main``): see :mod:`apem_jax.export_main`.
 """
 
 from __future__ import annotations
@@ -53,10 +56,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import jax2tf
 
-from apem_jax import checkpointing, config_validation, losses, trainer
+from apem_jax import checkpointing, config_validation, losses, parallel, reporting, trainer
 from apem_jax.data import encode as encode_raw
 from apem_jax.data import Preprocessing
 from apem_jax.data import serving
+from apem_jax.models import build_model
 from apem_jax.schema import Schema
 
 tf = serving.tf  # TensorFlow as the data package configured it (quiet, no GPUs).
@@ -76,33 +80,24 @@ class ExportCheckError(RuntimeError):
 
 @dataclasses.dataclass
 class Run:
-  """A restored training run: what an export needs."""
+  """A restored checkpoint: what an export needs, and nothing of training (no dataset, optimizer
+  state or training mesh)."""
 
   config: ml_collections.ConfigDict
   meta: dict
   kind: str
   step: int
-  experiment: trainer.Experiment
+  schema: Schema
+  model: Any
+  head: losses.TaskHead
   params: Any  # host numpy arrays
   preprocessing: Preprocessing | None
-
-  @property
-  def schema(self) -> Schema:
-    return self.experiment.schema
+  sample: dict[str, np.ndarray]  # validation rows' model inputs, stored at training time
 
 
 # --------------------------------------------------------------------------------------------
 # Restoring
 # --------------------------------------------------------------------------------------------
-
-def checkpoint_steps(workdir: str, kind: str) -> list[int]:
-  """Steps of the complete checkpoints of ``kind`` in ``workdir`` (without creating anything)."""
-  directory = os.path.join(workdir, "checkpoints", kind)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
-
 
 def _merge(base: dict, over: dict) -> dict:
   """``base`` with ``over``'s values written over it, recursively."""
@@ -113,112 +108,131 @@ def _merge(base: dict, over: dict) -> dict:
   return out
 
 
+def _run_config(workdir: str, kind: str, step: int, saved: dict | None,
+                config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """The checkpoint's config, checked against ``<workdir>/config.json`` and ``config``."""
+  config_path = os.path.join(workdir, "config.json")
+  on_disk = None
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      on_disk = json.load(f)
+  if saved is None:
+    if on_disk is None:
+      raise ValueError(f"{workdir}: the {kind} checkpoint (step {step}) holds no config and "
+                       f"there is no config.json")
+    saved = on_disk
+  elif on_disk is not None:
+    diff = config_validation.model_data_diff(saved, on_disk)
+    if diff:
+      raise ValueError(f"{workdir}: config.json does not match the config of the {kind} "
+                       f"checkpoint (step {step}); differing keys: {diff}")
+  if config is not None:
+    given = config.to_dict()
+    diff = config_validation.model_data_diff(saved, given)
+    if diff:
+      raise ValueError(f"{workdir}: the {kind} checkpoint (step {step}) was trained with a "
+                       f"different config than the one given; differing keys: {diff}")
+    # The checkpoint's values win; the given config fills keys that this version of the code
+    # requires and an older run's config lacks.
+    saved = _merge(given, saved)
+  run_config = ml_collections.ConfigDict(saved)
+  try:
+    config_validation.validate(run_config)
+  except ValueError as e:
+    if "missing required key" not in str(e) or config is not None:
+      raise
+    raise ValueError(f"{workdir}: the {kind} checkpoint's config lacks a key this version "
+                     f"requires ({e}); pass --config with the run's config file to fill it "
+                     f"in") from e
+  return run_config
+
+
+def _abstract_params(model: Any, schema: Schema) -> Any:
+  """Shapes and dtypes of ``model``'s parameters, each placed whole on one local device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), trainer.example_batch(schema),
+                                             train=False))["params"]
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
 def restore_run(workdir: str, kind: str = checkpointing.BEST, step: int | None = None,
-                config: ml_collections.ConfigDict | None = None,
-                data_dir: str | None = None) -> Run:
-  """Restores a checkpoint of ``workdir`` with the config it was trained with.
+                config: ml_collections.ConfigDict | None = None) -> Run:
+  """Restores the parameters of a checkpoint of ``workdir`` with the config it was trained with,
+  onto this process's first device, whatever mesh trained them.
 
   Args:
     workdir: a training workdir.
-    kind: ``'best'`` or ``'latest'``.
-    step: a specific step of that kind (default: the newest).
+    kind: ``'best'`` (the best evaluated checkpoint) or ``'latest'``.
+    step: a specific checkpoint step (default: the one ``kind`` names).
     config: optional; must agree with the checkpoint's config on every ``model.*`` and ``data.*``
-      key (``data.data_dir`` aside, whose value it then supplies). It also fills in keys the
-      checkpoint's config lacks (a run trained before this version of the code required them).
-    data_dir: overrides ``data.data_dir`` (where the dataset is read for the checks).
+      key (``data.data_dir`` aside). It also fills in keys the checkpoint's config lacks (a run
+      trained before this version of the code required them).
 
   Raises:
-    FileNotFoundError: no such workdir or checkpoint.
-    ValueError: the checkpoint, ``<workdir>/config.json``, ``config`` or the dataset disagree.
+    FileNotFoundError: no such workdir, checkpoint, or stored validation sample.
+    ValueError: the checkpoint, ``<workdir>/config.json``, ``config`` or the stored
+      preprocessing disagree.
   """
-  if kind not in (checkpointing.BEST, checkpointing.LATEST):
-    raise ValueError(f"checkpoint must be {checkpointing.BEST!r} or {checkpointing.LATEST!r}, "
-                     f"got {kind!r}")
+  if kind not in checkpointing.KINDS:
+    raise ValueError(f"checkpoint must be one of {checkpointing.KINDS}, got {kind!r}")
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist")
-  steps = checkpoint_steps(workdir, kind)
-  if not steps:
-    other = checkpointing.LATEST if kind == checkpointing.BEST else checkpointing.BEST
-    hint = (f"; it has {other} checkpoints {checkpoint_steps(workdir, other)} "
-            f"(--checkpoint {other})" if checkpoint_steps(workdir, other) else
-            f"; train first (train.py --workdir {workdir})")
-    raise FileNotFoundError(f"{workdir}: no {kind} checkpoint under "
-                            f"{os.path.join(workdir, 'checkpoints', kind)}{hint}")
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"{workdir}: no {kind} checkpoint at step {step}; available {kind} "
-                            f"steps: {steps}")
-  step = steps[-1] if step is None else step
-
-  ckpt = checkpointing.Checkpoints(workdir)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
   try:
-    meta = ckpt.restore_meta(kind, step)
-    saved = meta.get("config")
-    config_path = os.path.join(workdir, "config.json")
-    on_disk = None
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        on_disk = json.load(f)
-    if saved is None:
-      if on_disk is None:
-        raise ValueError(f"{workdir}: the {kind} checkpoint (step {step}) holds no config and "
-                         f"there is no config.json")
-      saved = on_disk
-    elif on_disk is not None:
-      diff = config_validation.model_data_diff(saved, on_disk)
-      if diff:
-        raise ValueError(f"{workdir}: config.json does not match the config of the {kind} "
-                         f"checkpoint (step {step}); differing keys: {diff}")
-    if config is not None:
-      given = config.to_dict()
-      diff = config_validation.model_data_diff(saved, given)
-      if diff:
-        raise ValueError(f"{workdir}: the {kind} checkpoint (step {step}) was trained with a "
-                         f"different config than the one given; differing keys: {diff}")
-      # The checkpoint's values win; the given config fills keys that this version of the code
-      # requires and an older run's config lacks, and supplies data.data_dir.
-      saved = _merge(given, saved)
-      if given.get("data", {}).get("data_dir") is not None:
-        saved["data"]["data_dir"] = given["data"]["data_dir"]
-    run_config = ml_collections.ConfigDict(saved)
-    if data_dir is not None:
-      run_config.data.data_dir = data_dir
-
-    try:
-      exp = trainer.Experiment(run_config)
-    except ValueError as e:
-      if "missing required key" not in str(e) or config is not None:
-        raise
-      raise ValueError(f"{workdir}: the {kind} checkpoint's config lacks a key this version "
-                       f"requires ({e}); pass --config with the run's config file to fill it "
-                       f"in") from e
-    if "schema" in meta and Schema.from_dict(meta["schema"]) != exp.schema:
-      raise ValueError(f"{workdir}: the dataset's schema no longer matches the one the {kind} "
-                       f"checkpoint (step {step}) was trained on")
-    state, meta = ckpt.restore(kind, exp.abstract_state, step)
+    resolved = ckpt.step_of(kind, step)
+    if resolved is None:
+      steps = ckpt.steps()
+      hint = (f"; it has unevaluated checkpoints {steps} (--checkpoint latest)" if steps else
+              f"; train first (train.py --workdir {workdir})")
+      raise FileNotFoundError(f"{workdir}: no {kind} checkpoint under {ckpt.directory}{hint}")
+    meta = ckpt.restore_meta(step=resolved)
+    run_config = _run_config(workdir, kind, resolved, meta.get("config"), config)
+    schema = Schema.from_dict(meta["schema"])
+    model = parallel.pad_tables(build_model(run_config.model, schema),
+                                trainer.example_batch(schema),
+                                run_config.parallel.model_parallelism,
+                                run_config.parallel.shard_embeddings_min_rows)
+    params, meta = ckpt.restore_params(_abstract_params(model, schema), step=resolved)
   finally:
     ckpt.close()
-  params = jax.device_get(state.params)  # host numpy: exported functions are not sharded
-  return Run(run_config, meta, kind, step, exp, params,
-             _run_preprocessing(workdir, exp))
+  if isinstance(model, parallel.RowPaddedModel):  # serve the tables without their padding rows
+    model, params = model.model, model.unpad(params)
+  return Run(run_config, meta, kind, resolved, schema, model,
+             trainer.task_head(run_config, schema, model), jax.device_get(params),
+             _run_preprocessing(workdir, schema), _validation_sample(workdir, schema))
 
 
-def _run_preprocessing(workdir: str, exp: trainer.Experiment) -> Preprocessing | None:
-  """``<workdir>/preprocessing.json``, checked against the dataset's (they must be equal)."""
+def _run_preprocessing(workdir: str, schema: Schema) -> Preprocessing | None:
+  """``<workdir>/preprocessing.json`` (None for data without preprocessing), checked against the
+  checkpoint's schema."""
   path = os.path.join(workdir, PREPROCESSING_FILE)
-  data_prep = exp.data.preprocessing
   if not os.path.exists(path):
-    return data_prep
+    if schema.categorical:
+      raise FileNotFoundError(f"{path} is missing: the run's vocabularies are needed to serve "
+                              f"raw categorical values")
+    return None
   with open(path) as f:
     prep = Preprocessing.from_json(f.read())
-  if data_prep is not None and prep.to_dict() != data_prep.to_dict():
-    raise ValueError(f"{path} differs from the dataset's preprocessing: the data changed since "
-                     f"training")
-  schema = exp.schema
   if (prep.categorical_fields != tuple(f.name for f in schema.categorical)
       or prep.numeric_fields != tuple(f.name for f in schema.numeric)
       or prep.vocab_sizes != schema.vocab_sizes):
-    raise ValueError(f"{path} does not match the model's schema (fields or vocabulary sizes)")
+    raise ValueError(f"{path} does not match the checkpoint's schema (fields or vocabulary "
+                     f"sizes)")
   return prep
+
+
+def _validation_sample(workdir: str, schema: Schema) -> dict[str, np.ndarray]:
+  path = os.path.join(workdir, trainer.VALIDATION_SAMPLE_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the export checks run on the validation rows "
+                            f"training stores there; rerun train.py --workdir {workdir} with the "
+                            f"run's config (it resumes and writes the file)")
+  sample = reporting.read_npz(path)
+  widths = {"categorical": len(schema.categorical), "numeric": len(schema.numeric)}
+  if any(sample[k].ndim != 2 or sample[k].shape[1] != w for k, w in widths.items()):
+    raise ValueError(f"{path} does not hold rows of the checkpoint's schema (expected "
+                     f"categorical [n, {widths['categorical']}], numeric [n, {widths['numeric']}])")
+  return sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +242,7 @@ def _run_preprocessing(workdir: str, exp: trainer.Experiment) -> Preprocessing |
 def predict_fn(run: Run) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
   """``predict(params, categorical [b, Fc], numeric [b, Fn]) -> predictions [b, T]`` (funnel
   steps: entire-space probabilities ``p_t``, as evaluation reports them)."""
-  model, schema, head = run.experiment.model, run.schema, run.experiment.head
+  model, schema, head = run.model, run.schema, run.head
 
   def predict(params, categorical, numeric):
     out = model.apply({"params": params}, {"categorical": categorical, "numeric": numeric},
@@ -278,8 +292,9 @@ def build_saved_model(run: Run, platforms: Sequence[str]) -> tf.Module:
 # --------------------------------------------------------------------------------------------
 
 def check_examples(run: Run, num_examples: int) -> dict[str, np.ndarray]:
-  """Encoded validation rows (the first ``num_examples``); the first row made all-OOV."""
-  arrays = run.experiment.data.arrays["validation"]
+  """Encoded validation rows (the first ``num_examples`` of the run's stored sample); the first
+  row made all-OOV."""
+  arrays = run.sample
   n = min(num_examples, len(arrays["numeric"]))
   categorical = np.array(arrays["categorical"][:n], np.int32)
   numeric = np.array(arrays["numeric"][:n], np.float32)
@@ -444,7 +459,7 @@ def _put_in_place(tmp: str, output: str) -> None:
 def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
            step: int | None = None, config: ml_collections.ConfigDict | None = None,
            overwrite: bool = False, platforms: Sequence[str] = ("cpu",),
-           data_dir: str | None = None, num_check_examples: int = 256) -> dict:
+           num_check_examples: int = 256) -> dict:
   """Exports a checkpoint of ``workdir`` to ``output`` (see the module docstring).
 
   Args:
@@ -455,7 +470,6 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
     config: optional config to verify against the checkpoint's (see :func:`restore_run`).
     overwrite: replace an existing export at ``output``.
     platforms: what to lower for: a subset of 'cpu', 'cuda', 'rocm', 'tpu'.
-    data_dir: where the dataset is (default: the config's ``data.data_dir``).
     num_check_examples: validation rows the built-in checks run on.
 
   Returns:
@@ -468,7 +482,7 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
   """
   output = os.path.abspath(output)
   _check_output(output, overwrite)
-  run = restore_run(workdir, checkpoint, step, config, data_dir)
+  run = restore_run(workdir, checkpoint, step, config)
 
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
@@ -497,13 +511,3 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return meta
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """The ``apem-export`` command (flags in :mod:`apem_jax.export_main`)."""
-  from apem_jax import export_main  # pylint: disable=g-import-not-at-top
-  export_main.main(argv)
-
-
-if __name__ == "__main__":
-  main()

@@ -1,8 +1,8 @@
-"""The ``apem-export`` command line (also ``python -m apem_jax.export``).
+"""The ``apem-export`` command line (also ``python -m apem_jax.export_main``).
 
 apem-export --workdir runs/census_apem --output exports/census_apem
   [--checkpoint best|latest] [--step N] [--config configs/census_apem.py] [--overwrite]
-  [--platforms cpu,cuda] [--data_dir data] [--check_examples 256]
+  [--platforms cpu,cuda] [--check_examples 256]
 
 Flags live here rather than in :mod:`apem_jax.export` so that importing the library defines none.
 """
@@ -20,15 +20,13 @@ from apem_jax import cli, export as export_lib
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "The export directory to create.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
-_STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the newest).")
+_STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the one --checkpoint names).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional: the config file the run was trained with; the export fails if it "
     "does not match the checkpoint's config (which is what the export uses).", lock_config=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export at --output.")
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu"],
                                "Platforms to lower for: any of cpu, cuda, rocm, tpu.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "Where the dataset is (default: the run's data.data_dir).")
 _CHECK_EXAMPLES = flags.DEFINE_integer("check_examples", 256,
                                        "Validation examples the export checks run on.")
 _DEBUG = flags.DEFINE_bool("debug", False,
@@ -45,7 +43,7 @@ def _run(argv: Sequence[str]) -> None:
     meta = export_lib.export(
         _WORKDIR.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
         config=_CONFIG.value, overwrite=_OVERWRITE.value, platforms=tuple(_PLATFORMS.value),
-        data_dir=_DATA_DIR.value, num_check_examples=_CHECK_EXAMPLES.value)
+        num_check_examples=_CHECK_EXAMPLES.value)
   checks, ckpt = meta["checks"], meta["checkpoint"]
   print(f"Exported the {ckpt['kind']} checkpoint (step {ckpt['step']}) of {_WORKDIR.value} to "
         f"{_OUTPUT.value}:")

@@ -144,10 +144,13 @@ class RowPaddedModel:
         lambda x, rows, padded: jnp.pad(x, ((0, padded - rows),) + ((0, 0),) * (x.ndim - 1)))
     return variables
 
+  def unpad(self, params: Any) -> Any:
+    """``params`` as the wrapped model takes them: each padded table's first ``rows`` rows."""
+    return _map_padded(params, self.padding, lambda x, rows, padded: x[:rows])
+
   def apply(self, variables, *args, **kwargs):
     variables = dict(variables)
-    variables["params"] = _map_padded(variables["params"], self.padding,
-                                      lambda x, rows, padded: x[:rows])
+    variables["params"] = self.unpad(variables["params"])
     return self.model.apply(variables, *args, **kwargs)
 
   def __getattr__(self, name: str) -> Any:
@@ -156,10 +159,11 @@ class RowPaddedModel:
     return getattr(self.model, name)
 
 
-def pad_tables(model: Any, example_inputs: Mapping[str, Any], mesh: Mesh, min_rows: int) -> Any:
-  """``model``, wrapped in :class:`RowPaddedModel` if a table to be row-sharded over the mesh's
-  ``model`` axis has a number of rows that is not a multiple of the axis size."""
-  model_size = mesh.shape[MODEL_AXIS]
+def pad_tables(model: Any, example_inputs: Mapping[str, Any], model_size: int,
+               min_rows: int) -> Any:
+  """``model``, wrapped in :class:`RowPaddedModel` if a table to be row-sharded over a mesh's
+  ``model`` axis of ``model_size`` devices has a number of rows that is not a multiple of it
+  (export rebuilds a model-parallel run's parameter shapes this way on any devices)."""
   if model_size == 1 or min_rows <= 0:
     return model
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), example_inputs, train=False))["params"]

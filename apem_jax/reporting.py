@@ -1,32 +1,57 @@
-"""What a run leaves for people to read: TensorBoard event files, ``metrics.json``, tables.
+"""What a run leaves beside its checkpoints: TensorBoard event files, JSON and array files, tables.
 
-Only process 0 writes.
+Only process 0 writes. Every path goes through ``etils.epath`` (the filesystem layer Orbax uses
+for the checkpoints), so a workdir may be local or on ``gs://`` and other filesystems
+``tf.io.gfile`` or fsspec reach; TensorBoard files go through tensorboardX, which writes to
+``gs://`` with ``google-cloud-storage`` installed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from typing import Any, Mapping
 
+from etils import epath
 import jax
+import numpy as np
 
 
 def _is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` through a temporary file, so readers never see half."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file renamed over it, so readers never see
+  half a file (on object stores, where a write is atomic anyway, the rename is a copy)."""
   if not _is_writer():
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f"{path.name}.tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON to ``path``, atomically (:func:`write_bytes_atomic`)."""
+  text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
+  write_bytes_atomic(path, text.encode())
+
+
+def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes ``arrays`` as an ``.npz`` file to ``path``, atomically."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  with epath.Path(path).open("rb") as f:
+    with np.load(io.BytesIO(f.read())) as arrays:
+      return dict(arrays)
 
 
 def flatten_metrics(metrics: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:

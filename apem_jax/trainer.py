@@ -1,14 +1,18 @@
 """The training loop, written once for every model: train, evaluate, checkpoint, stop early.
 
-Sections: (1) data, model and mesh; (2) the state, created where it belongs and restored from the
-latest checkpoint if the workdir has one; (3) epochs of compiled train steps, each followed by an
-exact evaluation on the validation split, a checkpoint, and the early-stopping decision.
+Sections: (1) data, model and mesh; (2) the state, created where it belongs or restored from the
+newest checkpoint of the workdir that restores; (3) compiled train steps, with an exact
+evaluation on the validation split every ``train.eval_every_steps``, checkpoints (each holding
+the input pipeline's position, so a resume continues with the next batch), the early-stopping
+decision, and a clean stop on SIGTERM / SIGINT / preemption.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Iterator, Mapping
 
@@ -37,6 +41,18 @@ def load_dataset_prepared_once(data_config: Any):
   return load_dataset(data_config) if data is None else data
 
 
+def example_batch(schema: Schema) -> dict[str, jax.Array]:
+  """Model inputs of one all-zero row: what ``init`` and ``eval_shape`` take."""
+  return {"categorical": jnp.zeros((1, len(schema.categorical)), jnp.int32),
+          "numeric": jnp.zeros((1, len(schema.numeric)), jnp.float32)}
+
+
+# A few validation rows' model inputs, stored in the workdir at training time: export checks its
+# artifacts on them without reading the dataset.
+VALIDATION_SAMPLE_FILE = "validation_sample.npz"
+VALIDATION_SAMPLE_ROWS = 1024
+
+
 class Experiment:
   """Data, model, mesh and compiled steps of one config: what training and evaluation share."""
 
@@ -48,8 +64,10 @@ class Experiment:
     config_validation.validate_for_schema(config, self.schema)
     self.mesh = parallel.make_mesh(config.parallel.model_parallelism)
     # Large tables are stored with their rows padded to a multiple of the model axis (parallel.py).
-    self.model = parallel.pad_tables(build_model(config.model, self.schema), self._example_batch(),
-                                     self.mesh, config.parallel.shard_embeddings_min_rows)
+    self.model = parallel.pad_tables(build_model(config.model, self.schema),
+                                     example_batch(self.schema),
+                                     self.mesh.shape[parallel.MODEL_AXIS],
+                                     config.parallel.shard_embeddings_min_rows)
     self.pmap = config.parallel.mode == "pmap"
     parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
@@ -75,13 +93,8 @@ class Experiment:
                        parallel.jit_train_step(train_step, self.mesh, self.state_sharding))
     self.eval_step = parallel.jit_eval_step(eval_step, self.mesh, self.state_sharding)
 
-  def _example_batch(self) -> dict[str, jax.Array]:
-    s = self.schema
-    return {"categorical": jnp.zeros((1, len(s.categorical)), jnp.int32),
-            "numeric": jnp.zeros((1, len(s.numeric)), jnp.float32)}
-
   def _init(self, rng: jax.Array) -> step_lib.TrainState:
-    return step_lib.init_state(self.model, self.tx, rng, self._example_batch())
+    return step_lib.init_state(self.model, self.tx, rng, example_batch(self.schema))
 
   def init_state(self) -> step_lib.TrainState:
     """Fresh state, created directly with its shardings."""
@@ -140,18 +153,26 @@ def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str
                      f"differing keys: {mismatched}")
 
 
-def _check_resume(meta: Mapping, config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Refuses a resume whose config changes the run's trajectory, or shortens it; returns the
-  accepted changes as ``{key: [saved, now]}`` (recorded in the run's history)."""
+def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
+  """Refuses a resume whose config changes the run's trajectory, or shortens it, or whose data
+  gives another number of steps per epoch; returns the accepted changes as
+  ``{key: [saved, now]}`` (recorded in the run's history)."""
+  config = exp.config
   refused, accepted = config_validation.resume_diff(meta["config"], config.to_dict())
   if refused:
     raise ValueError(f"{workdir}: its checkpoint was trained with a different config, and these "
                      f"keys change the run's trajectory: {refused}; resume with the config in "
                      f"{workdir}/config.json (a resume may change only "
                      f"{list(config_validation.RESUMABLE_KEYS)}) or train in a new --workdir")
-  if config.train.num_epochs < meta["epoch"]:
+  saved_spe = meta["data_position"]["steps_per_epoch"]
+  if saved_spe != exp.steps_per_epoch:
+    raise ValueError(f"{workdir}: the training split now gives {exp.steps_per_epoch} steps per "
+                     f"epoch, the run was trained with {saved_spe}: the data changed; restore "
+                     f"the data the run used, or train in a new --workdir")
+  if config.train.num_epochs * exp.steps_per_epoch < meta["step"]:
     raise ValueError(f"{workdir}: train.num_epochs={config.train.num_epochs} is below the "
-                     f"{meta['epoch']} epochs the run has done; it may only grow on resume")
+                     f"{meta['step'] / saved_spe:g} epochs the run has done; it may only grow "
+                     f"on resume")
   return accepted
 
 
@@ -183,13 +204,28 @@ def task_weights(config: ml_collections.ConfigDict, schema: Schema) -> tuple[flo
   return tuple(float(w) for w in weights)
 
 
-def _epoch_batches(exp: Experiment, epoch: int) -> Iterator[Mapping[str, np.ndarray]]:
-  """The training batches of one epoch; the order depends only on (seed, epoch), so resuming at an
-  epoch boundary replays exactly what an uninterrupted run would have seen."""
-  seed = int(np.random.SeedSequence([exp.config.seed, epoch]).generate_state(1)[0])
-  batches = exp.data.train_batches(exp.config.train.batch_size, seed=seed)
-  for _ in range(exp.steps_per_epoch):
-    yield next(batches)
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def data_position(step: int, steps_per_epoch: int) -> dict[str, int]:
+  """Where the input pipeline stands after ``step`` steps: the epoch, and the batches of it
+  already consumed (stored in every checkpoint, so a resume continues with the next batch)."""
+  epoch, batch = divmod(step, steps_per_epoch)
+  return {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch}
+
+
+def _train_batches(exp: Experiment, position: Mapping[str, int]) -> Iterator[Mapping[str, np.ndarray]]:
+  """The training batches from ``position`` on, epoch after epoch. Epoch ``e``'s order depends
+  only on (seed, e), so a run resumed at any step sees exactly the batches an uninterrupted run
+  would have seen."""
+  epoch, skip = position["epoch"], position["batch"]
+  while True:
+    batches = exp.data.train_batches(exp.config.train.batch_size,
+                                     seed=_epoch_seed(exp.config.seed, epoch), skip=skip)
+    for _ in range(exp.steps_per_epoch - skip):
+      yield next(batches)
+    epoch, skip = epoch + 1, 0
 
 
 @jax.jit
@@ -212,36 +248,32 @@ def _check_finite(loss: float, step: int, first_non_finite: np.ndarray,
         f"labels, then restart (the workdir resumes from its last checkpoint, which is intact).")
 
 
-def _meta(config, schema, epoch, step, val_metrics, score, best_score, best_step, bad_evals,
-          history, stopped, resumes) -> dict:
-  return {"epoch": epoch, "step": step, "validation": val_metrics, "score": score,
-          "best_score": best_score, "best_step": best_step, "evals_without_improvement": bad_evals,
-          "history": history, "stopped": stopped, "resumes": resumes, "config": config.to_dict(),
-          "schema": schema.to_dict()}
+def _fresh_meta(config: ml_collections.ConfigDict, schema: Schema, steps_per_epoch: int) -> dict:
+  """The bookkeeping a checkpoint stores beside the state, at step 0."""
+  return {"step": 0, "epoch": 0, "data_position": data_position(0, steps_per_epoch),
+          "validation": None, "score": None, "best_score": -math.inf, "best_step": None,
+          "evals_without_improvement": 0, "history": [], "stopped": False, "resumes": [],
+          "config": config.to_dict(), "schema": schema.to_dict()}
 
 
 def _resume(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str):
   """``(state, meta, accepted config changes)`` of the checkpoint a run in ``workdir`` continues
-  from, or None for a new run. The latest checkpoint; if it is missing or does not restore, the
-  best one, saying so: a workdir with checkpoints is never restarted from scratch (its first
-  save would overwrite them). Nothing is written here."""
-  kinds = [k for k in (checkpointing.LATEST, checkpointing.BEST) if ckpt.latest_step(k) is not None]
-  if not kinds:
+  from, or None for a new run: the newest checkpoint that restores, saying which were skipped
+  and why. A workdir with checkpoints is never restarted from scratch (its first saves would
+  replace them). Nothing is written here."""
+  steps = ckpt.steps()
+  if not steps:
     return None
-  if kinds[0] != checkpointing.LATEST:
-    print(f"{workdir}: no checkpoint under checkpoints/{checkpointing.LATEST}; resuming from the "
-          f"best checkpoint (step {ckpt.latest_step(checkpointing.BEST)}) instead.")
   failures = []
-  for kind in kinds:
+  for step in reversed(steps):
     try:
-      meta = ckpt.restore_meta(kind)
-      changes = _check_resume(meta, exp.config, workdir)  # user errors: raised, not skipped
+      meta = ckpt.restore_meta(step=step)
+      changes = _check_resume(meta, exp, workdir)  # user errors: raised, not skipped
       _check_schema(meta, exp.schema, workdir)
-      state, meta = ckpt.restore(kind, exp.abstract_state)
+      state, meta = ckpt.restore(exp.abstract_state, step=step)
     except checkpointing.CorruptCheckpointError as e:
       failures.append(str(e))
-      print(f"{e}" + ("; trying the best checkpoint" if kind == checkpointing.LATEST and
-                      len(kinds) > 1 else ""))
+      print(f"{e}; trying the checkpoint before it" if step != steps[0] else str(e))
       continue
     return state, meta, changes
   raise checkpointing.CorruptCheckpointError(
@@ -249,93 +281,147 @@ def _resume(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str):
       f"copy, or train in a new --workdir")
 
 
+class StopRequests:
+  """SIGTERM and SIGINT turned into a request that the training loop reads after each step: it
+  then saves a checkpoint and returns (``summary['stopped_by']``). A second SIGINT interrupts at
+  once. Installed only in the main thread of a one-process run: with several processes, JAX's
+  preemption service owns SIGTERM and every process saves at the step they agree on
+  (``Checkpoints.reached_preemption``)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "StopRequests":
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._request)
+    return self
+
+  def _request(self, signum: int, frame) -> None:
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+          f"(rerun the same command to resume)", flush=True)
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _kill_point(point: str, step: int) -> None:
+  """Test instrumentation: ``APEM_JAX_KILL_AT=<point>:<step>`` kills this process with SIGKILL,
+  as a crash or an out-of-memory killer would, at ``step`` (after the train step), ``evaluate``
+  (after the validation pass, before its checkpoint) or ``save`` (while a checkpoint is being
+  written in the background) of that step."""
+  if os.environ.get("APEM_JAX_KILL_AT") == f"{point}:{step}":
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the summary
-  that is also written to ``<workdir>/metrics.json``."""
+  that is also written to ``<workdir>/metrics.json``.
+
+  The loop counts steps: it evaluates every ``train.eval_every_steps`` (default: every epoch) and
+  at the end, saves a checkpoint at every evaluation, every ``train.checkpoint_every_steps`` and
+  when asked to stop (SIGTERM, SIGINT, a preemption), and stops early after ``train.patience``
+  evaluations without a better validation score.
+  """
   t_start = time.time()
   exp = Experiment(config)
-  ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest)
-  resumed = _resume(ckpt, exp, workdir)  # every check before anything in the workdir is written
+  ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest,
+                                   async_save=config.checkpoint.async_save)
+  try:
+    resumed = _resume(ckpt, exp, workdir)  # every check before anything in the workdir is written
+  except BaseException:
+    ckpt.close()
+    raise
   reporting.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
   if exp.data.preprocessing is not None:
     reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
                                 exp.data.preprocessing.to_dict())
+  validation = exp.data.arrays["validation"]
+  reporting.write_npz_atomic(os.path.join(workdir, VALIDATION_SAMPLE_FILE),
+                             {k: validation[k][:VALIDATION_SAMPLE_ROWS] for k in step_lib.MODEL_INPUTS})
   writer = reporting.ScalarWriter(workdir)
 
+  spe = exp.steps_per_epoch
   if resumed is not None:
     state, meta, changes = resumed
-    meta.setdefault("resumes", [])
     if changes:
       meta["resumes"].append({"step": meta["step"], "changed": changes})
-    print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['epoch']})"
+    print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['step'] / spe:.2f})"
           + (f"; changed: {changes}" if changes else "") + ".")
   else:
     state = exp.init_state()
-    meta = _meta(config, exp.schema, 0, 0, None, None, -math.inf, None, 0, [], False, [])
+    meta = _fresh_meta(config, exp.schema, spe)
   state = exp.to_train(state)
-  epoch, best_score, best_step = meta["epoch"], meta["best_score"], meta["best_step"]
-  bad_evals, history, resumes = meta["evals_without_improvement"], meta["history"], meta["resumes"]
-  stopped = bad_evals >= config.train.patience  # a resume may change the patience
+  step, history = meta["step"], meta["history"]
+  total_steps = spe * config.train.num_epochs
+  eval_every = config.train.eval_every_steps or spe
+  save_every = config.train.checkpoint_every_steps or eval_every
+  meta["stopped"] = meta["evals_without_improvement"] >= config.train.patience  # may change
+  batch_size = config.train.batch_size
 
-  train_seconds = 0.0
-  while epoch < config.train.num_epochs and not stopped:
-    t0 = time.time()
-    loss_sum, loss_count = None, 0
-    first_non_finite = jnp.full((exp.schema.num_tasks,), -1, jnp.int32)
-    bar = tqdm.tqdm(_epoch_batches(exp, epoch), total=exp.steps_per_epoch, unit="step",
-                    desc=f"epoch {epoch + 1}/{config.train.num_epochs}", leave=False,
-                    disable=jax.process_index() != 0 or not config.train.progress_bar,
-                    mininterval=1.0)
-    for i, local in enumerate(bar):
-      state, step_metrics = exp.train_step(state, exp.device_batch(local))
-      loss_sum = step_metrics["loss"] if loss_sum is None else loss_sum + step_metrics["loss"]
-      first_non_finite = _first_non_finite(first_non_finite, step_metrics["loss_sum"], state.step)
-      loss_count += 1
-      if (i + 1) % config.train.log_every == 0 or i + 1 == exp.steps_per_epoch:
-        step = exp.step_of(state)
-        mean_loss = float(loss_sum) / loss_count
-        _check_finite(mean_loss, step, np.asarray(first_non_finite), exp.schema.task_names)
-        bar.set_postfix(loss=f"{mean_loss:.4f}",
-                        ex_per_s=f"{(i + 1) * config.train.batch_size / (time.time() - t0):.0f}")
-        writer.write(step, {"train/loss": mean_loss,
-                            "train/grad_norm": float(step_metrics["grad_norm"])})
-        loss_sum, loss_count = None, 0
+  train_seconds, t_window, window_steps, stopped_by = 0.0, time.time(), 0, None
+  loss_sum, loss_count = None, 0
+  first_non_finite = jnp.full((exp.schema.num_tasks,), -1, jnp.int32)
+  bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True,
+                  disable=jax.process_index() != 0 or not config.train.progress_bar,
+                  mininterval=1.0)
+  try:
+    with StopRequests() as stop_requests:
+      batches = _train_batches(exp, data_position(step, spe))
+      while step < total_steps and not meta["stopped"]:
+        state, step_metrics = exp.train_step(state, exp.device_batch(next(batches)))
+        step += 1
+        window_steps += 1
+        bar.update(1)
+        _kill_point("step", step)
+        loss_sum = step_metrics["loss"] if loss_sum is None else loss_sum + step_metrics["loss"]
+        first_non_finite = _first_non_finite(first_non_finite, step_metrics["loss_sum"], state.step)
+        loss_count += 1
+        evaluate = step % eval_every == 0 or step == total_steps
+        if step % config.train.log_every == 0 or evaluate:
+          mean_loss = float(loss_sum) / loss_count
+          _check_finite(mean_loss, step, np.asarray(first_non_finite), exp.schema.task_names)
+          bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=f"{step / spe:.2f}")
+          writer.write(step, {"train/loss": mean_loss,
+                              "train/grad_norm": float(step_metrics["grad_norm"])})
+          loss_sum, loss_count = None, 0
+        if stop_requests.signum is None and ckpt.reached_preemption(step):
+          stop_requests.signum = signal.SIGTERM
+        save = evaluate or step % save_every == 0 or stop_requests.signum is not None
+        if not save:
+          continue
+
+        saved = exp.from_train(state)
+        meta.update(step=step, epoch=step // spe, data_position=data_position(step, spe))
+        score = None
+        if evaluate:
+          seconds = time.time() - t_window
+          train_seconds += seconds
+          score = _evaluate_and_decide(exp, saved, meta, step, seconds, window_steps, writer)
+          _kill_point("evaluate", step)
+        ckpt.save(step, saved, meta, score=score)
+        _kill_point("save", step)
+        if evaluate:
+          t_window, window_steps = time.time(), 0
+        if stop_requests.signum is not None:
+          stopped_by = {"signal": signal.Signals(stop_requests.signum).name, "step": step}
+          print(f"Stopped at step {step} ({stopped_by['signal']}); checkpoint saved. Rerun the same "
+                f"command to resume.", flush=True)
+          break
+  finally:  # an error or a second Ctrl-C still lets the saves in flight finish
     bar.close()
-    epoch_seconds = time.time() - t0
-    train_seconds += epoch_seconds
-    epoch += 1
-    step = exp.step_of(state)
+    ckpt.close()
 
-    saved = exp.from_train(state)
-    val_metrics = exp.evaluate(saved, "validation")
-    score = metrics_lib.selection_score(val_metrics, exp.schema.tasks)
-    improved = score > best_score
-    if improved:
-      best_score, best_step, bad_evals = score, step, 0
-    else:
-      bad_evals += 1
-    stopped = bad_evals >= config.train.patience
-    history.append({"epoch": epoch, "step": step, "score": score, "validation": val_metrics,
-                    "epoch_seconds": epoch_seconds})
-    writer.write(step, {**reporting.flatten_metrics(val_metrics, "validation"),
-                        "validation/score": score,
-                        "train/examples_per_second": exp.steps_per_epoch * config.train.batch_size / epoch_seconds})
-    meta = _meta(config, exp.schema, epoch, step, val_metrics, score, best_score, best_step,
-                 bad_evals, history, stopped, resumes)
-    if improved:
-      ckpt.save(checkpointing.BEST, step, saved, meta)
-    ckpt.save(checkpointing.LATEST, step, saved, meta)
-    if jax.process_index() == 0:
-      print(f"epoch {epoch}: step {step}, {epoch_seconds:.1f}s, validation score {score:.5f}"
-            f"{' (best)' if improved else ''}  " +
-            "  ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
-                      for t, m in val_metrics.items()), flush=True)
-    if stopped:
-      print(f"Early stop: no improvement of the validation score in {bad_evals} evaluations.")
-
-  summary = {"best_step": best_step, "best_validation_score": best_score,
+  best_step = meta["best_step"]
+  summary = {"best_step": best_step, "best_validation_score": meta["best_score"],
              "best_validation": next((h["validation"] for h in history if h["step"] == best_step), None),
-             "epochs": epoch, "stopped_early": stopped, "history": history, "resumes": resumes,
+             "steps": step, "epochs": step / spe, "stopped_early": meta["stopped"],
+             "stopped_by": stopped_by, "history": history, "resumes": meta["resumes"],
              "train_seconds_this_run": train_seconds,
              "wall_seconds_this_run": time.time() - t_start,
              "train_step_traces": exp.traces["train_step"],
@@ -343,21 +429,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params)))}
   reporting.write_json_atomic(os.path.join(workdir, "metrics.json"), summary)
   writer.close()
-  ckpt.close()
   return summary
+
+
+def _evaluate_and_decide(exp: Experiment, state: step_lib.TrainState, meta: dict, step: int,
+                         seconds: float, steps: int, writer: reporting.ScalarWriter) -> float:
+  """Evaluates ``state`` on validation, updates the early-stopping bookkeeping in ``meta``,
+  reports, and returns the selection score."""
+  config = exp.config
+  val_metrics = exp.evaluate(state, "validation")
+  score = metrics_lib.selection_score(val_metrics, exp.schema.tasks)
+  improved = score > meta["best_score"]
+  if improved:
+    meta.update(best_score=score, best_step=step, evals_without_improvement=0)
+  else:
+    meta["evals_without_improvement"] += 1
+  meta.update(validation=val_metrics, score=score,
+              stopped=meta["evals_without_improvement"] >= config.train.patience)
+  meta["history"].append({"epoch": step / exp.steps_per_epoch, "step": step, "score": score,
+                          "validation": val_metrics, "train_seconds": seconds})
+  examples_per_second = steps * config.train.batch_size / max(seconds, 1e-9)
+  writer.write(step, {**reporting.flatten_metrics(val_metrics, "validation"),
+                      "validation/score": score, "train/examples_per_second": examples_per_second})
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(
+        f"step {step} (epoch {step / exp.steps_per_epoch:.2f}): {seconds:.1f}s, validation score "
+        f"{score:.5f}{' (best)' if improved else ''}  " +
+        "  ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
+                  for t, m in val_metrics.items()))
+    if meta["stopped"]:
+      tqdm.tqdm.write(f"Early stop: no improvement of the validation score in "
+                      f"{meta['evals_without_improvement']} evaluations.")
+  return score
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
                         kind: str = checkpointing.BEST, step: int | None = None) -> dict:
   """Restores a checkpoint of ``workdir`` and returns exact per-task metrics on ``split``."""
-  ckpt = checkpointing.Checkpoints(workdir)
-  if ckpt.latest_step(kind) is None:
-    raise FileNotFoundError(f"{workdir}: no {kind} checkpoint under {workdir}/checkpoints/{kind}; "
-                            f"train first (train.py --workdir {workdir})")
-  saved = ckpt.restore_meta(kind, step)
-  _check_config(saved, config, workdir)
-  exp = Experiment(config)
-  _check_schema(saved, exp.schema, workdir)
-  state, meta = ckpt.restore(kind, exp.abstract_state, step)
-  ckpt.close()
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  try:
+    if ckpt.step_of(kind, step) is None:
+      raise FileNotFoundError(f"{workdir}: no {kind} checkpoint under {ckpt.directory}; train "
+                              f"first (train.py --workdir {workdir})")
+    saved = ckpt.restore_meta(kind, step)
+    _check_config(saved, config, workdir)
+    exp = Experiment(config)
+    _check_schema(saved, exp.schema, workdir)
+    state, meta = ckpt.restore(exp.abstract_state, kind, step)
+  finally:
+    ckpt.close()
   return {"step": meta["step"], "metrics": exp.evaluate(state, split)}

@@ -120,7 +120,7 @@ def run_one(model: str, seed: int, correlation: float | None, mode: str | None =
     print(f"{name}: {time.time() - t0:.0f}s  " + json.dumps(test), flush=True)
   with open(result_path) as f, open(summary_path) as g:
     summary = json.load(g)
-    train_seconds = sum(h["epoch_seconds"] for h in summary["history"])
+    train_seconds = sum(h["train_seconds"] for h in summary["history"])
     return {"test": json.load(f), "num_params": summary["num_params"],
             "train_seconds": train_seconds, "epochs": summary["epochs"]}
 

@@ -13,7 +13,9 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=1024,
       eval_batch_size=8192,
       num_epochs=10,
-      patience=3,             # evaluations (one per epoch) without improvement before stopping
+      patience=3,             # evaluations without improvement before stopping
+      eval_every_steps=0,     # evaluate on validation (and save) every N steps; 0: once per epoch
+      checkpoint_every_steps=0,  # also save every N steps between evaluations; 0: only at them
       log_every=50,
       task_weights=(),        # one per task; empty means all ones
       progress_bar=True,
@@ -40,7 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
       shard_embeddings_min_rows=1_000_000,  # tables with >= this many rows are row-sharded over
                                             # 'model' (jit, model_parallelism > 1); 0 disables
   ))
-  config.checkpoint = ml_collections.ConfigDict(dict(keep_latest=1))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      keep_latest=2,          # newest checkpoints kept (>= 2: a resume falls back if one is bad),
+                              # besides the best-scoring evaluated one
+      async_save=True,        # write checkpoints in the background while training goes on
+  ))
   return config
 
 

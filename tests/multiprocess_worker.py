@@ -50,7 +50,7 @@ def main(process_id: int, num_processes: int, port: int, outdir: str) -> None:
   metrics = exp.evaluate(state, "validation")
   ckpt = checkpointing.Checkpoints(os.path.join(outdir, "run"))
   step = int(state.step)
-  ckpt.save(checkpointing.LATEST, step, state, {"step": step, "validation": metrics})
+  ckpt.save(step, state, {"step": step, "validation": metrics})
   ckpt.close()
   print(f"process {process_id}: done, validation {metrics}", flush=True)
 

@@ -41,7 +41,7 @@ def _help_argv(command: str) -> list[str]:
 
 
 def test_documents_show_the_main_commands():
-  assert {"train.py", "eval.py", "apem-export", "-m apem_jax.export", "tensorboard",
+  assert {"train.py", "eval.py", "apem-export", "-m apem_jax.export_main", "tensorboard",
           "saved_model_cli", "benchmarks/quality.py", "benchmarks/throughput.py"} <= set(
               documented_commands())
 

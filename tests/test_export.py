@@ -75,8 +75,8 @@ def census_run(tmp_path_factory):
     mp.setattr(pipeline, "read_census_tfds", lambda data_dir: raw)
     trainer.train_and_evaluate(config, workdir)
     exp = trainer.Experiment(config)
-  ckpt = checkpointing.Checkpoints(workdir)
-  state, meta = ckpt.restore(checkpointing.BEST, exp.abstract_state)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  state, meta = ckpt.restore(exp.abstract_state, checkpointing.BEST)
   ckpt.close()
   predictions = exp.predict(state, "validation")["predictions"]  # the eval path
   return dict(config=config, workdir=workdir, raw=raw, exp=exp, meta=meta,
@@ -215,7 +215,11 @@ def test_census_saved_model_serves_the_raw_files_as_eval_scores_them(tmp_path, m
   reader as a user's rows would be, through the SavedModel (a TensorFlow-only process), give
   eval.py's per-example test predictions to 1e-5. (The TFDS builder once stored the education
   label under the education attribute's name: the model trained on the label, the SavedModel
-  asked for the attribute, and every real value was served as unknown.)"""
+  asked for the attribute, and every real value was served as unknown.)
+
+  The run is model-parallel (tables row-sharded and padded over 4 of the 8 devices); it is
+  exported by the command line in a process with one device, after the dataset was moved away:
+  export needs neither the training mesh nor the data."""
   for split, rows in (("train", 400), ("test", 300)):
     monkeypatch.setitem(census_source.EXPECTED_ROWS, split, rows)
   monkeypatch.setattr(census_source, "NUM_TRAIN_ROWS", 400)
@@ -225,16 +229,25 @@ def test_census_saved_model_serves_the_raw_files_as_eval_scores_them(tmp_path, m
   config.data = common.census_data()
   config.data.data_dir = str(data_dir)
   config.train.num_epochs = 1
+  config.parallel.update(model_parallelism=4, shard_embeddings_min_rows=1)
   workdir, output = str(tmp_path / "run"), str(tmp_path / "export")
   trainer.train_and_evaluate(config, workdir)
   exp = trainer.Experiment(config)
-  ckpt = checkpointing.Checkpoints(workdir)
-  state, _ = ckpt.restore(checkpointing.BEST, exp.abstract_state)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  state, _ = ckpt.restore(exp.abstract_state, checkpointing.BEST)
   ckpt.close()
+  table = state.params["embedding"]["categorical_table"]
+  assert len(table.sharding.device_set) == 8 and table.shape[0] % 4 == 0  # sharded, padded
   expected = exp.predict(state, "test")["predictions"]  # eval.py's path
-  export_lib.export(workdir, output)
+  moved = tmp_path / "data_moved"
+  os.rename(data_dir, moved)
+  one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, "-m", "apem_jax.export_main", f"--workdir={workdir}", f"--output={output}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=one_device)
+  assert result.returncode == 0, result.stderr[-3000:]
 
-  source = census_source.read_raw_file(census_source.raw_dir(data_dir) / "test.csv")
+  source = census_source.read_raw_file(census_source.raw_dir(moved) / "test.csv")
   _, test_rows = census_source.split_validation_test(census_source.task_labels(source)["income"])
   categorical, numeric = census_source.feature_columns("income_marital")
   assert len(set(source["education"])) > 2  # the raw attribute, not a 0/1 label
@@ -273,7 +286,7 @@ def test_synthetic_export_command_line_and_overwrite(synthetic_run):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   workdir, output = synthetic_run["workdir"], str(synthetic_run["root"] / "out")
   result = subprocess.run(
-      [sys.executable, "-m", "apem_jax.export", f"--workdir={workdir}", f"--output={output}",
+      [sys.executable, "-m", "apem_jax.export_main", f"--workdir={workdir}", f"--output={output}",
        "--checkpoint=latest"], capture_output=True, text=True, timeout=300, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Exported the latest checkpoint" in result.stdout
@@ -283,7 +296,7 @@ def test_synthetic_export_command_line_and_overwrite(synthetic_run):
   assert meta["stablehlo"]["inputs"][0]["shape"] == ["b", 0]
 
   run = export_lib.restore_run(workdir, checkpointing.LATEST)
-  numeric = run.experiment.data.arrays["validation"]["numeric"][:7]
+  numeric = run.sample["numeric"][:7]
   expected = np.asarray(jax.jit(export_lib.predict_fn(run))(
       run.params, np.zeros((7, 0), np.int32), numeric))
   serve = tf.saved_model.load(os.path.join(output, "saved_model")).signatures["serving_default"]
@@ -326,7 +339,7 @@ def test_workdir_without_checkpoints(tmp_path):
 
 
 def test_missing_step_lists_available(census_run, tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"no latest checkpoint at step 7.*\[10\]"):
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 7.*steps: \[10\]"):
     export_lib.export(census_run["workdir"], str(tmp_path / "out"), checkpoint="latest", step=7)
   assert os.listdir(tmp_path) == []
 

@@ -131,8 +131,8 @@ def test_two_processes_match_one(tmp_path):
                                   custom_message=f"{mode}, process {i}")
 
   # The checkpoint the two processes wrote together restores and evaluates here.
-  ckpt = checkpointing.Checkpoints(str(tmp_path / "run"))
-  state, meta = ckpt.restore(checkpointing.LATEST, exp.abstract_state)
+  ckpt = checkpointing.Checkpoints(str(tmp_path / "run"), read_only=True)
+  state, meta = ckpt.restore(exp.abstract_state)
   ckpt.close()
   assert int(state.step) == meta["step"] == NUM_STEPS
   chex.assert_trees_all_close(jax.tree.map(np.asarray, state.params), ref_params, atol=1e-5,

@@ -212,8 +212,8 @@ def test_trainer_shards_a_big_vocabulary_table(monkeypatch, tmp_path):
 
   # An Orbax checkpoint restores the padded, sharded state as it was.
   ckpt = checkpointing.Checkpoints(str(tmp_path))
-  ckpt.save(checkpointing.LATEST, 8, state, {})
-  restored, _ = ckpt.restore(checkpointing.LATEST, exp.abstract_state)
+  ckpt.save(8, state, {})
+  restored, _ = ckpt.restore(exp.abstract_state)
   ckpt.close()
   restored_table = restored.params["embedding"]["categorical_table"]
   assert restored_table.sharding.is_equivalent_to(table.sharding, 2)

@@ -37,43 +37,61 @@ def tiny_config(model: str = "apem", **data_overrides) -> ml_collections.ConfigD
 
 def _params(workdir, config, kind=checkpointing.LATEST):
   exp = trainer.Experiment(config)
-  ckpt = checkpointing.Checkpoints(workdir)
-  state, meta = ckpt.restore(kind, exp.abstract_state)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  state, meta = ckpt.restore(exp.abstract_state, kind)
   ckpt.close()
   return state, meta
+
+
+def _metrics(summary: dict) -> list:
+  """The evaluations of a run's history, without their timings."""
+  return [{k: v for k, v in h.items() if k != "train_seconds"} for h in summary["history"]]
+
+
+def _interrupt_after(monkeypatch, step: int, exception=KeyboardInterrupt):
+  """Makes the next runs' input pipeline raise ``exception`` when asked for batch ``step + 1``
+  of the run (a crash right after step ``step``)."""
+  real = trainer._train_batches
+
+  def interrupted(exp, position):
+    done = position["epoch"] * exp.steps_per_epoch + position["batch"]
+    for batch in real(exp, position):
+      if done == step:
+        raise exception("simulated crash")
+      done += 1
+      yield batch
+  monkeypatch.setattr(trainer, "_train_batches", interrupted)
 
 
 def test_train_evaluate_and_resume_exactly(tmp_path, monkeypatch):
   config = tiny_config()
   straight = str(tmp_path / "straight")
   summary = trainer.train_and_evaluate(config, straight)
-  assert summary["epochs"] == 3
+  assert summary["epochs"] == 3 and summary["steps"] == 90 and summary["stopped_by"] is None
   assert summary["train_step_traces"] == 1 and summary["eval_step_traces"] == 1
   assert 0.5 < summary["best_validation_score"] <= 1.0  # learned something on easy data
   with open(os.path.join(straight, "metrics.json")) as f:
     assert json.load(f)["best_step"] == summary["best_step"]
   assert os.listdir(os.path.join(straight, "tensorboard"))
 
-  # Interrupt a second run during its third epoch, then restart it in the same workdir.
+  # A second run saves every 7 steps and crashes mid-epoch (step 45 of 90); the restart in the
+  # same workdir continues from step 42 with the batches the first run would have seen next.
   resumed = str(tmp_path / "resumed")
-  real_epoch_batches = trainer._epoch_batches
-
-  def failing_epoch_batches(exp, epoch):
-    if epoch == 2:
-      raise KeyboardInterrupt("simulated preemption")
-    return real_epoch_batches(exp, epoch)
-
-  monkeypatch.setattr(trainer, "_epoch_batches", failing_epoch_batches)
+  config.train.checkpoint_every_steps = 7  # does not change the trajectory
+  _interrupt_after(monkeypatch, 45)
   with pytest.raises(KeyboardInterrupt):
     trainer.train_and_evaluate(config, resumed)
-  monkeypatch.setattr(trainer, "_epoch_batches", real_epoch_batches)
+  monkeypatch.undo()
+  assert checkpointing.Checkpoints(resumed, read_only=True).steps() == [30, 35, 42]
   resumed_summary = trainer.train_and_evaluate(config, resumed)
   assert [h["epoch"] for h in resumed_summary["history"]] == [1, 2, 3]
+  assert _metrics(resumed_summary) == _metrics(summary)  # every validation metric, exactly
 
   a, _ = _params(straight, config)
   b, meta = _params(resumed, config)
-  assert meta["step"] == int(a.step) == int(b.step)
-  chex.assert_trees_all_close(a.params, b.params, atol=1e-6, rtol=1e-6)
+  assert meta["step"] == int(a.step) == int(b.step) == 90
+  assert meta["data_position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 30}
+  chex.assert_trees_all_equal(a, b)  # bit for bit: parameters, Adam moments, step, key
 
   # The best checkpoint evaluates to the metrics recorded for it.
   result = trainer.evaluate_checkpoint(config, straight, "validation")
@@ -114,31 +132,31 @@ def test_step_compiles_once_and_eval_padding_needs_no_retrace():
 
 def test_nan_loss_stops_with_clear_error(tmp_path, monkeypatch):
   config = tiny_config()
-  real = trainer._epoch_batches
+  real = trainer._train_batches
 
-  def poisoned(exp, epoch):
-    for batch in real(exp, epoch):
+  def poisoned(exp, position):
+    for batch in real(exp, position):
       batch = dict(batch, numeric=np.full_like(batch["numeric"], np.nan))
       yield batch
 
-  monkeypatch.setattr(trainer, "_epoch_batches", poisoned)
+  monkeypatch.setattr(trainer, "_train_batches", poisoned)
   with pytest.raises(FloatingPointError, match="training loss is nan at step 10"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
 def test_nan_label_names_the_task_and_step(tmp_path, monkeypatch):
   config = tiny_config()
-  real = trainer._epoch_batches
+  real = trainer._train_batches
 
-  def nan_labels(exp, epoch):
-    for i, batch in enumerate(real(exp, epoch)):
+  def nan_labels(exp, position):
+    for i, batch in enumerate(real(exp, position)):
       if i == 3:  # the 4th step: task y2 only; NaN parameters then spread to y1 at step 5
         labels = batch["labels"].copy()
         labels[:, 1] = np.nan
         batch = dict(batch, labels=labels)
       yield batch
 
-  monkeypatch.setattr(trainer, "_epoch_batches", nan_labels)
+  monkeypatch.setattr(trainer, "_train_batches", nan_labels)
   with pytest.raises(FloatingPointError, match=r"at step 10 \(not finite: task 'y2' from step 4, "
                                                r"task 'y1' from step 5\)"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
@@ -215,18 +233,24 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
     trainer.train_and_evaluate(shorter, workdir)
   assert _tree(workdir) == before  # config.json and preprocessing.json included
 
-  # A deleted latest checkpoint: the run resumes from the best one, never from scratch.
-  copy = str(tmp_path / "copy")
-  shutil.copytree(workdir, copy)
-  shutil.rmtree(os.path.join(copy, "checkpoints", checkpointing.LATEST, "30"))
+  # num_epochs may grow and patience change; the run records it.
   longer = tiny_config()
   longer.train.update(num_epochs=2, patience=7)
-  summary = trainer.train_and_evaluate(longer, copy)
-  assert "resuming from the best checkpoint (step 30)" in capsys.readouterr().out
+  summary = trainer.train_and_evaluate(longer, workdir)
   assert [h["epoch"] for h in summary["history"]] == [1, 2]
-  # num_epochs may grow and patience change; the run records it.
   assert summary["resumes"] == [{"step": 30, "changed": {"train.num_epochs": [1, 2],
                                                           "train.patience": [5, 7]}}]
+
+
+def test_a_deleted_newest_checkpoint_resumes_from_the_one_before_never_from_scratch(tmp_path):
+  config = tiny_config()
+  config.train.update(num_epochs=1, checkpoint_every_steps=10)
+  workdir = str(tmp_path / "run")
+  straight = trainer.train_and_evaluate(config, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "30"))
+  summary = trainer.train_and_evaluate(config, workdir)
+  assert summary["steps"] == 30 and _metrics(summary) == _metrics(straight)
+  assert summary["wall_seconds_this_run"] > 0 and len(summary["history"]) == 1
 
 
 def test_a_single_class_validation_task_does_not_block_the_best_checkpoint(tmp_path,
@@ -278,34 +302,24 @@ def _scramble_data_files(checkpoint_dir: str) -> None:
 def test_a_corrupt_checkpoint_is_named_and_the_run_falls_back_to_one_that_restores(tmp_path,
                                                                                   capsys):
   config = tiny_config()
-  config.train.num_epochs = 1
+  config.train.update(num_epochs=1, checkpoint_every_steps=10)
   workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(config, workdir)
+  straight = trainer.train_and_evaluate(config, workdir)
   both = str(tmp_path / "both")
   shutil.copytree(workdir, both)
-  latest = os.path.join(workdir, "checkpoints", checkpointing.LATEST, "30")
-  _scramble_data_files(latest)
-  config.train.num_epochs = 2
-  summary = trainer.train_and_evaluate(config, workdir)
+  newest = os.path.join(workdir, "checkpoints", "30")
+  _scramble_data_files(newest)
+  summary = trainer.train_and_evaluate(config, workdir)  # redoes steps 21-30, saves 30 again
   out = capsys.readouterr().out
-  assert f"checkpoint {latest} " in out and "trying the best checkpoint" in out
-  assert [h["epoch"] for h in summary["history"]] == [1, 2]
+  assert f"checkpoint {newest} " in out and "trying the checkpoint before it" in out
+  assert "Resuming from" in out and "at step 20" in out
+  assert _metrics(summary) == _metrics(straight)
+  a, _ = _params(workdir, config)  # the re-saved step restores
+  assert int(a.step) == 30
 
-  for kind in (checkpointing.LATEST, checkpointing.BEST):
-    _scramble_data_files(os.path.join(both, "checkpoints", kind, "30"))
+  for step in (20, 30):
+    _scramble_data_files(os.path.join(both, "checkpoints", str(step)))
   before = _tree(both)
   with pytest.raises(checkpointing.CorruptCheckpointError, match="no checkpoint restores"):
     trainer.train_and_evaluate(config, both)
   assert _tree(both) == before
-
-
-def test_a_crash_between_the_best_and_the_latest_save_resumes(tmp_path):
-  config = tiny_config()
-  config.train.num_epochs = 2
-  config.checkpoint.keep_latest = 2
-  workdir = str(tmp_path / "run")
-  summary = trainer.train_and_evaluate(config, workdir)
-  assert summary["best_step"] == 60  # the second epoch's save wrote best/60, then latest/60
-  shutil.rmtree(os.path.join(workdir, "checkpoints", checkpointing.LATEST, "60"))  # the crash
-  resumed = trainer.train_and_evaluate(config, workdir)  # redoes epoch 2, saves best/60 again
-  assert resumed["best_step"] == 60 and [h["epoch"] for h in resumed["history"]] == [1, 2]

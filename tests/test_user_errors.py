@@ -5,6 +5,7 @@ in one line without a Python traceback, and leave every file it was pointed at a
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 
 from apem_jax import trainer
-from test_trainer import _tree, tiny_config
+from test_trainer import _scramble_data_files, _tree, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -21,7 +22,7 @@ TRAIN = [sys.executable, "train.py"]
 EVAL = [sys.executable, "eval.py"]
 EXPORT = [os.path.join(os.path.dirname(sys.executable), "apem-export")]
 
-# (name, command (with {tiny}, {run}, {new} and {other} filled in), text the error must hold)
+# (name, command (with the places of the fixture filled in), text the error must hold)
 CASES = [
     ("non-positive epochs", TRAIN + ["--config={tiny}", "--workdir={new}",
                                      "--config.train.num_epochs=0"],
@@ -57,6 +58,22 @@ CASES = [
     ("export over a directory that is no export", EXPORT + ["--workdir={run}", "--output={other}",
                                                             "--overwrite"],
      "apem-export: error: --output {other} is a non-empty directory that holds no export"),
+    ("export over an export", EXPORT + ["--workdir={run}", "--output={exported}"],
+     "apem-export: error: --output {exported} already holds an export; pass --overwrite"),
+    ("resume of a workdir whose every checkpoint is corrupt",
+     TRAIN + ["--config={tiny}", "--workdir={corrupt}"],
+     "train.py: error: {corrupt}: no checkpoint restores (checkpoint {corrupt}/checkpoints/30 "),
+    ("eval of a corrupt checkpoint", EVAL + ["--config={tiny}", "--workdir={corrupt}"],
+     "eval.py: error: checkpoint {corrupt}/checkpoints/30 "),
+    ("eval of a deleted step", EVAL + ["--config={tiny}", "--workdir={deleted}", "--step=30"],
+     "eval.py: error: no checkpoint at step 30 under {deleted}/checkpoints; available steps: "
+     "[20]"),
+    ("export of the best checkpoint, deleted", EXPORT + ["--workdir={deleted}", "--output={new}"],
+     "apem-export: error: {deleted}: no best checkpoint under {deleted}/checkpoints; it has "
+     "unevaluated checkpoints [20] (--checkpoint latest)"),
+    ("eval of a checkpoint with garbage metadata", EVAL + ["--config={tiny}",
+                                                           "--workdir={garbage}"],
+     "eval.py: error: checkpoint {garbage}/checkpoints/30 cannot be read"),
 ]
 
 
@@ -67,19 +84,31 @@ def places(tmp_path_factory):
   tiny.write_text(textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {TESTS!r})
-      from test_trainer import _tree, tiny_config
+      from test_trainer import _scramble_data_files, _tree, tiny_config
 
       def get_config():
         return tiny_config()
   """))
   config = tiny_config()
-  config.train.num_epochs = 1
+  config.train.update(num_epochs=1, checkpoint_every_steps=10)  # keeps steps 20 and 30 (best)
   run = str(root / "run")
   trainer.train_and_evaluate(config, run)
   other = root / "other"  # a directory a user made, holding a file of theirs
   other.mkdir()
   (other / "notes.txt").write_text("mine")
-  return dict(tiny=str(tiny), run=run, other=str(other), new=str(root / "new"), root=root)
+  exported = root / "exported"  # what apem-export recognises as an export
+  exported.mkdir()
+  (exported / "metadata.json").write_text("{}")
+  damaged = {name: str(root / name) for name in ("corrupt", "deleted", "garbage")}
+  for workdir in damaged.values():
+    shutil.copytree(run, workdir)
+  for step in (20, 30):
+    _scramble_data_files(os.path.join(damaged["corrupt"], "checkpoints", str(step)))
+  shutil.rmtree(os.path.join(damaged["deleted"], "checkpoints", "30"))
+  with open(os.path.join(damaged["garbage"], "checkpoints", "30", "meta", "metadata"), "w") as f:
+    f.write("{not json")
+  return dict(tiny=str(tiny), run=run, other=str(other), new=str(root / "new"),
+              exported=str(exported), root=root, **damaged)
 
 
 def test_every_user_mistake_is_one_line_and_changes_nothing(places):

@@ -107,11 +107,12 @@ class DatasetSplits:
                        f"jax.process_count()={count}")
     return batch_size // count, count, index
 
-  def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+  def train_batches(self, batch_size: int, seed: int, skip: int = 0) -> Iterator[Batch]:
     """Infinite iterator of this process's training batches of ``batch_size // process_count``.
 
     Same seed -> same sequence. Each epoch is a fresh permutation of this process's shard, cut
-    into full batches (the remainder is dropped; epochs do not mix).
+    into full batches (the remainder is dropped; epochs do not mix). ``skip``: start at that
+    batch of the sequence (a resumed run's position; only row indices are skipped, no rows read).
     """
     per_process, count, index = self._per_process(batch_size)
     arrays = self._split("train")
@@ -140,6 +141,7 @@ class DatasetSplits:
 
     ds = (tf.data.Dataset.range(np.iinfo(np.int64).max)
           .flat_map(epoch_batches)
+          .skip(skip)
           .map(gather)
           .prefetch(2)
           .with_options(_tf_options(tf)))

@@ -1,0 +1,113 @@
+"""Runs killed as schedulers and crashes kill them, restarted with the same command, end
+bit-identical to an uninterrupted run: parameters, optimizer state and every validation metric.
+
+Real ``train.py`` processes: one uninterrupted; one killed with SIGKILL at three moments (mid-epoch
+after a train step, while a checkpoint is being written in the background, and after an
+evaluation before its checkpoint) and restarted after each; one stopped by SIGTERM, then by
+SIGINT, and restarted (each stop saves a checkpoint and exits with 128 + the signal's number).
+``benchmarks/kill_resume.py`` kills at random moments instead.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import chex
+import pytest
+
+from apem_jax import checkpointing, trainer
+from test_trainer import _metrics, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def _config():
+  config = tiny_config()
+  config.train.checkpoint_every_steps = 7  # 3 epochs of 30 steps: saves at 7, 14, ..., 30, ...
+  return config
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+  root = tmp_path_factory.mktemp("kills")
+  config_file = root / "tiny.py"
+  config_file.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {TESTS!r})
+      from test_kill_resume import _config
+
+      def get_config():
+        return _config()
+  """))
+  places = dict(root=root, config=str(config_file), reference=str(root / "reference"))
+  result = _train(places, places["reference"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return places
+
+
+def _train(places, workdir, kill_at=None) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if kill_at:
+    env["APEM_JAX_KILL_AT"] = kill_at
+  return subprocess.run([sys.executable, "train.py", f"--config={places['config']}",
+                         f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def _final(workdir):
+  config = _config()
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  state, meta = ckpt.restore(trainer.Experiment(config).abstract_state)
+  ckpt.close()
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    summary = json.load(f)
+  return state, meta, summary
+
+
+def _assert_same_run(workdir, reference):
+  state, meta, summary = _final(workdir)
+  expected_state, expected_meta, expected = _final(reference)
+  assert meta["step"] == expected_meta["step"] == 90
+  chex.assert_trees_all_equal(state, expected_state)  # bit for bit
+  assert _metrics(summary) == _metrics(expected) and len(expected["history"]) == 3
+  assert summary["best_step"] == expected["best_step"]
+
+
+def test_killed_at_three_moments_and_restarted_ends_bit_identical(places):
+  workdir = str(places["root"] / "killed")
+  for moment in ("step:17", "save:30", "evaluate:60"):
+    result = _train(places, workdir, kill_at=moment)
+    assert result.returncode == -signal.SIGKILL, (moment, result.stderr[-3000:])
+  result = _train(places, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming from" in result.stdout
+  _assert_same_run(workdir, places["reference"])
+
+
+def test_sigterm_and_sigint_save_exit_and_resume_bit_identical(places):
+  workdir = str(places["root"] / "signalled")
+  for sig, after in ((signal.SIGTERM, "step 30 "), (signal.SIGINT, "step 60 ")):
+    process = subprocess.Popen(
+        [sys.executable, "train.py", f"--config={places['config']}", f"--workdir={workdir}"],
+        cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stdout:  # the evaluation line: training is under way
+      lines.append(line)
+      if line.startswith(after):
+        process.send_signal(sig)
+        break
+    out, err = process.communicate(timeout=600)
+    out = "".join(lines) + out
+    assert process.returncode == 128 + sig, (sig, out[-2000:], err[-3000:])
+    stopped = [l for l in out.splitlines() if l.startswith("Stopped at step")]
+    assert stopped and f"({sig.name}); checkpoint saved" in stopped[0], out[-2000:]
+    step = int(stopped[0].split()[3])
+    assert checkpointing.Checkpoints(workdir, read_only=True).step_of() == step
+  result = _train(places, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _assert_same_run(workdir, places["reference"])
