@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from apem_jax import balancing
 from apem_jax.schema import Schema
 
 # Section -> key -> accepted types. Model keys are checked by the model registry.
@@ -57,6 +58,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config: checkpoint.keep_latest={config.checkpoint.keep_latest} must be >= "
                      f"2, so that a resume can fall back to an older checkpoint if the newest "
                      f"one is damaged")
+  # train.balancing and its settings (apem_jax/balancing.py); absent keys take their defaults.
+  balancing.balancing_from_config(config.train)
   if config.parallel.mode not in ("jit", "pmap"):
     raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit', 'pmap'")
   if config.parallel.shard_embeddings_min_rows < 0:

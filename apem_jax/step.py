@@ -17,6 +17,7 @@ import ml_collections
 import optax
 from flax import struct
 
+from apem_jax import balancing as balancing_lib
 from apem_jax import losses
 from apem_jax.schema import Schema
 
@@ -24,12 +25,15 @@ MODEL_INPUTS = ("categorical", "numeric")
 
 
 class TrainState(struct.PyTreeNode):
-  """Everything a step changes: ``step``, ``params``, ``opt_state``, and the dropout key."""
+  """Everything a step changes: ``step``, ``params``, ``opt_state``, the dropout key, and the task
+  balancing method's state (``balance``: ``{}`` for ``train.balancing='fixed'``; see
+  :mod:`apem_jax.balancing`)."""
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  balance: Any = struct.field(default_factory=dict)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -55,18 +59,24 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-               example_batch: Mapping[str, jax.Array]) -> TrainState:
-  """Fresh parameters and optimizer state. Pure: ``jax.eval_shape`` and ``jax.jit`` apply to it."""
+               example_batch: Mapping[str, jax.Array],
+               balancing: balancing_lib.Balancing | None = None) -> TrainState:
+  """Fresh parameters, optimizer state and balancing state (``balancing``: default ``fixed``,
+  whose state is ``{}``). Pure: ``jax.eval_shape`` and ``jax.jit`` apply to it."""
   params_rng, dropout_rng = jax.random.split(rng)
   params = model.init(params_rng, model_inputs(example_batch), train=False)["params"]
+  balance = ({} if balancing is None or balancing.method == "fixed" else
+             balancing.init(model.schema.num_tasks, tx))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=dropout_rng)
+                    rng=dropout_rng, balance=balance)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schema: Schema, task_weights: Sequence[float],
                axis_name: str | None = None,
-               head: losses.TaskHead | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               head: losses.TaskHead | None = None,
+               balancing: balancing_lib.Balancing | None = None,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a batch.
 
   With ``axis_name`` (under ``jax.pmap``), ``batch`` is this device's share of the global batch.
@@ -79,9 +89,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   ``head`` (default: the model's, ``losses.make_head``) says how logits become probabilities and
   losses (funnels: chained product or direct, entire-space or conditional loss, calibration).
 
+  ``balancing`` (default ``fixed``: the fixed ``task_weights``) says how the task losses become one
+  update (:mod:`apem_jax.balancing`); any other method is :func:`balanced_train_step`.
+
   Returns the new state and ``{"loss": scalar, "loss_sum": [T], "count": [T],
   "penalty_sum": scalar, "examples": scalar, "grad_norm": scalar}``.
   """
+  if balancing is not None and balancing.method != "fixed":
+    return balanced_train_step(state, batch, model=model, tx=tx, schema=schema,
+                               task_weights=task_weights, axis_name=axis_name, head=head,
+                               balancing=balancing)
   head = default_head(model, schema) if head is None else head
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
@@ -105,6 +122,90 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
 
 
+def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+                        tx: optax.GradientTransformation, schema: Schema,
+                        task_weights: Sequence[float], balancing: balancing_lib.Balancing,
+                        axis_name: str | None = None, head: losses.TaskHead | None = None,
+                        ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """:func:`train_step` under a balancing method other than ``fixed``.
+
+  The task losses ``l_t = c_t L_t`` (``c = task_weights``) are formed as in :func:`train_step`
+  (under ``axis_name``, each device's share of the global batch's losses). A loss-weighting
+  method takes one backward pass of ``sum_t lambda_t l_t`` (``lambda`` from the state); a
+  per-task-gradient method takes one forward pass and a vmapped backward pass
+  (:func:`apem_jax.balancing.task_gradients`). Under ``axis_name`` the per-task losses and
+  gradients are ``psum``-ed before any nonlinear function of them, so ``jax.jit`` and
+  ``jax.pmap`` take the same step. The calibration penalty's gradient is added unbalanced.
+
+  Metrics: those of :func:`train_step` (``loss`` is ``sum_t l_t`` + penalty, the same number
+  ``fixed`` reports) and ``balance_weights`` [T]: the loss weights of this step (``lambda`` or
+  GradNorm's ``w``) or, for a surgery, the shared-parameter coefficients ``a``.
+  """
+  head = default_head(model, schema) if head is None else head
+  num_tasks = len(task_weights)
+  weights = jnp.asarray(task_weights, jnp.float32)
+  with_penalty = head.calibration_weight > 0 and bool(head.dependent)
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+  def task_losses_fn(params):
+    """(this device's share of [l_1 .. l_T] (+ the penalty term), the sums)."""
+    out = model.apply({"params": params}, model_inputs(batch), train=True,
+                      rngs={"dropout": dropout_rng})
+    _, sums = losses.multitask_loss(out["logits"], batch, schema, task_weights, head)
+    totals = {"count": sums["count"], "examples": sums["examples"]}
+    if axis_name is not None:
+      totals = jax.lax.psum(totals, axis_name)
+    values = weights * sums["loss_sum"] / jnp.maximum(totals["count"], 1.0)
+    if with_penalty:
+      penalty = head.calibration_weight * sums["penalty_sum"] / jnp.maximum(totals["examples"], 1.0)
+      values = jnp.concatenate([values, penalty[None]])
+    return values, sums
+
+  if balancing.uses_task_gradients:
+    values, task_grads, sums = balancing_lib.task_gradients(task_losses_fn, state.params)
+    if axis_name is not None:
+      values, task_grads, sums = jax.lax.psum((values, task_grads, sums), axis_name)
+    task_values = values[:num_tasks]
+    penalty_grads = jax.tree.map(lambda g: g[num_tasks], task_grads) if with_penalty else None
+    task_grads = jax.tree.map(lambda g: g[:num_tasks], task_grads)
+    shared = balancing_lib.shared_mask(state.params, chained=head.chained)
+    k = balancing_lib.gram(task_grads, shared)
+    if balancing.method == "gradnorm":
+      used = balancing.loss_weights(state.balance, head.is_binary)
+      grads = balancing_lib.combine(task_grads, shared, used, used)
+    else:
+      rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+      used = balancing.shared_coefficients(k, tuple(w > 0 for w in task_weights), rng)
+      grads = balancing_lib.combine(task_grads, shared, used, jnp.ones((num_tasks,), jnp.float32))
+    if with_penalty:
+      grads = jax.tree.map(jnp.add, grads, penalty_grads)
+    balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary,
+                               gram_matrix=k)
+  else:
+    used = balancing.loss_weights(state.balance, head.is_binary)
+
+    def objective(params):
+      values, sums = task_losses_fn(params)
+      total = jnp.sum(used * values[:num_tasks]) + (values[num_tasks] if with_penalty else 0.0)
+      return total, (values, sums)
+
+    (_, (values, sums)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    if axis_name is not None:
+      grads, values, sums = jax.lax.psum((grads, values, sums), axis_name)
+    task_values = values[:num_tasks]
+    balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary)
+
+  loss = jnp.sum(values)  # sum_t l_t (+ penalty): what `fixed` reports
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            balance=balance)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "balance_weights": used,
+                     **sums}
+
+
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
               schema: Schema, head: losses.TaskHead | None = None) -> dict[str, jax.Array]:
   """Predictions of a batch: ``{'predictions': [B, T], 'conditional': [B, T]}``.
@@ -125,10 +226,15 @@ def default_head(model: nn.Module, schema: Schema) -> losses.TaskHead:
 
 def bind_steps(model: nn.Module, tx: optax.GradientTransformation, schema: Schema,
                task_weights: Sequence[float], axis_name: str | None = None,
-               head: losses.TaskHead | None = None) -> tuple[Callable, Callable]:
+               head: losses.TaskHead | None = None,
+               balancing: balancing_lib.Balancing | None = None) -> tuple[Callable, Callable]:
   """The two step functions with their static arguments bound (``axis_name``: the train step's,
-  for ``jax.pmap``; ``head``: default :func:`default_head`)."""
+  for ``jax.pmap``; ``head``: default :func:`default_head`; ``balancing``: default ``fixed``, else
+  :func:`apem_jax.balancing.balancing_from_config` of ``config.train``, the same one given to
+  :func:`init_state`)."""
   head = default_head(model, schema) if head is None else head
+  extra = {} if balancing is None or balancing.method == "fixed" else {"balancing": balancing}
   return (functools.partial(train_step, model=model, tx=tx, schema=schema,
-                            task_weights=tuple(task_weights), axis_name=axis_name, head=head),
+                            task_weights=tuple(task_weights), axis_name=axis_name, head=head,
+                            **extra),
           functools.partial(eval_step, model=model, schema=schema, head=head))

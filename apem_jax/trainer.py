@@ -9,6 +9,7 @@ decision, and a clean stop on SIGTERM / SIGINT / preemption.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -23,7 +24,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from apem_jax import checkpointing, config_validation, losses, metrics as metrics_lib, parallel, reporting, step as step_lib
+from apem_jax import balancing, checkpointing, config_validation, losses, metrics as metrics_lib, parallel, reporting, step as step_lib
 from apem_jax.data import load_dataset
 from apem_jax.data.pipeline import EVAL_ONLY_KEYS
 from apem_jax.models import build_model
@@ -39,6 +40,18 @@ def load_dataset_prepared_once(data_config: Any):
   data = load_dataset(data_config) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("apem_jax: dataset prepared by process 0")
   return load_dataset(data_config) if data is None else data
+
+
+def data_fingerprint(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+  """SHA-256 of every split's encoded arrays (names, dtypes, shapes and bytes): a resume refuses
+  data that differs from what the checkpoint was trained on."""
+  digest = hashlib.sha256()
+  for split in sorted(arrays):
+    for name in sorted(arrays[split]):
+      a = np.ascontiguousarray(arrays[split][name])
+      digest.update(f"{split}/{name}/{a.dtype.str}/{a.shape}".encode())
+      digest.update(a.data)
+  return digest.hexdigest()
 
 
 def example_batch(schema: Schema) -> dict[str, jax.Array]:
@@ -71,6 +84,7 @@ class Experiment:
     self.pmap = config.parallel.mode == "pmap"
     parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
+    self.data_fingerprint = data_fingerprint(self.data.arrays)
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
     if self.steps_per_epoch < 1:
       raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
@@ -78,10 +92,11 @@ class Experiment:
     self.total_steps = self.steps_per_epoch * config.train.num_epochs
     self.tx = step_lib.make_optimizer(config, self.total_steps)
     self.head = task_head(config, self.schema, self.model)
+    self.balancing = balancing.balancing_from_config(config.train)
     train_step, eval_step = step_lib.bind_steps(self.model, self.tx, self.schema,
                                                 task_weights(config, self.schema),
                                                 parallel.PMAP_AXIS if self.pmap else None,
-                                                head=self.head)
+                                                head=self.head, balancing=self.balancing)
     self.traces = {"train_step": 0, "eval_step": 0}
     train_step = _count_traces(train_step, self.traces, "train_step")
     eval_step = _count_traces(eval_step, self.traces, "eval_step")
@@ -94,7 +109,8 @@ class Experiment:
     self.eval_step = parallel.jit_eval_step(eval_step, self.mesh, self.state_sharding)
 
   def _init(self, rng: jax.Array) -> step_lib.TrainState:
-    return step_lib.init_state(self.model, self.tx, rng, example_batch(self.schema))
+    return step_lib.init_state(self.model, self.tx, rng, example_batch(self.schema),
+                               self.balancing)
 
   def init_state(self) -> step_lib.TrainState:
     """Fresh state, created directly with its shardings."""
@@ -164,6 +180,11 @@ def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
                      f"keys change the run's trajectory: {refused}; resume with the config in "
                      f"{workdir}/config.json (a resume may change only "
                      f"{list(config_validation.RESUMABLE_KEYS)}) or train in a new --workdir")
+  if meta["data_fingerprint"] != exp.data_fingerprint:
+    raise ValueError(f"{workdir}: the data changed since the checkpoint was trained (its "
+                     f"encoded arrays' fingerprint is {exp.data_fingerprint[:12]}, the run's "
+                     f"{meta['data_fingerprint'][:12]}); restore the data the run used, or train "
+                     f"in a new --workdir")
   saved_spe = meta["data_position"]["steps_per_epoch"]
   if saved_spe != exp.steps_per_epoch:
     raise ValueError(f"{workdir}: the training split now gives {exp.steps_per_epoch} steps per "
@@ -248,12 +269,13 @@ def _check_finite(loss: float, step: int, first_non_finite: np.ndarray,
         f"labels, then restart (the workdir resumes from its last checkpoint, which is intact).")
 
 
-def _fresh_meta(config: ml_collections.ConfigDict, schema: Schema, steps_per_epoch: int) -> dict:
+def _fresh_meta(exp: Experiment) -> dict:
   """The bookkeeping a checkpoint stores beside the state, at step 0."""
-  return {"step": 0, "epoch": 0, "data_position": data_position(0, steps_per_epoch),
+  return {"step": 0, "epoch": 0, "data_position": data_position(0, exp.steps_per_epoch),
+          "data_fingerprint": exp.data_fingerprint,
           "validation": None, "score": None, "best_score": -math.inf, "best_step": None,
           "evals_without_improvement": 0, "history": [], "stopped": False, "resumes": [],
-          "config": config.to_dict(), "schema": schema.to_dict()}
+          "config": exp.config.to_dict(), "schema": exp.schema.to_dict()}
 
 
 def _resume(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str):
@@ -355,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           + (f"; changed: {changes}" if changes else "") + ".")
   else:
     state = exp.init_state()
-    meta = _fresh_meta(config, exp.schema, spe)
+    meta = _fresh_meta(exp)
   state = exp.to_train(state)
   step, history = meta["step"], meta["history"]
   total_steps = spe * config.train.num_epochs

@@ -25,6 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
       funnel="entire_space",
       # lambda * sum_t mean(max(p_t - p_{t-1}, 0)); None: 0.6 for AITM (its paper), 0 otherwise.
       calibration_weight=ml_collections.config_dict.placeholder(float),
+      # Task balancing (apem_jax/balancing.py): 'fixed' (task_weights) | 'uncertainty' | 'dwa' |
+      # 'gradnorm' | 'pcgrad' | 'cagrad' | 'mgda'.
+      balancing="fixed",
+      balancing_alpha=1.5,        # GradNorm's asymmetry alpha (>= 0)
+      balancing_temperature=2.0,  # DWA's softmax temperature (> 0)
+      balancing_window=100,       # DWA: steps per loss-averaging window (its paper: an epoch)
+      cagrad_c=0.5,               # CAGrad's c: radius of the ball around the mean gradient (>= 0)
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3,

@@ -233,6 +233,20 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
     trainer.train_and_evaluate(shorter, workdir)
   assert _tree(workdir) == before  # config.json and preprocessing.json included
 
+  # The same config on data that changed (one label): refused, naming the cause.
+  real_load = trainer.load_dataset
+
+  def one_label_changed(data_config):
+    data = real_load(data_config)
+    data.arrays["train"]["labels"][0, 0] = 1.0 - data.arrays["train"]["labels"][0, 0]
+    return data
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(trainer, "load_dataset", one_label_changed)
+    with pytest.raises(ValueError, match="the data changed since the checkpoint was trained"):
+      trainer.train_and_evaluate(tiny_config(), workdir)
+  assert _tree(workdir) == before
+
   # num_epochs may grow and patience change; the run records it.
   longer = tiny_config()
   longer.train.update(num_epochs=2, patience=7)
@@ -323,3 +337,20 @@ def test_a_corrupt_checkpoint_is_named_and_the_run_falls_back_to_one_that_restor
   with pytest.raises(checkpointing.CorruptCheckpointError, match="no checkpoint restores"):
     trainer.train_and_evaluate(config, both)
   assert _tree(both) == before
+
+
+def test_a_balancing_method_trains_and_its_state_resumes_exactly(tmp_path, monkeypatch):
+  config = tiny_config("mmoe")
+  config.train.update(num_epochs=2, balancing="uncertainty")  # state: log-variances, their Adam
+  straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert straight["best_validation_score"] > 0.5
+  _interrupt_after(monkeypatch, 40)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.undo()
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))  # from step 30
+  assert _metrics(resumed) == _metrics(straight)
+  a, _ = _params(str(tmp_path / "straight"), config)
+  b, _ = _params(str(tmp_path / "resumed"), config)
+  assert np.all(np.asarray(a.balance["log_var"]) != 0.0)  # it learned the weights
+  chex.assert_trees_all_equal(a, b)
