@@ -117,13 +117,15 @@ def test_in_graph_encoder_matches_numpy_encode(transform):
            "price": np.array([0.0, 12.5, -3.0, 99_999.0]), "count": np.array([1.0, 1.0, 1.0, 1.0])}
   prep = prep_lib.fit_preprocessing(train, ["color", "size"], ["price", "count"],
                                     numeric_transform=transform)
-  raw = {"color": np.array(["blue", "purple", "", "red", " red "]),
-         "size": np.array(["M", "XL", "S", "m", "\tL"]),
-         "price": np.array([5.0, -7.25, 1e6, 0.0, 1.0], np.float32),
-         "count": np.array([1.0, 2.0, 0.0, -1.0, 1.0], np.float32)}
+  raw = {"color": np.array(["blue", "purple", "", "red", " red ", "\u00a0red", "red\x1f"]),
+         "size": np.array(["M", "XL", "S", "m", "\tL", "\vM\f\r\n", "S"]),
+         "price": np.array([5.0, -7.25, 1e6, 0.0, 1.0, 2.0, 3.0], np.float32),
+         "count": np.array([1.0, 2.0, 0.0, -1.0, 1.0, 1.0, 1.0], np.float32)}
   expected = prep_lib.encode(raw, prep)
-  # Surrounding whitespace is not part of a value, in training and in the graph alike.
-  np.testing.assert_array_equal(expected["categorical"], [[0, 1], [3, 3], [3, 2], [2, 3], [2, 0]])
+  # Surrounding ASCII whitespace is not part of a value, in training and in the graph alike;
+  # other characters (a no-break space, a unit separator) are, in both.
+  np.testing.assert_array_equal(expected["categorical"],
+                                [[0, 1], [3, 3], [3, 2], [2, 3], [2, 0], [3, 1], [3, 2]])
   encoder = serving.RawFeatureEncoder(prep)
   got = encoder({k: serving.tf.constant(v) for k, v in raw.items()})
   np.testing.assert_array_equal(got["categorical"].numpy(), expected["categorical"])

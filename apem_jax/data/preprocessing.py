@@ -105,11 +105,19 @@ def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
   return values.astype(str)
 
 
+# The characters stripped from both ends of a categorical value: ASCII whitespace, exactly what
+# ``tf.strings.strip`` removes in the serving graph. (Python's ``str.strip()`` would also remove
+# Unicode spaces and the separators \x1c-\x1f, which the graph keeps: a value holding them would
+# be known in training and OOV when served.)
+ASCII_WHITESPACE = " \t\n\v\f\r"
+
+
 def categorical_values(values: np.ndarray | Sequence) -> np.ndarray:
-  """The strings a categorical value is looked up as: str, surrounding whitespace removed. The
-  serving graph applies the same rule (``tf.strings.strip`` in ``serving.RawFeatureEncoder``), so
-  a raw value served with its original spacing finds the vocabulary entry training made."""
-  return np.char.strip(as_str_array(values))
+  """The strings a categorical value is looked up as: str, surrounding ASCII whitespace removed.
+  The serving graph applies the same rule (``tf.strings.strip`` in
+  ``serving.RawFeatureEncoder``), so a raw value served with its original spacing finds the
+  vocabulary entry training made."""
+  return np.char.strip(as_str_array(values), ASCII_WHITESPACE)
 
 
 def transform_numeric(values: np.ndarray, transform: str) -> np.ndarray:
