@@ -11,6 +11,7 @@ SIGINT, and restarted (each stop saves a checkpoint and exits with 128 + the sig
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -111,3 +112,49 @@ def test_sigterm_and_sigint_save_exit_and_resume_bit_identical(places):
   result = _train(places, workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   _assert_same_run(workdir, places["reference"])
+
+
+def test_a_preemption_notice_to_one_of_two_processes_stops_both_at_the_same_step(places):
+  """Two ``train.py`` processes joined by ``jax.distributed`` (2 CPU devices each): SIGTERM to
+  process 1 reaches JAX's preemption service, both processes save the step Orbax's
+  ``reached_preemption`` agrees on and exit 143; the same two commands then finish the run."""
+  workdir = str(places["root"] / "two_processes")
+  port = _free_port()
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+  def launch():
+    return [subprocess.Popen(
+        [sys.executable, "train.py", f"--config={places['config']}", f"--workdir={workdir}",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+
+  processes = launch()
+  lines = []
+  for line in processes[0].stdout:
+    lines.append(line)
+    if line.startswith("step 30 "):
+      processes[1].send_signal(signal.SIGTERM)
+      break
+  outputs = ["".join(lines) + processes[0].communicate(timeout=600)[0],
+             processes[1].communicate(timeout=600)[0]]
+  stops = []
+  for process, out in zip(processes, outputs):
+    assert process.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stops += [int(l.split()[3]) for l in out.splitlines() if l.startswith("Stopped at step")]
+  assert len(stops) == 2 and stops[0] == stops[1], outputs
+  assert checkpointing.Checkpoints(workdir, read_only=True).step_of() == stops[0]
+
+  processes = launch()
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    summary = json.load(f)
+  assert summary["steps"] == 90 and [h["step"] for h in summary["history"]] == [30, 60, 90]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
