@@ -1,2 +1,46 @@
-"""apem-jax: APEM and multi-task ranking baselines in JAX/Flax."""
+"""apem-jax: APEM and multi-task ranking baselines in JAX/Flax.
+
+The public API (docs/api.md), importable from here; each name is loaded on first use, so
+``import apem_jax`` stays cheap (no JAX device, no TensorFlow):
+
+* data: ``dataset_from_columns``, ``DatasetSplits``, ``load_dataset``; ``Schema``,
+  ``CategoricalField``, ``NumericField``, ``Task``;
+* models: ``build_model``, ``register_model``, ``MODELS``;
+* steps: ``TrainState``, ``init_state``, ``train_step``, ``eval_step``, ``bind_steps``,
+  ``make_optimizer``; task balancing: ``Balancing``, ``balancing_from_config``;
+* runs: ``Experiment``, ``train_and_evaluate``, ``evaluate_checkpoint``; serving:
+  ``apem_jax.export.export(workdir, output)`` (a module of its own: it imports TensorFlow);
+* configs: ``apem_jax.configs`` (``common.base_config()``, ``census.get_config('mmoe')``, ...).
+"""
+
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "dataset_from_columns": "apem_jax.data", "DatasetSplits": "apem_jax.data",
+    "load_dataset": "apem_jax.data",
+    "Schema": "apem_jax.schema", "CategoricalField": "apem_jax.schema",
+    "NumericField": "apem_jax.schema", "Task": "apem_jax.schema",
+    "build_model": "apem_jax.models", "register_model": "apem_jax.models",
+    "MODELS": "apem_jax.models",
+    "TrainState": "apem_jax.step", "init_state": "apem_jax.step", "train_step": "apem_jax.step",
+    "eval_step": "apem_jax.step", "bind_steps": "apem_jax.step",
+    "make_optimizer": "apem_jax.step",
+    "Balancing": "apem_jax.balancing", "balancing_from_config": "apem_jax.balancing",
+    "Experiment": "apem_jax.trainer", "train_and_evaluate": "apem_jax.trainer",
+    "evaluate_checkpoint": "apem_jax.trainer",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'apem_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 
 from apem_jax import balancing, checkpointing, config_validation, losses, metrics as metrics_lib, parallel, reporting, step as step_lib
-from apem_jax.data import load_dataset
+from apem_jax.data import DatasetSplits, load_dataset
 from apem_jax.data.pipeline import EVAL_ONLY_KEYS
 from apem_jax.models import build_model
 from apem_jax.schema import Schema
@@ -66,13 +66,36 @@ VALIDATION_SAMPLE_FILE = "validation_sample.npz"
 VALIDATION_SAMPLE_ROWS = 1024
 
 
-class Experiment:
-  """Data, model, mesh and compiled steps of one config: what training and evaluation share."""
+# ``data.name`` of a run whose dataset was given in Python (``data=``) rather than by the config.
+GIVEN_DATA = "given"
 
-  def __init__(self, config: ml_collections.ConfigDict):
+
+def with_given_data(config: ml_collections.ConfigDict, data: Any) -> ml_collections.ConfigDict:
+  """``config`` as a run on ``data`` records it: a copy whose ``data`` section says the dataset
+  was given in Python (a config may leave ``data`` out then; a resume still checks the data's
+  fingerprint)."""
+  if data is None:
+    return config
+  if not isinstance(data, DatasetSplits):
+    raise TypeError(f"data= must be a DatasetSplits (apem_jax.data.dataset_from_columns builds "
+                    f"one), got {type(data).__name__}")
+  config = ml_collections.ConfigDict(config.to_dict())
+  if "data" not in config:
+    config.data = ml_collections.ConfigDict({"name": GIVEN_DATA})
+  return config
+
+
+class Experiment:
+  """Data, model, mesh and compiled steps of one config: what training and evaluation share.
+
+  ``data``: a dataset given in Python (:func:`apem_jax.data.dataset_from_columns`) instead of the
+  one ``config.data`` names."""
+
+  def __init__(self, config: ml_collections.ConfigDict, data: DatasetSplits | None = None):
+    config = with_given_data(config, data)
     config_validation.validate(config)
     self.config = config
-    self.data = load_dataset_prepared_once(config.data)
+    self.data = data if data is not None else load_dataset_prepared_once(config.data)
     self.schema: Schema = self.data.schema
     config_validation.validate_for_schema(config, self.schema)
     self.mesh = parallel.make_mesh(config.parallel.model_parallelism)
@@ -341,9 +364,11 @@ def _kill_point(point: str, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: DatasetSplits | None = None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the summary
-  that is also written to ``<workdir>/metrics.json``.
+  that is also written to ``<workdir>/metrics.json``. ``data``: a dataset given in Python
+  instead of the one ``config.data`` names (:class:`Experiment`).
 
   The loop counts steps: it evaluates every ``train.eval_every_steps`` (default: every epoch) and
   at the end, saves a checkpoint at every evaluation, every ``train.checkpoint_every_steps`` and
@@ -351,7 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluations without a better validation score.
   """
   t_start = time.time()
-  exp = Experiment(config)
+  exp = Experiment(config, data)
+  config = exp.config
   ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest,
                                    async_save=config.checkpoint.async_save)
   try:
@@ -486,8 +512,11 @@ def _evaluate_and_decide(exp: Experiment, state: step_lib.TrainState, meta: dict
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
-                        kind: str = checkpointing.BEST, step: int | None = None) -> dict:
-  """Restores a checkpoint of ``workdir`` and returns exact per-task metrics on ``split``."""
+                        kind: str = checkpointing.BEST, step: int | None = None,
+                        data: DatasetSplits | None = None) -> dict:
+  """Restores a checkpoint of ``workdir`` and returns exact per-task metrics on ``split``
+  (of ``data`` where the run was trained on a dataset given in Python)."""
+  config = with_given_data(config, data)
   ckpt = checkpointing.Checkpoints(workdir, read_only=True)
   try:
     if ckpt.step_of(kind, step) is None:
@@ -495,7 +524,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
                               f"first (train.py --workdir {workdir})")
     saved = ckpt.restore_meta(kind, step)
     _check_config(saved, config, workdir)
-    exp = Experiment(config)
+    exp = Experiment(config, data)
     _check_schema(saved, exp.schema, workdir)
     state, meta = ckpt.restore(exp.abstract_state, kind, step)
   finally:

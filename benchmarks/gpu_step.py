@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from apem_jax import losses, step as step_lib  # noqa: E402
 from apem_jax.models import build_model  # noqa: E402
 from apem_jax.schema import Schema  # noqa: E402
-from configs import census, census_apem  # noqa: E402
+from apem_jax.configs import census, census_apem  # noqa: E402
 
 SCHEMA_JSON = os.path.join(ROOT, "benchmarks", "census_schema.json")
 

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from apem_jax import losses, step as step_lib  # noqa: E402
 from apem_jax.trainer import Experiment  # noqa: E402
-from configs import census, census_apem  # noqa: E402
+from apem_jax.configs import census, census_apem  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

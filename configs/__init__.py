@@ -1,0 +1,1 @@
+"""Short paths for the command lines; the configs live in :mod:`apem_jax.configs`."""

@@ -1,22 +1,3 @@
-"""Any registered model on UCI Census-Income (KDD).
+"""`--config configs/census.py`: :mod:`apem_jax.configs.census`, which the package installs."""
 
-The argument after the colon picks the model and, optionally, the task group:
-  --config configs/census.py:mmoe                       (income, marital)
-  --config configs/census.py:ple,education_marital      (education, marital)
-
-``:apem`` is the default APEM config of configs/census_apem.py (chosen on validation, see
-docs/census_apem.md); the baselines use their defaults from apem_jax/models/defaults.py.
-"""
-
-from configs import common
-
-
-def get_config(arg: str = "apem"):
-  model, _, task_group = arg.partition(",")
-  config = common.census_config(model, task_group or "income_marital")
-  if model == "apem":
-    # Chosen on the validation split (docs/census_apem.md): one DAGT block learned faster and
-    # better per second of CPU than two; eight epochs.
-    config.model.num_blocks = 1
-    config.train.num_epochs = 8
-  return config
+from apem_jax.configs.census import *  # noqa: F401,F403

@@ -1,13 +1,3 @@
-"""APEM on UCI Census-Income (KDD), tasks income (> 50K) and marital (never married).
+"""`--config configs/census_apem.py`: :mod:`apem_jax.configs.census_apem`, which the package installs."""
 
-Usage: python train.py --config configs/census_apem.py --workdir runs/census_apem
-Override any value: --config.train.batch_size=2048 --config.model.num_groups=4
-
-The same config as ``configs/census.py:apem`` (the quality benchmark's APEM).
-"""
-
-from configs import census
-
-
-def get_config():
-  return census.get_config("apem")
+from apem_jax.configs.census_apem import *  # noqa: F401,F403

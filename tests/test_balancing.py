@@ -27,7 +27,7 @@ from apem_jax import config_validation, losses, parallel, step as step_lib
 from apem_jax.models import build_model
 from apem_jax.models.defaults import default_model_config
 from apem_jax.schema import CategoricalField, NumericField, Schema, Task, make_schema
-from configs import common
+from apem_jax.configs import common
 
 M = np.array([[-1.0, 0.0], [1.0, -1.0]], np.float32)  # the quadratic's minima m_t
 

@@ -21,7 +21,7 @@ import pytest
 
 from apem_jax import checkpointing, export as export_lib, trainer
 from apem_jax.data import census_source, pipeline
-from configs import common
+from apem_jax.configs import common
 from census_like import write_census_like
 from test_trainer import tiny_config
 

@@ -22,7 +22,7 @@ from apem_jax import losses, metrics, step as step_lib, trainer
 from apem_jax.data import pipeline, synthetic_funnel
 from apem_jax.models import build_model, default_model_config
 from apem_jax.schema import CategoricalField, NumericField, Schema, Task
-from configs import common
+from apem_jax.configs import common
 
 FUNNEL_MODELS = ("apem", "mmoe", "ple", "shared_bottom", "single_task", "esmm")  # chained heads
 BIAS_TOL = 0.05

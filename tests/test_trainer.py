@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from apem_jax import checkpointing, parallel, step as step_lib, trainer
-from configs import common
+from apem_jax.configs import common
 from apem_jax.models.defaults import default_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

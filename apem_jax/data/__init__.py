@@ -6,10 +6,12 @@ The only package that imports TensorFlow (lazily: importing it does not load TF)
   splits = apem_jax.data.load_dataset(config.data)
 """
 
+from apem_jax.data.columns import dataset_from_columns
 from apem_jax.data.pipeline import DatasetSplits
 from apem_jax.data.pipeline import load_dataset
 from apem_jax.data.preprocessing import encode
 from apem_jax.data.preprocessing import fit_preprocessing
 from apem_jax.data.preprocessing import Preprocessing
 
-__all__ = ["DatasetSplits", "load_dataset", "encode", "fit_preprocessing", "Preprocessing"]
+__all__ = ["DatasetSplits", "dataset_from_columns", "load_dataset", "encode", "fit_preprocessing",
+           "Preprocessing"]

@@ -90,6 +90,9 @@ class DatasetSplits:
   arrays: dict[str, dict[str, np.ndarray]]
   inconsistent_funnel_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
+  def __post_init__(self):
+    check_arrays(self.schema, self.arrays)
+
   def _split(self, split: str) -> dict[str, np.ndarray]:
     if split not in self.arrays:
       raise ValueError(f"unknown split {split!r}; known: {sorted(self.arrays)}")
@@ -171,6 +174,71 @@ class DatasetSplits:
       weight[:real] = 1.0
       batch["weight"] = weight
       yield batch
+
+
+def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+  """Raises ``ValueError`` naming the split, array and what was expected unless ``arrays`` are
+  encoded splits of ``schema``: split names among :data:`SPLITS` with ``train`` and
+  ``validation``; per split ``categorical`` int [N, Fc] with field i's ids in [0, vocab_size_i],
+  ``numeric`` float [N, Fn] finite, ``labels`` and ``label_mask`` float [N, T] (mask 0/1, binary
+  labels 0/1 where present), and any :data:`EVAL_ONLY_KEYS` with N rows."""
+  unknown = sorted(set(arrays) - set(SPLITS))
+  missing = [s for s in ("train", "validation") if s not in arrays]
+  if unknown or missing:
+    raise ValueError(f"dataset: splits {sorted(arrays)}; expected 'train', 'validation' and "
+                     f"optionally 'test'" + (f" (unknown: {unknown})" if unknown else ""))
+  widths = {"categorical": len(schema.categorical), "numeric": len(schema.numeric),
+            "labels": schema.num_tasks, "label_mask": schema.num_tasks}
+  vocab = np.asarray(schema.vocab_sizes, np.int64)
+  binary = np.asarray([t.kind == "binary" for t in schema.tasks])
+  for split, split_arrays in arrays.items():
+    extra = sorted(set(split_arrays) - set(widths) - set(EVAL_ONLY_KEYS))
+    if extra:
+      raise ValueError(f"dataset: split {split!r} has arrays {extra} the schema does not use")
+    rows = None
+    for key, width in widths.items():
+      if key not in split_arrays:
+        raise ValueError(f"dataset: split {split!r} has no {key!r} array")
+      a = np.asarray(split_arrays[key])
+      if a.ndim != 2 or a.shape[1] != width or (rows is not None and a.shape[0] != rows):
+        raise ValueError(f"dataset: {split}/{key} has shape {a.shape}; expected "
+                         f"[{rows if rows is not None else 'N'}, {width}] for the schema's "
+                         f"{width} {'fields' if key in ('categorical', 'numeric') else 'tasks'}")
+      rows = a.shape[0]
+    if rows == 0:
+      raise ValueError(f"dataset: split {split!r} is empty")
+    categorical = np.asarray(split_arrays["categorical"])
+    if categorical.size:
+      if not np.issubdtype(categorical.dtype, np.integer):
+        raise ValueError(f"dataset: {split}/categorical has dtype {categorical.dtype}; expected "
+                         f"integer ids")
+      bad = (categorical < 0) | (categorical > vocab)
+      if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"dataset: {split}/categorical row {row}, field "
+                         f"{schema.categorical[col].name!r}: id {categorical[row, col]} outside "
+                         f"[0, {vocab[col]}] (vocab_size {vocab[col]}; {vocab[col]} is the OOV id)")
+    for key in ("numeric", "labels", "label_mask"):
+      a = np.asarray(split_arrays[key])
+      if not np.issubdtype(a.dtype, np.floating) and a.size:
+        raise ValueError(f"dataset: {split}/{key} has dtype {a.dtype}; expected float")
+    if not np.all(np.isfinite(split_arrays["numeric"])):
+      row, col = map(int, np.argwhere(~np.isfinite(split_arrays["numeric"]))[0])
+      raise ValueError(f"dataset: {split}/numeric row {row}, field {schema.numeric[col].name!r}: "
+                       f"{split_arrays['numeric'][row, col]} is not a finite number")
+    mask, labels = np.asarray(split_arrays["label_mask"]), np.asarray(split_arrays["labels"])
+    if not np.all((mask == 0) | (mask == 1)):
+      raise ValueError(f"dataset: {split}/label_mask holds values other than 0 and 1")
+    bad = (mask == 1) & ~np.isfinite(labels)
+    if bad.any():
+      row, col = map(int, np.argwhere(bad)[0])
+      raise ValueError(f"dataset: {split}/labels row {row}, task {schema.tasks[col].name!r}: "
+                       f"{labels[row, col]} where label_mask says the label is present")
+    bad = (mask == 1) & binary[None, :] & (labels != 0) & (labels != 1)
+    if bad.any():
+      row, col = map(int, np.argwhere(bad)[0])
+      raise ValueError(f"dataset: {split}/labels row {row}, task {schema.tasks[col].name!r}: "
+                       f"{labels[row, col]} is not a binary label (0 or 1)")
 
 
 # --------------------------------------------------------------------------------------------

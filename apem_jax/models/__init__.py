@@ -8,11 +8,11 @@ from apem_jax.models.group_transformer import (DAGTOutput, DeepAutoGroupTransfor
                                                GroupTransformerBlock, SqueezeExcitation)
 from apem_jax.models.layers import MLP, BatchedMLP
 from apem_jax.models.pattern_selector import PatternSelector
-from apem_jax.models.registry import MODELS, build_model, resolve_config
+from apem_jax.models.registry import MODELS, build_model, register_model, resolve_config
 
 __all__ = [
     "APEM", "AITM", "ESMM", "MMoE", "PLE", "SharedBottom", "SingleTask", "default_model_config",
     "FieldEmbedding", "table_offsets", "DAGTOutput", "DeepAutoGroupTransformer",
     "GroupTransformerBlock", "SqueezeExcitation", "MLP", "BatchedMLP", "PatternSelector", "MODELS",
-    "build_model", "resolve_config",
+    "build_model", "register_model", "resolve_config",
 ]

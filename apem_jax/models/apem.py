@@ -55,6 +55,11 @@ class APEM(nn.Module):
   """
 
   output_space: ClassVar[str | None] = None  # decided by the task heads (losses config)
+  # The Pattern Selector's module: a subclass may swap in its own (registry.register_model), a
+  # ``nn.Module`` built with PatternSelector's keyword arguments (num_tasks, top_k, adaptive,
+  # indicator_hidden, enabled, dtype) whose ``__call__(fields [B, F, d], groups [B, G, d])``
+  # returns ``(h [B, T, d], alpha [B, T, F+G])``.
+  selector: ClassVar[type[nn.Module]] = PatternSelector
 
   schema: Schema
   embed_dim: int = 16
@@ -116,7 +121,7 @@ class APEM(nn.Module):
         se_reduction=self.se_reduction, se_squeeze=self.se_squeeze,
         se_squeeze_groups=self.se_squeeze_groups, dropout=self.dropout, dtype=self.dtype,
         name="dagt")(tokens, train)
-    h, alpha = PatternSelector(
+    h, alpha = self.selector(
         num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,
         adaptive=self.adaptive_indicators, indicator_hidden=self.indicator_hidden,
         enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector")(

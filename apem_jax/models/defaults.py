@@ -39,6 +39,14 @@ _DEFAULTS: dict[str, dict] = {
 }
 
 
+def register_defaults(name: str, defaults: dict) -> None:
+  """Makes ``defaults`` (every key model ``name`` reads besides embed_dim, dropout and dtype) the
+  defaults of a newly registered model (:func:`apem_jax.models.registry.register_model`)."""
+  if name in _DEFAULTS:
+    raise ValueError(f"model {name!r} is already registered")
+  _DEFAULTS[name] = dict(defaults)
+
+
 def default_model_config(name: str) -> ml_collections.ConfigDict:
   """A ConfigDict with ``name`` and every key model ``name`` reads, set to its default."""
   if name not in _DEFAULTS:

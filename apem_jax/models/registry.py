@@ -7,7 +7,7 @@ import ml_collections
 
 from apem_jax.models.apem import APEM
 from apem_jax.models.baselines import AITM, ESMM, MMoE, PLE, SharedBottom, SingleTask
-from apem_jax.models.defaults import default_model_config
+from apem_jax.models.defaults import default_model_config, register_defaults
 from apem_jax.schema import Schema
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -19,6 +19,28 @@ MODELS: dict[str, type[nn.Module]] = {
     "esmm": ESMM,
     "aitm": AITM,
 }
+
+
+def register_model(name: str, cls: type[nn.Module], defaults_of: str | None = None,
+                   defaults: dict | None = None) -> None:
+  """Adds a model to the registry, so ``model.name=<name>`` builds it in every command and API.
+
+  ``cls`` needs ``from_config(cfg, schema)`` (as the built-in models have; a subclass of one of
+  them inherits it). Its config keys: those of the registered model ``defaults_of`` (e.g. a
+  subclass of APEM that swaps one module: ``defaults_of='apem'``), or ``defaults``.
+
+  Raises:
+    ValueError: ``name`` is taken, or neither or both of ``defaults_of`` and ``defaults`` given.
+  """
+  if name in MODELS:
+    raise ValueError(f"model {name!r} is already registered")
+  if (defaults_of is None) == (defaults is None):
+    raise ValueError("register_model: give exactly one of defaults_of= and defaults=")
+  if defaults_of is not None:
+    defaults = default_model_config(defaults_of).to_dict()
+  defaults = {k: v for k, v in defaults.items() if k not in ("name", "embed_dim", "dropout", "dtype")}
+  register_defaults(name, defaults)
+  MODELS[name] = cls
 
 
 def resolve_config(model_config, name: str | None = None) -> ml_collections.ConfigDict:

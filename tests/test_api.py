@@ -1,0 +1,103 @@
+"""The Python API: data given as columns, validated when it is built; public names; registry."""
+
+import numpy as np
+import pytest
+
+import apem_jax
+from apem_jax.configs import common
+from apem_jax.data import pipeline
+from apem_jax.schema import Task
+
+
+def _columns(n: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  click = (rng.random(n) < 0.3).astype(float)
+  return {"user": [f"u{i}" for i in rng.integers(0, 20, n)],
+          "price": rng.uniform(0, 10, n).tolist(),
+          "click": click, "buy": click * (rng.random(n) < 0.5),
+          "note": ["x"] * n}
+
+
+def _data(**overrides):
+  kwargs = dict(categorical=["user"], numeric=["price"],
+                tasks=[Task("click"), Task("buy", depends_on="click")], ignore=["note"])
+  kwargs.update(overrides)
+  splits = kwargs.pop("splits", None) or {"train": _columns(300), "validation": _columns(100, 1)}
+  return apem_jax.dataset_from_columns(splits, **kwargs)
+
+
+def test_columns_become_a_validated_dataset_and_a_run_takes_it(tmp_path):
+  data = _data()
+  assert data.schema.task_names == ("click", "buy") and data.schema.has_funnel
+  assert [f.name for f in data.schema.numeric] == ["price"]
+  assert data.arrays["train"]["categorical"].shape == (300, 1)
+  config = common.base_config("shared_bottom")
+  config.train.update(batch_size=64, num_epochs=1, progress_bar=False)
+  exp = apem_jax.Experiment(config, data=data)
+  assert exp.config.data.name == "given" and exp.data is data
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(ignore=[]), r"columns \['note'\] are neither features nor tasks"),
+    (dict(numeric=["price", "age"]), r"no column \['age'\]"),
+    (dict(splits={"train": _columns(50), "valid": _columns(50)}),
+     r"expected 'train', 'validation' and optionally 'test' \(unknown: \['valid'\]\)"),
+    (dict(splits={"train": dict(_columns(50), click=["1", "yes"] + ["0"] * 48),
+                  "validation": _columns(50)}),
+     r"split 'train', label column 'click': 'yes' is not a number"),
+    (dict(splits={"train": dict(_columns(50), click=[2.0] + [0.0] * 49),
+                  "validation": _columns(50)}),
+     r"split 'train', row 0, label column 'click': 2.0; expected 0 or 1"),
+    (dict(splits={"train": dict(_columns(50), price=["cheap"] + [1.0] * 49),
+                  "validation": _columns(50)}),
+     r"split 'train', numeric column 'price': 'cheap' is not a number"),
+    (dict(splits={"train": dict(_columns(50), price=[1.0] * 49 + [float("nan")]),
+                  "validation": _columns(50)}),
+     r"split 'train', row 49, numeric column 'price': nan is not a finite number"),
+    (dict(splits={"train": dict(_columns(50), click=[0.0] * 50, buy=[1.0] + [0.0] * 49),
+                  "validation": _columns(50)}),
+     r"split 'train': 1 of 50 rows are inconsistent funnels.*first at row 0"),
+])
+def test_a_dataset_that_does_not_fit_is_refused_when_built(change, message):
+  with pytest.raises(ValueError, match=message):
+    _data(**change)
+
+
+def test_inconsistent_funnel_rows_are_dropped_from_training_only():
+  bad = dict(_columns(50), click=[0.0] * 50, buy=[1.0] + [0.0] * 49)
+  data = _data(splits={"train": bad, "validation": bad}, inconsistent_funnel="drop")
+  assert data.num_examples("train") == 49 and data.num_examples("validation") == 50
+  assert data.inconsistent_funnel_rows == {"train": 1}
+
+
+def test_encoded_arrays_are_checked_against_the_schema():
+  good = _data()
+  arrays = {s: dict(a) for s, a in good.arrays.items()}
+  arrays["train"]["categorical"] = arrays["train"]["categorical"].copy()
+  arrays["train"]["categorical"][7, 0] = good.schema.categorical[0].vocab_size + 1
+  with pytest.raises(ValueError, match=r"train/categorical row 7, field 'user': id \d+ outside"):
+    pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  arrays = {s: dict(a) for s, a in good.arrays.items()}
+  arrays["validation"]["numeric"] = np.zeros((100, 2), np.float32)
+  with pytest.raises(ValueError, match=r"validation/numeric has shape \(100, 2\); expected "
+                                       r"\[100, 1\]"):
+    pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+
+
+def test_public_names_and_registry():
+  assert set(apem_jax.__all__) >= {"dataset_from_columns", "Experiment", "train_and_evaluate",
+                                    "register_model", "bind_steps", "Balancing"}
+  assert all(getattr(apem_jax, name) is not None for name in apem_jax.__all__)
+  with pytest.raises(ValueError, match="already registered"):
+    apem_jax.register_model("mmoe", apem_jax.MODELS["mmoe"], defaults_of="mmoe")
+  with pytest.raises(ValueError, match="exactly one of"):
+    apem_jax.register_model("new_model", apem_jax.MODELS["mmoe"])
+
+
+def test_importing_the_package_loads_neither_jax_nor_tensorflow():
+  import subprocess
+  import sys
+  code = ("import sys, apem_jax; apem_jax.Task; "
+          "print(sorted(m for m in ('jax', 'tensorflow') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
