@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from apem_jax import balancing
+from apem_jax import balancing, optimizers
 from apem_jax.schema import Schema
 
 # Section -> key -> accepted types. Model keys are checked by the model registry.
@@ -60,6 +60,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"one is damaged")
   # train.balancing and its settings (apem_jax/balancing.py); absent keys take their defaults.
   balancing.balancing_from_config(config.train)
+  opt = config.optimizer
+  if opt.get("embedding_optimizer", "same") not in optimizers.EMBEDDING_OPTIMIZERS:
+    raise ValueError(f"config: optimizer.embedding_optimizer={opt.embedding_optimizer!r}; "
+                     f"expected one of {optimizers.EMBEDDING_OPTIMIZERS}")
+  for key in ("embedding_learning_rate", "embedding_l2"):
+    value = opt.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ValueError(f"config: optimizer.{key}={value!r}; expected a number >= 0")
   if config.parallel.mode not in ("jit", "pmap"):
     raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit', 'pmap'")
   if config.parallel.shard_embeddings_min_rows < 0:
@@ -86,7 +94,7 @@ def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
   out = []
   for key in sorted(set(a) | set(b)):
     path = f"{prefix}{key}"
-    va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+    va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
     if isinstance(va, Mapping) and isinstance(vb, Mapping):
       out += diff_keys(va, vb, path + ".")
     elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
@@ -96,13 +104,40 @@ def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
 
 # Keys that say where things are, not what was trained: they may differ between runs of a model.
 LOCATION_KEYS = ("data.data_dir",)
+_MISSING = "<missing>"
+
+
+def _default_of(key: str, current: Mapping) -> Any:
+  """The library's default value of a dotted config key (model keys: the current model's)."""
+  from apem_jax.configs import common  # pylint: disable=g-import-not-at-top
+  from apem_jax.models.defaults import default_model_config  # pylint: disable=g-import-not-at-top
+  if key.startswith("model."):
+    try:
+      defaults = {"model": default_model_config(_value_at(current, "model.name")).to_dict()}
+    except ValueError:
+      return _MISSING
+  else:
+    defaults = common.base_config().to_dict()
+  return _value_at(defaults, key)
+
+
+def _differences(saved: Mapping, current: Mapping) -> list[str]:
+  """:func:`diff_keys`, less keys a checkpoint's config lacks because they were added to the
+  library after it was written, and that the current config holds at their default (the
+  behaviour the older code had)."""
+  def same(a, b):
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (
+        list(b) if isinstance(b, (list, tuple)) else b)
+  return [k for k in diff_keys(saved, current)
+          if not (_value_at(saved, k) == _MISSING
+                  and same(_value_at(current, k), _default_of(k, current)))]
 
 
 def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
   """Keys that define a trained model and differ between a checkpoint's config and another:
   every ``model.*`` and ``data.*`` key but locations, and ``train.funnel`` (it changes what the
   logits mean) where the checkpoint records it."""
-  return [k for k in diff_keys(saved, current)
+  return [k for k in _differences(saved, current)
           if k.startswith(("model.", "data.")) and k not in LOCATION_KEYS
           or k == "train.funnel" and "funnel" in saved.get("train", {})]
 
@@ -117,7 +152,7 @@ RESUMABLE_KEYS = ("data.data_dir", "train.num_epochs", "train.patience", "train.
 
 def _value_at(tree: Mapping, key: str) -> Any:
   for part in key.split("."):
-    tree = tree.get(part, "<missing>") if isinstance(tree, Mapping) else "<missing>"
+    tree = tree.get(part, _MISSING) if isinstance(tree, Mapping) else _MISSING
   return tree
 
 
@@ -125,7 +160,7 @@ def resume_diff(saved: Mapping, current: Mapping) -> tuple[list[str], dict[str, 
   """(refused, accepted): the differing keys that would change a resumed run's trajectory, and
   the changes a resume may make (:data:`RESUMABLE_KEYS`) as ``{key: [saved, current]}``."""
   refused, accepted = [], {}
-  for key in diff_keys(saved, current):
+  for key in _differences(saved, current):
     if any(key == k or k.endswith(".") and key.startswith(k) for k in RESUMABLE_KEYS):
       accepted[key] = [_value_at(saved, key), _value_at(current, key)]
     else:

@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from apem_jax import balancing as balancing_lib
-from apem_jax import losses
+from apem_jax import losses, optimizers
 from apem_jax.schema import Schema
 
 MODEL_INPUTS = ("categorical", "numeric")
@@ -36,21 +36,34 @@ class TrainState(struct.PyTreeNode):
   balance: Any = struct.field(default_factory=dict)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """Adam(W) with optional warmup + cosine decay and global-norm clipping, from ``config.optimizer``."""
-  opt = config.optimizer
+def _learning_rate(opt: ml_collections.ConfigDict, peak: float, total_steps: int):
+  """``peak``, or ``opt.schedule``'s warmup + cosine decay to it and down to
+  ``peak * final_lr_ratio``."""
   if opt.schedule == "constant":
-    lr = opt.learning_rate
-  elif opt.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-        decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=opt.learning_rate * opt.final_lr_ratio)
+    return peak
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=opt.warmup_steps,
+        decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=peak * opt.final_lr_ratio)
+  raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping, then Adam(W) with optional warmup + cosine decay, from
+  ``config.optimizer``; with ``embedding_optimizer`` other than ``'same'``, the embedding tables
+  get their own optimizer (:mod:`apem_jax.optimizers`, ``optax.multi_transform``)."""
+  opt = config.optimizer
+  dense = optax.adamw(_learning_rate(opt, opt.learning_rate, total_steps), b1=opt.b1, b2=opt.b2,
+                      weight_decay=opt.weight_decay)
+  chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+  name = opt.get("embedding_optimizer", "same")
+  if name == "same":
+    chain.append(dense)
   else:
-    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
-  chain = []
-  if opt.grad_clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  chain.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+    table_lr = _learning_rate(opt, opt.get("embedding_learning_rate", 0.0) or opt.learning_rate,
+                              total_steps)
+    chain.append(optimizers.per_group(dense, optimizers.embedding_transform(
+        name, table_lr, opt.get("embedding_l2", 0.0), opt.b1, opt.b2)))
   return optax.chain(*chain)
 
 

@@ -354,3 +354,27 @@ def test_a_balancing_method_trains_and_its_state_resumes_exactly(tmp_path, monke
   b, _ = _params(str(tmp_path / "resumed"), config)
   assert np.all(np.asarray(a.balance["log_var"]) != 0.0)  # it learned the weights
   chex.assert_trees_all_equal(a, b)
+
+
+def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_path):
+  """A run checkpointed before a config key existed resumes when the key is at its default; at
+  another value, the key is a change of the trajectory."""
+  config = tiny_config()
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  # The checkpoint as an older version of the library wrote it: without two keys.
+  ckpt = checkpointing.Checkpoints(workdir)
+  exp = trainer.Experiment(config)
+  state, meta = ckpt.restore(exp.abstract_state)
+  del meta["config"]["optimizer"]["embedding_l2"], meta["config"]["model"]["selector_top_k"]
+  ckpt.save(30, state, meta, score=meta["score"])
+  ckpt.close()
+  longer = tiny_config()
+  longer.train.num_epochs = 2
+  assert trainer.train_and_evaluate(longer, workdir)["steps"] == 60
+  other = tiny_config()
+  other.train.num_epochs = 3
+  other.optimizer.embedding_l2 = 0.1
+  with pytest.raises(ValueError, match=r"trajectory: \['optimizer.embedding_l2'\]"):
+    trainer.train_and_evaluate(other, workdir)

@@ -43,6 +43,11 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
       b2=0.999,
       weight_decay=0.0,
       grad_clip_norm=1.0,     # 0 disables clipping
+      # The embedding tables' own optimizer (apem_jax/optimizers.py): 'same' (the Adam above) |
+      # 'adagrad' (row-wise) | 'lazy_adam' (only the rows in the batch move).
+      embedding_optimizer="same",
+      embedding_learning_rate=0.0,  # 0: learning_rate
+      embedding_l2=0.0,       # L2 on the table rows present in each batch
   ))
   config.parallel = ml_collections.ConfigDict(dict(
       mode="jit",             # 'jit' (NamedSharding over a (data, model) mesh) | 'pmap' (data parallel)
