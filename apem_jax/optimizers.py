@@ -114,8 +114,9 @@ def lazy_adam(learning_rate: float | Callable, b1: float = 0.9, b2: float = 0.99
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
 
   def init(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    return LazyAdamState(jnp.zeros([], jnp.int32), zeros, zeros)
+    def zeros():  # two distinct trees of buffers: the train step donates the state
+      return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return LazyAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
   def update(updates, state, params=None):
     del params

@@ -85,7 +85,8 @@ def test_in_a_train_step_rows_not_in_the_batch_do_not_move(name):
             "weight": np.ones(len(ids), np.float32)}
 
   state = step_lib.init_state(model, tx, jax.random.key(0), batch([0]))
-  train_step = jax.jit(step_lib.bind_steps(model, tx, schema, (1.0,))[0])
+  # The state donated, as the trainer's step does (each state leaf must be a buffer of its own).
+  train_step = jax.jit(step_lib.bind_steps(model, tx, schema, (1.0,))[0], donate_argnums=0)
   state, _ = train_step(state, batch([0, 1, 0, 1]))
   before = np.asarray(state.params["embedding"]["categorical_table"])
   state, _ = train_step(state, batch([2, 3, 2, 3]))
