@@ -516,6 +516,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
                         data: DatasetSplits | None = None) -> dict:
   """Restores a checkpoint of ``workdir`` and returns exact per-task metrics on ``split``
   (of ``data`` where the run was trained on a dataset given in Python)."""
+  exp, state, meta = restore_checkpoint(config, workdir, kind, step, data)
+  return {"step": meta["step"], "metrics": exp.evaluate(state, split)}
+
+
+def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                       kind: str = checkpointing.BEST, step: int | None = None,
+                       data: DatasetSplits | None = None
+                       ) -> tuple[Experiment, step_lib.TrainState, dict]:
+  """``(experiment, state, meta)`` of a checkpoint of ``workdir``, after checking that
+  ``config`` (the model and data keys) and the data's schema are those it was trained with."""
   config = with_given_data(config, data)
   ckpt = checkpointing.Checkpoints(workdir, read_only=True)
   try:
@@ -529,4 +539,4 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     state, meta = ckpt.restore(exp.abstract_state, kind, step)
   finally:
     ckpt.close()
-  return {"step": meta["step"], "metrics": exp.evaluate(state, split)}
+  return exp, state, meta

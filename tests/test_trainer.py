@@ -378,3 +378,32 @@ def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_p
   other.optimizer.embedding_l2 = 0.1
   with pytest.raises(ValueError, match=r"trajectory: \['optimizer.embedding_l2'\]"):
     trainer.train_and_evaluate(other, workdir)
+
+
+def test_eval_explains_what_apem_learned(tmp_path):
+  """``eval.py --explain`` on a trained APEM: the averaged weights are distributions, and the
+  figures and numbers are written."""
+  from apem_jax import interpret
+  config = tiny_config()
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  exp, state, _ = trainer.restore_checkpoint(config, workdir)
+  explanation = interpret.explain(exp, state, "validation", num_examples=3)
+  assert explanation["examples_averaged"] == 240
+  weights = explanation["pattern_weights"]
+  assert weights.shape == (2, 6 + 4) and len(explanation["patterns"]) == 10
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(explanation["group_weights"].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(explanation["group_assignment"].sum(-2), 1.0, rtol=1e-5)
+  assert explanation["examples"].shape == (3, 2, 10)
+  paths = interpret.plot(explanation, str(tmp_path / "explain"))
+  assert sorted(os.path.basename(p) for p in paths) == ["examples.png", "explanation.json",
+                                                         "groups.png", "patterns.png"]
+
+  other = tiny_config("shared_bottom")
+  other.train.num_epochs = 1
+  trainer.train_and_evaluate(other, str(tmp_path / "mlp"))
+  exp, state, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
+  with pytest.raises(ValueError, match="has no Pattern Selector"):
+    interpret.explain(exp, state, "validation")

@@ -1,0 +1,122 @@
+"""What an APEM run learned: its Pattern Selector's weights and its field-to-group assignments.
+
+``explain(exp, state, split)`` runs the model over a whole split and averages, over its real
+examples:
+
+* ``pattern_weights`` [T, F+G]: per task, the Pattern Selector's weight ``alpha_t`` on each
+  pattern: the F field tokens (schema order: categorical, then numeric) and the G group tokens of
+  the last DAGT block;
+* ``group_weights`` [H, G, F]: per head and group, the last block's pooling weight of each field
+  (sums to 1 over the fields): which fields form the group;
+* ``group_assignment`` [H, G, F] (competitive grouping only): per field, how it divides itself
+  among the groups (sums to 1 over the groups);
+
+and keeps ``examples`` [n, T, F+G], the pattern weights of the split's first ``n`` rows.
+``plot(explanation, directory)`` draws them (matplotlib) as ``patterns.png``, ``groups.png`` and
+``examples.png`` and writes the numbers to ``explanation.json``. Command line:
+``python eval.py --config ... --workdir ... --split validation --explain``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from apem_jax import parallel, reporting, step as step_lib
+
+OUTPUTS = ("pattern_weights", "group_weights", "group_assignment")
+
+
+def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int = 4) -> dict:
+  """Averages of the selector's and the grouping's weights over ``split`` (module docstring).
+
+  Raises:
+    ValueError: the model has no Pattern Selector (not APEM).
+  """
+  model = exp.model
+
+  @jax.jit
+  def outputs(params, batch):
+    out = model.apply({"params": params}, step_lib.model_inputs(batch), train=False)
+    return {k: out[k] for k in OUTPUTS if k in out}
+
+  sums, count, examples = {}, 0.0, []
+  for local in exp.data.eval_batches(split, exp.config.train.eval_batch_size):
+    batch = parallel.global_batch(local, exp.mesh)
+    if "pattern_weights" not in jax.eval_shape(outputs, state.params, batch):
+      raise ValueError(f"model {exp.config.model.name!r} has no Pattern Selector to explain "
+                       f"(APEM and models registered from it have one)")
+    out = {k: parallel.to_host(v) for k, v in outputs(state.params, batch).items()}
+    weight = parallel.to_host(batch["weight"])
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + np.tensordot(weight, v, axes=1)
+    count += float(weight.sum())
+    if len(examples) < num_examples:
+      examples += list(out["pattern_weights"][weight > 0][:num_examples - len(examples)])
+  schema = exp.schema
+  fields = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+  num_groups = sums["pattern_weights"].shape[-1] - len(fields)
+  return {"split": split, "examples_averaged": int(count), "tasks": list(schema.task_names),
+          "fields": fields, "patterns": fields + [f"group {g}" for g in range(num_groups)],
+          **{k: v / count for k, v in sums.items()}, "examples": np.stack(examples)}
+
+
+def plot(explanation: dict, directory: str) -> list[str]:
+  """Writes the figures and ``explanation.json`` under ``directory``; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(directory, exist_ok=True)
+  tasks, fields, patterns = explanation["tasks"], explanation["fields"], explanation["patterns"]
+  paths = []
+
+  def save(fig, name):
+    path = os.path.join(directory, name)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(path)
+
+  def heatmap(ax, values, rows, columns, title):
+    image = ax.imshow(values, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return image
+
+  weights = explanation["pattern_weights"]
+  fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(patterns)), 1.2 + 0.5 * len(tasks)))
+  fig.colorbar(heatmap(ax, weights, tasks, patterns,
+                       f"Pattern Selector: mean weight per task and pattern "
+                       f"({explanation['split']}, {explanation['examples_averaged']} examples; "
+                       f"uniform = {1 / len(patterns):.3f})"), ax=ax)
+  save(fig, "patterns.png")
+
+  grouping = explanation["group_weights"]
+  heads, groups = grouping.shape[0], grouping.shape[1]
+  fig, axes = plt.subplots(heads, 1, figsize=(max(8, 0.22 * len(fields)), 1 + 0.35 * groups * heads),
+                           squeeze=False)
+  for h in range(heads):
+    fig.colorbar(heatmap(axes[h, 0], grouping[h], [f"group {g}" for g in range(groups)], fields,
+                         f"head {h}: pooling weight of each field in each group (rows sum to 1)"),
+                 ax=axes[h, 0])
+  fig.tight_layout()
+  save(fig, "groups.png")
+
+  examples = explanation["examples"]
+  fig, axes = plt.subplots(len(examples), 1, figsize=(max(8, 0.22 * len(patterns)),
+                                                      0.5 + (0.4 + 0.3 * len(tasks)) * len(examples)),
+                           squeeze=False)
+  for i, example in enumerate(examples):
+    heatmap(axes[i, 0], example, tasks, patterns if i == len(examples) - 1 else [""] * len(patterns),
+            f"example {i} of the split")
+  fig.tight_layout()
+  save(fig, "examples.png")
+
+  path = os.path.join(directory, "explanation.json")
+  reporting.write_json_atomic(path, {k: v.tolist() if isinstance(v, np.ndarray) else v
+                                     for k, v in explanation.items()})
+  return paths + [path]
