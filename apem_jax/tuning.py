@@ -1,0 +1,175 @@
+"""Equal-budget hyperparameter tuning with Optuna, scored on the validation split only.
+
+Every model gets the same number of trials of the same seeded sampler (Optuna's TPE) over the
+same shared search space (:data:`SHARED_SPACE`: learning rate, weight decay, dropout, embedding
+width, batch size) plus its own size knobs (:data:`MODEL_SPACES`). A trial trains a config with
+:func:`apem_jax.trainer.train_and_evaluate` (early stopping on validation) and scores it by its
+best validation selection score; the test split is never read. A trial whose training diverges
+(NaN loss) counts against the budget, unscored. Studies are stored in SQLite under the tuning
+directory, each trial in a workdir named by its parameters, so a killed tuning run resumes where
+it stopped (the trial cut short is tried again and resumes from its checkpoints).
+
+``tune(make_config, model, num_trials, directory, seed)`` returns the best trial's parameters
+and score; :func:`apply` turns parameters into a config (the benchmark then trains the chosen
+config with 5 seeds and reports test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable, Collection
+
+import ml_collections
+
+# name -> (kind, arguments): 'log' (low, high) float on a log scale, 'float' (low, high),
+# 'choice' (values). Keys are config paths.
+SHARED_SPACE: dict[str, tuple[str, tuple]] = {
+    "optimizer.learning_rate": ("log", (3e-4, 1e-2)),
+    "optimizer.weight_decay": ("choice", (0.0, 1e-5, 1e-4, 1e-3)),
+    "model.dropout": ("choice", (0.0, 0.1, 0.2)),
+    "model.embed_dim": ("choice", (8, 16, 32)),
+    "train.batch_size": ("choice", (512, 1024, 2048)),
+}
+
+_TOWERS = ("choice", ((32,), (64, 32), (128, 64)))
+MODEL_SPACES: dict[str, dict[str, tuple[str, tuple]]] = {
+    "apem": {"model.num_blocks": ("choice", (1, 2)), "model.num_groups": ("choice", (4, 8, 16)),
+             "model.tower_hidden": _TOWERS},
+    "single_task": {"model.bottom_hidden": ("choice", ((64, 32), (128, 64), (256, 128))),
+                    "model.tower_hidden": _TOWERS},
+    "shared_bottom": {"model.bottom_hidden": ("choice", ((64, 32), (128, 64), (256, 128))),
+                      "model.tower_hidden": _TOWERS},
+    "mmoe": {"model.num_experts": ("choice", (4, 8, 16)),
+             "model.expert_hidden": ("choice", ((64, 32), (128, 64), (256, 128))),
+             "model.tower_hidden": _TOWERS},
+    "ple": {"model.num_levels": ("choice", (1, 2)),
+            "model.num_shared_experts": ("choice", (1, 2, 4)),
+            "model.num_task_experts": ("choice", (1, 2, 4)),
+            "model.expert_hidden": ("choice", ((64, 32), (128, 64), (256, 128))),
+            "model.tower_hidden": _TOWERS},
+    "esmm": {"model.tower_hidden": ("choice", ((64, 32), (128, 64, 32), (256, 128, 64)))},
+    "aitm": {"model.tower_hidden": ("choice", ((64, 32), (128, 64, 32), (256, 128, 64))),
+             "model.transfer_hidden": ("choice", ((16,), (32,), (64,)))},
+}
+
+
+@dataclasses.dataclass
+class Result:
+  """The best trial of a study."""
+
+  model: str
+  params: dict[str, Any]
+  validation_score: float
+  num_trials: int
+  trials: list[dict]  # every trial: number, params, validation score (None: failed)
+
+
+def space(model: str, fixed: Collection[str] = ()) -> dict[str, tuple[str, tuple]]:
+  """The search space of ``model``, less the ``fixed`` keys."""
+  if model not in MODEL_SPACES:
+    raise ValueError(f"no search space for model {model!r}; known: {sorted(MODEL_SPACES)}")
+  full = {**SHARED_SPACE, **MODEL_SPACES[model]}
+  unknown = sorted(set(fixed) - set(full))
+  if unknown:
+    raise ValueError(f"fixed keys {unknown} are not in {model}'s search space {sorted(full)}")
+  return {k: v for k, v in full.items() if k not in fixed}
+
+
+def _suggest(trial: Any, name: str, kind: str, args: tuple) -> Any:
+  if kind == "log":
+    return trial.suggest_float(name, *args, log=True)
+  if kind == "float":
+    return trial.suggest_float(name, *args)
+  # Optuna stores choices that are JSON scalars; tuples go by their index.
+  if all(isinstance(v, (int, float, str)) for v in args):
+    return trial.suggest_categorical(name, list(args))
+  return args[trial.suggest_categorical(name + "#", list(range(len(args))))]
+
+
+def params_of(model_space: dict, optuna_params: dict[str, Any]) -> dict[str, Any]:
+  """Optuna's stored parameters -> config values (choices of tuples from their index)."""
+  out = {}
+  for name, (kind, args) in model_space.items():
+    out[name] = args[optuna_params[name + "#"]] if name + "#" in optuna_params else \
+        optuna_params[name]
+  return out
+
+
+def apply(config: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``params`` (config path -> value) set."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for path, value in params.items():
+    node = config
+    *parents, key = path.split(".")
+    for part in parents:
+      node = node[part]
+    node[key] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_trials: int,
+         directory: str, seed: int = 0, fixed: Collection[str] = (),
+         train: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> Result:
+  """Runs (or resumes) the study of ``model`` until it has ``num_trials`` finished trials.
+
+  Args:
+    make_config: the model's base config (dataset, epochs, seed of the runs).
+    model: a model with a search space.
+    num_trials: the budget, the same for every model.
+    directory: where the study (``study.db``) and the trials' workdirs go.
+    seed: the sampler's seed.
+    fixed: search-space keys not tuned (left as ``make_config`` sets them), the same for every
+      model (e.g. ``train.batch_size`` for a dataset too small for the largest one).
+    train: ``train(config, workdir) -> summary`` (default: ``trainer.train_and_evaluate``).
+  """
+  import optuna  # pylint: disable=g-import-not-at-top
+  if train is None:
+    from apem_jax import trainer  # pylint: disable=g-import-not-at-top
+    train = trainer.train_and_evaluate
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  os.makedirs(directory, exist_ok=True)
+  study = optuna.create_study(
+      study_name=model, direction="maximize", load_if_exists=True,
+      storage=f"sqlite:///{os.path.abspath(os.path.join(directory, 'study.db'))}",
+      sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, num_trials)))
+  model_space = space(model, fixed)
+
+  state = optuna.trial.TrialState
+  # A trial cut short by a kill is left RUNNING in the study: it is closed (not counted) and its
+  # parameters tried again, in the same workdir, where the run resumes from its checkpoints.
+  for stale in [t for t in study.trials if t.state == state.RUNNING]:
+    study.tell(stale.number, state=state.FAIL)
+    study.set_user_attr(f"interrupted_{stale.number}", True)
+    study.enqueue_trial(stale.params)
+
+  def objective(trial):
+    params = {name: _suggest(trial, name, kind, args) for name, (kind, args) in model_space.items()}
+    config = apply(make_config(), params)
+    workdir = os.path.join(directory, "trial_" + _digest(params))
+    return float(train(config, workdir)["best_validation_score"])
+
+  def spent():  # the budget: trials that ran to their end (a diverged one counts, unscored)
+    return [t for t in study.trials if t.state in (state.COMPLETE, state.FAIL)
+            and not study.user_attrs.get(f"interrupted_{t.number}")]
+
+  def finished():
+    return [t for t in study.trials if t.state == state.COMPLETE]
+
+  while len(spent()) < num_trials:
+    study.optimize(objective, n_trials=1, catch=(FloatingPointError,))
+  trials = [{"number": t.number, "params": params_of(model_space, t.params),
+             "validation_score": t.value} for t in spent()]
+  if not finished():
+    raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged")
+  best = max(finished(), key=lambda t: (t.value, -t.number))
+  return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
+                trials)
+
+
+def _digest(params: dict[str, Any]) -> str:
+  """A short name for a trial's parameters (its workdir)."""
+  text = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(params.items())})
+  return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,77 @@
+"""Equal-budget tuning: the same trials for every model, scored on validation only, resumable."""
+
+import os
+
+import numpy as np
+import pytest
+
+from apem_jax import trainer, tuning
+from test_trainer import tiny_config
+
+
+def _fake_train(calls):
+  """A stand-in for training: the score peaks at learning rate 3e-3, embed_dim 16."""
+  def train(config, workdir):
+    calls.append((config, workdir))
+    lr = config.optimizer.learning_rate
+    return {"best_validation_score": -abs(np.log(lr / 3e-3)) - abs(config.model.embed_dim - 16)}
+  return train
+
+
+def test_every_model_gets_the_same_budget_and_the_best_trial_wins(tmp_path):
+  results = {}
+  for model in ("apem", "mmoe"):
+    calls = []
+    results[model] = tuning.tune(lambda m=model: tiny_config(m), model, 6,
+                                 str(tmp_path / model), seed=0, train=_fake_train(calls))
+    assert len(calls) == 6 and results[model].num_trials == 6
+    scores = [t["validation_score"] for t in results[model].trials]
+    assert results[model].validation_score == max(scores)
+    # Each trial's config holds its parameters, shared and the model's own.
+    config, workdir = calls[0]
+    assert config.model.name == model and os.path.basename(workdir).startswith("trial_")
+    assert set(results[model].params) == set(tuning.space(model))
+  assert "model.num_groups" in results["apem"].params
+  assert "model.num_experts" in results["mmoe"].params
+
+
+def test_the_same_seed_draws_the_same_trials(tmp_path):
+  draws = []
+  for run in ("a", "b"):
+    calls = []
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 4, str(tmp_path / run), seed=3,
+                train=_fake_train(calls))
+    draws.append([(c.optimizer.learning_rate, c.model.num_experts) for c, _ in calls])
+  assert draws[0] == draws[1]
+
+
+def test_a_trial_cut_short_is_tried_again_in_its_workdir_and_not_counted(tmp_path):
+  import optuna
+  calls = []
+  tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=_fake_train(calls))
+  study = optuna.load_study(study_name="mmoe",
+                            storage=f"sqlite:///{tmp_path / 'study.db'}")
+  killed = study.ask()  # a trial a killed process left RUNNING
+  killed.suggest_float("optimizer.learning_rate", 3e-4, 1e-2, log=True)
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
+                       train=_fake_train(calls))
+  assert result.num_trials == 3 and len(calls) == 3
+  retried = calls[-1][0].optimizer.learning_rate
+  assert retried == pytest.approx(killed.params["optimizer.learning_rate"])
+
+
+def test_tuning_reads_the_validation_split_only(tmp_path, monkeypatch):
+  splits = []
+  real = trainer.Experiment.evaluate
+  monkeypatch.setattr(trainer.Experiment, "evaluate",
+                      lambda self, state, split: splits.append(split) or real(self, state, split))
+
+  def small():
+    config = tiny_config("shared_bottom")
+    config.train.num_epochs = 1
+    return config
+
+  result = tuning.tune(small, "shared_bottom", 2, str(tmp_path), seed=0,
+                       fixed=("train.batch_size",))  # 1,920 training rows
+  assert result.num_trials == 2 and np.isfinite(result.validation_score)
+  assert set(splits) == {"validation"}
