@@ -490,3 +490,28 @@ def test_default_configs_cover_registry():
   for name in MODELS:
     cfg = default_model_config(name)
     assert cfg.name == name and {"embed_dim", "dropout", "dtype"} <= set(cfg)
+
+
+def test_apem_candidate_switches_keep_shapes_and_do_what_they_say():
+  """se_gate='identity_init' starts each SE gate at 1 (2 * sigmoid(0) with a zero excite
+  kernel and bias), so SE then leaves the tokens as they are; raw_skip widens the towers' input
+  by the F raw field embeddings."""
+  from apem_jax.models.group_transformer import SqueezeExcitation
+  tokens = jax.random.normal(jax.random.key(0), (4, 5, 8))
+  for gate, expected in (("identity_init", 1.0), ("sigmoid", 0.5)):
+    se = SqueezeExcitation(gate=gate)
+    params = se.init(jax.random.key(1), tokens)
+    params = jax.tree.map(jnp.zeros_like, params)  # the excite logits are 0: the gate's midpoint
+    np.testing.assert_allclose(se.apply(params, tokens), expected * tokens, rtol=1e-6)
+  schema = make_schema(vocab_sizes=(5, 7), num_numeric=2, task_names=("a", "b"))
+  batch = {"categorical": jnp.zeros((3, 2), jnp.int32), "numeric": jnp.zeros((3, 2))}
+  widths = {}
+  for skip in (False, True):
+    cfg = default_model_config("apem")
+    cfg.update(embed_dim=8, num_blocks=1, num_groups=2, tower_hidden=(16,), raw_skip=skip,
+               se_gate="identity_init")
+    model = build_model(cfg, schema)
+    params = model.init(jax.random.key(0), batch)["params"]
+    assert model.apply({"params": params}, batch)["logits"].shape == (3, 2)
+    widths[skip] = params["towers"]["kernel_0"].shape[-2]  # [T, in, out]: in = d + shared
+  assert widths[True] == widths[False] + 4 * 8

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from apem_jax.models import layers
 from apem_jax.models.embedding import FieldEmbedding
-from apem_jax.models.group_transformer import GROUPINGS, SE_SQUEEZES, DeepAutoGroupTransformer
+from apem_jax.models.group_transformer import (GROUPINGS, SE_GATES, SE_SQUEEZES,
+                                               DeepAutoGroupTransformer)
 from apem_jax.models.layers import BatchedMLP, get_dtype
 from apem_jax.models.pattern_selector import PatternSelector
 from apem_jax.schema import Schema
@@ -72,6 +73,8 @@ class APEM(nn.Module):
   se_reduction: int = 4
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
+  se_gate: str = "sigmoid"
+  raw_skip: bool = False
   pattern_selector: bool = True
   selector_top_k: int = 0
   adaptive_indicators: bool = True
@@ -93,6 +96,8 @@ class APEM(nn.Module):
         se_reduction=layers.require_int(cfg, "se_reduction", 1),
         se_squeeze=layers.require_choice(cfg, "se_squeeze", SE_SQUEEZES),
         se_squeeze_groups=layers.require_int(cfg, "se_squeeze_groups", 1),
+        se_gate=layers.require_choice(cfg, "se_gate", SE_GATES),
+        raw_skip=layers.require_bool(cfg, "raw_skip"),
         pattern_selector=layers.require_bool(cfg, "pattern_selector"),
         selector_top_k=layers.require_int(cfg, "selector_top_k", 0),
         adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
@@ -119,7 +124,8 @@ class APEM(nn.Module):
         num_blocks=self.num_blocks, num_groups=self.num_groups, num_heads=self.num_heads,
         ffn_mult=self.ffn_mult, grouping=self.grouping, se=self.se,
         se_reduction=self.se_reduction, se_squeeze=self.se_squeeze,
-        se_squeeze_groups=self.se_squeeze_groups, dropout=self.dropout, dtype=self.dtype,
+        se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate, dropout=self.dropout,
+        dtype=self.dtype,
         name="dagt")(tokens, train)
     h, alpha = self.selector(
         num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,
@@ -130,6 +136,9 @@ class APEM(nn.Module):
       shared = jnp.mean(dagt.fields, axis=1)  # [B, d]
     else:
       shared = dagt.fields.reshape(dagt.fields.shape[0], -1)  # [B, F*d]
+    if self.raw_skip:  # a skip around the DAGT: the towers also read the raw field embeddings
+      shared = jnp.concatenate([shared, tokens.reshape(tokens.shape[0], -1).astype(shared.dtype)],
+                               axis=-1)  # [B, (F or 1)*d + F*d]
     # Each tower reads [h_t ; shared] (BatchedMLP's `shared`: no [B, T, F*d] copy).
     logits = BatchedMLP(self.schema.num_tasks, tuple(self.tower_hidden) + (1,),
                         dropout=self.dropout, activate_final=False, dtype=dtype,

@@ -22,6 +22,8 @@ _DEFAULTS: dict[str, dict] = {
         se_reduction=4,  # SE reduction ratio r
         se_squeeze="grouped",  # 'grouped' (mean and max of K channel groups) | 'mean' (ablation)
         se_squeeze_groups=4,  # K; must divide embed_dim
+        se_gate="sigmoid",  # 'sigmoid' | 'identity_init' (2 * sigmoid: 1 at initialisation)
+        raw_skip=False,  # towers also read the raw field embeddings (a skip around the DAGT)
         pattern_selector=True,  # False: mean pooling of patterns
         selector_top_k=0,  # 0 = dense selection; k > 0 = top-k patterns
         adaptive_indicators=True,  # False: static task indicators

@@ -59,6 +59,7 @@ from apem_jax.models.layers import PARAM_DTYPE, MLP, ProjectionParams, get_dtype
 
 GROUPINGS = ("competitive", "standard", "none")
 SE_SQUEEZES = ("grouped", "mean")
+SE_GATES = ("sigmoid", "identity_init")
 
 
 class DAGTOutput(NamedTuple):
@@ -98,6 +99,7 @@ class SqueezeExcitation(nn.Module):
   squeeze: str = "grouped"
   squeeze_groups: int = 4
   dtype: Any = "float32"
+  gate: str = "sigmoid"  # 'sigmoid' | 'identity_init' (2 * sigmoid: 1 at initialisation)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -108,6 +110,8 @@ class SqueezeExcitation(nn.Module):
     hidden = max(1, num_fields // self.reduction)
     s = nn.relu(nn.Dense(hidden, dtype=dtype, param_dtype=PARAM_DTYPE, name="squeeze")(z))
     s = nn.sigmoid(nn.Dense(num_fields, dtype=dtype, param_dtype=PARAM_DTYPE, name="excite")(s))
+    if self.gate == "identity_init":  # FiBiNet++'s SENet+ scale: the gate starts at 1, not 1/2
+      s = 2.0 * s
     return tokens * s[..., None].astype(tokens.dtype)
 
 
@@ -123,6 +127,8 @@ class GroupTransformerBlock(nn.Module):
     se_reduction: SE reduction ratio r.
     se_squeeze: 'grouped' | 'mean' (module docstring).
     se_squeeze_groups: K, the channel groups of the 'grouped' squeeze; must divide d.
+    se_gate: 'sigmoid' (gates in (0, 1), 1/2 at initialisation) | 'identity_init' (2 * sigmoid,
+      1 at initialisation: the block starts as the identity on the tokens).
     dropout: rate on attention and FFN outputs before each residual.
     dtype: compute dtype name.
   """
@@ -135,6 +141,7 @@ class GroupTransformerBlock(nn.Module):
   se_reduction: int = 4
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
+  se_gate: str = "sigmoid"
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -235,7 +242,7 @@ class GroupTransformerBlock(nn.Module):
     # 3. Squeeze-and-Excitation over fields.
     if self.se:
       fields = SqueezeExcitation(self.se_reduction, self.se_squeeze, self.se_squeeze_groups,
-                                 self.dtype, name="se")(fields)
+                                 self.dtype, self.se_gate, name="se")(fields)
     return DAGTOutput(fields, groups, weights, assignment)
 
 
@@ -255,6 +262,7 @@ class DeepAutoGroupTransformer(nn.Module):
   se_reduction: int = 4
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
+  se_gate: str = "sigmoid"
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -266,7 +274,7 @@ class DeepAutoGroupTransformer(nn.Module):
           num_groups=self.num_groups, num_heads=self.num_heads, ffn_mult=self.ffn_mult,
           grouping=self.grouping, se=self.se, se_reduction=self.se_reduction,
           se_squeeze=self.se_squeeze, se_squeeze_groups=self.se_squeeze_groups,
-          dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
+          se_gate=self.se_gate, dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
       fields = out.fields
     if out is None:
       raise ValueError("DeepAutoGroupTransformer: num_blocks must be >= 1")
