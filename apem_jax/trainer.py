@@ -272,6 +272,42 @@ def _train_batches(exp: Experiment, position: Mapping[str, int]) -> Iterator[Map
     epoch, skip = epoch + 1, 0
 
 
+def _write_run_files(exp: Experiment, workdir: str) -> None:
+  """The config, the preprocessing and a validation sample (what export checks itself on)."""
+  reporting.write_json_atomic(os.path.join(workdir, "config.json"), exp.config.to_dict())
+  if exp.data.preprocessing is not None:
+    reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
+                                exp.data.preprocessing.to_dict())
+  validation = exp.data.arrays["validation"]
+  reporting.write_npz_atomic(
+      os.path.join(workdir, VALIDATION_SAMPLE_FILE),
+      {k: validation[k][:VALIDATION_SAMPLE_ROWS] for k in step_lib.MODEL_INPUTS})
+
+
+class _TrainLoss:
+  """The training loss since the last report, summed on the device (no read-back per step), and
+  the step after which each task's loss first stopped being finite."""
+
+  def __init__(self, task_names: tuple[str, ...]):
+    self.task_names = task_names
+    self.first_non_finite = jnp.full((len(task_names),), -1, jnp.int32)
+    self.sum, self.count = None, 0
+
+  def add(self, step_metrics: Mapping[str, jax.Array], state_step: jax.Array) -> None:
+    self.sum = step_metrics["loss"] if self.sum is None else self.sum + step_metrics["loss"]
+    self.count += 1
+    self.first_non_finite = _first_non_finite(self.first_non_finite, step_metrics["loss_sum"],
+                                              state_step)
+
+  def mean(self, step: int) -> float:
+    """The mean since the last call; raises ``FloatingPointError`` naming the tasks if not
+    finite."""
+    mean = float(self.sum) / self.count
+    _check_finite(mean, step, np.asarray(self.first_non_finite), self.task_names)
+    self.sum, self.count = None, 0
+    return mean
+
+
 @jax.jit
 def _first_non_finite(first: jax.Array, task_loss_sums: jax.Array, step: jax.Array) -> jax.Array:
   """first [T] int32: the step after which each task's loss was first not finite (-1: never),
@@ -385,13 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except BaseException:
     ckpt.close()
     raise
-  reporting.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-  if exp.data.preprocessing is not None:
-    reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
-                                exp.data.preprocessing.to_dict())
-  validation = exp.data.arrays["validation"]
-  reporting.write_npz_atomic(os.path.join(workdir, VALIDATION_SAMPLE_FILE),
-                             {k: validation[k][:VALIDATION_SAMPLE_ROWS] for k in step_lib.MODEL_INPUTS})
+  _write_run_files(exp, workdir)
   writer = reporting.ScalarWriter(workdir)
 
   spe = exp.steps_per_epoch
@@ -410,11 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_every = config.train.eval_every_steps or spe
   save_every = config.train.checkpoint_every_steps or eval_every
   meta["stopped"] = meta["evals_without_improvement"] >= config.train.patience  # may change
-  batch_size = config.train.batch_size
 
   train_seconds, t_window, window_steps, stopped_by = 0.0, time.time(), 0, None
-  loss_sum, loss_count = None, 0
-  first_non_finite = jnp.full((exp.schema.num_tasks,), -1, jnp.int32)
+  train_loss = _TrainLoss(exp.schema.task_names)
   bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True,
                   disable=jax.process_index() != 0 or not config.train.progress_bar,
                   mininterval=1.0)
@@ -427,17 +455,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         window_steps += 1
         bar.update(1)
         _kill_point("step", step)
-        loss_sum = step_metrics["loss"] if loss_sum is None else loss_sum + step_metrics["loss"]
-        first_non_finite = _first_non_finite(first_non_finite, step_metrics["loss_sum"], state.step)
-        loss_count += 1
+        train_loss.add(step_metrics, state.step)
         evaluate = step % eval_every == 0 or step == total_steps
         if step % config.train.log_every == 0 or evaluate:
-          mean_loss = float(loss_sum) / loss_count
-          _check_finite(mean_loss, step, np.asarray(first_non_finite), exp.schema.task_names)
+          mean_loss = train_loss.mean(step)
           bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=f"{step / spe:.2f}")
           writer.write(step, {"train/loss": mean_loss,
                               "train/grad_norm": float(step_metrics["grad_norm"])})
-          loss_sum, loss_count = None, 0
         if stop_requests.signum is None and ckpt.reached_preemption(step):
           stop_requests.signum = signal.SIGTERM
         save = evaluate or step % save_every == 0 or stop_requests.signum is not None
