@@ -41,7 +41,7 @@ from apem_jax.data import synthetic
 from apem_jax.data import synthetic_funnel
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("census_income", "synthetic_mmoe", "synthetic_funnel")
+DATASETS = ("census_income", "synthetic_mmoe", "synthetic_funnel", "spec")
 # Arrays evaluation reads but training batches leave out: the true conditional probabilities of
 # synthetic funnels (for oracle metrics).
 EVAL_ONLY_KEYS = ("true_q",)
@@ -282,6 +282,12 @@ def load_dataset(data_config: Any) -> DatasetSplits:
   elif name == "synthetic_funnel":
     splits = _load_synthetic_funnel(data_config)
     source = "dataset 'synthetic_funnel'"
+  elif name == "spec":
+    # A user's own files, described by a dataset spec (data/spec.py), prepared once into
+    # <data_dir>/prepared/ (data/prepare.py). Funnel consistency was settled at preparation by
+    # the spec's own "inconsistent_funnel" (training rows only), so it is not enforced again here.
+    from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    return prepare.load_spec_dataset(data_config)
   else:
     raise ValueError(f"data.name: unknown dataset {name!r}; known: {list(DATASETS)}")
   if splits.schema.has_funnel:

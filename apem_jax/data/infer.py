@@ -1,0 +1,370 @@
+"""A first dataset spec from a sample of the files: ``apem-data infer FILES --output spec.json``.
+
+Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses, column by column
+(every guess is listed in the notes :func:`infer_spec` returns, for the user to check and edit):
+
+* **tasks**: a column of 0/1 (or true/false) values whose name says label (``click``,
+  ``conversion``, ``purchase``, ``label``, ``target``, ``is_*``...) becomes a binary task; columns
+  given with ``labels`` become tasks whatever their names (binary if 0/1, else regression). Binary
+  tasks are ordered by positive rate, and a task whose positives are all positive in an earlier one
+  in the sample gets ``depends_on`` it (a funnel step).
+* **split**: a column named ``split``/``set``/``fold`` holding train/validation/test values is the
+  split column; else an 80/10/10 hash split, by a user-id-like column if there is one.
+* **weight**: a non-negative numeric column named like a weight.
+* **features**: integer or float columns are numeric (``log1p`` when non-negative and heavy-tailed,
+  32 quantile buckets when they have more than 32 distinct values, ``"missing": "indicator"`` when
+  the sample has missing values), except id-like names (``*_id``, ``id``, ``uuid``...) and integer
+  columns with at most 20 distinct values, which are categorical; string columns are categorical:
+  a vocabulary, or hashed with ``num_buckets`` when the sample holds more than 10,000 distinct
+  values (or more than 1,000 that are mostly unique). A column with one value is ignored.
+
+Nothing here is more than a guess from a sample: a value outside the sample (a missing value where
+the sample had none, a category never seen) shows up as an error or an OOV id at preparation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from apem_jax.data import spec as spec_lib
+
+SAMPLE_ROWS = 100_000
+HASH_DISTINCT = 10_000        # more distinct values than this in the sample: hashed
+HASH_DISTINCT_UNIQUE = 1_000  # ... or more than this, most of them seen once
+MAX_BUCKETS = 1 << 22
+SMALL_INTEGER_DISTINCT = 20   # integer columns with at most this many values: categorical
+NUMERIC_BUCKETS = 32
+
+_LABEL_NAME = re.compile(
+    r"(^|_)(label|labels|target|y|click|clicked|clicks|clk|ctr|conversion|conversions|converted|"
+    r"convert|cvr|purchase|purchased|buy|bought|order|ordered|install|installed|signup|"
+    r"add_to_cart|cart|carted|like|liked|share|shared|engaged|engagement)($|_)|^is_|^has_|^did_",
+    re.IGNORECASE)
+_ID_NAME = re.compile(r"(^|_)(id|uid|uuid|guid|hash|key)$|_id(_|$)|^id_", re.IGNORECASE)
+_USER_NAME = re.compile(r"^(user|user_id|uid|userid|customer|customer_id|visitor|visitor_id|"
+                        r"member|member_id|account|account_id|device_id|session_id)$",
+                        re.IGNORECASE)
+_WEIGHT_NAME = re.compile(r"(^|_)(weight|weights|sample_weight|instance_weight|w)$",
+                          re.IGNORECASE)
+_SPLIT_NAME = re.compile(r"^(split|set|fold|subset|partition|dataset_split)$", re.IGNORECASE)
+_BINARY_WORDS = {"yes": "no", "y": "n", "true": "false", "t": "f", "positive": "negative",
+                 "pos": "neg"}
+_SPLIT_VALUES = {"train": "train", "training": "train", "validation": "validation",
+                 "valid": "validation", "val": "validation", "dev": "validation",
+                 "eval": "validation", "test": "test", "testing": "test"}
+
+
+def guess_format(path: str) -> str:
+  name = path.lower()
+  for suffix in (".gz", ".bz2"):
+    if name.endswith(suffix):
+      name = name[:-len(suffix)]
+  if name.endswith((".parquet", ".pq")):
+    return "parquet"
+  if name.endswith((".tfrecord", ".tfrecords", ".tfrec", ".tfr")):
+    return "tfrecord"
+  if name.endswith((".csv", ".tsv", ".txt")):
+    return "csv"
+  raise ValueError(f"{path}: cannot tell the format from the file name; give --format "
+                   f"(one of {list(spec_lib.FORMATS)})")
+
+
+def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int) -> pa.Table:
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  names = prepare._csv_header(paths[0], fmt)  # pylint: disable=protected-access
+  options = prepare._csv_options(  # pylint: disable=protected-access
+      fmt, names, {c: pa.string() for c in names})
+  tables = []
+  for path in paths:
+    if sum(len(t) for t in tables) >= rows:
+      break
+    if prepare._csv_header(path, fmt) != names:  # pylint: disable=protected-access
+      raise ValueError(f"{path}: its columns differ from those of {paths[0]}")
+    for segment, done in prepare._csv_segments(path, fmt):  # pylint: disable=protected-access
+      try:
+        tables.append(pa_csv.read_csv(pa.BufferReader(segment), **options))
+      except pa.ArrowInvalid as e:
+        raise ValueError(f"{path}: cannot read the rows after line {done + 1}: {e}") from None
+      if sum(len(t) for t in tables) >= rows:
+        break
+  if not tables:
+    return pa.table({c: pa.array([], pa.string()) for c in names})
+  return pa.concat_tables(tables).slice(0, rows)
+
+
+def _sample_parquet(paths: Sequence[str], rows: int) -> pa.Table:
+  tables = []
+  for path in paths:
+    if sum(len(t) for t in tables) >= rows:
+      break
+    from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    pf = pq.ParquetFile(prepare._source(path))  # pylint: disable=protected-access
+    for batch in pf.iter_batches(batch_size=min(rows, 65_536)):
+      tables.append(pa.Table.from_batches([batch]))
+      if sum(len(t) for t in tables) >= rows:
+        break
+  return pa.concat_tables(tables, promote_options="default").slice(0, rows)
+
+
+def _sample_tfrecord(paths: Sequence[str], rows: int) -> pa.Table:
+  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  ds = tf.data.TFRecordDataset(list(paths)).take(rows)
+  first = next(iter(ds.take(1)), None)
+  if first is None:
+    raise ValueError(f"{paths[0]}: no records")
+  example = tf.train.Example.FromString(first.numpy())
+  kinds = {k: f.WhichOneof("kind") for k, f in example.features.feature.items()}
+  dtype = {"bytes_list": tf.string, "float_list": tf.float32, "int64_list": tf.int64}
+  features = {k: tf.io.RaggedFeature(dtype.get(v, tf.string)) for k, v in kinds.items()}
+  columns: dict[str, list] = {k: [] for k in kinds}
+  for batch in ds.batch(4096).map(lambda x: tf.io.parse_example(x, features)):
+    for k in kinds:
+      for row in batch[k].to_list():
+        v = row[0] if len(row) == 1 else None
+        columns[k].append(v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+  return pa.table({k: pa.array(v) for k, v in columns.items()})
+
+
+def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
+  """(float64 values without the missing ones, all integers) or (None, False) if not numbers."""
+  arr = arr.drop_null()
+  if pa.types.is_dictionary(arr.type):
+    arr = arr.dictionary_decode()
+  if pa.types.is_boolean(arr.type):
+    return pc.cast(arr, pa.float64()).to_numpy(), True
+  if pa.types.is_integer(arr.type):
+    return pc.cast(arr, pa.float64()).to_numpy(), True
+  if pa.types.is_floating(arr.type):
+    x = arr.to_numpy(zero_copy_only=False)
+    x = x[~np.isnan(x)]
+    return x, bool(np.all(np.isfinite(x)) and np.all(x == np.round(x)))
+  if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+    lowered = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+    if len(arr) and pc.all(pc.is_in(lowered, pa.array(["true", "false"]))).as_py():
+      return pc.cast(pc.equal(lowered, "true"), pa.float64()).to_numpy(), True
+    try:
+      x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+      return None, False
+    integer = True
+    try:
+      pc.cast(arr, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+      integer = False
+    return x, integer
+  return None, False
+
+
+def _binary_words(strings: pa.Array) -> tuple[str, str] | None:
+  """(positive, negative) when the values are the two words of a pair like yes/no."""
+  values = pc.unique(strings).to_pylist()
+  if len(values) != 2:
+    return None
+  lower = {v.lower(): v for v in values}
+  for positive, negative in _BINARY_WORDS.items():
+    if set(lower) == {positive, negative}:
+      return lower[positive], lower[negative]
+  return None
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(10, math.ceil(math.log2(max(n, 1))))
+
+
+def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str | None = None,
+               sample_rows: int = SAMPLE_ROWS, labels: Sequence[str] = ()
+               ) -> tuple[dict[str, Any], list[str]]:
+  """A starting spec for ``files`` and the notes on what was guessed.
+
+  Args:
+    files: paths or globs (all of one format, with the same columns).
+    output_dir: where the spec will be written: its file paths are made relative to it.
+    file_format: 'csv' | 'parquet' | 'tfrecord'; default: from the first file's name.
+    sample_rows: rows read (from the first files).
+    labels: columns to make tasks whatever their names.
+
+  Raises:
+    ValueError (SpecError): no file, an unreadable sample, or no task found.
+  """
+  if not files:
+    raise ValueError("no files given")
+  paths: list[str] = []
+  for i, pattern in enumerate(files):
+    try:
+      paths += spec_lib._expand(pattern, ".")  # pylint: disable=protected-access
+    except FileNotFoundError as e:
+      raise spec_lib.SpecError(f"FILES[{i}]: {e}") from None
+  fmt_name = file_format or guess_format(paths[0])
+  if fmt_name not in spec_lib.FORMATS:
+    raise ValueError(f"--format: {fmt_name!r} is not one of {list(spec_lib.FORMATS)}")
+  if sample_rows < 1:
+    raise ValueError(f"--rows must be >= 1, got {sample_rows}")
+  delimiter = "\t" if fmt_name == "csv" and paths[0].lower().endswith(".tsv") else ","
+  csv_format = spec_lib.FileFormat("csv", delimiter=delimiter)
+  if fmt_name == "csv":
+    table = _sample_csv(paths, csv_format, sample_rows)
+  elif fmt_name == "parquet":
+    table = _sample_parquet(paths, sample_rows)
+  else:
+    table = _sample_tfrecord(paths, sample_rows)
+  n = len(table)
+  notes = [f"read {n:,} rows from {len(paths)} file(s) ({fmt_name})"]
+  if n == 0:
+    raise ValueError(f"{paths[0]}: no rows to infer a spec from")
+  missing_labels = [c for c in labels if c not in table.column_names]
+  if missing_labels:
+    raise ValueError(f"--label {missing_labels[0]!r}: no such column; columns: "
+                     f"{table.column_names}")
+
+  features: list[dict[str, Any]] = []
+  tasks: list[dict[str, Any]] = []
+  ignore: list[str] = []
+  weight = split_column = None
+  id_columns: list[str] = []
+  label_values: dict[str, np.ndarray | None] = {}  # binary tasks' 0/1 values (no missing ones)
+  for name in table.column_names:
+    column = table.column(name).combine_chunks()
+    nulls = column.null_count
+    present = column.drop_null()
+    if pa.types.is_dictionary(present.type):
+      present = present.dictionary_decode()
+    distinct = pc.count_distinct(present).as_py() if len(present) else 0
+    x, integer = _numbers(present)
+    binary = x is not None and len(x) > 0 and bool(np.all((x == 0) | (x == 1)))
+    as_strings = (pc.utf8_trim_whitespace(pc.cast(present, pa.string()))
+                  if x is None and len(present) else None)
+    words = _binary_words(as_strings) if as_strings is not None else None
+    if words is not None and (name in labels or _LABEL_NAME.search(name)):
+      positive, negative = words
+      x = pc.cast(pc.equal(as_strings, positive), pa.float64()).to_numpy()
+      binary = True
+    if name in labels or (binary and _LABEL_NAME.search(name)):
+      task = {"name": name, "label_column": name}
+      if words is not None and binary:
+        task["positive_values"], task["negative_values"] = [words[0]], [words[1]]
+      label_values[name] = x if binary else None
+      if not binary:
+        if x is None:
+          raise ValueError(f"--label {name!r}: its values are neither 0/1 nor numbers; write "
+                           f"the task by hand with positive_values")
+        task["kind"] = "regression"
+      if nulls:
+        task["missing"] = "mask"
+      tasks.append(task)
+      rate = float(x.mean()) if binary else None
+      kind = f"binary, positive rate {rate:.4f}" if binary else "regression"
+      notes.append(f"{name}: task ({kind}{', missing labels masked' if nulls else ''})")
+      continue
+    if _SPLIT_NAME.match(name) and as_strings is not None and distinct <= len(_SPLIT_VALUES):
+      values = set(pc.unique(as_strings).to_pylist())
+      if values <= set(_SPLIT_VALUES) and len({_SPLIT_VALUES[v] for v in values}) == 3:
+        split_column = (name, values)
+        notes.append(f"{name}: the split column (values {sorted(values)})")
+        continue
+    if (_WEIGHT_NAME.search(name) and x is not None and len(x) and not binary
+        and float(x.min()) >= 0 and not nulls):
+      weight = name
+      notes.append(f"{name}: the weight column")
+      continue
+    if distinct <= 1:
+      ignore.append(name)
+      notes.append(f"{name}: ignored (one value in the sample"
+                   f"{'' if not nulls else ', and missing values'})")
+      continue
+    id_like = bool(_ID_NAME.search(name)) or bool(_USER_NAME.match(name))
+    if x is not None and not id_like and not (integer and distinct <= SMALL_INTEGER_DISTINCT):
+      feature: dict[str, Any] = {"name": name, "type": "numeric"}
+      q50, q99 = np.quantile(x, [0.5, 0.99]) if len(x) else (0.0, 0.0)
+      tail = ""
+      if len(x) and float(x.min()) >= 0 and q99 > 50 * max(q50, 1.0):
+        feature["transform"] = "log1p"
+        tail = ", log1p (heavy tail)"
+      if distinct > NUMERIC_BUCKETS:
+        feature["buckets"] = NUMERIC_BUCKETS
+      if nulls:
+        feature["missing"] = "indicator"
+      features.append(feature)
+      notes.append(f"{name}: numeric ({distinct:,} distinct in the sample{tail}"
+                   f"{f', {nulls:,} missing: indicator' if nulls else ''})")
+      continue
+    feature = {"name": name, "type": "categorical"}
+    mostly_unique = distinct > 0.5 * len(present)
+    if distinct > HASH_DISTINCT or (distinct > HASH_DISTINCT_UNIQUE and mostly_unique) or (
+        id_like and distinct > HASH_DISTINCT_UNIQUE):
+      feature["num_buckets"] = min(MAX_BUCKETS, _next_pow2(4 * distinct))
+      notes.append(f"{name}: categorical, hashed into {feature['num_buckets']:,} buckets "
+                   f"({distinct:,} distinct values in {len(present):,} sampled rows)")
+    else:
+      if distinct > 1_000:
+        feature["min_count"] = 5
+      notes.append(f"{name}: categorical, vocabulary ({distinct:,} distinct in the sample"
+                   f"{', min_count 5' if distinct > 1_000 else ''})")
+    if id_like:
+      id_columns.append(name)
+    features.append(feature)
+
+  if not tasks:
+    raise ValueError("no task found: no 0/1 column is named like a label (click, conversion, "
+                     "purchase, label, target, is_...); name the label columns with --label")
+  if not features:
+    raise ValueError("no feature found: every column is a label, the weight or the split")
+
+  # Funnels: binary tasks by positive rate; a task depends on the nearest earlier one whose
+  # positives include all of its own (in the sample).
+  binary_tasks = [t for t in tasks if t.get("kind", "binary") == "binary"]
+  values = {t["name"]: label_values[t["label_column"]] for t in binary_tasks}
+  if len(binary_tasks) > 1 and not any(table.column(t["label_column"]).null_count
+                                       for t in binary_tasks):
+    binary_tasks.sort(key=lambda t: -float(values[t["name"]].mean()))
+    for i, task in enumerate(binary_tasks):
+      y = values[task["name"]]
+      for earlier in reversed(binary_tasks[:i]):
+        parent = values[earlier["name"]]
+        if y.sum() > 0 and y.mean() < parent.mean() and not np.any((y == 1) & (parent == 0)):
+          task["depends_on"] = earlier["name"]
+          notes.append(f"{task['name']}: depends_on {earlier['name']!r} (a funnel step: every "
+                       f"positive in the sample is positive there)")
+          break
+    tasks = binary_tasks + [t for t in tasks if t.get("kind") == "regression"]
+
+  rel = [p if spec_lib._is_remote(p) else os.path.relpath(  # pylint: disable=protected-access
+      os.path.abspath(p), os.path.abspath(output_dir)) for p in paths]
+  spec: dict[str, Any] = {"format": fmt_name if delimiter == "," else
+                          {"type": "csv", "delimiter": delimiter}, "files": rel}
+  if split_column is not None:
+    name, seen = split_column
+    by_split: dict[str, list[str]] = {}
+    for v in sorted(seen):
+      by_split.setdefault(_SPLIT_VALUES[v], []).append(v)
+    spec["split"] = {"split_column": name}
+    if any(vals != [s] for s, vals in by_split.items()):
+      spec["split"]["values"] = by_split
+  else:
+    users = [c for c in id_columns if _USER_NAME.match(c)] or id_columns
+    rule: dict[str, Any] = {"fractions": {"train": 0.8, "validation": 0.1, "test": 0.1}}
+    if users:
+      rule = {"hash_column": users[0], **rule}
+      notes.append(f"split: 80/10/10 by a hash of {users[0]!r} (all of a value's rows in one "
+                   f"split)")
+    else:
+      notes.append("split: 80/10/10 by a hash of the file name and row number (no id column "
+                   "found; set split.hash_column to keep a user's rows together)")
+    spec["split"] = rule
+  spec["features"] = features
+  if weight:
+    spec["weight_column"] = weight
+  spec["tasks"] = tasks
+  if ignore:
+    spec["ignore"] = ignore
+  spec_lib.parse_spec(spec, source="the inferred spec")  # what we write must validate
+  return spec, notes

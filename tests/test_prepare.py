@@ -1,0 +1,665 @@
+"""Streamed preparation (apem_jax.data.prepare), the shard format (apem_jax.data.prepared) and
+training on a spec (data.name='spec').
+
+Every input file here is written by the test itself (Python's csv module, pyarrow, TensorFlow's
+tf.train.Example), not by the project's generators; the expected encodings come from the in-memory
+path (``preprocessing.fit_preprocessing`` / ``encode``) on the same raw values.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import time
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from apem_jax.data import pipeline
+from apem_jax.data import prepare
+from apem_jax.data import prepared
+from apem_jax.data import preprocessing as prep_lib
+from apem_jax.data import spec as spec_lib
+
+COUNTRIES = ["fr", "de", " us ", "jp", "br"]  # " us " is stripped to "us"
+DEVICES = ["ios", "android", "web"]
+
+
+def make_rows(n: int = 600, seed: int = 0) -> list[dict]:
+  """A click -> purchase funnel with string categories, split by a column (8:1:1)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    click = rng.random() < 0.35
+    buy = bool(click and rng.random() < 0.4)
+    rows.append({
+        "split": "validation" if i % 10 == 8 else "test" if i % 10 == 9 else "train",
+        "user": f"u{int(rng.zipf(1.5)) % 60}",
+        "country": COUNTRIES[int(rng.integers(0, len(COUNTRIES)))],
+        "device": DEVICES[int(rng.integers(0, len(DEVICES)))],
+        "price": f"{rng.exponential(30):.3f}",
+        "age": str(int(rng.integers(18, 80))),
+        "clicked": str(int(click)),
+        "bought": "yes" if buy else "no",
+        "w": f"{rng.uniform(0.5, 2):.3f}",
+        "ts": str(1_700_000_000 + i),
+    })
+  return rows
+
+
+def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str] | None = None) -> None:
+  columns = columns or list(rows[0])
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for row in rows:
+      writer.writerow([row[c] for c in columns])
+
+
+def base_spec(files=("events.csv",), fmt="csv", **changes) -> dict:
+  spec = {
+      "format": fmt,
+      "files": list(files),
+      "split": {"split_column": "split"},
+      "features": [
+          {"name": "user", "type": "categorical"},
+          {"name": "country", "type": "categorical"},
+          {"name": "device", "type": "categorical"},
+          {"name": "price", "type": "numeric", "transform": "log1p", "buckets": 8},
+          {"name": "age", "type": "numeric", "transform": "log1p", "buckets": 8},
+      ],
+      "weight_column": "w",
+      "tasks": [
+          {"name": "click", "label_column": "clicked"},
+          {"name": "purchase", "label_column": "bought", "positive_values": ["yes"],
+           "negative_values": ["no"], "depends_on": "click"},
+      ],
+      "ignore": ["ts"],
+  }
+  spec.update(changes)
+  return spec
+
+
+def write_spec(directory: pathlib.Path, spec: dict, name: str = "spec.json") -> pathlib.Path:
+  path = directory / name
+  path.write_text(json.dumps(spec))
+  return path
+
+
+def all_files(root: pathlib.Path) -> list[str]:
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def raw_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+  return {"user": np.array([r["user"] for r in rows]),
+          "country": np.array([r["country"] for r in rows]),
+          "device": np.array([r["device"] for r in rows]),
+          "price": np.array([float(r["price"]) for r in rows]),
+          "age": np.array([float(r["age"]) for r in rows])}
+
+
+@pytest.fixture
+def funnel_csv(tmp_path):
+  rows = make_rows()
+  write_csv(tmp_path / "events.csv", rows)
+  return tmp_path, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness against the in-memory path
+# ---------------------------------------------------------------------------------------------
+
+def test_csv_matches_in_memory_preprocessing(funnel_csv):
+  directory, rows = funnel_csv
+  result = prepare.prepare(write_spec(directory, base_spec()), directory / "cache")
+  assert not result.reused
+  by_split = {s: [r for r in rows if r["split"] == s] for s in prepared.SPLITS}
+  expected_prep = prep_lib.fit_preprocessing(
+      raw_columns(by_split["train"]), ["user", "country", "device"], ["price", "age"],
+      numeric_transform="log1p", numeric_buckets=8)
+
+  with open(result.path / prepared.PREPROCESSING_FILE) as f:
+    prep = prep_lib.Preprocessing.from_json(f.read())
+  assert prep.vocabularies == expected_prep.vocabularies
+  assert "us" in prep.vocabularies[1] and " us " not in prep.vocabularies[1]
+  np.testing.assert_allclose(prep.means, expected_prep.means, rtol=1e-12)
+  np.testing.assert_allclose(prep.stds, expected_prep.stds, rtol=1e-12)
+  for got, want in zip(prep.bucket_boundaries, expected_prep.bucket_boundaries):
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # all distinct values fit the sample
+
+  data = prepared.load_prepared(result.path)
+  assert data.schema.task_names == ("click", "purchase")
+  assert data.schema.tasks[1].depends_on == "click"
+  assert data.schema.vocab_sizes == tuple(len(v) for v in expected_prep.vocabularies)
+  assert [f.boundaries for f in data.schema.numeric] == list(prep.bucket_boundaries)
+  for split, split_rows in by_split.items():
+    arrays = data.arrays[split]
+    encoded = prep_lib.encode(raw_columns(split_rows), prep)
+    np.testing.assert_array_equal(arrays["categorical"], encoded["categorical"])
+    np.testing.assert_allclose(arrays["numeric"], encoded["numeric"], rtol=1e-6, atol=1e-6)
+    click = np.array([float(r["clicked"]) for r in split_rows])
+    buy = np.array([float(r["bought"] == "yes") for r in split_rows])
+    np.testing.assert_array_equal(arrays["labels"], np.stack([click, buy], 1))
+    np.testing.assert_array_equal(arrays["label_mask"], np.ones((len(split_rows), 2)))
+    weight = prepared.read_split(result.path, split)["weight"]
+    np.testing.assert_allclose(weight, [float(r["w"]) for r in split_rows], rtol=1e-6)
+  assert data.inconsistent_funnel_rows == {"train": 0, "validation": 0, "test": 0}
+  # Nothing else in the cache: the directory, no temporary one, no spill file.
+  names = all_files(directory / "cache")
+  assert not [n for n in names if ".tmp" in n or n.endswith(".arrow")], names
+
+
+def test_exports_raw_feature_encoder_reproduces_the_prepared_arrays(funnel_csv):
+  """preprocessing.json is what apem-export's in-graph encoder (serving.RawFeatureEncoder)
+  reads: fed the raw validation values, it gives the prepared validation arrays."""
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  directory, rows = funnel_csv
+  data = pipeline.load_dataset(ml_collections.ConfigDict(dict(
+      name="spec", spec=str(write_spec(directory, base_spec())),
+      data_dir=str(directory / "cache"))))
+  encoder = serving.RawFeatureEncoder(data.preprocessing)
+  validation = [r for r in rows if r["split"] == "validation"]
+  raw = raw_columns(validation)
+  features = {k: tf.constant(v) if v.dtype.kind == "U" else tf.constant(v, tf.float32)
+              for k, v in raw.items()}
+  out = encoder(features)
+  np.testing.assert_array_equal(out["categorical"].numpy(),
+                                data.arrays["validation"]["categorical"])
+  np.testing.assert_allclose(out["numeric"].numpy(), data.arrays["validation"]["numeric"],
+                             atol=1e-5)  # served values are float32
+
+
+def _same_arrays(a: pipeline.DatasetSplits, b: pipeline.DatasetSplits) -> None:
+  assert a.schema == b.schema
+  for split in prepared.SPLITS:
+    for key in a.arrays[split]:
+      np.testing.assert_array_equal(a.arrays[split][key], b.arrays[split][key], err_msg=key)
+
+
+def test_parquet_and_tfrecord_inputs_give_the_csv_result(funnel_csv):
+  directory, rows = funnel_csv
+  from_csv = prepared.load_prepared(
+      prepare.prepare(write_spec(directory, base_spec()), directory / "cache").path)
+
+  # Parquet: typed columns (floats, ints, strings) in two files.
+  table = pa.table({
+      "split": [r["split"] for r in rows], "user": [r["user"] for r in rows],
+      "country": [r["country"] for r in rows], "device": [r["device"] for r in rows],
+      "price": [float(r["price"]) for r in rows], "age": [int(r["age"]) for r in rows],
+      "clicked": [int(r["clicked"]) for r in rows], "bought": [r["bought"] for r in rows],
+      "w": [float(r["w"]) for r in rows], "ts": [int(r["ts"]) for r in rows]})
+  pq.write_table(table.slice(0, 250), directory / "a.parquet")
+  pq.write_table(table.slice(250), directory / "b.parquet")
+  spec = base_spec(files=["*.parquet"], fmt="parquet")
+  from_parquet = prepared.load_prepared(
+      prepare.prepare(write_spec(directory, spec, "pq.json"), directory / "cache").path)
+  _same_arrays(from_csv, from_parquet)
+
+  # TFRecord of tf.train.Example, one value per feature.
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  with tf.io.TFRecordWriter(str(directory / "events.tfrecord")) as writer:
+    for r in rows:
+      feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[r[k].encode()]))
+                 for k in ("split", "user", "country", "device", "bought")}
+      feature["price"] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(r["price"])]))
+      for k in ("age", "clicked", "ts"):
+        feature[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(r[k])]))
+      feature["w"] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(r["w"])]))
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+  spec = base_spec(files=["events.tfrecord"], fmt="tfrecord")
+  from_tfrecord = prepared.load_prepared(
+      prepare.prepare(write_spec(directory, spec, "tfr.json"), directory / "cache").path)
+  # float_list holds float32: prices differ from the CSV's float64 in the last bits.
+  assert from_tfrecord.schema.categorical == from_csv.schema.categorical
+  for split in prepared.SPLITS:
+    for key in ("categorical", "labels", "label_mask"):
+      np.testing.assert_array_equal(from_tfrecord.arrays[split][key],
+                                    from_csv.arrays[split][key])
+    np.testing.assert_allclose(from_tfrecord.arrays[split]["numeric"],
+                               from_csv.arrays[split]["numeric"], atol=1e-5)
+
+
+def test_files_per_split_give_the_split_column_result(funnel_csv):
+  directory, rows = funnel_csv
+  from_column = prepared.load_prepared(
+      prepare.prepare(write_spec(directory, base_spec()), directory / "cache").path)
+  train = [r for r in rows if r["split"] == "train"]
+  write_csv(directory / "train-1.csv", train[:200])
+  write_csv(directory / "train-2.csv", train[200:])
+  write_csv(directory / "val.csv", [r for r in rows if r["split"] == "validation"])
+  write_csv(directory / "test.csv", [r for r in rows if r["split"] == "test"])
+  spec = base_spec(splits={"train": ["train-*.csv"], "validation": ["val.csv"],
+                           "test": ["test.csv"]}, ignore=["ts", "split"])
+  del spec["files"], spec["split"]
+  result = prepare.prepare(write_spec(directory, spec, "per_split.json"), directory / "cache")
+  _same_arrays(from_column, prepared.load_prepared(result.path))
+  assert [f["path"] for f in result.metadata["files"]["train"]] == [
+      str(directory / "train-1.csv"), str(directory / "train-2.csv")]
+
+
+def test_remote_paths_go_through_gfile(funnel_csv):
+  """``scheme://`` files are globbed, stat-ed and read with tf.io.gfile (TensorFlow's in-memory
+  ``ram://`` file system stands in for gs:// here)."""
+  directory, rows = funnel_csv
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  local = prepared.load_prepared(
+      prepare.prepare(write_spec(directory, base_spec()), directory / "cache").path)
+  root = f"ram://apem-test-{os.getpid()}/{directory.name}"
+  tf.io.gfile.makedirs(root)
+  tf.io.gfile.copy(str(directory / "events.csv"), f"{root}/events-1.csv")
+  result = prepare.prepare(write_spec(directory, base_spec(files=[f"{root}/events-*.csv"]),
+                                      "remote.json"), directory / "cache")
+  assert [f["path"] for f in result.metadata["files"]["all"]] == [f"{root}/events-1.csv"]
+  _same_arrays(local, prepared.load_prepared(result.path))
+  with pytest.raises(spec_lib.SpecError, match=r"no file matches 'ram://"):
+    prepare.prepare(write_spec(directory, base_spec(files=[f"{root}/nope-*.csv"]), "r2.json"),
+                    directory / "cache")
+
+
+def test_csv_is_read_in_bounded_pieces(tmp_path, monkeypatch):
+  rows = make_rows(20_000)
+  write_csv(tmp_path / "events.csv", rows)
+  size = (tmp_path / "events.csv").stat().st_size
+  piece = 1 << 16
+  monkeypatch.setattr(prepare, "CSV_SEGMENT_BYTES", piece)
+  opened = []
+  real_open = prepare._open  # pylint: disable=protected-access
+
+  def counting_open(path, mode="rb"):
+    f = real_open(path, mode)
+    counted = {"bytes": 0}
+    read = f.read
+
+    def counting_read(n=-1):
+      data = read(n)
+      counted["bytes"] += len(data)
+      return data
+    f.read = counting_read
+    opened.append(counted)
+    return f
+  monkeypatch.setattr(prepare, "_open", counting_open)
+  chunks = prepare.read_file(str(tmp_path / "events.csv"),
+                             spec_lib.parse_spec(base_spec(), base_dir=str(tmp_path)))
+  first = next(chunks)
+  assert size > 10 * piece
+  assert opened[-1]["bytes"] <= piece, (opened[-1]["bytes"], size)
+  lines = [first.first_row]
+  total = first.num_rows
+  for chunk in chunks:
+    lines.append(chunk.first_row)
+    total += chunk.num_rows
+  with open(tmp_path / "events.csv", "rb") as f:
+    header = len(f.readline())
+  assert total == len(rows) and opened[-1]["bytes"] == size - header
+  assert lines == sorted(lines) and len(lines) > 10
+  # Rows are numbered across pieces: the last chunk's last row is the file's last line.
+  assert chunk.where(chunk.num_rows - 1).endswith(f"line {len(rows) + 1}")
+
+
+def test_hashing_missing_values_and_vocabulary_limits(tmp_path):
+  rng = np.random.default_rng(3)
+  n = 400
+  rows = [{"user": f"user-{i % 97}", "city": ["a", "b", "c", "d"][min(int(rng.zipf(2)), 4) - 1],
+           "price": "" if i % 7 == 0 else f"{rng.normal(5, 2):.4f}",
+           "age": "" if i % 5 == 0 else str(20 + i % 40), "tag": "" if i % 3 == 0 else "x",
+           "clicked": str(i % 2), "buy": "" if i % 4 == 0 else "0"} for i in range(n)]
+  write_csv(tmp_path / "d.csv", rows)
+  spec = {"format": "csv", "files": ["d.csv"],
+          "split": {"fractions": {"train": 0.6, "validation": 0.2, "test": 0.2}},
+          "features": [{"name": "user", "type": "categorical", "num_buckets": 50},
+                       {"name": "city", "type": "categorical", "max_size": 2},
+                       {"name": "tag", "type": "categorical"},
+                       {"name": "price", "type": "numeric", "missing": {"fill": -1.0}},
+                       {"name": "age", "type": "numeric", "missing": "indicator"}],
+          "tasks": [{"name": "click", "label_column": "clicked"},
+                    {"name": "buy", "label_column": "buy", "missing": "mask"}]}
+  result = prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache")
+  data = prepared.load_prepared(result.path)
+  with open(result.path / prepared.STATISTICS_FILE) as f:
+    stats = json.load(f)
+  assert "hashed categorical features ['user']" in result.metadata["preprocessing"]["none"]
+  assert not (result.path / prepared.PREPROCESSING_FILE).exists()
+  names = [f.name for f in data.schema.categorical]
+  assert names == ["user", "city", "tag", "age_missing"]
+  assert data.schema.vocab_sizes == (50, 2, 2, 2)
+  # The row-hash split is a fixed function of (file, row): rows come back in file order.
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  chunk = next(prepare.read_file(str(tmp_path / "d.csv"), spec_lib.load_spec(
+      tmp_path / "spec.json")))
+  ids = prepare.split_ids(chunk, spec_lib.load_spec(tmp_path / "spec.json"), None)
+  assert 0.45 < np.mean(ids == 0) < 0.75 and np.mean(ids == 1) > 0.1 and np.mean(ids == 2) > 0.1
+  # max_size keeps the two most frequent training cities (ties by value); a missing tag is "".
+  cities, counts = np.unique([r["city"] for r, i in zip(rows, ids) if i == 0], return_counts=True)
+  top2 = sorted(sorted(zip(-counts, cities))[:2], key=lambda x: x[1])
+  assert stats["vocabularies"]["city"] == [c for _, c in top2]
+  assert stats["vocabularies"]["tag"] == ["", "x"]
+  for sid, split in enumerate(prepared.SPLITS):
+    split_rows = [r for r, i in zip(rows, ids) if i == sid]
+    arrays = data.arrays[split]
+    assert len(arrays["labels"]) == len(split_rows)
+    users = np.array([r["user"] for r in split_rows])
+    np.testing.assert_array_equal(
+        arrays["categorical"][:, 0], tf.strings.to_hash_bucket_fast(users, 50).numpy())
+    age_missing = np.array([r["age"] == "" for r in split_rows])
+    np.testing.assert_array_equal(arrays["categorical"][:, 3], age_missing)
+    np.testing.assert_array_equal(arrays["numeric"][age_missing, 1], 0.0)  # the training mean
+    buy_missing = np.array([r["buy"] == "" for r in split_rows])
+    np.testing.assert_array_equal(arrays["label_mask"][:, 1], ~buy_missing)
+  train_rows = [r for r, i in zip(rows, ids) if i == 0]
+  price = np.array([-1.0 if r["price"] == "" else float(r["price"]) for r in train_rows])
+  age = np.array([float(r["age"]) for r in train_rows if r["age"] != ""])
+  numeric = {s["name"]: s for s in stats["numeric"]}
+  np.testing.assert_allclose([numeric["price"]["mean"], numeric["price"]["std"]],
+                             [price.mean(), price.std()], rtol=1e-10)
+  np.testing.assert_allclose([numeric["age"]["mean"], numeric["age"]["std"]],
+                             [age.mean(), age.std()], rtol=1e-10)
+  assert numeric["age"]["missing_in_train"] == sum(r["age"] == "" for r in train_rows)
+
+
+def test_hash_column_split_keeps_a_users_rows_together(tmp_path):
+  rows = [{"user": f"u{i % 300}", "x": "a" if i % 2 else "b", "clicked": str(i % 3 == 0)}
+          for i in range(3000)]
+  write_csv(tmp_path / "d.csv", rows)
+  spec = {"format": "csv", "files": ["d.csv"],
+          "split": {"hash_column": "user",
+                    "fractions": {"train": 0.8, "validation": 0.1, "test": 0.1}},
+          "features": [{"name": "x", "type": "categorical"}],
+          "tasks": [{"name": "click", "label_column": "clicked"}]}
+  s = spec_lib.parse_spec(spec, base_dir=str(tmp_path))
+  chunk = next(prepare.read_file(str(tmp_path / "d.csv"), s))
+  ids = prepare.split_ids(chunk, s, None)
+  split_of_user: dict[str, set] = {}
+  for r, i in zip(rows, ids):
+    split_of_user.setdefault(r["user"], set()).add(int(i))
+  assert all(len(v) == 1 for v in split_of_user.values())
+  users_per_split = np.bincount([next(iter(v)) for v in split_of_user.values()], minlength=3)
+  assert 200 <= users_per_split[0] <= 280 and users_per_split[1] >= 10 and users_per_split[2] >= 10
+
+
+def test_quantile_sample_is_exact_below_its_size_and_close_above(monkeypatch):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=50_000)
+  sample = prepare._DistinctSample(100_000)  # pylint: disable=protected-access
+  for part in np.array_split(x, 7):
+    sample.add(part)
+  np.testing.assert_array_equal(np.sort(sample.values), np.unique(x))
+  small = prepare._DistinctSample(2_000)  # pylint: disable=protected-access
+  for part in np.array_split(x, 7):
+    small.add(part)
+  assert len(small.values) == 2_000 and len(np.unique(small.values)) == 2_000
+  # A uniform sample of the distinct values: its quantiles are close to the exact ones.
+  exact = np.quantile(x, [0.1, 0.25, 0.5, 0.75, 0.9])
+  np.testing.assert_allclose(np.quantile(small.values, [0.1, 0.25, 0.5, 0.75, 0.9]), exact,
+                             atol=0.1)
+  # Order-independent: the same values in another order give the same sample.
+  again = prepare._DistinctSample(2_000)  # pylint: disable=protected-access
+  for part in np.array_split(x[::-1], 3):
+    again.add(part)
+  np.testing.assert_array_equal(np.sort(small.values), np.sort(again.values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+def test_shards_are_what_tensorflow_writes_and_parse_example_reads(tmp_path):
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  rng = np.random.default_rng(1)
+  n, fc, fn, t = 23, 3, 2, 2
+  arrays = {"categorical": rng.integers(0, 1 << 33, (n, fc)),
+            "numeric": rng.normal(size=(n, fn)).astype(np.float32),
+            "labels": rng.integers(0, 2, (n, t)).astype(np.float32),
+            "label_mask": np.ones((n, t), np.float32),
+            "weight": rng.random(n).astype(np.float32)}
+  arrays["categorical"][:4, 0] = [0, 127, 128, 16383]  # varint length edges
+  records = prepared.records_of(*prepared.serialize_examples(
+      *(arrays[k] for k in prepared.FEATURE_KEYS)))
+  for i, record in enumerate(records):
+    expected = tf.train.Example(features=tf.train.Features(feature={
+        "categorical": tf.train.Feature(int64_list=tf.train.Int64List(
+            value=arrays["categorical"][i])),
+        **{k: tf.train.Feature(float_list=tf.train.FloatList(value=np.atleast_1d(arrays[k][i])))
+           for k in ("numeric", "labels", "label_mask", "weight")}}))
+    assert tf.train.Example.FromString(record) == expected
+  with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
+    for record in records:
+      writer.write(record)
+  writer = prepared.ShardWriter(tmp_path, "train", shard_rows=10)
+  writer.write({k: v[:15] for k, v in arrays.items()})
+  writer.write({k: v[15:] for k, v in arrays.items()})
+  shards = writer.close()
+  assert [s["rows"] for s in shards] == [10, 10, 3]
+  ours = b"".join((tmp_path / s["file"]).read_bytes() for s in shards)
+  assert ours == (tmp_path / "tf.tfrecord").read_bytes()
+  spec = prepared.feature_spec(fc, fn, t, tf)
+  parsed = next(iter(tf.data.TFRecordDataset([str(tmp_path / s["file"]) for s in shards])
+                     .batch(100).map(lambda x: tf.io.parse_example(x, spec))))
+  for key in prepared.FEATURE_KEYS:
+    np.testing.assert_array_equal(parsed[key].numpy(), arrays[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+
+def test_cache_is_reused_and_keyed_by_spec_and_files(funnel_csv):
+  directory, rows = funnel_csv
+  spec_path = write_spec(directory, base_spec())
+  first = prepare.prepare(spec_path, directory / "cache")
+  mtime = (first.path / prepared.METADATA_FILE).stat().st_mtime_ns
+  again = prepare.prepare(spec_path, directory / "cache")
+  assert again.reused and again.path == first.path
+  assert (first.path / prepared.METADATA_FILE).stat().st_mtime_ns == mtime
+  # A changed spec and a changed file each get their own directory.
+  changed = base_spec()
+  changed["features"][3]["buckets"] = 4
+  other = prepare.prepare(write_spec(directory, changed), directory / "cache")
+  assert other.path != first.path and not other.reused
+  write_csv(directory / "events.csv", rows[:-10])
+  os.utime(directory / "events.csv", ns=(time.time_ns(), time.time_ns() + 10**9))
+  newer = prepare.prepare(write_spec(directory, base_spec()), directory / "cache")
+  assert newer.path not in (first.path, other.path) and not newer.reused
+  assert sum(s["rows"] for s in newer.metadata["splits"].values()) == len(rows) - 10
+  assert sorted(p.name for p in (directory / "cache" / "prepared").iterdir()) == sorted(
+      p.name for p in (first.path, other.path, newer.path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error, and nothing left in the cache
+# ---------------------------------------------------------------------------------------------
+
+def _fails(directory: pathlib.Path, spec: dict, match: str, error=prepare.DataError) -> str:
+  cache = directory / "cache"
+  with pytest.raises(error, match=match) as info:
+    prepare.prepare(write_spec(directory, spec), cache)
+  assert all_files(cache) == [], all_files(cache)
+  assert "\n" not in str(info.value)
+  return str(info.value)
+
+
+def _csv_with(directory: pathlib.Path, edit) -> None:
+  """events.csv with ``edit(lines)`` applied to its text lines (header = line 1)."""
+  rows = make_rows(60)
+  write_csv(directory / "events.csv", rows)
+  lines = (directory / "events.csv").read_text().splitlines()
+  edit(lines)
+  (directory / "events.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_missing_files_and_globs(tmp_path):
+  _fails(tmp_path, base_spec(files=["nope.csv"]),
+         r"spec.json: files\[0\]: 'nope.csv' does not exist", spec_lib.SpecError)
+  _fails(tmp_path, base_spec(files=["data/*.csv"]),
+         r"spec.json: files\[0\]: no file matches 'data/\*.csv'", spec_lib.SpecError)
+
+
+def test_wrong_number_of_fields_names_file_and_line(tmp_path):
+  _csv_with(tmp_path, lambda lines: lines.__setitem__(41, ",".join(lines[41].split(",")[:-2])))
+  message = _fails(tmp_path, base_spec(), r"events.csv, line 42: 8 fields, expected 10")
+  assert str(tmp_path / "events.csv") in message
+
+
+def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
+  def edit(lines):
+    fields = lines[29].split(",")
+    fields[4] = "12abc"  # price
+    lines[29] = ",".join(fields)
+  _csv_with(tmp_path, edit)
+  _fails(tmp_path, base_spec(),
+         r"events.csv, line 30, column 'price' \(a numeric feature\): '12abc' is not a number")
+  # Parquet: the row.
+  table = pa.table({"split": ["train"] * 3, "user": ["a"] * 3, "country": ["x"] * 3,
+                    "device": ["d"] * 3, "price": ["1.5", "2", "n/a"], "age": [1, 2, 3],
+                    "clicked": [0, 1, 0], "bought": ["no"] * 3, "w": [1.0] * 3, "ts": [1] * 3})
+  pq.write_table(table, tmp_path / "t.parquet")
+  _fails(tmp_path, base_spec(files=["t.parquet"], fmt="parquet"),
+         r"t.parquet, row 3, column 'price' \(a numeric feature\): 'n/a' is not a number")
+
+
+def test_label_outside_the_allowed_values(tmp_path):
+  def edit(lines):
+    fields = lines[9].split(",")
+    fields[6] = "2"  # clicked
+    lines[9] = ",".join(fields)
+  _csv_with(tmp_path, edit)
+  _fails(tmp_path, base_spec(), r"events.csv, line 10, column 'clicked' \(the label of task "
+         r"'click'\): '2' is not an allowed label; expected 0 or 1")
+
+  def edit_bought(lines):
+    fields = lines[59].split(",")  # a test-split row: caught in pass 2, after shards were written
+    fields[7] = "maybe"
+    lines[59] = ",".join(fields)
+  _csv_with(tmp_path, edit_bought)
+  _fails(tmp_path, base_spec(), r"line 60, column 'bought' \(the label of task 'purchase'\): "
+         r"'maybe' is not an allowed label; expected one of positive_values \['yes'\] or "
+         r"negative_values \['no'\]")
+
+
+def test_missing_label_of_a_required_task(tmp_path):
+  def edit(lines):
+    fields = lines[5].split(",")
+    fields[6] = ""
+    lines[5] = ",".join(fields)
+  _csv_with(tmp_path, edit)
+  _fails(tmp_path, base_spec(), r"events.csv, line 6, column 'clicked': the label of task "
+         r"'click' is missing")
+
+
+def test_missing_numeric_value_without_a_policy(tmp_path):
+  def edit(lines):
+    fields = lines[12].split(",")
+    fields[5] = ""  # age
+    lines[12] = ",".join(fields)
+  _csv_with(tmp_path, edit)
+  _fails(tmp_path, base_spec(), r"events.csv, line 13, column 'age' \(a numeric feature\): the "
+         r"value is missing")
+
+
+def test_empty_split(tmp_path):
+  rows = [r for r in make_rows(60) if r["split"] != "validation"]
+  write_csv(tmp_path / "events.csv", rows)
+  _fails(tmp_path, base_spec(), r"the validation split has no rows")
+  write_csv(tmp_path / "events.csv", [r for r in rows if r["split"] != "train"])
+  _fails(tmp_path, base_spec(), r"the train split has no rows")
+
+
+def test_columns_must_match_the_spec(tmp_path):
+  rows = make_rows(20)
+  write_csv(tmp_path / "events.csv", rows, columns=[c for c in rows[0] if c != "device"])
+  _fails(tmp_path, base_spec(), r"has no column 'device' \(a categorical feature in")
+  write_csv(tmp_path / "events.csv", rows)
+  spec = base_spec(ignore=[])
+  _fails(tmp_path, spec, r"column 'ts' is not in .*spec.json: make it a feature, .* or list it "
+         r"in \"ignore\"")
+
+
+def _inconsistent_funnel_csv(directory: pathlib.Path) -> list[dict]:
+  rows = make_rows(100)
+  for i in (3, 15, 47):   # train rows (i % 10 < 8): bought where not clicked
+    rows[i].update(clicked="0", bought="yes")
+  rows[28].update(clicked="0", bought="yes")  # a validation row (28 % 10 == 8)
+  write_csv(directory / "events.csv", rows)
+  return rows
+
+
+def test_inconsistent_funnel_error_or_drop_training_rows_only(tmp_path):
+  rows = _inconsistent_funnel_csv(tmp_path)
+  _fails(tmp_path, base_spec(), r"events.csv, line 5: task 'purchase' is positive where the task "
+         r"it depends on, 'click', is negative \(an inconsistent funnel, train split\)")
+  result = prepare.prepare(write_spec(tmp_path, base_spec(inconsistent_funnel="drop")),
+                           tmp_path / "cache")
+  splits = result.metadata["splits"]
+  assert splits["train"]["inconsistent_funnel_dropped"] == 3
+  assert splits["validation"]["inconsistent_funnel_dropped"] == 0
+  assert splits["validation"]["inconsistent_funnel_kept"] == 1
+  assert splits["train"]["rows"] == sum(r["split"] == "train" for r in rows) - 3
+  assert splits["validation"]["rows"] == sum(r["split"] == "validation" for r in rows)
+  data = prepared.load_prepared(result.path)
+  assert data.inconsistent_funnel_rows["train"] == 3
+  labels = data.arrays["validation"]["labels"]
+  assert ((labels[:, 1] == 1) & (labels[:, 0] == 0)).sum() == 1  # kept as it is
+
+
+def test_funnel_check_is_the_pipelines_rule():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, (500, 3)).astype(np.float32)
+  mask = (rng.random((500, 3)) < 0.8).astype(np.float32)
+  spec = spec_lib.parse_spec({
+      "format": "csv", "files": ["x.csv"], "split": {"split_column": "s"},
+      "features": [{"name": "f", "type": "categorical"}],
+      "tasks": [{"name": "a", "label_column": "a"},
+                {"name": "b", "label_column": "b", "depends_on": "a"},
+                {"name": "c", "label_column": "c", "depends_on": "b"}]})
+  np.testing.assert_array_equal(prepare.inconsistent_funnel(labels, mask, spec),
+                                pipeline.inconsistent_funnel_rows(labels, mask, (-1, 0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# data.name = 'spec': the pipeline and the trainer
+# ---------------------------------------------------------------------------------------------
+
+def test_load_dataset_dispatch_and_config_checks(funnel_csv):
+  directory, rows = funnel_csv
+  spec_path = write_spec(directory, base_spec())
+  config = ml_collections.ConfigDict(dict(name="spec", spec=str(spec_path),
+                                          data_dir=str(directory / "cache")))
+  data = pipeline.load_dataset(config)
+  assert data.num_examples("train") == sum(r["split"] == "train" for r in rows)
+  assert data.preprocessing is not None
+  with pytest.raises(ValueError, match=r"data.inconsistent_funnel: not used with "
+                     r"data.name='spec' \(set \"inconsistent_funnel\" in the spec\)"):
+    pipeline.load_dataset(ml_collections.ConfigDict(dict(
+        name="spec", spec=str(spec_path), inconsistent_funnel="drop")))
+  with pytest.raises(ValueError, match=r"data.spec: required with data.name='spec'"):
+    pipeline.load_dataset(ml_collections.ConfigDict(dict(name="spec")))
+
+
+def test_trains_on_a_funnel_csv_with_string_categories(funnel_csv, tmp_path):
+  from apem_jax import trainer  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from apem_jax.models.defaults import default_model_config  # pylint: disable=g-import-not-at-top
+  directory, _ = funnel_csv
+  spec_path = write_spec(directory, base_spec())
+  config = common.base_config()
+  config.data = ml_collections.ConfigDict(dict(name="spec", spec=str(spec_path),
+                                               data_dir=str(directory / "cache")))
+  config.model = default_model_config("apem")
+  config.model.embed_dim = 8
+  config.model.update(num_blocks=1, num_groups=4, tower_hidden=(16,), indicator_hidden=8)
+  config.train.update(batch_size=64, eval_batch_size=128, num_epochs=1, log_every=10,
+                      progress_bar=False, patience=5)
+  config.optimizer.update(schedule="constant", learning_rate=3e-3)
+  assert config.train.funnel == "entire_space"
+  workdir = tmp_path / "run"
+  summary = trainer.train_and_evaluate(config, str(workdir))
+  assert summary["epochs"] == 1 and summary["steps"] == 480 // 64
+  assert set(summary["best_validation"]) >= {"click", "purchase"}
+  with open(workdir / "preprocessing.json") as f:
+    assert json.load(f)["categorical_fields"] == ["user", "country", "device"]

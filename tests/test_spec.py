@@ -1,0 +1,276 @@
+"""The dataset spec (apem_jax.data.spec), spec inference (apem_jax.data.infer) and the apem-data
+command line. Every data file is written here by the test."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from apem_jax.data import infer
+from apem_jax.data import spec as spec_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+VALID = {
+    "format": {"type": "csv", "delimiter": ",", "missing_values": ["", "NA"]},
+    "files": ["events.csv"],
+    "split": {"hash_column": "user_id",
+              "fractions": {"train": 0.8, "validation": 0.1, "test": 0.1}},
+    "features": [
+        {"name": "user_id", "type": "categorical", "num_buckets": 1024},
+        {"name": "country", "type": "categorical", "min_count": 2, "max_size": 100},
+        {"name": "price", "type": "numeric", "transform": "log1p", "buckets": 16,
+         "missing": {"fill": 0}},
+        {"name": "age", "type": "numeric", "missing": "indicator"},
+    ],
+    "weight_column": "w",
+    "tasks": [
+        {"name": "click", "label_column": "clicked"},
+        {"name": "purchase", "label_column": "bought", "positive_values": ["yes"],
+         "negative_values": ["no"], "depends_on": "click"},
+    ],
+    "ignore": ["ts"],
+}
+
+
+def test_the_documented_example_is_valid():
+  doc = spec_lib.__doc__
+  example = doc[doc.index("  {\n"):doc.index("\n  }\n") + 4]
+  spec = spec_lib.parse_spec(json.loads(example))
+  assert [f.name for f in spec.features] == ["user_id", "country", "price", "age"]
+  assert spec.tasks[1].depends_on == "click"
+
+
+def test_a_valid_spec_with_its_defaults():
+  spec = spec_lib.parse_spec(VALID)
+  assert spec.format.missing_values == ("", "NA") and spec.format.quote_char == '"'
+  assert spec.split_rule.hash_column == "user_id" and spec.split_rule.fractions == (0.8, 0.1, 0.1)
+  price = spec.features[2]
+  assert (price.transform, price.buckets, price.missing, price.fill) == ("log1p", 16, "fill", 0.0)
+  assert spec.features[3].missing == "indicator" and spec.features[1].missing == "value"
+  assert spec.features[0].hashed and not spec.features[1].hashed
+  assert spec.tasks[0].kind == "binary" and spec.tasks[0].missing == "error"
+  assert spec.used_columns() == ("user_id", "country", "price", "age", "clicked", "bought", "w")
+  assert spec.inconsistent_funnel == "error"
+  d = spec.to_dict()
+  assert d["features"][1]["min_count"] == 2 and json.loads(json.dumps(d)) == d
+
+
+def _edit(path: str, value):
+  """A copy of VALID with the key at ``path`` (dots and [i]) set to ``value`` (or deleted if
+  value is ...)."""
+  spec = copy.deepcopy(VALID)
+  keys = [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", path)]
+  node = spec
+  for k in keys[:-1]:
+    node = node[k]
+  if value is ...:
+    del node[keys[-1]]
+  else:
+    node[keys[-1]] = value
+  return spec
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("features.1.type", "catgorical",
+     "spec.json: features[1].type: 'catgorical' is not one of ['categorical', 'numeric']"),
+    ("colour", "red", "spec.json: colour: unknown key (known: ['features', 'files', 'format', "
+     "'ignore', 'inconsistent_funnel', 'split', 'splits', 'tasks', 'weight_column'])"),
+    ("features.0.num_bucket", 8, "spec.json: features[0].num_bucket: unknown key"),
+    ("features.2.buckets", "16", "spec.json: features[2].buckets: expected an integer, got '16'"),
+    ("features.1.min_count", 0, "spec.json: features[1].min_count: 0 is less than the minimum 1"),
+    ("features.2.missing", "zero",
+     "spec.json: features[2].missing: 'zero' is not 'error', 'indicator' or {\"fill\": <number>}"),
+    ("features.2.missing", {"fill": "0"},
+     "spec.json: features[2].missing.fill: expected a number, got '0'"),
+    ("tasks.0.label_column", ..., "spec.json: tasks[0]: missing required key 'label_column'"),
+    ("tasks.0.kind", "classification",
+     "spec.json: tasks[0].kind: 'classification' is not one of ['binary', 'regression']"),
+    ("tasks", [], "spec.json: tasks: expected at least 1 item, got 0"),
+    ("format", "xlsx", "spec.json: format: 'xlsx' is not one of ['csv', 'parquet', 'tfrecord'] "
+     "or an object with 'type'"),
+    ("format.delimiter", ";;", "spec.json: format.delimiter: ';;' is longer than 1 character"),
+    ("features.0.min_count", 2, "spec.json: features[0]: num_buckets (hashing) cannot be "
+     "combined with min_count or max_size (a vocabulary)"),
+    ("tasks.1.depends_on", "view", "spec.json: tasks[1].depends_on: 'view' must name an earlier "
+     "task (earlier: ['click'])"),
+    ("split.fractions.test", 0.2, "spec.json: split.fractions: must add up to 1, got 1.1"),
+    ("split", ..., "spec.json: missing required key 'split'"),
+    ("splits", {"train": ["a.csv"], "validation": ["b.csv"], "test": ["c.csv"]},
+     "spec.json: files: give either 'splits' (files per split) or 'files' with a 'split' rule"),
+    ("tasks.0.label_column", "country", "spec.json: tasks[0].label_column: 'country' is also a "
+     "feature (features[1]): a label cannot be an input"),
+    ("weight_column", "age", "spec.json: weight_column: 'age' is already a feature or a label"),
+    ("ignore", ["ts", "price"], "spec.json: ignore[1]: 'price' is used by the spec"),
+    ("features.3.name", "price", "spec.json: features[3].name: 'price' is already features[2]"),
+    ("tasks.1.negative_values", ["yes"], "spec.json: tasks[1].negative_values: 'yes' is also a "
+     "positive value"),
+    ("tasks.0.threshold", 0.5, None),  # valid: a binary task from a numeric column
+])
+def test_validation_errors_name_the_key_and_what_was_expected(path, value, message):
+  spec = _edit(path, value)
+  if message is None:
+    spec_lib.parse_spec(spec)
+    return
+  with pytest.raises(spec_lib.SpecError) as info:
+    spec_lib.parse_spec(spec, source="spec.json")
+  assert str(info.value).startswith(message), str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_load_spec_errors(tmp_path):
+  with pytest.raises(spec_lib.SpecError, match=r"nope.json: the spec file does not exist"):
+    spec_lib.load_spec(tmp_path / "nope.json")
+  (tmp_path / "bad.json").write_text('{"format": "csv",\n "files": [}')
+  with pytest.raises(spec_lib.SpecError, match=r"bad.json: not valid JSON: .* at line 2 column"):
+    spec_lib.load_spec(tmp_path / "bad.json")
+
+
+def test_files_resolve_relative_to_the_spec_and_must_exist(tmp_path):
+  (tmp_path / "data").mkdir()
+  for name in ("b.csv", "a.csv", "c.csv"):
+    (tmp_path / "data" / name).write_text("x\n")
+  spec_path = tmp_path / "spec.json"
+  spec_path.write_text(json.dumps(_edit("files", ["data/*.csv"])))
+  files = spec_lib.resolve_files(spec_lib.load_spec(spec_path))
+  assert [pathlib.Path(f.path).name for f in files["all"]] == ["a.csv", "b.csv", "c.csv"]
+  assert all(f.size == 2 and f.mtime_ns > 0 for f in files["all"])
+
+  def fails(spec, match):
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(spec_lib.SpecError, match=match):
+      spec_lib.resolve_files(spec_lib.load_spec(spec_path))
+  fails(_edit("files", ["data/*.tsv"]), r"spec.json: files\[0\]: no file matches 'data/\*.tsv'")
+  fails(_edit("files", ["data/a.csv", "data/d.csv"]),
+        r"spec.json: files\[1\]: 'data/d.csv' does not exist")
+  fails(_edit("files", ["data"]), r"spec.json: files\[0\]: 'data' is a directory, not a file")
+  splits = {"train": ["data/*.csv"], "validation": ["data/b.csv"], "test": ["data/c.csv"]}
+  spec = _edit("split", ...)
+  del spec["files"]
+  spec["splits"] = splits
+  fails(spec, r"splits.validation\[0\]: .*b.csv is also matched by splits.train\[0\]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------------
+
+def _events(n: int = 3000, seed: int = 0) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    click = rng.random() < 0.3
+    rows.append({
+        "user_id": f"u{rng.integers(0, 2500)}",          # id-like, many values: hashed
+        "country": rng.choice(["fr", "de", "us"]),
+        "price": f"{rng.lognormal(1, 2):.2f}",          # heavy tail: log1p
+        "rating": "" if i % 9 == 0 else f"{rng.normal(3, 1):.3f}",  # missing: indicator
+        "slot": str(rng.integers(0, 5)),                 # small integer: categorical
+        "constant": "x",
+        "click": str(int(click)),
+        "conversion": str(int(click and rng.random() < 0.3)),
+    })
+  return rows
+
+
+def _write_csv(path, rows):
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+
+
+def test_infer_guesses_types_ids_tasks_and_the_funnel(tmp_path):
+  _write_csv(tmp_path / "events.csv", _events())
+  spec, notes = infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path))
+  features = {f["name"]: f for f in spec["features"]}
+  assert set(features) == {"user_id", "country", "price", "rating", "slot"}
+  assert features["user_id"]["type"] == "categorical" and features["user_id"]["num_buckets"] >= 8192
+  assert features["country"] == {"name": "country", "type": "categorical"}
+  assert features["price"]["type"] == "numeric" and features["price"]["transform"] == "log1p"
+  assert features["rating"]["missing"] == "indicator" and "transform" not in features["rating"]
+  assert features["slot"]["type"] == "categorical"
+  assert spec["ignore"] == ["constant"]
+  assert spec["tasks"] == [{"name": "click", "label_column": "click"},
+                           {"name": "conversion", "label_column": "conversion",
+                            "depends_on": "click"}]
+  assert spec["split"] == {"hash_column": "user_id",
+                           "fractions": {"train": 0.8, "validation": 0.1, "test": 0.1}}
+  assert spec["files"] == ["events.csv"]  # relative to where the spec goes
+  assert any("user_id: categorical, hashed" in n for n in notes)
+
+
+def test_infer_reads_parquet_and_finds_a_split_column(tmp_path):
+  rows = _events(500)
+  table = pa.table({"user": [r["user_id"] for r in rows],
+                    "price": [float(r["price"]) for r in rows],
+                    "clicked": [r["click"] == "1" for r in rows],
+                    "split": ["train", "valid", "test", "train", "train"] * 100})
+  pq.write_table(table, tmp_path / "events.parquet")
+  spec, _ = infer.infer_spec([str(tmp_path / "events.parquet")], output_dir=str(tmp_path))
+  assert spec["format"] == "parquet"
+  assert spec["split"] == {"split_column": "split", "values": {
+      "test": ["test"], "train": ["train"], "validation": ["valid"]}}
+  assert spec["tasks"] == [{"name": "clicked", "label_column": "clicked"}]
+
+
+def test_infer_without_a_label_says_what_to_do(tmp_path):
+  _write_csv(tmp_path / "x.csv", [{"a": str(i % 3), "b": "q"} for i in range(50)])
+  with pytest.raises(ValueError, match=r"no task found: .* name the label columns with --label"):
+    infer.infer_spec([str(tmp_path / "x.csv")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def _apem_data(*args, cwd):
+  env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "apem_jax.data_main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_infer_validate_prepare_and_one_line_errors(tmp_path):
+  _write_csv(tmp_path / "events.csv", _events(400))
+  out = _apem_data("infer", "events.csv", "--output", "spec.json", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert "wrote spec.json: 5 features, 2 tasks" in out.stdout
+  spec = json.loads((tmp_path / "spec.json").read_text())
+  # user_id has 400 rows of ~2,500 ids here: fewer than the hashing threshold, but id-like.
+  assert spec["tasks"][1]["depends_on"] == "click"
+  again = _apem_data("infer", "events.csv", "--output", "spec.json", cwd=tmp_path)
+  assert again.returncode == 1
+  assert again.stderr.strip() == ("apem-data: error: --output spec.json exists; give "
+                                  "--overwrite to replace it")
+
+  out = _apem_data("validate", "spec.json", cwd=tmp_path)
+  assert out.returncode == 0 and "spec.json: valid" in out.stdout, out.stderr
+
+  spec["features"][0]["type"] = "catgorical"
+  (tmp_path / "bad.json").write_text(json.dumps(spec))
+  out = _apem_data("validate", "bad.json", cwd=tmp_path)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip() == ("apem-data: error: bad.json: features[0].type: 'catgorical' is "
+                                "not one of ['categorical', 'numeric']")
+
+  lines = (tmp_path / "events.csv").read_text().splitlines()
+  lines[7] += ",extra"
+  (tmp_path / "events.csv").write_text("\n".join(lines) + "\n")
+  out = _apem_data("prepare", "spec.json", "--data_dir", "cache", cwd=tmp_path)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().startswith("apem-data: error: ")
+  assert out.stderr.strip().endswith("events.csv, line 8: 9 fields, expected 8 (the columns of "
+                                     "the header; a value may not hold a line break)")
+  assert len(out.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "cache").exists()
