@@ -9,7 +9,6 @@ decision, and a clean stop on SIGTERM / SIGINT / preemption.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -40,18 +39,6 @@ def load_dataset_prepared_once(data_config: Any):
   data = load_dataset(data_config) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("apem_jax: dataset prepared by process 0")
   return load_dataset(data_config) if data is None else data
-
-
-def data_fingerprint(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-  """SHA-256 of every split's encoded arrays (names, dtypes, shapes and bytes): a resume refuses
-  data that differs from what the checkpoint was trained on."""
-  digest = hashlib.sha256()
-  for split in sorted(arrays):
-    for name in sorted(arrays[split]):
-      a = np.ascontiguousarray(arrays[split][name])
-      digest.update(f"{split}/{name}/{a.dtype.str}/{a.shape}".encode())
-      digest.update(a.data)
-  return digest.hexdigest()
 
 
 def example_batch(schema: Schema) -> dict[str, jax.Array]:
@@ -107,7 +94,7 @@ class Experiment:
     self.pmap = config.parallel.mode == "pmap"
     parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
-    self.data_fingerprint = data_fingerprint(self.data.arrays)
+    self.data_fingerprint = self.data.fingerprint()
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
     if self.steps_per_epoch < 1:
       raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
@@ -278,10 +265,8 @@ def _write_run_files(exp: Experiment, workdir: str) -> None:
   if exp.data.preprocessing is not None:
     reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
                                 exp.data.preprocessing.to_dict())
-  validation = exp.data.arrays["validation"]
-  reporting.write_npz_atomic(
-      os.path.join(workdir, VALIDATION_SAMPLE_FILE),
-      {k: validation[k][:VALIDATION_SAMPLE_ROWS] for k in step_lib.MODEL_INPUTS})
+  reporting.write_npz_atomic(os.path.join(workdir, VALIDATION_SAMPLE_FILE),
+                             exp.data.head("validation", VALIDATION_SAMPLE_ROWS))
 
 
 class _TrainLoss:

@@ -102,6 +102,22 @@ class DatasetSplits:
     """Rows of `split` (all processes together)."""
     return int(self._split(split)["labels"].shape[0])
 
+  def fingerprint(self) -> str:
+    """SHA-256 of every split's encoded arrays (names, dtypes, shapes and bytes): a resume
+    refuses data that differs from what the checkpoint was trained on."""
+    digest = hashlib.sha256()
+    for split in sorted(self.arrays):
+      for name in sorted(self.arrays[split]):
+        a = np.ascontiguousarray(self.arrays[split][name])
+        digest.update(f"{split}/{name}/{a.dtype.str}/{a.shape}".encode())
+        digest.update(a.data)
+    return digest.hexdigest()
+
+  def head(self, split: str, rows: int) -> dict[str, np.ndarray]:
+    """The model inputs (``categorical``, ``numeric``) of the first ``rows`` rows of ``split``."""
+    arrays = self._split(split)
+    return {k: arrays[k][:rows] for k in ("categorical", "numeric")}
+
   @staticmethod
   def _per_process(batch_size: int) -> tuple[int, int, int]:
     count, index = jax.process_count(), jax.process_index()
