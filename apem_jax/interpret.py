@@ -97,8 +97,8 @@ def plot(explanation: dict, directory: str) -> list[str]:
 
   grouping = explanation["group_weights"]
   heads, groups = grouping.shape[0], grouping.shape[1]
-  fig, axes = plt.subplots(heads, 1, figsize=(max(8, 0.22 * len(fields)), 1 + 0.35 * groups * heads),
-                           squeeze=False)
+  fig, axes = plt.subplots(heads, 1, squeeze=False,
+                           figsize=(max(8, 0.22 * len(fields)), (2.8 + 0.25 * groups) * heads))
   for h in range(heads):
     fig.colorbar(heatmap(axes[h, 0], grouping[h], [f"group {g}" for g in range(groups)], fields,
                          f"head {h}: pooling weight of each field in each group (rows sum to 1)"),
@@ -107,9 +107,8 @@ def plot(explanation: dict, directory: str) -> list[str]:
   save(fig, "groups.png")
 
   examples = explanation["examples"]
-  fig, axes = plt.subplots(len(examples), 1, figsize=(max(8, 0.22 * len(patterns)),
-                                                      0.5 + (0.4 + 0.3 * len(tasks)) * len(examples)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(examples), 1, squeeze=False, figsize=(
+      max(8, 0.22 * len(patterns)), 2.0 + (0.8 + 0.3 * len(tasks)) * len(examples)))
   for i, example in enumerate(examples):
     heatmap(axes[i, 0], example, tasks, patterns if i == len(examples) - 1 else [""] * len(patterns),
             f"example {i} of the split")
