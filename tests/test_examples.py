@@ -66,3 +66,36 @@ def test_examples_run(tmp_path):
     config = json.load(f)
   assert config["model"]["name"] == "apem_maxpool" and config["train"]["balancing"] == "pcgrad"
   assert os.path.isdir(tmp_path / "custom" / "checkpoints")
+
+
+def test_own_files_train_evaluate_and_export_from_a_spec_with_no_python(tmp_path):
+  """A funnel CSV with string categories and a header, described by a spec a user writes: the
+  command lines alone train it in funnel mode, evaluate it and export it."""
+  _funnel_csv(str(tmp_path / "events.csv"))
+  spec = {"format": {"type": "csv"}, "files": ["events.csv"], "split": {"split_column": "split"},
+          "features": [{"name": "user", "type": "categorical"},
+                       {"name": "item", "type": "categorical", "min_count": 2},
+                       {"name": "category", "type": "categorical"},
+                       {"name": "price", "type": "numeric", "transform": "log1p"}],
+          "tasks": [{"name": "click", "label_column": "click"},
+                    {"name": "purchase", "label_column": "purchase", "depends_on": "click",
+                     "missing": "mask"}]}
+  with open(tmp_path / "spec.json", "w") as f:
+    json.dump(spec, f)
+  config = [f"--config=configs/spec.py:{tmp_path / 'spec.json'},esmm"]
+  overrides = [f"--config.data.data_dir={tmp_path / 'data'}", "--config.train.batch_size=128",
+               "--config.train.num_epochs=2", "--config.optimizer.warmup_steps=10",
+               "--config.train.progress_bar=false"]
+  workdir = f"--workdir={tmp_path / 'run'}"
+  for command in ([sys.executable, "train.py", *config, workdir, *overrides],
+                  [sys.executable, "eval.py", *config, workdir, "--split=test", *overrides[:1]],
+                  [os.path.join(os.path.dirname(sys.executable), "apem-export"), workdir,
+                   f"--output={tmp_path / 'export'}"]):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (command, result.stderr[-4000:])
+  with open(tmp_path / "run" / "eval" / "test.json") as f:
+    metrics = json.load(f)
+  assert set(metrics) == {"click", "purchase"} and metrics["click"]["examples"] == 240
+  assert metrics["purchase"]["examples"] < 240  # missing purchase labels are masked, not zeros
+  with open(tmp_path / "export" / "metadata.json") as f:
+    assert [t["depends_on"] for t in json.load(f)["tasks"]] == [None, "click"]
