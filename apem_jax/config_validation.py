@@ -102,8 +102,11 @@ def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
   return out
 
 
-# Keys that say where things are, not what was trained: they may differ between runs of a model.
-LOCATION_KEYS = ("data.data_dir",)
+# Keys that say where things are, or how the data is read, not what was trained: they may
+# differ between the run that trained a model and one that evaluates or exports it (a resume
+# still refuses the ones that change the order of the training batches).
+LOCATION_KEYS = ("data.data_dir", "data.stream", "data.shuffle_buffer", "data.stream_groups",
+                 "data.interleave_cycle")
 _MISSING = "<missing>"
 
 

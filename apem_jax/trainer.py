@@ -63,9 +63,10 @@ def with_given_data(config: ml_collections.ConfigDict, data: Any) -> ml_collecti
   fingerprint)."""
   if data is None:
     return config
-  if not isinstance(data, DatasetSplits):
-    raise TypeError(f"data= must be a DatasetSplits (apem_jax.data.dataset_from_columns builds "
-                    f"one), got {type(data).__name__}")
+  if not all(hasattr(data, a) for a in ("schema", "train_batches", "eval_batches", "fingerprint")):
+    raise TypeError(f"data= must be a dataset (a DatasetSplits, from "
+                    f"apem_jax.data.dataset_from_columns, or a StreamedSplits), got "
+                    f"{type(data).__name__}")
   config = ml_collections.ConfigDict(config.to_dict())
   if "data" not in config:
     config.data = ml_collections.ConfigDict({"name": GIVEN_DATA})

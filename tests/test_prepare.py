@@ -162,7 +162,7 @@ def test_exports_raw_feature_encoder_reproduces_the_prepared_arrays(funnel_csv):
   directory, rows = funnel_csv
   data = pipeline.load_dataset(ml_collections.ConfigDict(dict(
       name="spec", spec=str(write_spec(directory, base_spec())),
-      data_dir=str(directory / "cache"))))
+      data_dir=str(directory / "cache"), stream=False)))  # the arrays, in memory
   encoder = serving.RawFeatureEncoder(data.preprocessing)
   validation = [r for r in rows if r["split"] == "validation"]
   raw = raw_columns(validation)

@@ -1395,12 +1395,24 @@ def prepare(spec: spec_lib.Spec | str | os.PathLike, cache_root: str | os.PathLi
 # The data config's entry point (data.name = 'spec')
 # --------------------------------------------------------------------------------------------
 
-SPEC_CONFIG_KEYS = ("name", "spec", "data_dir", "shard_rows")
+SPEC_CONFIG_KEYS = ("name", "spec", "data_dir", "shard_rows", "stream", "shuffle_buffer",
+                    "stream_groups", "interleave_cycle")
+# Keys of the streamed input (data.stream=true) -> StreamedSplits' arguments (data/stream.py).
+STREAM_CONFIG_KEYS = {"shuffle_buffer": "shuffle_buffer", "stream_groups": "groups",
+                      "interleave_cycle": "interleave_cycle"}
 
 
 def load_spec_dataset(data_config: Any):
   """``data.name='spec'``: prepares (first time) the spec ``data.spec`` under ``data.data_dir``
-  (default ``data``) and loads the prepared splits into a ``pipeline.DatasetSplits``.
+  (default ``data``) and returns its splits: streamed from the prepared shards
+  (``stream.StreamedSplits``, ``data.stream=true``, the default) or loaded into host memory
+  (``pipeline.DatasetSplits``, ``data.stream=false``).
+
+  The streamed input takes ``data.shuffle_buffer`` (rows per file group's shuffle buffer, default
+  100,000), ``data.stream_groups`` (file groups of the training order, default 0: one per
+  process; set it to reproduce a run of that many processes on fewer) and
+  ``data.interleave_cycle`` (files a group reads at a time, default 4); they are refused with
+  ``data.stream=false``.
 
   Funnel label consistency follows the spec's ``inconsistent_funnel`` (training rows only are
   dropped); ``data.inconsistent_funnel`` is refused here so that there is one place to set it.
@@ -1423,6 +1435,18 @@ def load_spec_dataset(data_config: Any):
   if not path:
     raise ValueError("data.spec: required with data.name='spec' (the path of a dataset spec "
                      "JSON file; `apem-data infer FILES --output spec.json` writes a first one)")
+  stream = get("stream", True)
+  if not isinstance(stream, (bool, np.bool_)):
+    raise ValueError(f"data.stream={stream!r}: expected true or false")
+  if not stream:
+    given = [k for k in STREAM_CONFIG_KEYS if get(k) is not None]
+    if given:
+      raise ValueError(f"data.{given[0]}: used only by the streamed input; not with "
+                       f"data.stream=false")
   prepared = prepare(path, get("data_dir", "data"),
                      shard_rows=int(get("shard_rows", DEFAULT_SHARD_ROWS)))
-  return prepared_lib.load_prepared(prepared.path)
+  if not stream:
+    return prepared_lib.load_prepared(prepared.path)
+  from apem_jax.data import stream as stream_lib  # pylint: disable=g-import-not-at-top
+  return stream_lib.StreamedSplits(prepared.path, **{
+      arg: get(key) for key, arg in STREAM_CONFIG_KEYS.items() if get(key) is not None})

@@ -1,0 +1,320 @@
+"""Training and evaluation streamed from prepared shards: :class:`StreamedSplits`.
+
+The in-memory :class:`apem_jax.data.pipeline.DatasetSplits` holds every split's encoded arrays in
+host memory. ``StreamedSplits`` has the same interface (the trainer takes either) but reads the
+TFRecord shards of a prepared directory (:mod:`apem_jax.data.prepared`) with tf.data as it goes:
+no split is ever held whole in host memory. What it holds: the metadata, the schema and the
+preprocessing; per file group, a shuffle buffer of at most ``shuffle_buffer`` serialised records;
+a few parsed batches in flight (prefetch). Nothing grows with the number of rows.
+
+**Training order** (``train_batches``). The training shards are divided into ``groups`` *file
+groups* (``data.stream_groups``; default: one per process). A global batch of ``batch_size`` rows
+is the concatenation of one sub-batch of ``batch_size // groups`` rows from each group, in group
+order, and process ``i`` of ``k`` reads the contiguous groups ``[i*groups/k, (i+1)*groups/k)``:
+its local batch is its groups' sub-batches, concatenated. The global batches therefore do not
+depend on the number of processes, only on ``groups``: one process with ``data.stream_groups=2``
+trains on exactly the global batches of a two-process run (same rows, same order).
+
+Epoch ``e`` of the sequence of ``seed``:
+
+1. the training files are permuted with ``SeedSequence([seed, e])`` (the same on every process)
+   and file ``j`` of the permutation goes to group ``j % groups``;
+2. each group reads its files with ``interleave`` (``interleave_cycle`` files at a time, one
+   record from each in turn), shuffles the records in a buffer of ``shuffle_buffer`` rows seeded
+   with ``SeedSequence([seed, e, group])``, cuts them into sub-batches (remainder dropped) and
+   takes ``num_examples('train') // batch_size`` of them: every group, so every process, yields
+   the same number of batches per epoch (what the trainer takes);
+3. the groups' serialised sub-batches are concatenated and parsed with one vectorised
+   ``tf.io.parse_example`` per batch, then prefetched.
+
+*Unequal groups.* A group needs ``steps * batch_size / groups`` rows per epoch. When its files
+hold fewer (shards are of ``shard_rows`` rows except each split's last, and the files do not
+divide evenly among the groups), its files are read again within the epoch (``repeat``): some of
+its rows are seen twice in that epoch. When they hold more, the last rows of its shuffled stream
+are left out of that epoch. As the file permutation changes every epoch, which files are short
+or long changes too. With one group (one process) an epoch reads every training row once and
+drops only the last ``num_examples % batch_size`` rows of the shuffled stream. Shuffling is
+exact (a uniform permutation) only when ``shuffle_buffer`` is at least a group's rows; below
+that it is the usual approximation of a bounded buffer, across ``interleave_cycle`` files.
+
+*Skip* (a resumed run's position): whole epochs are skipped without reading anything; within an
+epoch, the first ``skip`` batches' records are read and go through the shuffle buffer but are
+not parsed, so a resume costs reading up to one epoch's records (I/O and the shuffle, not the
+parse) before its first batch.
+
+**Evaluation** (``eval_batches``) reads a split's shards in file order, process ``i`` of ``k``
+keeping records ``i, i + k, ...`` (``Dataset.shard``; every process reads the whole split's
+bytes and parses only its rows), in batches of ``batch_size // k`` padded exactly as
+``DatasetSplits.eval_batches``: every process yields ``ceil(ceil(n / k) / (batch_size // k))``
+batches, padding rows are zeros with ``weight = 0`` and ``label_mask = 0``. Real rows have weight 1
+(as in memory): the prepared example weight applies to the training loss only; the trainer's exact
+metrics are over every real row, unweighted.
+
+**Weights.** Training batches carry the prepared example ``weight`` (a spec's ``weight_column``,
+else 1); ``losses.py`` multiplies every task's mask by it.
+
+**Memory.** Besides the buffers above, each epoch builds a new tf.data pipeline (a few tens of
+KB that TensorFlow keeps for the functions it traced). On glibc, TensorFlow's threads spread
+their freed buffers over many malloc arenas, so the resident size wanders by 10-20 MB over
+epochs although nothing is kept; ``MALLOC_ARENA_MAX=1`` or ``2`` keeps it flat
+(``tests/test_stream.py::test_memory_does_not_grow_with_the_rows``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from apem_jax import schema as schema_lib
+from apem_jax.data import pipeline
+from apem_jax.data import prepared as prepared_lib
+from apem_jax.data import preprocessing as prep_lib
+
+DEFAULT_SHUFFLE_BUFFER = 100_000   # rows per file group
+DEFAULT_INTERLEAVE_CYCLE = 4       # files a group reads at a time
+READ_BUFFER_BYTES = 1 << 20        # TFRecordDataset's read buffer per open file
+BATCH_KEYS = ("categorical", "numeric", "labels", "label_mask", "weight")
+
+Batch = dict[str, np.ndarray]
+
+
+def _seed(*entropy: int) -> int:
+  """A non-negative int63 derived from ``entropy`` (tf.data takes int64 seeds)."""
+  return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(
+      1, np.uint64)[0] >> np.uint64(1))
+
+
+class StreamedSplits:
+  """A prepared directory read as a stream; the interface of ``pipeline.DatasetSplits``.
+
+  Args:
+    directory: a prepared directory (``prepare.prepare(...).path``).
+    shuffle_buffer: rows in each file group's shuffle buffer.
+    groups: file groups of the training order (0: one per process); a multiple of
+      ``jax.process_count()`` dividing the batch size, at most the number of training shards.
+    interleave_cycle: files each group reads at a time.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+               groups: int = 0, interleave_cycle: int = DEFAULT_INTERLEAVE_CYCLE):
+    directory = pathlib.Path(directory)
+    metadata = prepared_lib.read_metadata(directory)
+    if metadata.get("format_version") != prepared_lib.FORMAT_VERSION:
+      raise ValueError(f"{directory}: prepared with format version "
+                       f"{metadata.get('format_version')}, this code reads "
+                       f"{prepared_lib.FORMAT_VERSION}")
+    for name, value, low in (("shuffle_buffer", shuffle_buffer, 1), ("stream_groups", groups, 0),
+                             ("interleave_cycle", interleave_cycle, 1)):
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"data.{name}={value!r}: expected an integer >= {low}")
+    self.directory = directory
+    self.metadata = metadata
+    self.shuffle_buffer = int(shuffle_buffer)
+    self.groups = int(groups)
+    self.interleave_cycle = int(interleave_cycle)
+    with open(directory / prepared_lib.SCHEMA_FILE) as f:
+      self.schema = schema_lib.Schema.from_dict(json.load(f))
+    self.preprocessing = None
+    if (directory / prepared_lib.PREPROCESSING_FILE).exists():
+      with open(directory / prepared_lib.PREPROCESSING_FILE) as f:
+        self.preprocessing = prep_lib.Preprocessing.from_json(f.read())
+    splits = metadata["splits"]
+    self.inconsistent_funnel_rows = {
+        s: int(splits[s].get("inconsistent_funnel_dropped", 0)) for s in splits}
+    for split in ("train", "validation"):
+      if split not in splits or not splits[split]["rows"]:
+        raise ValueError(f"{directory}: the prepared data has no {split!r} rows")
+    missing = [s["file"] for split in splits.values() for s in split["shards"]
+               if not (directory / s["file"]).exists()]
+    if missing:
+      raise ValueError(f"{directory}: shard files missing ({missing[:3]}): the prepared data is "
+                       f"damaged; delete the directory and prepare again")
+    dims = metadata["dims"]
+    self._dims = (int(dims["categorical"]), int(dims["numeric"]), int(dims["tasks"]))
+
+  # -- What the trainer asks, without reading rows ------------------------------------------
+
+  def _split(self, split: str) -> dict[str, Any]:
+    splits = self.metadata["splits"]
+    if split not in splits or not splits[split]["rows"]:
+      known = sorted(s for s in splits if splits[s]["rows"])
+      raise ValueError(f"unknown split {split!r}; known: {known}")
+    return splits[split]
+
+  def num_examples(self, split: str) -> int:
+    """Rows of ``split`` (all processes together), from the prepared metadata."""
+    return int(self._split(split)["rows"])
+
+  def fingerprint(self) -> str:
+    """SHA-256 of what identifies the prepared data: its cache key (the spec with its defaults,
+    the input files' paths, sizes and modification times, the shard size, the format version)
+    and the metadata written with it (rows and shards per split), not the rows themselves. A
+    rerun of the same preparation gives the same fingerprint; a resume refuses other data."""
+    meta = {k: v for k, v in self.metadata.items() if k not in ("created", "timing")}
+    payload = json.dumps({"streamed_prepared_data": meta}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+  def _files(self, split: str) -> list[str]:
+    return [os.fspath(self.directory / s["file"]) for s in self._split(split)["shards"]]
+
+  # -- Reading ------------------------------------------------------------------------------
+
+  def _tf(self):
+    return pipeline._import_tf()  # pylint: disable=protected-access
+
+  def _options(self, tf):
+    return pipeline._tf_options(tf)  # pylint: disable=protected-access
+
+  def _parse(self, tf):
+    spec = prepared_lib.feature_spec(*self._dims, tf)
+
+    def parse(serialized):
+      batch = tf.io.parse_example(serialized, spec)
+      batch["categorical"] = tf.cast(batch["categorical"], tf.int32)
+      return batch
+    return parse
+
+  def head(self, split: str, rows: int) -> Batch:
+    """The model inputs (``categorical``, ``numeric``) of the first ``rows`` rows of ``split``;
+    reads only those rows."""
+    rows = min(int(rows), self.num_examples(split))
+    tf = self._tf()
+    ds = (tf.data.TFRecordDataset(self._files(split)).take(rows).batch(max(rows, 1))
+          .map(self._parse(tf)).with_options(self._options(tf)))
+    batch = next(iter(ds.as_numpy_iterator()))
+    return {k: batch[k] for k in ("categorical", "numeric")}
+
+  def _per_process(self, batch_size: int) -> tuple[int, int, int]:
+    return pipeline.DatasetSplits._per_process(batch_size)  # pylint: disable=protected-access
+
+  def _groups(self, batch_size: int) -> tuple[int, range]:
+    """``(groups, this process's groups)`` for ``batch_size``."""
+    count, index = jax.process_count(), jax.process_index()
+    groups = self.groups or count
+    files = len(self._split("train")["shards"])
+    if groups % count:
+      raise ValueError(f"data.stream_groups={groups} must be a multiple of "
+                       f"jax.process_count()={count}")
+    if batch_size % groups:
+      raise ValueError(f"train.batch_size={batch_size} must be a multiple of the "
+                       f"{groups} file groups of the streamed input (data.stream_groups)")
+    if files < groups:
+      raise ValueError(f"the training split has {files} shard files, fewer than the {groups} "
+                       f"file groups of the streamed input (one per process unless "
+                       f"data.stream_groups says otherwise); prepare it with a smaller "
+                       f"data.shard_rows")
+    per = groups // count
+    return groups, range(index * per, (index + 1) * per)
+
+  def epoch_files(self, seed: int, epoch: int, groups: int) -> list[list[str]]:
+    """Each file group's training files in epoch ``epoch`` of the sequence of ``seed``."""
+    files = self._files("train")
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(
+        len(files))
+    return [[files[j] for j in order[g::groups]] for g in range(groups)]
+
+  def _epoch(self, tf, batch_size: int, seed: int, epoch: int, skip: int):
+    """This process's batches of one epoch, serialised (parsed by the caller)."""
+    groups, mine = self._groups(batch_size)
+    sub = batch_size // groups
+    steps = self.num_examples("train") // batch_size
+    rows_of = {os.fspath(self.directory / s["file"]): int(s["rows"])
+               for s in self._split("train")["shards"]}
+    parts = []
+    for g, files in enumerate(self.epoch_files(seed, epoch, groups)):
+      if g not in mine:
+        continue
+      held = sum(rows_of[f] for f in files)
+      reps = max(1, -(-steps * sub // held))  # read again within the epoch if too few rows
+      ds = tf.data.Dataset.from_tensor_slices(files)
+      if reps > 1:
+        ds = ds.repeat(reps)
+      ds = (ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=READ_BUFFER_BYTES),
+                          cycle_length=min(self.interleave_cycle, len(files) * reps),
+                          block_length=1)
+            .shuffle(self.shuffle_buffer, seed=_seed(seed, epoch, g),
+                     reshuffle_each_iteration=False)
+            .batch(sub, drop_remainder=True)
+            .take(steps))
+      parts.append(ds)
+    ds = parts[0] if len(parts) == 1 else tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *xs: tf.concat(xs, axis=0))
+    return ds.skip(skip) if skip else ds
+
+  def train_batches(self, batch_size: int, seed: int, skip: int = 0) -> Iterator[Batch]:
+    """Infinite iterator of this process's training batches of ``batch_size // process_count``
+    rows: ``categorical``, ``numeric``, ``labels``, ``label_mask``, ``weight`` (the prepared
+    example weight). Same seed -> same sequence; ``skip``: start at that batch of the sequence
+    (see the module docstring for the order, unequal groups and the cost of skipping)."""
+    self._per_process(batch_size)  # errors now, not at the first next()
+    self._groups(batch_size)
+    steps = self.num_examples("train") // batch_size
+    if steps < 1:
+      raise ValueError(f"batch_size={batch_size} exceeds the {self.num_examples('train')} "
+                       f"training examples")
+    if skip < 0:
+      raise ValueError(f"skip={skip} must be >= 0")
+    return self._train_iterator(batch_size, int(seed), int(skip), steps)
+
+  def _train_iterator(self, batch_size: int, seed: int, skip: int, steps: int) -> Iterator[Batch]:
+    tf = self._tf()
+    parse = self._parse(tf)
+    epoch, skip = divmod(skip, steps)
+    while True:
+      ds = (self._epoch(tf, batch_size, seed, epoch, skip)
+            .map(parse)
+            .prefetch(2)
+            .with_options(self._options(tf)))
+      yield from ds.as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+  def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+    """Finite iterator over this process's rows of ``split``, fixed batch shape, padded last.
+
+    Process ``i`` of ``k`` reads rows ``i, i + k, ...`` (in file order); all processes yield
+    ``ceil(ceil(n / k) / (batch_size // k))`` batches. Padding rows are zeros with
+    ``weight = 0`` and ``label_mask = 0``; real rows have ``weight = 1``.
+    """
+    per_process, count, index = self._per_process(batch_size)
+    n = self.num_examples(split)
+    num_batches = -(-(-(-n // count)) // per_process)
+    mine = len(range(index, n, count))
+    tf = self._tf()
+    ds = tf.data.TFRecordDataset(self._files(split), buffer_size=READ_BUFFER_BYTES)
+    if count > 1:
+      ds = ds.shard(count, index)
+    ds = (ds.batch(per_process).map(self._parse(tf)).prefetch(2)
+          .with_options(self._options(tf)))
+    fc, fn, t = self._dims
+    widths = {"categorical": (fc, np.int32), "numeric": (fn, np.float32),
+              "labels": (t, np.float32), "label_mask": (t, np.float32)}
+    read = 0
+    for batch in ds.as_numpy_iterator():
+      real = len(batch["weight"])
+      read += real
+      if read > mine:
+        break
+      out = {}
+      for k, (width, dtype) in widths.items():
+        a = np.zeros((per_process, width), dtype)
+        a[:real] = batch[k]
+        out[k] = a
+      weight = np.zeros((per_process,), np.float32)
+      weight[:real] = 1.0
+      out["weight"] = weight
+      num_batches -= 1
+      yield out
+    if read != mine:
+      raise ValueError(f"{self.directory}: split {split!r} gave {read} rows to process {index} "
+                       f"of {count}, its metadata says {mine}: the prepared data is damaged; "
+                       f"delete the directory and prepare again")
+    for _ in range(num_batches):
+      out = {k: np.zeros((per_process, width), dtype) for k, (width, dtype) in widths.items()}
+      out["weight"] = np.zeros((per_process,), np.float32)
+      yield out
