@@ -34,10 +34,10 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections.config_flags import config_path
 import numpy as np
 
-from apem_jax import config_validation, reporting, trainer
-from configs import census as census_configs
-from configs import funnel as funnel_configs
-from configs import synthetic as synthetic_configs
+from apem_jax import config_validation, reporting, trainer, vmap_runs
+from apem_jax.configs import census as census_configs
+from apem_jax.configs import funnel as funnel_configs
+from apem_jax.configs import synthetic as synthetic_configs
 import machine  # benchmarks/machine.py
 
 DATASETS = {"census": "income_marital", "census_education": "education_marital", "synthetic": None,
@@ -56,6 +56,12 @@ _FUNNEL_MODES = flags.DEFINE_string("funnel_modes", "entire_space",
                                     "--dataset funnel: comma-separated train.funnel modes.")
 _RUNS = flags.DEFINE_string("runs", "runs/benchmark", "Where the runs' workdirs go.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where the table and plot go.")
+_VMAP_SEEDS = flags.DEFINE_bool(
+    "vmap_seeds", False, "Train the seeds of each model (and correlation, funnel mode) as one "
+    "vmapped program (apem_jax/vmap_runs.py) instead of one after the other; each seed's "
+    "workdir, test evaluation and result files are those of a sequential run ('train s / run' "
+    "is then each seed's share of the shared training time). Seeds whose workdir already holds "
+    "a run are resumed or reused as without the flag.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "key=value config override for every run, e.g. --set train.batch_size=2048 "
     "(repeatable; the value is parsed as the key's type).")
@@ -103,10 +109,14 @@ def apply_override(config, override: str) -> None:
   config_path.set_value(key, config, value)
 
 
+def _run_name(model: str, seed: int | str, correlation: float | None, mode: str | None) -> str:
+  return (f"{model}/seed{seed}" + ("" if correlation is None else f"/p{correlation}")
+          + ("" if mode in (None, "entire_space") else f"/{mode}"))
+
+
 def run_one(model: str, seed: int, correlation: float | None, mode: str | None = None) -> dict:
   """Trains (or resumes) one run and evaluates its best checkpoint on test; cached on disk."""
-  name = (f"{model}/seed{seed}" + ("" if correlation is None else f"/p{correlation}")
-          + ("" if mode in (None, "entire_space") else f"/{mode}"))
+  name = _run_name(model, seed, correlation, mode)
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
@@ -114,7 +124,8 @@ def run_one(model: str, seed: int, correlation: float | None, mode: str | None =
   check_same_config(config, workdir)
   if not os.path.exists(result_path):
     t0 = time.time()
-    trainer.train_and_evaluate(config, workdir)
+    if not _trained_vmapped(summary_path):  # --vmap_seeds: trained already, evaluate only
+      trainer.train_and_evaluate(config, workdir)
     test = trainer.evaluate_checkpoint(config, workdir, "test")["metrics"]
     reporting.write_json_atomic(result_path, test)
     print(f"{name}: {time.time() - t0:.0f}s  " + json.dumps(test), flush=True)
@@ -123,6 +134,38 @@ def run_one(model: str, seed: int, correlation: float | None, mode: str | None =
     train_seconds = sum(h["train_seconds"] for h in summary["history"])
     return {"test": json.load(f), "num_params": summary["num_params"],
             "train_seconds": train_seconds, "epochs": summary["epochs"]}
+
+
+def _trained_vmapped(summary_path: str) -> bool:
+  """Whether the run's ``metrics.json`` is that of a run of ``vmap_runs`` that finished (one
+  stopped by a non-finite loss is resumed by the trainer, which stops on it as it would have)."""
+  if not os.path.exists(summary_path):
+    return False
+  with open(summary_path) as f:
+    summary = json.load(f)
+  return "vmapped" in summary and "error" not in summary
+
+
+def train_seeds_vmapped(model: str, correlation: float | None, mode: str | None,
+                        seeds: list[int]) -> None:
+  """--vmap_seeds: the seeds of one model (correlation, mode) whose workdirs hold no run yet,
+  trained as one vmapped program into the workdirs ``run_one`` reads (which then evaluates them
+  on test as it does a sequential run)."""
+  todo = []
+  for seed in seeds:
+    workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(model, seed, correlation, mode))
+    config = _config(model, seed, correlation, mode)
+    check_same_config(config, workdir)
+    if not any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.json", "checkpoints")):
+      todo.append((config, workdir))
+  if not todo:
+    return
+  shared = os.path.join(_RUNS.value, _DATASET.value,
+                        _run_name(model, "s_vmapped", correlation, mode))
+  t0 = time.time()
+  vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+  print(f"{_run_name(model, 's', correlation, mode)}: seeds {[c.seed for c, _ in todo]} trained "
+        f"in one program, {time.time() - t0:.0f}s", flush=True)
 
 
 def check_same_config(config, workdir: str) -> None:
@@ -221,6 +264,9 @@ def main(argv):
     print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
   cells = [(p, m, mode) for p in correlations for m in models for mode in modes
            if (m, mode) not in UNSUPPORTED_MODES]
+  if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major
+    for p, m, mode in cells:
+      train_seeds_vmapped(m, p, mode, list(range(_SEEDS.value)))
   # Seed-major: every model's seed 0 before any seed 1, so a sweep cut short has every model.
   runs = {(cell, s): run_one(cell[1], s, cell[0], cell[2])
           for s in range(_SEEDS.value) for cell in cells}

@@ -1,0 +1,126 @@
+"""N runs in one compiled program (apem_jax/vmap_runs.py) against the same runs trained one after
+the other by the trainer, on tiny synthetic data."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from apem_jax import checkpointing, trainer, vmap_runs
+from test_trainer import tiny_config
+
+
+def _configs():
+  """Two MMoE runs that differ in seed, learning rate, weight decay and patience; cosine
+  schedule; an evaluation every 10 steps of 2 epochs (60 steps), so run 1 (patience 1) stops
+  early while run 0 (patience 100) goes on."""
+  configs = []
+  for seed, lr, wd, patience in ((0, 1e-3, 0.0, 100), (1, 3e-3, 1e-2, 1)):
+    config = tiny_config("mmoe")
+    config.seed = seed
+    config.train.update(num_epochs=2, eval_every_steps=10, patience=patience)
+    config.optimizer.update(schedule="cosine", warmup_steps=5, learning_rate=lr,
+                            weight_decay=wd)
+    configs.append(config)
+  return configs
+
+
+def _validation(summary):
+  return [(h["step"], h["score"], h["validation"]) for h in summary["history"]]
+
+
+def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
+  configs = _configs()
+  summaries = vmap_runs.train_runs(configs, str(tmp_path / "vmapped"))
+  assert [s["vmapped"]["varied"] for s in summaries] == [
+      {"optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.0, "seed": 0,
+       "train.patience": 100},
+      {"optimizer.learning_rate": 3e-3, "optimizer.weight_decay": 1e-2, "seed": 1,
+       "train.patience": 1}]
+  assert all(s["train_step_traces"] == 1 and s["eval_step_traces"] == 1 for s in summaries)
+  # Run 1 stopped early, its update masked from then on; run 0 trained to the end.
+  assert summaries[0]["steps"] == 60 and not summaries[0]["stopped_early"]
+  assert summaries[1]["stopped_early"] and summaries[1]["steps"] < 60
+
+  for i, (config, summary) in enumerate(zip(configs, summaries)):
+    run_dir = str(tmp_path / "vmapped" / f"run_{i}")
+    sequential_dir = str(tmp_path / f"sequential_{i}")
+    sequential = trainer.train_and_evaluate(config, sequential_dir)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+      assert json.load(f)["best_step"] == summary["best_step"]
+    for key in ("best_step", "steps", "stopped_early"):
+      assert summary[key] == sequential[key], key
+    # Every evaluation: the same steps, scores and metrics (to 1e-6; here they are identical).
+    got, want = _validation(summary), _validation(sequential)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for (_, score, metrics), (_, want_score, want_metrics) in zip(got, want):
+      assert score == pytest.approx(want_score, abs=1e-6)
+      for task, m in want_metrics.items():
+        for name, value in m.items():
+          assert metrics[task][name] == pytest.approx(value, abs=1e-6), (task, name)
+    # The best checkpoints hold the same state, and the run's directory evaluates as the
+    # trainer's does.
+    exp = trainer.Experiment(config)
+    states = []
+    for d in (run_dir, sequential_dir):
+      ckpt = checkpointing.Checkpoints(d, read_only=True)
+      states.append(ckpt.restore(exp.abstract_state, checkpointing.BEST)[0])
+      ckpt.close()
+    chex.assert_trees_all_close(states[0].params, states[1].params, atol=1e-6, rtol=0)
+    if i == 1:
+      result = trainer.evaluate_checkpoint(config, run_dir, "test")
+      expected = trainer.evaluate_checkpoint(config, sequential_dir, "test")
+      assert result["step"] == expected["step"] == summary["best_step"]
+      for task, m in expected["metrics"].items():
+        assert result["metrics"][task]["auc"] == pytest.approx(m["auc"], abs=1e-6)
+        assert result["metrics"][task]["logloss"] == pytest.approx(m["logloss"], abs=1e-6)
+
+  # A workdir that holds results is refused before anything is built or written.
+  with pytest.raises(ValueError, match="run_0 already holds a run"):
+    vmap_runs.train_runs(configs, str(tmp_path / "vmapped"))
+
+
+def test_a_stopped_run_stays_frozen():
+  configs = _configs()
+  runs = vmap_runs.Runs(configs)
+  exp = runs.exp
+  state = runs.init_state()
+  before = jax.device_get(runs.take(state, jnp.int32(1)))
+  batches = [next(exp.data.train_batches(64, seed=s)) for s in (0, 1)]
+  state, _ = runs.train_step(state, runs.global_batch(batches), jnp.array([True, False]))
+  state, _ = runs.train_step(state, runs.global_batch(batches), jnp.array([True, False]))
+  assert runs.traces["train_step"] == 1  # the mask is an argument, not a constant
+  assert [int(s) for s in state.step] == [2, 0]
+  chex.assert_trees_all_equal(jax.device_get(runs.take(state, jnp.int32(1))), before)
+  # Run 0 took two steps: its parameters moved.
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(jax.device_get(runs.take(state, jnp.int32(0)).params),
+                                before.params)
+
+
+def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
+  configs = _configs()
+  configs[1].model.embed_dim = 16
+  with pytest.raises(ValueError, match=r"^vmap_runs: configs\[1\] differs from configs\[0\] in "
+                                       r"'model.embed_dim'"):
+    vmap_runs.train_runs(configs, str(tmp_path / "a"))
+  configs = _configs()
+  configs[1].train.batch_size = 32
+  with pytest.raises(ValueError, match="'train.batch_size'"):
+    vmap_runs.train_runs(configs, str(tmp_path / "b"))
+  configs = _configs()
+  for config in configs:
+    config.parallel.mode = "pmap"
+  with pytest.raises(ValueError, match="parallel.mode='pmap' is not supported"):
+    vmap_runs.train_runs(configs, str(tmp_path / "c"))
+  configs = _configs()
+  configs[1].optimizer.grad_clip_norm = 0.0  # no clipping: another optimizer state
+  with pytest.raises(ValueError, match=r"optimizer state has another structure.*"
+                                       r"optimizer.grad_clip_norm"):
+    vmap_runs.train_runs(configs, str(tmp_path / "d"))
+  assert not any((tmp_path / d).exists() for d in "abcd")
+  with pytest.raises(ValueError, match="no configs"):
+    vmap_runs.train_runs([], str(tmp_path / "e"))
