@@ -34,7 +34,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections.config_flags import config_path
 import numpy as np
 
-from apem_jax import config_validation, reporting, trainer, vmap_runs
+from apem_jax import config_validation, reporting, trainer, tuning, vmap_runs
 from apem_jax.configs import census as census_configs
 from apem_jax.configs import funnel as funnel_configs
 from apem_jax.configs import synthetic as synthetic_configs
@@ -62,6 +62,13 @@ _VMAP_SEEDS = flags.DEFINE_bool(
     "workdir, test evaluation and result files are those of a sequential run ('train s / run' "
     "is then each seed's share of the shared training time). Seeds whose workdir already holds "
     "a run are resumed or reused as without the flag.")
+_TUNE = flags.DEFINE_integer(
+    "tune", 0, "Before the seeds, tune every model with this many Optuna trials (the same budget "
+    "for each; apem_jax/tuning.py: the shared search space plus the model's size knobs, scored "
+    "on validation only), then train the seeds with each model's best parameters (runs under "
+    "<runs>/<dataset>/<model>/tuned/; the chosen parameters in <out>/<dataset>_tuned.json).")
+_TUNE_FIXED = flags.DEFINE_list(
+    "tune_fixed", [], "Search-space keys not tuned (e.g. train.batch_size on a small dataset).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "key=value config override for every run, e.g. --set train.batch_size=2048 "
     "(repeatable; the value is parsed as the key's type).")
@@ -82,7 +89,12 @@ def _config(model: str, seed: int, correlation: float | None, mode: str | None =
     config.train.num_epochs = _EPOCHS.value
   for override in _SET.value:
     apply_override(config, override)
-  return config
+  tuned = _TUNED.get((correlation, model, mode))
+  return config if tuned is None else tuning.apply(config, tuned)
+
+
+# (correlation, model, mode) -> the tuned parameters (--tune), filled in before any seed runs.
+_TUNED: dict = {}
 
 
 def apply_override(config, override: str) -> None:
@@ -110,8 +122,27 @@ def apply_override(config, override: str) -> None:
 
 
 def _run_name(model: str, seed: int | str, correlation: float | None, mode: str | None) -> str:
-  return (f"{model}/seed{seed}" + ("" if correlation is None else f"/p{correlation}")
+  return (f"{model}/" + ("tuned/" if _TUNE.value else "") + f"seed{seed}"
+          + ("" if correlation is None else f"/p{correlation}")
           + ("" if mode in (None, "entire_space") else f"/{mode}"))
+
+
+def tune_cells(cells: list) -> dict:
+  """--tune: every cell's model tuned with the same number of trials; fills ``_TUNED``."""
+  chosen = {}
+  for p, m, mode in cells:
+    name = f"{m}" + ("" if p is None else f"/p{p}") + ("" if mode in (None, "entire_space")
+                                                        else f"/{mode}")
+    result = tuning.tune(lambda m=m, p=p, mode=mode: _config(m, 0, p, mode), m, _TUNE.value,
+                         os.path.join(_RUNS.value, _DATASET.value, "tune", name), seed=0,
+                         fixed=_TUNE_FIXED.value)
+    _TUNED[(p, m, mode)] = result.params
+    chosen[name] = {"params": {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in result.params.items()},
+                    "validation_score": result.validation_score, "trials": result.num_trials}
+    print(f"tuned {name}: validation score {result.validation_score:.5f} with {result.params}",
+          flush=True)
+  return chosen
 
 
 def run_one(model: str, seed: int, correlation: float | None, mode: str | None = None) -> dict:
@@ -264,6 +295,13 @@ def main(argv):
     print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
   cells = [(p, m, mode) for p in correlations for m in models for mode in modes
            if (m, mode) not in UNSUPPORTED_MODES]
+  if _TUNE.value:
+    chosen = tune_cells(cells)
+    os.makedirs(_OUT.value, exist_ok=True)
+    reporting.write_json_atomic(os.path.join(_OUT.value, f"{_DATASET.value}_tuned.json"),
+                                {"trials_per_model": _TUNE.value, "fixed": _TUNE_FIXED.value,
+                                 "selection": "best validation score (test never read)",
+                                 "models": chosen})
   if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major
     for p, m, mode in cells:
       train_seeds_vmapped(m, p, mode, list(range(_SEEDS.value)))
@@ -282,6 +320,11 @@ def main(argv):
            + " of each run's best-on-validation checkpoint, evaluated on the test split. Training "
            f"seconds measured on the machine that ran it: {machine.describe()} (metrics move in "
            "their last digits from one CPU to another)."]
+  if _TUNE.value:
+    parts += ["", f"Every model's config was tuned first with the same budget: {_TUNE.value} "
+              f"Optuna trials on the validation split (apem_jax/tuning.py; fixed: "
+              f"{_TUNE_FIXED.value or 'nothing'}); the parameters chosen are in "
+              f"`{_DATASET.value}_tuned.json`."]
   for p, rows in rows_by_p.items():
     parts += ["", markdown_table(rows, _DATASET.value if p is None else f"correlation p = {p}")]
   text = "\n".join(parts) + "\n"

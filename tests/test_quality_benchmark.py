@@ -59,3 +59,20 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   third = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
   assert third.returncode != 0
   assert "seed0/p1.0/config.json" in third.stderr and "optimizer.learning_rate" in third.stderr
+
+
+def test_tuned_sweep_gives_every_model_the_same_budget(tmp_path):
+  result = _sweep(tmp_path, "--tune", "2", "--tune_fixed", "train.batch_size", "--seeds", "1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  tuned = json.loads((tmp_path / "out" / "synthetic_tuned.json").read_text())
+  assert tuned["trials_per_model"] == 2 and tuned["fixed"] == ["train.batch_size"]
+  assert {m: tuned["models"][f"{m}/p1.0"]["trials"] for m in MODELS} == {m: 2 for m in MODELS}
+  # The seed runs use the chosen parameters, in workdirs of their own.
+  for model in MODELS:
+    config = json.loads((tmp_path / "runs" / "synthetic" / model / "tuned" / "seed0" / "p1.0" /
+                         "config.json").read_text())
+    params = tuned["models"][f"{model}/p1.0"]["params"]
+    assert config["optimizer"]["learning_rate"] == params["optimizer.learning_rate"]
+    assert config["model"]["embed_dim"] == params["model.embed_dim"]
+  assert "tuned first with the same budget: 2 Optuna trials" in (
+      tmp_path / "out" / "synthetic.md").read_text()
