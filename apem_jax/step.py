@@ -113,9 +113,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
                                task_weights=task_weights, axis_name=axis_name, head=head,
                                balancing=balancing)
   head = default_head(model, schema) if head is None else head
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+  dropout_rng = _dropout_rng(state, axis_name)
 
   def loss_fn(params):
     out = model.apply({"params": params}, model_inputs(batch), train=True,
@@ -133,6 +131,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
+
+
+def _dropout_rng(state: TrainState, axis_name: str | None) -> jax.Array:
+  """This step's dropout key: the state's key folded with the step (and, under ``jax.pmap``,
+  with the device, so each device draws its own masks)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  return rng if axis_name is None else jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
 
 def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
@@ -158,9 +163,7 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
   num_tasks = len(task_weights)
   weights = jnp.asarray(task_weights, jnp.float32)
   with_penalty = head.calibration_weight > 0 and bool(head.dependent)
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+  dropout_rng = _dropout_rng(state, axis_name)
 
   def task_losses_fn(params):
     """(this device's share of [l_1 .. l_T] (+ the penalty term), the sums)."""
