@@ -210,8 +210,9 @@ class Checkpoints:
 
   def reached_preemption(self, step: int) -> bool:
     """True at the step every process agreed to save at after a preemption notice (several
-    processes under ``jax.distributed``; always False for one process)."""
-    return self._manager.reached_preemption(step)
+    processes under ``jax.distributed``; always False for one process, without asking JAX's
+    preemption service, which only several processes start: the loop calls this every step)."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
   def restore(self, abstract_state: Any, kind: str = LATEST,
               step: int | None = None) -> tuple[Any, dict]:

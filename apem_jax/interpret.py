@@ -46,10 +46,11 @@ def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int 
   sums, count, examples = {}, 0.0, []
   for local in exp.data.eval_batches(split, exp.config.train.eval_batch_size):
     batch = parallel.global_batch(local, exp.mesh)
-    if "pattern_weights" not in jax.eval_shape(outputs, state.params, batch):
+    out = outputs(state.params, batch)
+    if "pattern_weights" not in out:
       raise ValueError(f"model {exp.config.model.name!r} has no Pattern Selector to explain "
                        f"(APEM and models registered from it have one)")
-    out = {k: parallel.to_host(v) for k, v in outputs(state.params, batch).items()}
+    out = {k: parallel.to_host(v) for k, v in out.items()}
     weight = parallel.to_host(batch["weight"])
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + np.tensordot(weight, v, axes=1)
