@@ -15,16 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import chex
 import pytest
 
 from apem_jax import checkpointing, trainer
-from test_trainer import _metrics, tiny_config
+from test_trainer import _metrics, tiny_config, write_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(REPO, "tests")
 
 
 def _config():
@@ -36,16 +34,8 @@ def _config():
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
   root = tmp_path_factory.mktemp("kills")
-  config_file = root / "tiny.py"
-  config_file.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      from test_kill_resume import _config
-
-      def get_config():
-        return _config()
-  """))
-  places = dict(root=root, config=str(config_file), reference=str(root / "reference"))
+  config = write_config_file(root / "tiny.py", "test_kill_resume", "_config")
+  places = dict(root=root, config=config, reference=str(root / "reference"))
   result = _train(places, places["reference"])
   assert result.returncode == 0, result.stderr[-3000:]
   return places

@@ -35,6 +35,15 @@ def tiny_config(model: str = "apem", **data_overrides) -> ml_collections.ConfigD
   return config
 
 
+def write_config_file(path, module: str, function: str) -> str:
+  """A config file for the command lines whose ``get_config()`` returns
+  ``<module>.<function>()``, a module of tests/; returns its path."""
+  path.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+                  f"from {module} import {function}\n\n\n"
+                  f"def get_config():\n  return {function}()\n")
+  return str(path)
+
+
 def _params(workdir, config, kind=checkpointing.LATEST):
   exp = trainer.Experiment(config)
   ckpt = checkpointing.Checkpoints(workdir, read_only=True)

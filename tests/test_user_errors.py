@@ -8,15 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from apem_jax import trainer
-from test_trainer import _scramble_data_files, _tree, tiny_config
+from test_trainer import _scramble_data_files, _tree, tiny_config, write_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(REPO, "tests")
 
 TRAIN = [sys.executable, "train.py"]
 EVAL = [sys.executable, "eval.py"]
@@ -80,15 +78,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
   root = tmp_path_factory.mktemp("user_errors")
-  tiny = root / "tiny.py"
-  tiny.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      from test_trainer import _scramble_data_files, _tree, tiny_config
-
-      def get_config():
-        return tiny_config()
-  """))
+  tiny = write_config_file(root / "tiny.py", "test_trainer", "tiny_config")
   config = tiny_config()
   config.train.update(num_epochs=1, checkpoint_every_steps=10)  # keeps steps 20 and 30 (best)
   run = str(root / "run")
@@ -107,7 +97,7 @@ def places(tmp_path_factory):
   shutil.rmtree(os.path.join(damaged["deleted"], "checkpoints", "30"))
   with open(os.path.join(damaged["garbage"], "checkpoints", "30", "meta", "metadata"), "w") as f:
     f.write("{not json")
-  return dict(tiny=str(tiny), run=run, other=str(other), new=str(root / "new"),
+  return dict(tiny=tiny, run=run, other=str(other), new=str(root / "new"),
               exported=str(exported), root=root, **damaged)
 
 
