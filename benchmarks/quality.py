@@ -11,9 +11,13 @@ step, logloss, calibration, the oracle AUC of the true probabilities and the mod
 ``--funnel_modes`` runs each model under each ``train.funnel`` mode it supports (rows
 ``model/mode``; ESMM has no 'off', AITM no 'conditional').
 
-Every (model, seed[, correlation]) run trains in its own workdir under --runs (checkpoint chosen on
-validation by the trainer), then its best checkpoint is evaluated on test. Runs go seed-major
-(every model's seed 0 first), a run whose ``eval/test.json`` exists is not repeated, and a
+``--balancings fixed,uncertainty,...`` trains every model under each task-balancing method (rows
+``model/method``; docs/results/balancing.md).
+
+Every run (model, seed, and correlation, funnel mode or balancing method where the sweep has them)
+trains in its own workdir under --runs (checkpoint chosen on validation by the trainer), then its
+best checkpoint is evaluated on test. Runs go seed-major (every model's seed 0 first; the table is
+rewritten after each round of seeds, saying how many it holds), a run whose ``eval/test.json`` exists is not repeated, and a
 half-trained one resumes from its latest checkpoint, so an interrupted sweep picks up where it
 stopped; a workdir made with another config is refused. ``--set key=value`` overrides a config key
 for every run. Writes a markdown table (the command that made it at the top), its JSON and a PNG
@@ -27,6 +31,7 @@ import os
 import shlex
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,31 +74,54 @@ _TUNE = flags.DEFINE_integer(
     "<runs>/<dataset>/<model>/tuned/; the chosen parameters in <out>/<dataset>_tuned.json).")
 _TUNE_FIXED = flags.DEFINE_list(
     "tune_fixed", [], "Search-space keys not tuned (e.g. train.batch_size on a small dataset).")
+_BALANCINGS = flags.DEFINE_list(
+    "balancings", [], "Compare task-balancing methods: every model trained under each "
+    "train.balancing named here (apem_jax/balancing.py), rows '<model>/<method>', runs under "
+    "<runs>/<dataset>/<model>/<method>/.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "key=value config override for every run, e.g. --set train.batch_size=2048 "
     "(repeatable; the value is parsed as the key's type).")
 
 
-def _config(model: str, seed: int, correlation: float | None, mode: str | None = None):
+class Cell(NamedTuple):
+  """One row of a table: a model under one correlation, funnel mode and balancing method (None
+  where the sweep has no such axis)."""
+  correlation: float | None
+  model: str
+  mode: str | None = None
+  balancing: str | None = None
+
+  def name(self) -> str:
+    """'<model>[/<balancing>]', the start of the cell's run names."""
+    return self.model + ("" if self.balancing is None else f"/{self.balancing}")
+
+  def suffix(self) -> str:
+    """'[/p<correlation>][/<mode>]', the end of the cell's run names."""
+    return (("" if self.correlation is None else f"/p{self.correlation}")
+            + ("" if self.mode in (None, "entire_space") else f"/{self.mode}"))
+
+
+def _config(cell: Cell, seed: int):
   if _DATASET.value == "funnel":
-    config = funnel_configs.get_config(model)
-    config.train.funnel = mode or "entire_space"
-  elif correlation is None:
-    arg = model + ("," + DATASETS[_DATASET.value])
-    config = census_configs.get_config(arg)
+    config = funnel_configs.get_config(cell.model)
+    config.train.funnel = cell.mode or "entire_space"
+  elif cell.correlation is None:
+    config = census_configs.get_config(f"{cell.model},{DATASETS[_DATASET.value]}")
   else:
-    config = synthetic_configs.get_config(f"{model},{correlation}")
+    config = synthetic_configs.get_config(f"{cell.model},{cell.correlation}")
+  if cell.balancing is not None:
+    config.train.balancing = cell.balancing
   config.seed = seed
   config.train.progress_bar = False
   if _EPOCHS.value:
     config.train.num_epochs = _EPOCHS.value
   for override in _SET.value:
     apply_override(config, override)
-  tuned = _TUNED.get((correlation, model, mode))
+  tuned = _TUNED.get(cell)
   return config if tuned is None else tuning.apply(config, tuned)
 
 
-# (correlation, model, mode) -> the tuned parameters (--tune), filled in before any seed runs.
+# Cell -> the tuned parameters (--tune), filled in before any seed runs.
 _TUNED: dict = {}
 
 
@@ -121,22 +149,19 @@ def apply_override(config, override: str) -> None:
   config_path.set_value(key, config, value)
 
 
-def _run_name(model: str, seed: int | str, correlation: float | None, mode: str | None) -> str:
-  return (f"{model}/" + ("tuned/" if _TUNE.value else "") + f"seed{seed}"
-          + ("" if correlation is None else f"/p{correlation}")
-          + ("" if mode in (None, "entire_space") else f"/{mode}"))
+def _run_name(cell: Cell, seed: int | str) -> str:
+  return f"{cell.name()}/" + ("tuned/" if _TUNE.value else "") + f"seed{seed}" + cell.suffix()
 
 
-def tune_cells(cells: list) -> dict:
+def tune_cells(cells: list[Cell]) -> dict:
   """--tune: every cell's model tuned with the same number of trials; fills ``_TUNED``."""
   chosen = {}
-  for p, m, mode in cells:
-    name = f"{m}" + ("" if p is None else f"/p{p}") + ("" if mode in (None, "entire_space")
-                                                        else f"/{mode}")
-    result = tuning.tune(lambda m=m, p=p, mode=mode: _config(m, 0, p, mode), m, _TUNE.value,
+  for cell in cells:
+    name = cell.name() + cell.suffix()
+    result = tuning.tune(lambda cell=cell: _config(cell, 0), cell.model, _TUNE.value,
                          os.path.join(_RUNS.value, _DATASET.value, "tune", name), seed=0,
                          fixed=_TUNE_FIXED.value)
-    _TUNED[(p, m, mode)] = result.params
+    _TUNED[cell] = result.params
     chosen[name] = {"params": {k: list(v) if isinstance(v, tuple) else v
                                for k, v in result.params.items()},
                     "validation_score": result.validation_score, "trials": result.num_trials}
@@ -145,13 +170,13 @@ def tune_cells(cells: list) -> dict:
   return chosen
 
 
-def run_one(model: str, seed: int, correlation: float | None, mode: str | None = None) -> dict:
+def run_one(cell: Cell, seed: int) -> dict:
   """Trains (or resumes) one run and evaluates its best checkpoint on test; cached on disk."""
-  name = _run_name(model, seed, correlation, mode)
+  name = _run_name(cell, seed)
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
-  config = _config(model, seed, correlation, mode)
+  config = _config(cell, seed)
   check_same_config(config, workdir)
   if not os.path.exists(result_path):
     t0 = time.time()
@@ -177,25 +202,23 @@ def _trained_vmapped(summary_path: str) -> bool:
   return "vmapped" in summary and "error" not in summary
 
 
-def train_seeds_vmapped(model: str, correlation: float | None, mode: str | None,
-                        seeds: list[int]) -> None:
-  """--vmap_seeds: the seeds of one model (correlation, mode) whose workdirs hold no run yet,
-  trained as one vmapped program into the workdirs ``run_one`` reads (which then evaluates them
-  on test as it does a sequential run)."""
+def train_seeds_vmapped(cell: Cell, seeds: list[int]) -> None:
+  """--vmap_seeds: the seeds of one cell whose workdirs hold no run yet, trained as one vmapped
+  program into the workdirs ``run_one`` reads (which then evaluates them on test as it does a
+  sequential run)."""
   todo = []
   for seed in seeds:
-    workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(model, seed, correlation, mode))
-    config = _config(model, seed, correlation, mode)
+    workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, seed))
+    config = _config(cell, seed)
     check_same_config(config, workdir)
     if not any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.json", "checkpoints")):
       todo.append((config, workdir))
   if not todo:
     return
-  shared = os.path.join(_RUNS.value, _DATASET.value,
-                        _run_name(model, "s_vmapped", correlation, mode))
+  shared = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, "s_vmapped"))
   t0 = time.time()
   vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
-  print(f"{_run_name(model, 's', correlation, mode)}: seeds {[c.seed for c, _ in todo]} trained "
+  print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in todo]} trained "
         f"in one program, {time.time() - t0:.0f}s", flush=True)
 
 
@@ -284,39 +307,22 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
   fig.savefig(path, dpi=120)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  models = _MODELS.value.split(",")
-  census = _DATASET.value != "synthetic"
-  correlations = [None] if census else [float(p) for p in _CORRELATIONS.value.split(",")]
-  modes = _FUNNEL_MODES.value.split(",") if _DATASET.value == "funnel" else [None]
-  for m, mode in ((m, mode) for m in models for mode in modes if (m, mode) in UNSUPPORTED_MODES):
-    print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
-  cells = [(p, m, mode) for p in correlations for m in models for mode in modes
-           if (m, mode) not in UNSUPPORTED_MODES]
-  if _TUNE.value:
-    chosen = tune_cells(cells)
-    os.makedirs(_OUT.value, exist_ok=True)
-    reporting.write_json_atomic(os.path.join(_OUT.value, f"{_DATASET.value}_tuned.json"),
-                                {"trials_per_model": _TUNE.value, "fixed": _TUNE_FIXED.value,
-                                 "selection": "best validation score (test never read)",
-                                 "models": chosen})
-  if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major
-    for p, m, mode in cells:
-      train_seeds_vmapped(m, p, mode, list(range(_SEEDS.value)))
-  # Seed-major: every model's seed 0 before any seed 1, so a sweep cut short has every model.
-  runs = {(cell, s): run_one(cell[1], s, cell[0], cell[2])
-          for s in range(_SEEDS.value) for cell in cells}
-  rows_by_p = {p: {} for p in correlations}
-  for p, m, mode in cells:
-    label = m if len(modes) == 1 else f"{m}/{mode}"
-    rows_by_p[p][label] = summarise([runs[(p, m, mode), s] for s in range(_SEEDS.value)])
+def write_report(cells: list[Cell], runs: dict, seeds_done: int, labels: dict) -> str:
+  """The table, its JSON and plot under --out from the first ``seeds_done`` seeds of every cell
+  (written after every round of seeds, so a sweep still running has a table of what it
+  measured); returns the markdown."""
+  rows_by_p = {}
+  for cell in cells:
+    rows_by_p.setdefault(cell.correlation, {})[labels[cell]] = summarise(
+        [runs[cell, s] for s in range(seeds_done)])
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   os.makedirs(_OUT.value, exist_ok=True)
+  still = ("" if seeds_done == _SEEDS.value else
+           f" (the first {seeds_done} of the {_SEEDS.value} seeds asked for; the sweep had not "
+           "finished when this was written)")
   parts = [f"# Quality benchmark: {_DATASET.value}", "", f"Regenerate with `{command}`", "",
-           (f"Mean ± sample std over {_SEEDS.value} seeds" if _SEEDS.value > 1 else
-            "One seed (0), so no spread is measured,")
+           (f"Mean ± sample std over {seeds_done} seeds{still}" if seeds_done > 1 else
+            f"One seed (0){still}, so no spread is measured,")
            + " of each run's best-on-validation checkpoint, evaluated on the test split. Training "
            f"seconds measured on the machine that ran it: {machine.describe()} (metrics move in "
            "their last digits from one CPU to another)."]
@@ -332,7 +338,40 @@ def main(argv):
     f.write(text)
   with open(os.path.join(_OUT.value, f"{_DATASET.value}.json"), "w") as f:
     json.dump({str(p): rows for p, rows in rows_by_p.items()}, f, indent=2)
-  plot(rows_by_p, os.path.join(_OUT.value, f"{_DATASET.value}.png"), census)
+  plot(rows_by_p, os.path.join(_OUT.value, f"{_DATASET.value}.png"), _DATASET.value != "synthetic")
+  return text
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  models = _MODELS.value.split(",")
+  correlations = ([None] if _DATASET.value != "synthetic"
+                  else [float(p) for p in _CORRELATIONS.value.split(",")])
+  modes = _FUNNEL_MODES.value.split(",") if _DATASET.value == "funnel" else [None]
+  balancings = _BALANCINGS.value or [None]
+  for m, mode in ((m, mode) for m in models for mode in modes if (m, mode) in UNSUPPORTED_MODES):
+    print(f"skipping {m} with train.funnel={mode!r}: the model does not support it")
+  cells = [Cell(p, m, mode, b) for p in correlations for m in models for mode in modes
+           for b in balancings if (m, mode) not in UNSUPPORTED_MODES]
+  labels = {c: c.model + ("" if len(modes) == 1 else f"/{c.mode}")
+            + ("" if c.balancing is None else f"/{c.balancing}") for c in cells}
+  if _TUNE.value:
+    chosen = tune_cells(cells)
+    os.makedirs(_OUT.value, exist_ok=True)
+    reporting.write_json_atomic(os.path.join(_OUT.value, f"{_DATASET.value}_tuned.json"),
+                                {"trials_per_model": _TUNE.value, "fixed": _TUNE_FIXED.value,
+                                 "selection": "best validation score (test never read)",
+                                 "models": chosen})
+  if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major
+    for cell in cells:
+      train_seeds_vmapped(cell, list(range(_SEEDS.value)))
+  # Seed-major: every cell's seed 0 before any seed 1, so a sweep cut short has every cell, and
+  # the table is rewritten after every round.
+  runs = {}
+  for seed in range(_SEEDS.value):
+    runs.update({(cell, seed): run_one(cell, seed) for cell in cells})
+    text = write_report(cells, runs, seed + 1, labels)
   print(text)
 
 
