@@ -247,7 +247,8 @@ def data_position(step: int, steps_per_epoch: int) -> dict[str, int]:
   return {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch}
 
 
-def _train_batches(exp: Experiment, position: Mapping[str, int]) -> Iterator[Mapping[str, np.ndarray]]:
+def train_batches_from(exp: Experiment,
+                       position: Mapping[str, int]) -> Iterator[Mapping[str, np.ndarray]]:
   """The training batches from ``position`` on, epoch after epoch. Epoch ``e``'s order depends
   only on (seed, e), so a run resumed at any step sees exactly the batches an uninterrupted run
   would have seen."""
@@ -282,20 +283,21 @@ class _TrainLoss:
   def add(self, step_metrics: Mapping[str, jax.Array], state_step: jax.Array) -> None:
     self.sum = step_metrics["loss"] if self.sum is None else self.sum + step_metrics["loss"]
     self.count += 1
-    self.first_non_finite = _first_non_finite(self.first_non_finite, step_metrics["loss_sum"],
+    self.first_non_finite = update_first_non_finite(self.first_non_finite, step_metrics["loss_sum"],
                                               state_step)
 
   def mean(self, step: int) -> float:
     """The mean since the last call; raises ``FloatingPointError`` naming the tasks if not
     finite."""
     mean = float(self.sum) / self.count
-    _check_finite(mean, step, np.asarray(self.first_non_finite), self.task_names)
+    check_finite_loss(mean, step, np.asarray(self.first_non_finite), self.task_names)
     self.sum, self.count = None, 0
     return mean
 
 
 @jax.jit
-def _first_non_finite(first: jax.Array, task_loss_sums: jax.Array, step: jax.Array) -> jax.Array:
+def update_first_non_finite(first: jax.Array, task_loss_sums: jax.Array,
+                            step: jax.Array) -> jax.Array:
   """first [T] int32: the step after which each task's loss was first not finite (-1: never),
   updated on the device every step so the trainer need not read the losses back each step."""
   num_tasks = first.shape[0]
@@ -303,7 +305,7 @@ def _first_non_finite(first: jax.Array, task_loss_sums: jax.Array, step: jax.Arr
   return jnp.where((first < 0) & ~jnp.isfinite(task_loss_sums), jnp.ravel(step)[0], first)
 
 
-def _check_finite(loss: float, step: int, first_non_finite: np.ndarray,
+def check_finite_loss(loss: float, step: int, first_non_finite: np.ndarray,
                   task_names: tuple[str, ...]) -> None:
   if not math.isfinite(loss):
     culprits = sorted((int(s), t) for s, t in zip(first_non_finite, task_names) if s >= 0)
@@ -314,7 +316,7 @@ def _check_finite(loss: float, step: int, first_non_finite: np.ndarray,
         f"labels, then restart (the workdir resumes from its last checkpoint, which is intact).")
 
 
-def _fresh_meta(exp: Experiment) -> dict:
+def fresh_meta(exp: Experiment) -> dict:
   """The bookkeeping a checkpoint stores beside the state, at step 0."""
   return {"step": 0, "epoch": 0, "data_position": data_position(0, exp.steps_per_epoch),
           "data_fingerprint": exp.data_fingerprint,
@@ -419,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           + (f"; changed: {changes}" if changes else "") + ".")
   else:
     state = exp.init_state()
-    meta = _fresh_meta(exp)
+    meta = fresh_meta(exp)
   state = exp.to_train(state)
   step, history = meta["step"], meta["history"]
   total_steps = spe * config.train.num_epochs
@@ -434,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   mininterval=1.0)
   try:
     with StopRequests() as stop_requests:
-      batches = _train_batches(exp, data_position(step, spe))
+      batches = train_batches_from(exp, data_position(step, spe))
       while step < total_steps and not meta["stopped"]:
         state, step_metrics = exp.train_step(state, exp.device_batch(next(batches)))
         step += 1
@@ -460,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if evaluate:
           seconds = time.time() - t_window
           train_seconds += seconds
-          score = _evaluate_and_decide(exp, saved, meta, step, seconds, window_steps, writer)
+          score = evaluate_and_decide(exp, saved, meta, step, seconds, window_steps, writer)
           _kill_point("evaluate", step)
         ckpt.save(step, saved, meta, score=score)
         _kill_point("save", step)
@@ -490,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
-def _evaluate_and_decide(exp: Experiment, state: step_lib.TrainState, meta: dict, step: int,
+def evaluate_and_decide(exp: Experiment, state: step_lib.TrainState, meta: dict, step: int,
                          seconds: float, steps: int, writer: reporting.ScalarWriter) -> float:
   """Evaluates ``state`` on validation, updates the early-stopping bookkeeping in ``meta``,
   reports, and returns the selection score."""

@@ -8,14 +8,14 @@ alone in ``trainer.train_and_evaluate``:
 
 * its own initial state, made as the trainer makes it (``step.init_state`` with
   ``jax.random.key(seed)``), so its own parameters and dropout key (``state.rng``);
-* its own batches: the trainer's input pipeline with its own seed (``trainer._train_batches``);
+* its own batches: the trainer's input pipeline with its own seed (``trainer.train_batches_from``);
   the N batches of a step are stacked on the run axis. The batch axis is split over the mesh's
   ``data`` axis, the run axis is replicated (state: ``P(None, *the trainer's spec)``);
 * its own optimizer: ``step.make_optimizer`` of its own config. The update is computed run by run
   inside the program (:func:`_run_by_run`), each with its Python constants, so the schedules are
   the trainer's, not a re-implementation;
 * its own evaluations (the eval step vmapped over runs, then ``trainer.Experiment.evaluate``'s
-  metrics per run), its own early stopping (``trainer._evaluate_and_decide`` with its own
+  metrics per run), its own early stopping (``trainer.evaluate_and_decide`` with its own
   ``train.patience``): a run that stopped keeps its whole state frozen (its update is masked)
   while the others go on; the loop ends when every run has stopped or reached
   ``train.num_epochs``;
@@ -240,7 +240,7 @@ class Runs:
     self.take = jax.jit(lambda state, i: jax.tree.map(lambda x: x[i], state),
                         in_shardings=(self.state_sharding, replicated),
                         out_shardings=exp.state_sharding)
-    self.first_non_finite = jax.jit(jax.vmap(trainer._first_non_finite))  # pylint: disable=protected-access
+    self.first_non_finite = jax.jit(jax.vmap(trainer.update_first_non_finite))
 
   def init_state(self) -> step_lib.TrainState:
     """Every run's fresh state, made as the trainer makes it (``step.init_state`` with the run's
@@ -332,10 +332,10 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
            for c, d in zip(configs, run_dirs)]
   metas = []
   for c in configs:
-    meta = trainer._fresh_meta(exp)  # pylint: disable=protected-access
+    meta = trainer.fresh_meta(exp)
     meta["config"] = c.to_dict()
     metas.append(meta)
-  # What trainer._evaluate_and_decide reads of its experiment, per run (its own patience).
+  # What trainer.evaluate_and_decide reads of its experiment, per run (its own patience).
   deciders = [types.SimpleNamespace(config=c, schema=exp.schema,
                                     steps_per_epoch=exp.steps_per_epoch, evaluate=None)
               for c in configs]
@@ -355,7 +355,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   active = np.ones(n, bool)
   run_steps = [0] * n  # each run's own step (frozen once it stops)
   failed: dict[int, str] = {}
-  iterators = [trainer._train_batches(  # pylint: disable=protected-access
+  iterators = [trainer.train_batches_from(
       types.SimpleNamespace(data=exp.data, config=c, steps_per_epoch=spe),
       trainer.data_position(0, spe)) for c in configs]
   last: list[Any] = [None] * n
@@ -390,7 +390,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
         first = np.asarray(first_non_finite)
         for i in np.flatnonzero(active):
           try:
-            trainer._check_finite(float(mean_loss[i]), step, first[i], exp.schema.task_names)  # pylint: disable=protected-access
+            trainer.check_finite_loss(float(mean_loss[i]), step, first[i], exp.schema.task_names)
           except FloatingPointError as e:
             failed[i] = str(e)
             active[i] = False
@@ -417,7 +417,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
         deciders[i].evaluate = lambda _state, _split, m=results[i]: m
         if jax.process_index() == 0 and n > 1:
           tqdm.tqdm.write(f"run {i}" + (f" ({names[i]})" if names[i] else "") + ":")
-        score = trainer._evaluate_and_decide(deciders[i], None, meta, step, share, window_steps,  # pylint: disable=protected-access
+        score = trainer.evaluate_and_decide(deciders[i], None, meta, step, share, window_steps,
                                              writers[i])
         t = time.time()
         ckpts[i].save(step, runs.take(state, jnp.int32(i)), meta, score=score)

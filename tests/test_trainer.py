@@ -60,7 +60,7 @@ def _metrics(summary: dict) -> list:
 def _interrupt_after(monkeypatch, step: int, exception=KeyboardInterrupt):
   """Makes the next runs' input pipeline raise ``exception`` when asked for batch ``step + 1``
   of the run (a crash right after step ``step``)."""
-  real = trainer._train_batches
+  real = trainer.train_batches_from
 
   def interrupted(exp, position):
     done = position["epoch"] * exp.steps_per_epoch + position["batch"]
@@ -69,7 +69,7 @@ def _interrupt_after(monkeypatch, step: int, exception=KeyboardInterrupt):
         raise exception("simulated crash")
       done += 1
       yield batch
-  monkeypatch.setattr(trainer, "_train_batches", interrupted)
+  monkeypatch.setattr(trainer, "train_batches_from", interrupted)
 
 
 def test_train_evaluate_and_resume_exactly(tmp_path, monkeypatch):
@@ -141,21 +141,21 @@ def test_step_compiles_once_and_eval_padding_needs_no_retrace():
 
 def test_nan_loss_stops_with_clear_error(tmp_path, monkeypatch):
   config = tiny_config()
-  real = trainer._train_batches
+  real = trainer.train_batches_from
 
   def poisoned(exp, position):
     for batch in real(exp, position):
       batch = dict(batch, numeric=np.full_like(batch["numeric"], np.nan))
       yield batch
 
-  monkeypatch.setattr(trainer, "_train_batches", poisoned)
+  monkeypatch.setattr(trainer, "train_batches_from", poisoned)
   with pytest.raises(FloatingPointError, match="training loss is nan at step 10"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
 def test_nan_label_names_the_task_and_step(tmp_path, monkeypatch):
   config = tiny_config()
-  real = trainer._train_batches
+  real = trainer.train_batches_from
 
   def nan_labels(exp, position):
     for i, batch in enumerate(real(exp, position)):
@@ -165,7 +165,7 @@ def test_nan_label_names_the_task_and_step(tmp_path, monkeypatch):
         batch = dict(batch, labels=labels)
       yield batch
 
-  monkeypatch.setattr(trainer, "_train_batches", nan_labels)
+  monkeypatch.setattr(trainer, "train_batches_from", nan_labels)
   with pytest.raises(FloatingPointError, match=r"at step 10 \(not finite: task 'y2' from step 4, "
                                                r"task 'y1' from step 5\)"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
