@@ -271,6 +271,9 @@ def test_load_dataset_config_errors():
   with pytest.raises(ValueError, match="data.numeric_transform"):
     pipeline.load_dataset(ml_collections.ConfigDict(
         dict(name="census_income", numeric_transform="sqrt", data_dir="/nonexistent")))
+  with pytest.raises(ValueError, match="data.num_buckets: not a key of data.name='census_income'"):
+    pipeline.load_dataset(ml_collections.ConfigDict(
+        dict(name="census_income", num_buckets=3, data_dir="/nonexistent")))
   with pytest.raises(ValueError, match="data.synthetic"):
     pipeline.load_dataset(_synthetic_config(typo_key=1))
 
@@ -336,22 +339,30 @@ def test_process_sharding_uses_process_index(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# TFDS builder and Census pipeline on written files
+# TFDS builder and the Census source on written files
 # ---------------------------------------------------------------------------------------------
 
-def test_tfds_builder_and_census_pipeline_on_written_files(tmp_path, monkeypatch):
+@pytest.fixture()
+def small_census(tmp_path, monkeypatch):
   n_train, n_test = 300, 200
   monkeypatch.setattr(cs, "NUM_TRAIN_ROWS", n_train)
   monkeypatch.setattr(cs, "NUM_TEST_ROWS", n_test)
+  monkeypatch.setattr(cs, "NUM_VALIDATION_ROWS", n_test // 2)
   monkeypatch.setitem(cs.EXPECTED_ROWS, "train", n_train)
   monkeypatch.setitem(cs.EXPECTED_ROWS, "test", n_test)
-  data_dir = write_census_like(tmp_path, n_train, n_test)
+  return write_census_like(tmp_path, n_train, n_test)
 
-  raw = pipeline.read_census_tfds(data_dir)
+
+def test_tfds_builder_on_written_files(small_census):
+  from apem_jax.data import census_tfds  # pylint: disable=g-import-not-at-top
+  builder = census_tfds.CensusIncomeKdd(data_dir=str(small_census / "tfds"),
+                                        raw_data_dir=small_census)
+  builder.download_and_prepare(download_config=census_tfds.download_config())
+  raw = {split: census_tfds.read_split(builder, split) for split in pipeline.SPLITS}
   assert {s: len(raw[s]["row_index"]) for s in raw} == {
       "train": 300, "validation": 100, "test": 100}
   np.testing.assert_array_equal(raw["train"]["row_index"], np.arange(300))
-  source = cs.read_raw_file(cs.raw_dir(data_dir) / "test.csv")
+  source = cs.read_raw_file(cs.raw_dir(small_census) / "test.csv")
   val_rows, _ = cs.split_validation_test(cs.task_labels(source)["income"])
   np.testing.assert_array_equal(raw["validation"]["row_index"], val_rows)
   expected = cs.task_labels(source)
@@ -359,22 +370,47 @@ def test_tfds_builder_and_census_pipeline_on_written_files(tmp_path, monkeypatch
     np.testing.assert_array_equal(raw["validation"][cs.label_key(task)], expected[task][val_rows])
   assert raw["train"][cs.label_key("education")].dtype == np.int64
   # The education attribute keeps its raw values (TFDS 1.0.0 stored the label under its name).
-  train_source = cs.read_raw_file(cs.raw_dir(data_dir) / "train.csv")
+  train_source = cs.read_raw_file(cs.raw_dir(small_census) / "train.csv")
   np.testing.assert_array_equal(raw["train"]["education"].astype(str), train_source["education"])
   assert raw["train"]["age"].dtype == np.float32
   assert raw["validation"]["citizenship"][0] == source["citizenship"][val_rows[0]].encode()
 
-  config = ml_collections.ConfigDict(dict(name="census_income", data_dir=str(data_dir),
-                                          task_group="education_marital"))
+
+def test_census_source_is_a_spec_prepared_like_any_files(small_census):
+  """data.name='census_income' writes the validation/test halves of the official test file and
+  a spec, and the generic preparation encodes them exactly as the Census preprocessing fitted on
+  the raw training columns does (vocabularies, standardisation, quantile buckets, labels)."""
+  config = ml_collections.ConfigDict(dict(
+      name="census_income", data_dir=str(small_census), task_group="education_marital",
+      numeric_transform="log1p", min_count=2, numeric_buckets=8))
   splits = pipeline.load_dataset(config)
   assert splits.schema.task_names == ("education", "marital")
   assert len(splits.schema.categorical) == 31 and len(splits.schema.numeric) == 7
-  assert splits.arrays["test"]["categorical"].shape == (100, 31)
-  assert splits.preprocessing.vocab_sizes == splits.schema.vocab_sizes
-  caches = list((data_dir / "census_income").glob("encoded_*.npz"))
-  assert len(caches) == 1
-  cached = pipeline.load_dataset(config)  # from the .npz
-  assert cached.schema == splits.schema and cached.preprocessing == splits.preprocessing
-  for s in pipeline.SPLITS:
-    for k, v in splits.arrays[s].items():
-      np.testing.assert_array_equal(cached.arrays[s][k], v)
+  assert [splits.num_examples(s) for s in pipeline.SPLITS] == [300, 100, 100]
+
+  source = cs.read_raw_file(cs.raw_dir(small_census) / "test.csv")
+  train = cs.read_raw_file(cs.raw_dir(small_census) / "train.csv")
+  halves = dict(zip(("validation", "test"),
+                    cs.split_validation_test(cs.task_labels(source)["income"])))
+  categorical, numeric = cs.feature_columns("education_marital")
+  fitted = prep.fit_preprocessing(train, categorical, numeric, numeric_transform="log1p",
+                                  min_count=2, numeric_buckets=8)
+  assert splits.preprocessing.vocabularies == fitted.vocabularies
+  np.testing.assert_allclose(splits.preprocessing.means, fitted.means, rtol=1e-12)
+  np.testing.assert_allclose(splits.preprocessing.stds, fitted.stds, rtol=1e-12)
+  for split, columns, rows in (("train", train, slice(None)),
+                               ("validation", source, halves["validation"]),
+                               ("test", source, halves["test"])):
+    expected = prep.encode({c: v[rows] for c, v in columns.items()}, fitted)
+    np.testing.assert_array_equal(splits.arrays[split]["categorical"], expected["categorical"])
+    np.testing.assert_allclose(splits.arrays[split]["numeric"], expected["numeric"], atol=1e-6)
+    labels = cs.task_labels({c: v[rows] for c, v in columns.items()})
+    np.testing.assert_array_equal(splits.arrays[split]["labels"],
+                                  np.stack([labels["education"], labels["marital"]], -1))
+
+  # Prepared once: a second load reads the cache; a changed raw file is prepared again.
+  prepared = list((small_census / "prepared").iterdir())
+  assert len(prepared) == 1
+  again = pipeline.load_dataset(config)
+  assert again.fingerprint() == splits.fingerprint()
+  assert list((small_census / "prepared").iterdir()) == prepared

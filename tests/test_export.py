@@ -1,10 +1,9 @@
 """Export for serving: a SavedModel on raw features and a StableHLO artifact, checked end to end.
 
-Tiny runs, each trained for one epoch: a fake Census-Income (the real 32 categorical and 7
-numeric feature names, random values, and validation rows holding values never seen in training;
-only the TFDS reading is faked, encoding and caching are the real pipeline's), the synthetic
-numeric-only data, and raw files in the Census format taken through the whole path a user takes
-(raw files -> TFDS -> training -> export -> the SavedModel fed the raw rows).
+Tiny runs, each trained for one epoch: raw files in the Census format (the real 42 columns,
+random values, test rows holding values never seen in training) taken through the whole path a
+user takes (raw files -> the Census source's spec -> preparation -> training -> export -> the
+SavedModel fed the raw rows), and the synthetic numeric-only data.
 """
 
 import json
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from apem_jax import checkpointing, export as export_lib, trainer
-from apem_jax.data import census_source, pipeline
+from apem_jax.data import census_source
 from apem_jax.configs import common
 from census_like import write_census_like
 from test_trainer import tiny_config
@@ -33,48 +32,36 @@ ATOL = 1e-5
 # Fixtures
 # --------------------------------------------------------------------------------------------
 
-def _fake_census_split(rng: np.random.Generator, n: int, unseen: bool) -> dict[str, np.ndarray]:
-  """Raw columns as ``census_tfds.read_split`` returns them (bytes strings, float32 numbers)."""
-  categorical, numeric = census_source.feature_columns("income_marital")
-  cols = {}
-  for i, name in enumerate(categorical):
-    values = np.array([f"{name} value {v}".encode() for v in range(2 + i % 5)], dtype=object)
-    col = values[rng.integers(0, len(values), n)]
-    if unseen:  # values absent from the training split: OOV
-      col[::7] = f"never seen {name}".encode()
-    cols[name] = col
-  for i, name in enumerate(numeric):
-    x = rng.integers(0, 100, n).astype(np.float32)
-    if i % 2:  # census-like heavy tail: mostly zero, sometimes large
-      x = np.where(rng.random(n) < 0.8, 0, rng.integers(1, 99_999, n)).astype(np.float32)
-    cols[name] = x
-  signal = (cols["age"] > 50).astype(np.int64)
-  cols[census_source.label_key("income")] = np.where(rng.random(n) < 0.8, signal, 1 - signal)
-  cols[census_source.label_key("marital")] = (
-      cols[categorical[0]] == categorical[0].encode() + b" value 0").astype(np.int64)
-  return cols
+def _census_like_files(data_dir, mp, num_train: int, num_test: int):
+  """Raw files in the Census format (``census_like``) that the Census source accepts."""
+  for split, rows in (("train", num_train), ("test", num_test)):
+    mp.setitem(census_source.EXPECTED_ROWS, split, rows)
+  mp.setattr(census_source, "NUM_TRAIN_ROWS", num_train)
+  mp.setattr(census_source, "NUM_TEST_ROWS", num_test)
+  mp.setattr(census_source, "NUM_VALIDATION_ROWS", num_test // 2)
+  return write_census_like(data_dir, num_train, num_test)
 
 
-def _fake_census() -> dict[str, dict[str, np.ndarray]]:
-  rng = np.random.default_rng(0)
-  return {"train": _fake_census_split(rng, 640, unseen=False),
-          "validation": _fake_census_split(rng, 1000, unseen=True),
-          "test": _fake_census_split(rng, 128, unseen=True)}
+def _raw_validation(data_dir) -> dict[str, np.ndarray]:
+  """The validation rows' raw columns (the source's split file, read with the project's own
+  reader): strings, and float32 numbers as a serving client sends them."""
+  columns = census_source.read_raw_file(data_dir / census_source.SPLITS_SUBDIR / "validation.csv")
+  return {k: v.astype(np.float32) if v.dtype != object else v for k, v in columns.items()}
 
 
 @pytest.fixture(scope="module")
 def census_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("census")
-  raw = _fake_census()
   config = tiny_config()
   config.data = common.census_data()
-  config.data.data_dir = str(root / "data")
   config.train.num_epochs = 1
   workdir = str(root / "run")
-  with pytest.MonkeyPatch.context() as mp:  # (never a download; later reads hit the cache)
-    mp.setattr(pipeline, "read_census_tfds", lambda data_dir: raw)
+  with pytest.MonkeyPatch.context() as mp:  # (never a download)
+    data_dir = _census_like_files(root / "data", mp, 640, 2000)
+    config.data.data_dir = str(data_dir)
     trainer.train_and_evaluate(config, workdir)
     exp = trainer.Experiment(config)
+    raw = {"validation": _raw_validation(data_dir)}
   ckpt = checkpointing.Checkpoints(workdir, read_only=True)
   state, meta = ckpt.restore(exp.abstract_state, checkpointing.BEST)
   ckpt.close()
@@ -160,8 +147,10 @@ def test_census_export_writes_artifacts_and_metadata(census_run, census_export):
   assert meta["checkpoint"]["step"] == census_run["meta"]["step"] == 10
   assert meta["checkpoint"]["validation"] == census_run["meta"]["validation"]
   assert meta["config"]["model"]["name"] == "apem"
+  train = census_source.read_raw_file(
+      census_source.raw_dir(census_run["root"] / "data") / "train.csv")
   assert [f["vocab_size"] for f in meta["fields"][:len(categorical)]] == [
-      2 + i % 5 for i in range(len(categorical))]
+      len(set(train[c])) for c in categorical]
   assert set(meta["versions"]) >= {"jax", "flax", "tensorflow"}
   assert meta["checks"]["max_abs_diff_saved_model"] <= ATOL
   assert meta["checks"]["max_abs_diff_stablehlo"] <= ATOL
@@ -191,9 +180,9 @@ def test_saved_model_in_fresh_tensorflow_process_matches_eval_path(census_run, c
                                                                    tmp_path):
   exp, raw = census_run["exp"], census_run["raw"]["validation"]
   fields = [f.name for f in exp.schema.categorical] + [f.name for f in exp.schema.numeric]
-  # Row 0 holds unseen values in every categorical field (they encode to the OOV id).
-  np.testing.assert_array_equal(exp.data.arrays["validation"]["categorical"][0],
-                                exp.schema.vocab_sizes)
+  # Values never seen in training (encoded to the OOV id) in several fields.
+  unseen = exp.data.arrays["validation"]["categorical"] == np.asarray(exp.schema.vocab_sizes)
+  assert unseen.any(axis=0).sum() >= 5, unseen.any(axis=0)
   inputs = {name: (raw[name].astype(np.bytes_).astype(str) if raw[name].dtype == object
                    else raw[name]) for name in fields}
   np.savez(tmp_path / "raw.npz", **inputs)
@@ -222,11 +211,7 @@ def test_census_saved_model_serves_the_raw_files_as_eval_scores_them(tmp_path, m
   The run is model-parallel (tables row-sharded and padded over 4 of the 8 devices); it is
   exported by the command line in a process with one device, after the dataset was moved away:
   export needs neither the training mesh nor the data."""
-  for split, rows in (("train", 400), ("test", 300)):
-    monkeypatch.setitem(census_source.EXPECTED_ROWS, split, rows)
-  monkeypatch.setattr(census_source, "NUM_TRAIN_ROWS", 400)
-  monkeypatch.setattr(census_source, "NUM_TEST_ROWS", 300)
-  data_dir = write_census_like(tmp_path / "data", 400, 300)
+  data_dir = _census_like_files(tmp_path / "data", monkeypatch, 400, 300)
   config = tiny_config("shared_bottom")  # the skew is in the data path: any model shows it
   config.data = common.census_data()
   config.data.data_dir = str(data_dir)

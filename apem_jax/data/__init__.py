@@ -1,5 +1,6 @@
-"""Data: Census-Income (KDD) via TFDS, synthetic MMoE data, synthetic conversion funnels,
-preprocessing, the input pipeline.
+"""Data: dataset specs of a user's files, their preparation into shards and streamed reading;
+the built-in sources (Census-Income (KDD) as files plus a spec, synthetic MMoE data, synthetic
+conversion funnels); preprocessing; the in-memory input pipeline.
 
 The only package that imports TensorFlow (lazily: importing it does not load TF). Entry point::
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import json
 import os
 import pathlib
 import shutil
@@ -417,3 +418,103 @@ def obtain_raw_files(data_dir: str | os.PathLike, *, timeout: float = DEFAULT_TI
       + "\n".join(failures)
       + f"\nAlternatively place census-income.data / census-income.test as "
       f"{targets['train']} / {targets['test']}.")
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset spec: Census-Income prepared and read as any user's files are
+# --------------------------------------------------------------------------------------------
+
+SPLITS_SUBDIR = pathlib.Path("census_income") / "splits"
+# The data.* keys this source reads (besides the generic ones of a spec dataset), with defaults.
+CONFIG_DEFAULTS: Mapping[str, object] = {"task_group": "income_marital",
+                                         "numeric_transform": "log1p", "min_count": 1,
+                                         "numeric_buckets": 0}
+NUMERIC_TRANSFORMS = ("none", "log1p")
+_TASK_LABELS: Mapping[str, dict] = {
+    "income": {"label_column": "income", "positive_values": [INCOME_POSITIVE],
+               "negative_values": [INCOME_NEGATIVE]},
+    "marital": {"label_column": "marital_stat", "positive_values": [NEVER_MARRIED]},
+    "education": {"label_column": "education", "positive_values": sorted(COLLEGE_DEGREES)},
+}
+
+
+def spec_dict(task_group: str, numeric_transform: str, min_count: int, numeric_buckets: int
+              ) -> dict:
+  """The dataset spec (``apem_jax/data/spec.py``) of one task group: the raw training file, the
+  validation and test halves of the official test file (:func:`write_split_files`), 42 named
+  columns without a header; vocabulary features (``min_count``), standardised numeric features
+  (``numeric_transform``, ``numeric_buckets`` quantile buckets when > 1), the group's tasks; the
+  instance weight and the label columns of other tasks ignored."""
+  tasks = task_names(task_group)
+  if numeric_transform not in NUMERIC_TRANSFORMS:
+    raise ValueError(f"data.numeric_transform: unknown {numeric_transform!r}; known: "
+                     f"{list(NUMERIC_TRANSFORMS)}")
+  if int(min_count) < 1:
+    raise ValueError(f"data.min_count must be >= 1, got {min_count}")
+  if int(numeric_buckets) < 0:
+    raise ValueError(f"data.numeric_buckets must be >= 0, got {numeric_buckets}")
+  categorical, numeric = feature_columns(task_group)
+  buckets = int(numeric_buckets) if int(numeric_buckets) > 1 else 0
+  used = set(categorical) | set(numeric) | {_TASK_LABELS[t]["label_column"] for t in tasks}
+  return {
+      "format": {"type": "csv", "header": False, "column_names": list(COLUMNS),
+                 "quote_char": None},
+      "splits": {"train": [os.fspath(pathlib.Path("raw") / "train.csv")],
+                 "validation": [os.fspath(pathlib.Path("splits") / "validation.csv")],
+                 "test": [os.fspath(pathlib.Path("splits") / "test.csv")]},
+      "features": ([{"name": c, "type": "categorical", "min_count": int(min_count)}
+                    for c in categorical]
+                   + [{"name": c, "type": "numeric", "transform": numeric_transform,
+                       "buckets": buckets} for c in numeric]),
+      "tasks": [dict(name=t, **_TASK_LABELS[t]) for t in tasks],
+      "ignore": [c for c in COLUMNS if c not in used],
+  }
+
+
+def write_split_files(data_dir: str | os.PathLike, raw: RawFiles) -> dict[str, pathlib.Path]:
+  """``<data_dir>/census_income/splits/{validation,test}.csv``: the lines of the official test
+  file in the two halves of :func:`split_validation_test`, in file order; written atomically
+  the first time, verified (row counts) afterwards."""
+  out_dir = pathlib.Path(data_dir) / SPLITS_SUBDIR
+  targets = {"validation": out_dir / "validation.csv", "test": out_dir / "test.csv"}
+  rows = {"validation": NUM_VALIDATION_ROWS, "test": NUM_TEST_ROWS - NUM_VALIDATION_ROWS}
+  if all(p.exists() for p in targets.values()):
+    for split, p in targets.items():
+      _checked_lines(p, rows[split], os.fspath(SPLITS_SUBDIR / p.name))
+    return targets
+  lines = _checked_lines(raw.test, EXPECTED_ROWS["test"], os.fspath(RAW_SUBDIR / "test.csv"))
+  income = np.array([line.rstrip().endswith(INCOME_POSITIVE) for line in lines], np.int64)
+  halves = dict(zip(("validation", "test"), split_validation_test(income)))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for split, path in targets.items():
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=out_dir)
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write("".join(lines[i] + "\n" for i in halves[split]))
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+  return targets
+
+
+def write_spec(data_dir: str | os.PathLike, task_group: str = "income_marital",
+               numeric_transform: str = "log1p", min_count: int = 1, numeric_buckets: int = 0,
+               **fetch_kwargs) -> pathlib.Path:
+  """Obtains the raw files (:func:`obtain_raw_files`), writes the validation and test files and
+  the spec of these settings under ``<data_dir>/census_income/``; returns the spec's path. The
+  spec is rewritten only when its text changes, so the preparation cache keyed on it stays."""
+  spec = spec_dict(task_group, numeric_transform, min_count, numeric_buckets)  # validates first
+  raw = obtain_raw_files(data_dir, **fetch_kwargs)
+  write_split_files(data_dir, raw)
+  text = json.dumps(spec, indent=1) + "\n"
+  buckets = int(numeric_buckets) if int(numeric_buckets) > 1 else 0
+  path = pathlib.Path(data_dir) / "census_income" / (
+      f"spec_{task_group}_{numeric_transform}_min{int(min_count)}_b{buckets}.json")
+  if not path.exists() or path.read_text(encoding="utf-8") != text:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  return path

@@ -11,10 +11,11 @@
   batch has exactly ``batch_size // process_count`` rows, the last padded with ``weight = 0``,
   ``label_mask = 0`` rows; every process yields the same number of batches.
 
-Census encoded arrays are cached in ``<data_dir>/census_income/encoded_<hash>.npz`` (hash of the
-settings that change them), so only the first run pays for TFDS preparation.
+``load_dataset(data_config)`` gives the dataset a config names: a user's files described by a
+dataset spec (prepared once into shards, ``prepare.py``; streamed by ``stream.py`` or read into
+a ``DatasetSplits``), or a built-in source (``sources.py``).
 
-TensorFlow and TFDS are imported lazily (importing this package is cheap and leaves TF alone),
+TensorFlow is imported lazily (importing this package is cheap and leaves TF alone),
 and ``jax.process_*`` is only called inside the batch methods, so ``XLA_FLAGS`` set by the caller
 before its first JAX device use still apply.
 """
@@ -23,32 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
-import pathlib
-import tempfile
-import time
 from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 
 from apem_jax import schema as schema_lib
-from apem_jax.data import census_source
 from apem_jax.data import preprocessing as prep_lib
-from apem_jax.data import synthetic
-from apem_jax.data import synthetic_funnel
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("census_income", "synthetic_mmoe", "synthetic_funnel", "spec")
 # Arrays evaluation reads but training batches leave out: the true conditional probabilities of
 # synthetic funnels (for oracle metrics).
 EVAL_ONLY_KEYS = ("true_q",)
 INCONSISTENT_FUNNEL_POLICIES = ("error", "drop")
-# Bump when the encoded arrays change for the same config (invalidates the .npz caches).
-ENCODING_VERSION = 3
-CENSUS_TFDS_VERSION = "1.1.0"
 
 Batch = dict[str, np.ndarray]
 
@@ -269,47 +259,39 @@ def _get(config: Any, key: str, default: Any) -> Any:
 
 
 def load_dataset(data_config: Any) -> DatasetSplits:
-  """Loads, encodes (or reads from cache) and returns the dataset a config names.
+  """The dataset a config names: ``data.name='spec'`` (a user's files, described by the dataset
+  spec ``data.spec``; ``prepare.load_spec_dataset``) or a built-in source registered in
+  ``apem_jax/data/sources.py`` ('census_income', 'synthetic_mmoe', 'synthetic_funnel'), which
+  reads the rest of ``data``.
 
-  Args:
-    data_config: an ``ml_collections.ConfigDict`` (or mapping) with ``name``
-      ('census_income' | 'synthetic_mmoe' | 'synthetic_funnel'), ``data_dir`` (default 'data'),
-      ``task_group`` (census: 'income_marital' | 'education_marital'), ``numeric_transform``
-      ('none' | 'log1p', default 'log1p'), ``min_count`` (default 1) and, for synthetic data,
-      ``synthetic`` (input_dim, scale, correlation, num_sines, alpha, beta, noise_std,
-      num_examples, seed); for synthetic funnels ``funnel`` (``synthetic_funnel.DEFAULTS``).
-      ``inconsistent_funnel`` ('error' | 'drop', default 'error'): what to do with rows of a funnel
-      schema whose later step is positive where an earlier one is negative.
+  ``data.inconsistent_funnel`` ('error' | 'drop', default 'error'): what to do with rows of a
+  generated funnel whose later step is positive where an earlier one is negative (a spec sets it
+  in the spec).
 
   Raises:
-    ValueError: unknown ``data.name``, ``data.task_group`` or ``data.numeric_transform``.
+    ValueError: unknown ``data.name``, or a key the dataset does not take or a bad value.
   """
+  from apem_jax.data import sources  # pylint: disable=g-import-not-at-top
   name = _get(data_config, "name", None)
+  if name == "spec":
+    # Funnel consistency was settled at preparation by the spec's own "inconsistent_funnel"
+    # (training rows only), so it is not enforced again here.
+    from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    return prepare.load_spec_dataset(data_config)
+  if name not in sources.SOURCES:
+    raise ValueError(f"data.name: unknown dataset {name!r}; known: "
+                     f"{['spec', *sources.SOURCES]}")
+  if name not in sources.IN_MEMORY:
+    return sources.SOURCES[name](data_config)
   policy = _get(data_config, "inconsistent_funnel", "error")
   if policy not in INCONSISTENT_FUNNEL_POLICIES:
     raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
                      f"{INCONSISTENT_FUNNEL_POLICIES}")
-  if name == "census_income":
-    splits = _load_census(data_config)
-    source = str(pathlib.Path(_get(data_config, "data_dir", "data")) / "census_income")
-  elif name == "synthetic_mmoe":
-    splits = _load_synthetic(data_config)
-    source = "dataset 'synthetic_mmoe'"
-  elif name == "synthetic_funnel":
-    splits = _load_synthetic_funnel(data_config)
-    source = "dataset 'synthetic_funnel'"
-  elif name == "spec":
-    # A user's own files, described by a dataset spec (data/spec.py), prepared once into
-    # <data_dir>/prepared/ (data/prepare.py). Funnel consistency was settled at preparation by
-    # the spec's own "inconsistent_funnel" (training rows only), so it is not enforced again here.
-    from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
-    return prepare.load_spec_dataset(data_config)
-  else:
-    raise ValueError(f"data.name: unknown dataset {name!r}; known: {list(DATASETS)}")
+  splits = sources.SOURCES[name](data_config)
   if splits.schema.has_funnel:
     for split in list(splits.arrays):
       splits.arrays[split], dropped = enforce_funnel_consistency(
-          splits.arrays[split], splits.schema, policy, f"{source}, split {split!r}")
+          splits.arrays[split], splits.schema, policy, f"dataset {name!r}, split {split!r}")
       splits.inconsistent_funnel_rows[split] = dropped
   return splits
 
@@ -363,160 +345,3 @@ def enforce_funnel_consistency(arrays: Mapping[str, np.ndarray], schema: schema_
   logging.warning("%s: dropped %d of %d rows with an inconsistent funnel "
                   "(data.inconsistent_funnel='drop')", source, count, len(bad))
   return {k: v[~bad] for k, v in arrays.items()}, count
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic
-# --------------------------------------------------------------------------------------------
-
-def _load_synthetic(data_config: Any) -> DatasetSplits:
-  sub = _get(data_config, "synthetic", None)
-  kwargs = {}
-  for key, default in synthetic.DEFAULTS.items():
-    value = _get(sub, key, default)
-    kwargs[key] = list(value) if key in ("alpha", "beta") and value is not None else value
-  unknown = sorted(set(sub.keys() if sub is not None and hasattr(sub, "keys") else ())
-                   - set(synthetic.DEFAULTS))
-  if unknown:
-    raise ValueError(f"data.synthetic: unknown keys {unknown}; known: {sorted(synthetic.DEFAULTS)}")
-  task_kind = kwargs.pop("task_kind")
-  if task_kind not in synthetic.TASK_KINDS:
-    raise ValueError(f"data.synthetic.task_kind={task_kind!r}; expected one of {synthetic.TASK_KINDS}")
-  data = synthetic.generate(**kwargs)
-  if task_kind == "binary":
-    data["labels"] = synthetic.binarize(data["labels"])
-  data["label_mask"] = np.ones_like(data["labels"])
-  data["categorical"] = np.zeros((len(data["labels"]), 0), np.int32)
-  schema = schema_lib.Schema(
-      categorical=(),
-      numeric=tuple(schema_lib.NumericField(f"x{i}") for i in range(kwargs["input_dim"])),
-      tasks=tuple(schema_lib.Task(t, task_kind) for t in synthetic.TASK_NAMES))
-  return DatasetSplits(schema, None, synthetic.split(data))
-
-
-def _load_synthetic_funnel(data_config: Any) -> DatasetSplits:
-  sub = _get(data_config, "funnel", None)
-  given = set(sub.keys() if sub is not None and hasattr(sub, "keys") else ())
-  unknown = sorted(given - set(synthetic_funnel.DEFAULTS))
-  if unknown:
-    raise ValueError(f"data.funnel: unknown keys {unknown}; known: "
-                     f"{sorted(synthetic_funnel.DEFAULTS)}")
-  kwargs = {k: _get(sub, k, d) for k, d in synthetic_funnel.DEFAULTS.items()}
-  kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
-  start = time.perf_counter()
-  data = synthetic_funnel.generate(**kwargs)
-  logging.info("synthetic_funnel: %d examples generated in %.1f s", kwargs["num_examples"],
-               time.perf_counter() - start)
-  data["label_mask"] = np.ones_like(data["labels"])
-  steps = synthetic_funnel.STEP_NAMES[:kwargs["num_steps"]]
-  schema = schema_lib.Schema(
-      categorical=tuple(schema_lib.CategoricalField(n, v) for n, v in zip(
-          synthetic_funnel.CATEGORICAL_FIELDS, synthetic_funnel.vocab_sizes(
-              kwargs["num_users"], kwargs["num_items"], kwargs["num_categories"]))),
-      numeric=tuple(schema_lib.NumericField(n) for n in synthetic_funnel.NUMERIC_FIELDS),
-      tasks=tuple(schema_lib.Task(t, "binary", depends_on=steps[i - 1] if i else None)
-                  for i, t in enumerate(steps)))
-  return DatasetSplits(schema, None, synthetic.split(data))
-
-
-# --------------------------------------------------------------------------------------------
-# Census-Income
-# --------------------------------------------------------------------------------------------
-
-def census_cache_key(task_group: str, numeric_transform: str, min_count: int,
-                     numeric_buckets: int = 0) -> str:
-  settings = dict(encoding=ENCODING_VERSION, tfds=CENSUS_TFDS_VERSION, task_group=task_group,
-                  numeric_transform=numeric_transform, min_count=int(min_count),
-                  numeric_buckets=int(numeric_buckets), split_seed=census_source.SPLIT_SEED)
-  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def read_census_tfds(data_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-  """Prepares (first time) the TFDS dataset in ``<data_dir>/tfds`` and reads all splits."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  _import_tf()
-  from apem_jax.data import census_tfds  # pylint: disable=g-import-not-at-top
-  builder = census_tfds.CensusIncomeKdd(data_dir=os.fspath(pathlib.Path(data_dir) / "tfds"),
-                                        raw_data_dir=data_dir)
-  start = time.perf_counter()
-  builder.download_and_prepare(download_config=census_tfds.download_config())
-  logging.info("census_income TFDS ready in %.1f s", time.perf_counter() - start)
-  return {split: census_tfds.read_split(builder, split) for split in SPLITS}
-
-
-def _census_schema(preprocessing: prep_lib.Preprocessing, tasks: tuple[str, ...]
-                   ) -> schema_lib.Schema:
-  return schema_lib.Schema(
-      categorical=tuple(schema_lib.CategoricalField(n, v) for n, v in
-                        zip(preprocessing.categorical_fields, preprocessing.vocab_sizes)),
-      numeric=tuple(schema_lib.NumericField(n, b) for n, b in zip(
-          preprocessing.numeric_fields,
-          preprocessing.bucket_boundaries or ((),) * len(preprocessing.numeric_fields))),
-      tasks=tuple(schema_lib.Task(t, "binary") for t in tasks))
-
-
-def encode_census(raw: Mapping[str, Mapping[str, np.ndarray]], task_group: str,
-                  numeric_transform: str = "log1p", min_count: int = 1, numeric_buckets: int = 0
-                  ) -> tuple[prep_lib.Preprocessing, dict[str, dict[str, np.ndarray]]]:
-  """Fits preprocessing on ``raw['train']`` and encodes every split of raw columns."""
-  tasks = census_source.task_names(task_group)
-  categorical, numeric = census_source.feature_columns(task_group)
-  preprocessing = prep_lib.fit_preprocessing(raw["train"], categorical, numeric,
-                                             numeric_transform=numeric_transform,
-                                             min_count=min_count,
-                                             numeric_buckets=numeric_buckets)
-  arrays = {}
-  for split, columns in raw.items():
-    encoded = prep_lib.encode(columns, preprocessing)
-    labels = np.stack([np.asarray(columns[census_source.label_key(t)], np.float32)
-                       for t in tasks], axis=-1)
-    arrays[split] = dict(encoded, labels=labels, label_mask=np.ones_like(labels))
-  return preprocessing, arrays
-
-
-def _save_npz_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _load_census(data_config: Any) -> DatasetSplits:
-  data_dir = pathlib.Path(_get(data_config, "data_dir", "data"))
-  task_group = _get(data_config, "task_group", "income_marital")
-  tasks = census_source.task_names(task_group)  # validates the group
-  numeric_transform = _get(data_config, "numeric_transform", "log1p")
-  if numeric_transform not in prep_lib.NUMERIC_TRANSFORMS:
-    raise ValueError(f"data.numeric_transform: unknown {numeric_transform!r}; "
-                     f"known: {list(prep_lib.NUMERIC_TRANSFORMS)}")
-  min_count = int(_get(data_config, "min_count", 1))
-  if min_count < 1:
-    raise ValueError(f"data.min_count must be >= 1, got {min_count}")
-  numeric_buckets = int(_get(data_config, "numeric_buckets", 0))
-  if numeric_buckets < 0:
-    raise ValueError(f"data.numeric_buckets must be >= 0, got {numeric_buckets}")
-
-  cache = data_dir / "census_income" / (
-      f"encoded_{census_cache_key(task_group, numeric_transform, min_count, numeric_buckets)}.npz")
-  if cache.exists():
-    with np.load(cache, allow_pickle=False) as f:
-      preprocessing = prep_lib.Preprocessing.from_json(str(f["preprocessing_json"]))
-      arrays = {s: {k: f[f"{s}.{k}"] for k in ("categorical", "numeric", "labels",
-                                                 "label_mask")} for s in SPLITS}
-  else:
-    start = time.perf_counter()
-    raw = read_census_tfds(data_dir)
-    preprocessing, arrays = encode_census(raw, task_group, numeric_transform, min_count,
-                                          numeric_buckets)
-    flat = {f"{s}.{k}": v for s, d in arrays.items() for k, v in d.items()}
-    flat["preprocessing_json"] = np.array(preprocessing.to_json())
-    _save_npz_atomic(cache, flat)
-    logging.info("census_income encoded and cached in %.1f s: %s",
-                 time.perf_counter() - start, cache)
-  return DatasetSplits(_census_schema(preprocessing, tasks), preprocessing, arrays)
