@@ -124,7 +124,7 @@ def _default_of(key: str, current: Mapping) -> Any:
   return _value_at(defaults, key)
 
 
-def _differences(saved: Mapping, current: Mapping) -> list[str]:
+def saved_config_differences(saved: Mapping, current: Mapping) -> list[str]:
   """:func:`diff_keys`, less keys a checkpoint's config lacks because they were added to the
   library after it was written, and that the current config holds at their default (the
   behaviour the older code had)."""
@@ -140,7 +140,7 @@ def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
   """Keys that define a trained model and differ between a checkpoint's config and another:
   every ``model.*`` and ``data.*`` key but locations, and ``train.funnel`` (it changes what the
   logits mean) where the checkpoint records it."""
-  return [k for k in _differences(saved, current)
+  return [k for k in saved_config_differences(saved, current)
           if k.startswith(("model.", "data.")) and k not in LOCATION_KEYS
           or k == "train.funnel" and "funnel" in saved.get("train", {})]
 
@@ -163,7 +163,7 @@ def resume_diff(saved: Mapping, current: Mapping) -> tuple[list[str], dict[str, 
   """(refused, accepted): the differing keys that would change a resumed run's trajectory, and
   the changes a resume may make (:data:`RESUMABLE_KEYS`) as ``{key: [saved, current]}``."""
   refused, accepted = [], {}
-  for key in _differences(saved, current):
+  for key in saved_config_differences(saved, current):
     if any(key == k or k.endswith(".") and key.startswith(k) for k in RESUMABLE_KEYS):
       accepted[key] = [_value_at(saved, key), _value_at(current, key)]
     else:

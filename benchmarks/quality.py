@@ -227,7 +227,7 @@ def check_same_config(config, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
-      differ = config_validation.diff_keys(json.load(f), config.to_dict())
+      differ = config_validation.saved_config_differences(json.load(f), config.to_dict())
     if differ:
       raise ValueError(f"{path}: the run there was made with another config (keys {differ}); "
                        "give this sweep its own --runs directory")

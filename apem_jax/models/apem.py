@@ -36,6 +36,7 @@ from apem_jax.models.embedding import FieldEmbedding
 from apem_jax.models.group_transformer import (GROUPINGS, SE_GATES, SE_SQUEEZES,
                                                DeepAutoGroupTransformer)
 from apem_jax.models.layers import BatchedMLP, get_dtype
+from apem_jax.models.gated_selector import GatedPatternSelector
 from apem_jax.models.pattern_selector import PatternSelector
 from apem_jax.schema import Schema
 
@@ -43,6 +44,10 @@ from apem_jax.schema import Schema
 # What each task tower reads besides its selected pattern h_t: the mean of the field tokens
 # ('pooled', [B, d]) or all field tokens flattened ('flat', [B, F*d]).
 TOWER_INPUTS = ("pooled", "flat")
+# How the Pattern Selector hands patterns to the towers: one softmax average per task
+# ('softmax', ``APEM.selector``) or every pattern scaled by a per-task gate ('gates',
+# gated_selector.py, PEPNet-style).
+SELECTIONS = ("softmax", "gates")
 
 
 class APEM(nn.Module):
@@ -50,7 +55,8 @@ class APEM(nn.Module):
 
   ``__call__(batch, train)`` returns:
     * ``logits``: float32 [B, T], one per task in schema order;
-    * ``pattern_weights``: float32 [B, T, F+G], the Pattern Selector's alpha;
+    * ``pattern_weights``: float32 [B, T, F+G], the Pattern Selector's alpha (``selection='gates'``:
+      each pattern's gate / 2, in [0, 1]);
     * ``group_weights``: float32 [B, H, G, F], last DAGT block's pooling weights (sum to 1 over F);
     * ``group_assignment`` (grouping='competitive' only): float32 [B, H, G, F], softmax over G.
   """
@@ -76,6 +82,7 @@ class APEM(nn.Module):
   se_gate: str = "sigmoid"
   raw_skip: bool = False
   pattern_selector: bool = True
+  selection: str = "softmax"
   selector_top_k: int = 0
   adaptive_indicators: bool = True
   indicator_hidden: int = 32
@@ -99,6 +106,7 @@ class APEM(nn.Module):
         se_gate=layers.require_choice(cfg, "se_gate", SE_GATES),
         raw_skip=layers.require_bool(cfg, "raw_skip"),
         pattern_selector=layers.require_bool(cfg, "pattern_selector"),
+        selection=layers.require_choice(cfg, "selection", SELECTIONS),
         selector_top_k=layers.require_int(cfg, "selector_top_k", 0),
         adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
         indicator_hidden=layers.require_int(cfg, "indicator_hidden", 1),
@@ -127,7 +135,8 @@ class APEM(nn.Module):
         se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate, dropout=self.dropout,
         dtype=self.dtype,
         name="dagt")(tokens, train)
-    h, alpha = self.selector(
+    selector = GatedPatternSelector if self.selection == "gates" else self.selector
+    h, alpha = selector(
         num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,
         adaptive=self.adaptive_indicators, indicator_hidden=self.indicator_hidden,
         enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector")(

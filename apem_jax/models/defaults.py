@@ -25,6 +25,7 @@ _DEFAULTS: dict[str, dict] = {
         se_gate="sigmoid",  # 'sigmoid' | 'identity_init' (2 * sigmoid: 1 at initialisation)
         raw_skip=False,  # towers also read the raw field embeddings (a skip around the DAGT)
         pattern_selector=True,  # False: mean pooling of patterns
+        selection="softmax",  # 'softmax' (one average per task) | 'gates' (per-task pattern gates)
         selector_top_k=0,  # 0 = dense selection; k > 0 = top-k patterns
         adaptive_indicators=True,  # False: static task indicators
         indicator_hidden=32,  # hidden width of g_t
