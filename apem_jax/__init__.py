@@ -3,7 +3,7 @@
 The public API (docs/api.md), importable from here; each name is loaded on first use, so
 ``import apem_jax`` stays cheap (no JAX device, no TensorFlow):
 
-* data: ``dataset_from_columns``, ``DatasetSplits``, ``load_dataset``; ``Schema``,
+* data: ``dataset_from_columns``, ``DatasetSplits``, ``load_dataset``, ``register_source``; ``Schema``,
   ``CategoricalField``, ``NumericField``, ``Task``;
 * models: ``build_model``, ``register_model``, ``MODELS``;
 * steps: ``TrainState``, ``init_state``, ``train_step``, ``eval_step``, ``bind_steps``,
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "dataset_from_columns": "apem_jax.data", "DatasetSplits": "apem_jax.data",
-    "load_dataset": "apem_jax.data",
+    "load_dataset": "apem_jax.data", "register_source": "apem_jax.data.sources",
     "Schema": "apem_jax.schema", "CategoricalField": "apem_jax.schema",
     "NumericField": "apem_jax.schema", "Task": "apem_jax.schema",
     "build_model": "apem_jax.models", "register_model": "apem_jax.models",
