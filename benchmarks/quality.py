@@ -259,13 +259,14 @@ def markdown_table(rows: dict[str, dict], title: str) -> str:
   first = next(iter(rows.values()))
   tasks = list(first["tasks"])
   headers = ["model"] + [f"{t} {m}" for t in tasks for m in first["tasks"][t]] + [
-      "params", "train s / run", "epochs"]
+      "seeds", "params", "train s / run", "epochs"]
   lines = [f"### {title}", "", "| " + " | ".join(headers) + " |",
            "|" + "---|" * len(headers)]
   for label, s in rows.items():
     cells = [label] + [f"{mean:.5f}" + (f" ± {std:.5f}" if s["seeds"] > 1 else "")
                        for t in tasks for mean, std in s["tasks"][t].values()]
-    cells += [f"{s['num_params']:,}", f"{s['train_seconds']:.0f}", f"{s['epochs']:.1f}"]
+    cells += [str(s["seeds"]), f"{s['num_params']:,}", f"{s['train_seconds']:.0f}",
+              f"{s['epochs']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -292,10 +293,10 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
       ax.tick_params(axis="x", rotation=45)
   else:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    ps = sorted(rows_by_p)
-    models = list(rows_by_p[ps[0]])
+    models = list(dict.fromkeys(m for rows in rows_by_p.values() for m in rows))
     for t_index, ax in enumerate(axes):
       for m in models:
+        ps = sorted(p for p in rows_by_p if m in rows_by_p[p])  # (a partial sweep: some missing)
         task = list(rows_by_p[ps[0]][m]["tasks"])[t_index]
         means = [rows_by_p[p][m]["tasks"][task]["mse"][0] for p in ps]
         stds = [rows_by_p[p][m]["tasks"][task]["mse"][1] for p in ps]
@@ -307,21 +308,24 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
   fig.savefig(path, dpi=120)
 
 
-def write_report(cells: list[Cell], runs: dict, seeds_done: int, labels: dict) -> str:
-  """The table, its JSON and plot under --out from the first ``seeds_done`` seeds of every cell
-  (written after every round of seeds, so a sweep still running has a table of what it
-  measured); returns the markdown."""
+def write_report(cells: list[Cell], runs: dict, labels: dict) -> str:
+  """The table, its JSON and plot under --out from the runs finished so far (rewritten after
+  every run, so a sweep still running has a table of what it measured: each row the mean over
+  the seeds it holds, its ``seeds`` column saying how many); returns the markdown."""
   rows_by_p = {}
   for cell in cells:
-    rows_by_p.setdefault(cell.correlation, {})[labels[cell]] = summarise(
-        [runs[cell, s] for s in range(seeds_done)])
+    done = [runs[cell, s] for s in range(_SEEDS.value) if (cell, s) in runs]
+    if done:
+      rows_by_p.setdefault(cell.correlation, {})[labels[cell]] = summarise(done)
+  seeds_done = min((len([1 for s in range(_SEEDS.value) if (c, s) in runs]) for c in cells))
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   os.makedirs(_OUT.value, exist_ok=True)
   still = ("" if seeds_done == _SEEDS.value else
-           f" (the first {seeds_done} of the {_SEEDS.value} seeds asked for; the sweep had not "
-           "finished when this was written)")
+           f" (**partial**: the sweep had not finished when this was written; a row holds the "
+           f"first seeds of the {_SEEDS.value} asked for, as many as its `seeds` column says, and "
+           "a row not there has none yet)")
   parts = [f"# Quality benchmark: {_DATASET.value}", "", f"Regenerate with `{command}`", "",
-           (f"Mean ± sample std over {seeds_done} seeds{still}" if seeds_done > 1 else
+           (f"Mean ± sample std over the seeds{still}" if _SEEDS.value > 1 else
             f"One seed (0){still}, so no spread is measured,")
            + " of each run's best-on-validation checkpoint, evaluated on the test split. Training "
            f"seconds measured on the machine that ran it: {machine.describe()} (metrics move in "
@@ -370,8 +374,9 @@ def main(argv):
   # the table is rewritten after every round.
   runs = {}
   for seed in range(_SEEDS.value):
-    runs.update({(cell, seed): run_one(cell, seed) for cell in cells})
-    text = write_report(cells, runs, seed + 1, labels)
+    for cell in cells:
+      runs[cell, seed] = run_one(cell, seed)
+      text = write_report(cells, runs, labels)
   print(text)
 
 
