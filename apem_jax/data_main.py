@@ -111,9 +111,6 @@ def _prepare(args) -> None:
     print(f"  pass 1 {t['pass1_rows'] / max(t['pass1_seconds'], 1e-9):,.0f} rows/s, pass 2 "
           f"{t['pass2_rows'] / max(t['pass2_seconds'], 1e-9):,.0f} rows/s, "
           f"{t['total_seconds']:.1f} s in all")
-  if not isinstance(meta["preprocessing"], str):
-    print(f"  no preprocessing.json (apem-export's raw-feature signature needs one): "
-          f"{meta['preprocessing']['none']}")
 
 
 def _run(argv: Sequence[str] | None) -> None:

@@ -14,9 +14,11 @@ writes ``output/``:
   ``serving_default`` signature takes every raw feature by name, ``tf.string [None]`` for
   categorical fields and ``tf.float32 [None]`` for numeric ones, any batch size, and returns
   ``float32 [None]`` per task by name: the probability of a binary task, the value of a
-  regression task. Vocabulary lookup (unseen values -> OOV id) and numeric normalisation run in
-  the graph. Data without preprocessing (synthetic) takes its numeric features as they are
-  (already normalised).
+  regression task. Vocabulary lookup (unseen values -> OOV id) or hashing, the numeric
+  transforms, normalisation and missing-value policies (a missing numeric value is sent as NaN, a
+  missing categorical one as ``""``; missing-value indicator fields are computed, not inputs) run
+  in the graph (:class:`apem_jax.data.serving.RawFeatureEncoder`). Data without preprocessing
+  (synthetic) takes its numeric features as they are (already normalised).
 * ``model.stablehlo``: ``jax.export`` serialization of the model on preprocessed inputs,
   ``(categorical int32 [b, Fc], numeric float32 [b, Fn]) -> predictions float32 [b, T]`` with a
   symbolic batch dimension ``b`` (load with ``jax.export.deserialize``, call ``.call``).
@@ -30,8 +32,10 @@ StableHLO artifact in JAX) and run on validation rows that training stored in
 differs from the JAX model by more than ``TOLERANCE`` on any prediction.
 The SavedModel needs raw values: the data package keeps only encoded arrays, so they are
 rebuilt with :func:`apem_jax.data.serving.decode` (ids -> vocabulary strings, OOV ids -> a string
-in no vocabulary, numeric values un-normalised and un-transformed), and the JAX reference for the
-SavedModel is the model on those raw values encoded by :func:`apem_jax.data.encode`.
+in no vocabulary, hashed ids -> some string, numeric values un-normalised and un-transformed, an
+indicator's 1 -> NaN), the first row's numeric values of every feature that accepts missing
+values are made missing (NaN), and the JAX reference for the SavedModel is the model on those
+raw values encoded by :func:`apem_jax.data.encode`.
 
 Everything is written to a temporary directory next to ``output`` and renamed into place only
 when complete and checked: a failed export leaves nothing behind.
@@ -208,14 +212,18 @@ def _run_preprocessing(workdir: str, schema: Schema) -> Preprocessing | None:
   path = os.path.join(workdir, PREPROCESSING_FILE)
   if not os.path.exists(path):
     if schema.categorical:
-      raise FileNotFoundError(f"{path} is missing: the run's vocabularies are needed to serve "
-                              f"raw categorical values")
+      raise FileNotFoundError(
+          f"{path} is missing: the run's vocabularies are needed to serve raw categorical values "
+          f"(data prepared by an older version for a spec with hashed features, missing-value "
+          f"indicators or different numeric transforms had none: delete that prepared "
+          f"directory, prepare again (apem-data prepare) and copy its {PREPROCESSING_FILE} "
+          f"here; preparation is deterministic)")
     return None
   with open(path) as f:
     prep = Preprocessing.from_json(f.read())
-  if (prep.categorical_fields != tuple(f.name for f in schema.categorical)
+  if (prep.column_names != tuple(f.name for f in schema.categorical)
       or prep.numeric_fields != tuple(f.name for f in schema.numeric)
-      or prep.vocab_sizes != schema.vocab_sizes):
+      or prep.column_vocab_sizes != schema.vocab_sizes):
     raise ValueError(f"{path} does not match the checkpoint's schema (fields or vocabulary "
                      f"sizes)")
   return prep
@@ -291,15 +299,26 @@ def build_saved_model(run: Run, platforms: Sequence[str]) -> tf.Module:
 # Checks
 # --------------------------------------------------------------------------------------------
 
+def _vocabulary_columns(run: Run) -> np.ndarray:
+  """Indices of the ``categorical`` columns looked up in a vocabulary (all of them without
+  preprocessing; not hashed fields, not missing-value indicators)."""
+  prep = run.preprocessing
+  if prep is None:
+    return np.arange(len(run.schema.categorical))
+  return np.asarray([c for c, hashed in zip(prep.categorical_positions, prep.hashed)
+                     if not hashed], np.int64)
+
+
 def check_examples(run: Run, num_examples: int) -> dict[str, np.ndarray]:
   """Encoded validation rows (the first ``num_examples`` of the run's stored sample); the first
-  row made all-OOV."""
+  row made OOV in every vocabulary field."""
   arrays = run.sample
   n = min(num_examples, len(arrays["numeric"]))
   categorical = np.array(arrays["categorical"][:n], np.int32)
   numeric = np.array(arrays["numeric"][:n], np.float32)
-  if n and categorical.shape[1]:
-    categorical[0] = np.asarray(run.schema.vocab_sizes, np.int32)  # every field unseen
+  columns = _vocabulary_columns(run)
+  if n and len(columns):
+    categorical[0, columns] = np.asarray(run.schema.vocab_sizes, np.int32)[columns]  # unseen
   return {"categorical": categorical, "numeric": numeric}
 
 
@@ -331,9 +350,14 @@ def check_export(run: Run, directory: str, num_examples: int) -> dict:
 
   # SavedModel, on raw values.
   if run.preprocessing is not None:
-    raw = serving.decode(examples["categorical"], examples["numeric"], run.preprocessing)
-    encoded = encode_raw(raw, run.preprocessing)
-    if not np.array_equal(encoded["categorical"], examples["categorical"]):
+    prep = run.preprocessing
+    raw = serving.decode(examples["categorical"], examples["numeric"], prep)
+    for name, policy in zip(prep.numeric_fields, prep.numeric_missing):
+      if policy != "error":
+        raw[name][0] = np.nan  # served missing: filled, or the mean and its indicator
+    encoded = encode_raw(raw, prep)
+    columns = _vocabulary_columns(run)
+    if not np.array_equal(encoded["categorical"][:, columns], examples["categorical"][:, columns]):
       raise ExportCheckError("decoded categorical values do not encode back to their ids")
     raw_reference = np.asarray(predict(params, encoded["categorical"], encoded["numeric"]))
   else:
@@ -350,7 +374,8 @@ def check_export(run: Run, directory: str, num_examples: int) -> dict:
   result = {"examples": n, "tolerance": TOLERANCE,
             "max_abs_diff_stablehlo": hlo_diff, "max_abs_diff_saved_model": sm_diff,
             "raw_values": "decoded from encoded validation rows (row 0: every categorical "
-                          "field unseen)" if run.preprocessing is not None else
+                          "vocabulary field unseen, every numeric field that accepts missing "
+                          "values missing)" if run.preprocessing is not None else
                           "normalised numeric validation rows"}
   for name, diff in (("StableHLO artifact", hlo_diff), ("SavedModel", sm_diff)):
     if not diff <= TOLERANCE:
@@ -376,14 +401,35 @@ def _versions() -> dict[str, str]:
 def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
              checks: dict) -> dict:
   schema, prep = run.schema, run.preprocessing
-  fields = []
-  for f in schema.categorical:
-    fields.append({"name": f.name, "type": "categorical", "dtype": "string",
-                   "vocab_size": f.vocab_size, "oov_id": f.oov_id})
+  fields, indicators = [], []
+  if prep is None:
+    for f in schema.categorical:  # (not reached: export needs preprocessing for these)
+      fields.append({"name": f.name, "type": "categorical", "dtype": "string",
+                     "vocab_size": f.vocab_size, "oov_id": f.oov_id})
+  else:
+    for name, buckets, c in zip(prep.categorical_fields, prep.num_buckets,
+                                prep.categorical_positions):
+      f = schema.categorical[c]
+      entry = {"name": name, "type": "categorical", "dtype": "string", "column": c,
+               "vocab_size": f.vocab_size, "oov_id": f.oov_id}
+      entry.update({"encoding": "hash", "num_buckets": buckets,
+                    "hash": "farmhash64 % num_buckets (tf.strings.to_hash_bucket_fast)"}
+                   if buckets else {"encoding": "vocabulary"})
+      fields.append(entry)
+    for j, c in enumerate(prep.indicator_columns):
+      if c >= 0:
+        indicators.append({"name": schema.categorical[c].name, "column": c,
+                           "of": prep.numeric_fields[j], "ids": {"present": 0, "missing": 1}})
   for j, f in enumerate(schema.numeric):
     entry = {"name": f.name, "type": "numeric", "dtype": "float32"}
     if prep is not None:
-      entry.update(transform=prep.numeric_transform, mean=prep.means[j], std=prep.stds[j])
+      policy = prep.numeric_missing[j]
+      entry.update(transform=prep.numeric_transforms[j], mean=prep.means[j], std=prep.stds[j],
+                   missing=policy)
+      if policy == "fill":
+        entry["fill"] = prep.numeric_fills[j]
+      elif policy == "indicator":
+        entry["indicator"] = schema.categorical[prep.indicator_columns[j]].name
     else:
       entry.update(transform="given already normalised")
     fields.append(entry)
@@ -395,6 +441,7 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
                      "validation": meta.get("validation"), "score": meta.get("score"),
                      "best_step": meta.get("best_step"), "best_score": meta.get("best_score")},
       "fields": fields,
+      "indicators": indicators,
       "tasks": [{"name": t.name, "kind": t.kind, "depends_on": t.depends_on,
                  "output": "probability" if t.kind == "binary" else "value"}
                 for t in schema.tasks],
@@ -403,6 +450,12 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
       "saved_model": {
           "path": SAVED_MODEL_DIR, "tag": "serve", "signature": SIGNATURE,
           "inputs": {f["name"]: {"dtype": f["dtype"], "shape": [None]} for f in fields},
+          "missing_values": (
+              {"numeric": f"send {serving.MISSING_NUMERIC}: a feature with missing 'fill' gets "
+                          f"its fill value, one with 'indicator' the training mean and 1 in "
+                          f"its indicator field; one with 'error' fails the call",
+               "categorical": "send the empty string (what preparation reads a missing value "
+                              "as)"} if prep is not None else None),
           "outputs": {t.name: {"dtype": "float32", "shape": [None]} for t in schema.tasks},
           "platforms": list(platforms),
           "preprocessing": PREPROCESSING_FILE if prep is not None else None},

@@ -1044,27 +1044,34 @@ def make_schema(spec: spec_lib.Spec, fitted: Fitted) -> schema_lib.Schema:
 
 def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted
                        ) -> tuple[prep_lib.Preprocessing | None, str | None]:
-  """The :class:`Preprocessing` export's raw-feature encoder reads, or (None, why not)."""
-  hashed = [f.name for f in spec.categorical if f.hashed]
-  if hashed:
-    return None, (f"hashed categorical features {hashed} (the encoder looks values up in a "
-                  f"vocabulary)")
+  """The :class:`Preprocessing` export's raw-feature encoder reads, and why there is none (always
+  None now: every spec has one; the pair is kept for callers that report it).
+
+  It encodes raw values exactly as :func:`encode_chunk` does: vocabulary lookup or hashing per
+  categorical feature, each numeric feature's transform, statistics and missing-value policy,
+  and the missing-value indicators in the columns :func:`make_schema` gives them (after the
+  categorical features, in numeric-feature order).
+  """
+  transforms = {f.transform for f in spec.numeric}
+  min_counts = {f.min_count for f in spec.categorical if not f.hashed}
   indicators = [f.name for f in spec.numeric if f.missing == "indicator"]
-  if indicators:
-    return None, f"missing-value indicators of {indicators} (the encoder takes no missing values)"
-  transforms = sorted({f.transform for f in spec.numeric})
-  if len(transforms) > 1:
-    return None, "numeric features with different transforms (the encoder has one)"
-  min_counts = {f.min_count for f in spec.categorical}
+  columns = {name: len(spec.categorical) + k for k, name in enumerate(indicators)}
   return prep_lib.Preprocessing(
       categorical_fields=tuple(f.name for f in spec.categorical),
       numeric_fields=tuple(f.name for f in spec.numeric),
-      vocabularies=tuple(fitted.vocabularies[f.name] for f in spec.categorical),
+      vocabularies=tuple(() if f.hashed else fitted.vocabularies[f.name]
+                         for f in spec.categorical),
       means=tuple(fitted.means[f.name] for f in spec.numeric),
       stds=tuple(fitted.stds[f.name] for f in spec.numeric),
-      numeric_transform=transforms[0] if transforms else "none",
+      numeric_transform=(transforms.pop() if len(transforms) == 1 else
+                         prep_lib.PER_FIELD if transforms else "none"),
       min_count=min_counts.pop() if len(min_counts) == 1 else 1,
-      bucket_boundaries=tuple(fitted.boundaries[f.name] for f in spec.numeric)), None
+      bucket_boundaries=tuple(fitted.boundaries[f.name] for f in spec.numeric),
+      num_buckets=tuple(f.num_buckets or 0 for f in spec.categorical),
+      numeric_transforms=tuple(f.transform for f in spec.numeric),
+      numeric_missing=tuple(f.missing for f in spec.numeric),
+      numeric_fills=tuple(float(f.fill) if f.missing == "fill" else None for f in spec.numeric),
+      indicator_columns=tuple(columns.get(f.name, -1) for f in spec.numeric)), None
 
 
 # --------------------------------------------------------------------------------------------

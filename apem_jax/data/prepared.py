@@ -9,9 +9,9 @@ when complete, so a directory under this name is always complete)::
     schema.json          apem_jax.schema.Schema.to_dict()
     statistics.json      per feature: vocabulary / hashing, mean, std, bucket boundaries,
                          missing values seen in training
-    preprocessing.json   apem_jax.data.preprocessing.Preprocessing, when the spec can be expressed
-                         by it (every categorical feature a vocabulary, one numeric transform, no
-                         missing-value indicator): export's in-graph raw-feature encoder reads it
+    preprocessing.json   apem_jax.data.preprocessing.Preprocessing: what export's in-graph
+                         raw-feature encoder reads (vocabularies or hash buckets, transforms,
+                         statistics, missing-value policies)
     train-00000.tfrecord, train-00001.tfrecord, ..., validation-00000.tfrecord, test-...
 
 **Shards**: TFRecord files of ``tf.train.Example``, one example per row, ``shard_rows`` rows per
@@ -52,7 +52,9 @@ import numpy as np
 from apem_jax import schema as schema_lib
 from apem_jax.data import preprocessing as prep_lib
 
-FORMAT_VERSION = 1
+# 2: preprocessing.json for every spec (hashed features, missing-value policies and per-feature
+# transforms included), so that export serves it; a directory of version 1 is prepared again.
+FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
 SCHEMA_FILE = "schema.json"
 STATISTICS_FILE = "statistics.json"

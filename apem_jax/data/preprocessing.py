@@ -1,14 +1,27 @@
-"""Feature preprocessing fitted on the training split: vocabularies and numeric normalisation.
+"""Feature preprocessing fitted on the training split: vocabularies, hashing, numeric normalisation.
 
 Plain data (lists of strings and floats, JSON round-trip) so that the export step can rebuild
-the same lookups inside a SavedModel. No TensorFlow or JAX here.
+the same encoder inside a SavedModel. No TensorFlow or JAX at import time (hashed categorical
+fields call TensorFlow's farmhash op, imported on first use, as preparation does).
 
-* Categorical field: vocabulary = sorted distinct training values seen at least ``min_count``
-  times; value -> its index in the vocabulary, anything else (unseen, or rarer than
-  ``min_count``) -> the OOV id ``len(vocabulary)`` (= ``CategoricalField.vocab_size``).
-* Numeric field: ``z = (t(x) - mean) / std`` with ``t`` = identity (``'none'``) or
+* Categorical field, vocabulary (``num_buckets`` 0): vocabulary = sorted distinct training values
+  seen at least ``min_count`` times; value -> its index in the vocabulary, anything else
+  (unseen, or rarer than ``min_count``) -> the OOV id ``len(vocabulary)``
+  (= ``CategoricalField.vocab_size``).
+* Categorical field, hashed (``num_buckets`` > 0): value -> ``farmhash64(value) % num_buckets``
+  (``tf.strings.to_hash_bucket_fast``); no vocabulary, no OOV.
+  Either way a value is first stripped of surrounding ASCII whitespace; a missing value is the
+  empty string.
+* Numeric field: ``z = (t(x) - mean) / std`` with ``t`` (per field) = identity (``'none'``) or
   ``sign(x) * log1p(|x|)`` (``'log1p'``), mean/std (population, ddof=0) of ``t(x)`` over the
-  training rows; a constant field gets ``std = 1``.
+  training rows; a constant field gets ``std = 1``. A missing value (NaN) is handled by the
+  field's policy: ``'error'`` (refused), ``'fill'`` (replaced by the fill value, in the column's
+  units, before ``t``), ``'indicator'`` (``z = 0``, the training mean, and an extra categorical
+  column ``<name>_missing`` with id 1 where missing, 0 where present).
+
+The ``categorical`` array has one column per categorical field, plus one per indicator at the
+position ``indicator_columns`` names (preparation appends them after the categorical fields, in
+numeric-field order); the categorical fields fill the other columns in order.
 """
 
 from __future__ import annotations
@@ -20,6 +33,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 NUMERIC_TRANSFORMS = ("none", "log1p")
+# ``numeric_transform`` when the numeric fields' transforms differ (``numeric_transforms`` holds
+# them). Code that predates per-field transforms refuses it instead of applying one to every field.
+PER_FIELD = "per_field"
+MISSING_POLICIES = ("error", "fill", "indicator")  # a numeric field's missing-value policy
+INDICATOR_SUFFIX = "_missing"  # an indicator column's name: <numeric field> + this (as in specs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,15 +45,31 @@ class Preprocessing:
   """Everything needed to turn raw columns into the model's ``categorical``/``numeric`` arrays.
 
   Attributes:
-    categorical_fields: names, in the column order of the ``categorical`` array.
+    categorical_fields: the categorical inputs' names, in the order their columns have in the
+      ``categorical`` array (indicator columns aside).
     numeric_fields: names, in the column order of the ``numeric`` array.
-    vocabularies: per categorical field, its sorted vocabulary (OOV id = its length).
+    vocabularies: per categorical field, its sorted vocabulary (OOV id = its length); empty for
+      a hashed field.
     means, stds: per numeric field, statistics of the transformed training values.
-    numeric_transform: 'none' | 'log1p'.
+    numeric_transform: 'none' | 'log1p': every numeric field's transform; or ``PER_FIELD`` when
+      ``numeric_transforms`` differ.
     min_count: the vocabulary threshold it was fitted with (informational).
     bucket_boundaries: per numeric field, increasing cut points on the normalised value at
       quantiles of the field's distinct training values (empty when bucketing is off); the
       models embed each value's bucket besides the value itself.
+    num_buckets: per categorical field, its hash bucket count (ids ``farmhash64(value) %
+      num_buckets``), 0 for a vocabulary field.
+    numeric_transforms: per numeric field, 'none' | 'log1p'.
+    numeric_missing: per numeric field, what a missing value (NaN) becomes: 'error' (refused),
+      'fill', 'indicator'.
+    numeric_fills: per numeric field, the fill value (column units) where 'fill', else None.
+    indicator_columns: per numeric field, the column of its missing-value indicator in the
+      ``categorical`` array where 'indicator', else -1.
+
+  The last five were added later: a file without them (written before) loads with what they
+  meant then: every categorical field a vocabulary, every numeric field ``numeric_transform``,
+  no missing values accepted, no indicators. Constructed with them left empty, they are filled
+  in the same way (indicators, if any, after the categorical fields).
   """
 
   categorical_fields: tuple[str, ...]
@@ -46,19 +80,119 @@ class Preprocessing:
   numeric_transform: str = "log1p"
   min_count: int = 1
   bucket_boundaries: tuple[tuple[float, ...], ...] = ()
+  num_buckets: tuple[int, ...] = ()
+  numeric_transforms: tuple[str, ...] = ()
+  numeric_missing: tuple[str, ...] = ()
+  numeric_fills: tuple[float | None, ...] = ()
+  indicator_columns: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if len(self.vocabularies) != len(self.categorical_fields):
+    fc, fn = len(self.categorical_fields), len(self.numeric_fields)
+    set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen: normalise once
+    if len(self.vocabularies) != fc:
       raise ValueError("Preprocessing: one vocabulary per categorical field is required")
-    if not len(self.means) == len(self.stds) == len(self.numeric_fields):
+    if not len(self.means) == len(self.stds) == fn:
       raise ValueError("Preprocessing: one mean and one std per numeric field are required")
-    if self.numeric_transform not in NUMERIC_TRANSFORMS:
+    if self.numeric_transform not in NUMERIC_TRANSFORMS + (PER_FIELD,):
       raise ValueError(f"numeric_transform must be one of {NUMERIC_TRANSFORMS}, "
                        f"got {self.numeric_transform!r}")
+    # Categorical: vocabulary or hashed.
+    num_buckets = tuple(int(b) for b in self.num_buckets) or (0,) * fc
+    if len(num_buckets) != fc:
+      raise ValueError("Preprocessing: one num_buckets (0 = vocabulary) per categorical field "
+                       "is required")
+    for name, b, vocab in zip(self.categorical_fields, num_buckets, self.vocabularies):
+      if not 0 <= b < 2**31:
+        raise ValueError(f"field {name!r}: num_buckets must be in [0, 2**31), got {b}")
+      if b and vocab:
+        raise ValueError(f"field {name!r}: a hashed field (num_buckets={b}) has no vocabulary")
+    set_("num_buckets", num_buckets)
+    # Numeric: transform, missing-value policy, fill value, indicator column.
+    transforms = tuple(self.numeric_transforms)
+    if not transforms:
+      if self.numeric_transform == PER_FIELD and fn:
+        raise ValueError(f"numeric_transform={PER_FIELD!r} needs numeric_transforms")
+      transforms = (self.numeric_transform,) * fn
+    if len(transforms) != fn:
+      raise ValueError("Preprocessing: one transform per numeric field is required")
+    for name, t in zip(self.numeric_fields, transforms):
+      if t not in NUMERIC_TRANSFORMS:
+        raise ValueError(f"field {name!r}: transform must be one of {NUMERIC_TRANSFORMS}, "
+                         f"got {t!r}")
+    if self.numeric_transform != PER_FIELD and set(transforms) - {self.numeric_transform}:
+      raise ValueError(f"numeric_transform={self.numeric_transform!r} but the fields' "
+                       f"transforms are {transforms} (use {PER_FIELD!r})")
+    set_("numeric_transforms", transforms)
+    missing = tuple(self.numeric_missing) or ("error",) * fn
+    fills = tuple(None if v is None else float(v) for v in self.numeric_fills) or (None,) * fn
+    if not len(missing) == len(fills) == fn:
+      raise ValueError("Preprocessing: one missing-value policy and one fill value (or None) "
+                       "per numeric field are required")
+    for name, policy, fill in zip(self.numeric_fields, missing, fills):
+      if policy not in MISSING_POLICIES:
+        raise ValueError(f"field {name!r}: missing-value policy must be one of "
+                         f"{MISSING_POLICIES}, got {policy!r}")
+      if (policy == "fill") != (fill is not None) or (fill is not None and not np.isfinite(fill)):
+        raise ValueError(f"field {name!r}: a finite fill value is required with policy 'fill' "
+                         f"and only then (policy {policy!r}, fill {fill!r})")
+    set_("numeric_missing", missing)
+    set_("numeric_fills", fills)
+    with_indicator = [j for j, p in enumerate(missing) if p == "indicator"]
+    columns = tuple(int(c) for c in self.indicator_columns)
+    if not columns:
+      columns = [-1] * fn
+      for k, j in enumerate(with_indicator):
+        columns[j] = fc + k
+      columns = tuple(columns)
+    if len(columns) != fn:
+      raise ValueError("Preprocessing: one indicator column (or -1) per numeric field is required")
+    width = fc + len(with_indicator)
+    used = [c for c in columns if c >= 0]
+    if ([j for j, c in enumerate(columns) if c >= 0] != with_indicator
+        or len(set(used)) != len(used) or any(not 0 <= c < width for c in used)
+        or any(c < -1 for c in columns)):
+      raise ValueError(f"indicator_columns {columns}: each field with policy 'indicator' (and "
+                       f"only those) needs its own column in [0, {width})")
+    set_("indicator_columns", columns)
 
   @property
   def vocab_sizes(self) -> tuple[int, ...]:
-    return tuple(len(v) for v in self.vocabularies)
+    """Per categorical field, its number of ids besides OOV: vocabulary size or bucket count."""
+    return tuple(b or len(v) for b, v in zip(self.num_buckets, self.vocabularies))
+
+  @property
+  def hashed(self) -> tuple[bool, ...]:
+    return tuple(b > 0 for b in self.num_buckets)
+
+  @property
+  def categorical_positions(self) -> tuple[int, ...]:
+    """Per categorical field, its column in the ``categorical`` array."""
+    taken = {c for c in self.indicator_columns if c >= 0}
+    free = [c for c in range(len(self.categorical_fields) + len(taken)) if c not in taken]
+    return tuple(free)
+
+  @property
+  def column_names(self) -> tuple[str, ...]:
+    """The names of the ``categorical`` array's columns (indicators: ``<field>_missing``)."""
+    names = [""] * (len(self.categorical_fields) + self.num_indicators)
+    for name, c in zip(self.categorical_fields, self.categorical_positions):
+      names[c] = name
+    for name, c in zip(self.numeric_fields, self.indicator_columns):
+      if c >= 0:
+        names[c] = name + INDICATOR_SUFFIX
+    return tuple(names)
+
+  @property
+  def column_vocab_sizes(self) -> tuple[int, ...]:
+    """Per column of the ``categorical`` array, its vocabulary size (``Schema.vocab_sizes``)."""
+    sizes = [2] * (len(self.categorical_fields) + self.num_indicators)
+    for size, c in zip(self.vocab_sizes, self.categorical_positions):
+      sizes[c] = size
+    return tuple(sizes)
+
+  @property
+  def num_indicators(self) -> int:
+    return sum(c >= 0 for c in self.indicator_columns)
 
   def to_dict(self) -> dict:
     return {
@@ -70,6 +204,11 @@ class Preprocessing:
         "numeric_transform": self.numeric_transform,
         "min_count": int(self.min_count),
         "bucket_boundaries": [list(b) for b in self.bucket_boundaries],
+        "num_buckets": list(self.num_buckets),
+        "numeric_transforms": list(self.numeric_transforms),
+        "numeric_missing": list(self.numeric_missing),
+        "numeric_fills": list(self.numeric_fills),
+        "indicator_columns": list(self.indicator_columns),
     }
 
   @classmethod
@@ -83,6 +222,11 @@ class Preprocessing:
         numeric_transform=d.get("numeric_transform", "log1p"),
         min_count=int(d.get("min_count", 1)),
         bucket_boundaries=tuple(tuple(float(x) for x in b) for b in d.get("bucket_boundaries", ())),
+        num_buckets=tuple(int(b) for b in d.get("num_buckets", ())),
+        numeric_transforms=tuple(d.get("numeric_transforms", ())),
+        numeric_missing=tuple(d.get("numeric_missing", ())),
+        numeric_fills=tuple(None if v is None else float(v) for v in d.get("numeric_fills", ())),
+        indicator_columns=tuple(int(c) for c in d.get("indicator_columns", ())),
     )
 
   def to_json(self) -> str:
@@ -194,25 +338,77 @@ def encode_categorical(values: np.ndarray, vocabulary: Sequence[str]) -> np.ndar
   """int32 ``[N]`` ids: the index in the sorted ``vocabulary``, or ``len(vocabulary)`` (OOV)."""
   values = categorical_values(values)
   vocab = np.asarray(vocabulary, dtype=str)
+  if not len(vocab):
+    return np.zeros(len(values), np.int32)
   idx = np.searchsorted(vocab, values)
   hit = vocab[np.minimum(idx, len(vocab) - 1)] == values
   return np.where(hit, idx, len(vocab)).astype(np.int32)
 
 
+def hash_categorical(values: np.ndarray, num_buckets: int) -> np.ndarray:
+  """int32 ``[N]`` ids ``farmhash64(value) % num_buckets`` of the stripped values: TensorFlow's
+  ``tf.strings.to_hash_bucket_fast``, as preparation and the serving graph compute them."""
+  values = categorical_values(values)
+  if not len(values):
+    return np.zeros(0, np.int32)
+  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  return tf.strings.to_hash_bucket_fast(
+      tf.constant(np.char.encode(values, "utf-8")), int(num_buckets)).numpy().astype(np.int32)
+
+
+def encode_numeric(values: np.ndarray, preprocessing: Preprocessing, j: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 ``[N]`` normalised values, bool ``[N]`` missing) of numeric field ``j``.
+
+  Missing (NaN, or None in an object array) per the field's policy: 'error' raises, 'fill' uses
+  the fill value, 'indicator' gives 0 (the training mean) and reports the row as missing.
+
+  Raises:
+    ValueError: an infinite value, or a missing one under policy 'error'.
+  """
+  name, policy = preprocessing.numeric_fields[j], preprocessing.numeric_missing[j]
+  x = np.asarray(values, dtype=np.float64)
+  missing = np.isnan(x)
+  if np.isinf(x).any():
+    i = int(np.argmax(np.isinf(x)))
+    raise ValueError(f"numeric field {name!r}, row {i}: {x[i]} is not a finite number")
+  if missing.any():
+    if policy == "error":
+      i = int(np.argmax(missing))
+      raise ValueError(f"numeric field {name!r}, row {i}: the value is missing (NaN) and the "
+                       f"field accepts no missing values (policy 'error')")
+    if policy == "fill":
+      x = np.where(missing, preprocessing.numeric_fills[j], x)
+      missing = np.zeros_like(missing)
+  t = transform_numeric(x, preprocessing.numeric_transforms[j])
+  z = (t - preprocessing.means[j]) / preprocessing.stds[j]
+  if missing.any():
+    z[missing] = 0.0  # the training mean
+  return z.astype(np.float32), missing
+
+
 def encode(raw_columns: Mapping[str, np.ndarray], preprocessing: Preprocessing
            ) -> dict[str, np.ndarray]:
-  """Raw columns -> ``{'categorical': int32 [N, Fc], 'numeric': float32 [N, Fn]}``."""
-  lengths = {len(raw_columns[f]) for f in
-             preprocessing.categorical_fields + preprocessing.numeric_fields}
+  """Raw columns -> ``{'categorical': int32 [N, Fc + indicators], 'numeric': float32 [N, Fn]}``.
+
+  Raises:
+    ValueError: columns of different lengths; a numeric value infinite, or missing where the
+      field's policy is 'error'.
+  """
+  p = preprocessing
+  lengths = {len(raw_columns[f]) for f in p.categorical_fields + p.numeric_fields}
   if len(lengths) > 1:
     raise ValueError(f"encode: columns have different lengths {sorted(lengths)}")
   n = lengths.pop() if lengths else 0
-  categorical = np.zeros((n, len(preprocessing.categorical_fields)), dtype=np.int32)
-  for j, (name, vocab) in enumerate(zip(preprocessing.categorical_fields,
-                                        preprocessing.vocabularies)):
-    categorical[:, j] = encode_categorical(raw_columns[name], vocab)
-  numeric = np.zeros((n, len(preprocessing.numeric_fields)), dtype=np.float32)
-  for j, name in enumerate(preprocessing.numeric_fields):
-    t = transform_numeric(raw_columns[name], preprocessing.numeric_transform)
-    numeric[:, j] = (t - preprocessing.means[j]) / preprocessing.stds[j]
+  categorical = np.zeros((n, len(p.column_names)), dtype=np.int32)
+  for name, vocab, buckets, c in zip(p.categorical_fields, p.vocabularies, p.num_buckets,
+                                     p.categorical_positions):
+    categorical[:, c] = (hash_categorical(raw_columns[name], buckets) if buckets else
+                         encode_categorical(raw_columns[name], vocab))
+  numeric = np.zeros((n, len(p.numeric_fields)), dtype=np.float32)
+  for j, name in enumerate(p.numeric_fields):
+    numeric[:, j], missing = encode_numeric(raw_columns[name], p, j)
+    if p.indicator_columns[j] >= 0:
+      categorical[:, p.indicator_columns[j]] = missing
   return {"categorical": categorical, "numeric": numeric}

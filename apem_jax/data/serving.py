@@ -3,20 +3,31 @@
 Imports TensorFlow when imported (so :mod:`apem_jax.data` does not import this module; the export
 step does). :class:`RawFeatureEncoder` is a ``tf.Module`` that a SavedModel tracks (its lookup
 tables are saved with it) and that turns raw columns into the model's arrays exactly as
-:func:`apem_jax.data.preprocessing.encode` does:
+:func:`apem_jax.data.preprocessing.encode` (and the preparation of a dataset spec) does:
 
-* categorical field: ``tf.string [b]`` -> index in the sorted training vocabulary
-  (``tf.lookup.StaticHashTable``, exact string match), anything else -> the OOV id
-  ``len(vocabulary)``;
+* categorical field: ``tf.string [b]``, surrounding ASCII whitespace stripped
+  (``tf.strings.strip``), then
+
+  - vocabulary field: index in the sorted training vocabulary (``tf.lookup.StaticHashTable``,
+    exact string match), anything else -> the OOV id ``len(vocabulary)``;
+  - hashed field: ``farmhash64(value) % num_buckets`` (``tf.strings.to_hash_bucket_fast``, the op
+    preparation hashes with).
+
+  A missing value is sent as the empty string (preparation reads a missing value as ``""``).
 * numeric field: ``float32 [b]`` -> ``(t(x) - mean) / std`` computed in float64 (as NumPy does),
-  then rounded to float32; ``t`` = identity or ``sign(x) * log1p(|x|)``.
+  then rounded to float32; ``t`` (per field) = identity or ``sign(x) * log1p(|x|)``. A missing
+  value is sent as NaN and handled by the field's policy: 'fill' -> the fill value before ``t``;
+  'indicator' -> 0 (the training mean) and id 1 in the field's ``<name>_missing`` column of the
+  ``categorical`` array (0 when present); 'error' (the field had no missing values in
+  preparation) -> the call fails with ``InvalidArgumentError`` naming the feature. An infinite
+  value fails the call under every policy (preparation refuses it too).
 
 Without a :class:`~apem_jax.data.preprocessing.Preprocessing` (synthetic data: numeric fields
 only, generated already normalised) the numeric inputs pass through unchanged.
 
 :func:`decode` is the NumPy inverse of ``encode`` (ids -> vocabulary strings, OOV -> a string in
-no vocabulary, numeric values un-normalised), for checking an export on raw values when only
-encoded arrays are at hand.
+no vocabulary, numeric values un-normalised, indicator 1 -> NaN), for checking an export on raw
+values when only encoded arrays are at hand.
 """
 
 from __future__ import annotations
@@ -30,6 +41,10 @@ from apem_jax.data import preprocessing as prep_lib
 
 tf = pipeline._import_tf()  # pylint: disable=protected-access  (quiet, no GPUs for TF)
 
+# How a client says "no value", for the signature's documentation (export metadata, README).
+MISSING_NUMERIC = "NaN"
+MISSING_CATEGORICAL = ""
+
 
 def input_specs(categorical_fields: Sequence[str], numeric_fields: Sequence[str]
                 ) -> dict[str, tf.TensorSpec]:
@@ -40,7 +55,8 @@ def input_specs(categorical_fields: Sequence[str], numeric_fields: Sequence[str]
 
 
 class RawFeatureEncoder(tf.Module):
-  """Raw features by name -> ``{'categorical': int32 [b, Fc], 'numeric': float32 [b, Fn]}``."""
+  """Raw features by name -> ``{'categorical': int32 [b, Fc + indicators], 'numeric': float32
+  [b, Fn]}``."""
 
   def __init__(self, preprocessing: prep_lib.Preprocessing | None,
                numeric_fields: Sequence[str] = (), name: str = "raw_feature_encoder"):
@@ -58,13 +74,15 @@ class RawFeatureEncoder(tf.Module):
       return
     self.categorical_fields = tuple(preprocessing.categorical_fields)
     self.numeric_fields = tuple(preprocessing.numeric_fields)
+    # Hashed fields have no table (None); the list keeps one entry per field.
     self._tables = [
-        tf.lookup.StaticHashTable(
+        None if buckets else tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(
                 tf.constant(list(vocab), tf.string),
                 tf.range(len(vocab), dtype=tf.int64)),
             default_value=len(vocab), name=f"vocab_{field}")
-        for field, vocab in zip(preprocessing.categorical_fields, preprocessing.vocabularies)]
+        for field, vocab, buckets in zip(preprocessing.categorical_fields,
+                                         preprocessing.vocabularies, preprocessing.num_buckets)]
 
   def input_specs(self) -> dict[str, tf.TensorSpec]:
     return input_specs(self.categorical_fields, self.numeric_fields)
@@ -76,28 +94,61 @@ class RawFeatureEncoder(tf.Module):
       raise ValueError(f"missing features {missing}")
     first = (self.categorical_fields + self.numeric_fields)[0]
     batch = tf.shape(features[first])[0]
-    if self.categorical_fields:
-      categorical = tf.stack(
-          [tf.cast(table.lookup(tf.strings.strip(tf.reshape(features[f], [-1]))), tf.int32)
-           for f, table in zip(self.categorical_fields, self._tables)], axis=1)
-    else:
+    p = self._preprocessing
+    if p is None:
       categorical = tf.zeros([batch, 0], tf.int32)
-    if not self.numeric_fields:
-      numeric = tf.zeros([batch, 0], tf.float32)
-    elif self._preprocessing is None:
-      numeric = tf.stack([tf.cast(tf.reshape(features[f], [-1]), tf.float32)
-                          for f in self.numeric_fields], axis=1)
-    else:
-      p = self._preprocessing
-      x = tf.stack([tf.cast(tf.reshape(features[f], [-1]), tf.float64)
-                    for f in self.numeric_fields], axis=1)
-      if p.numeric_transform == "log1p":
-        x = tf.sign(x) * tf.math.log1p(tf.abs(x))
-      elif p.numeric_transform != "none":
-        raise ValueError(f"unknown numeric_transform {p.numeric_transform!r}")
-      z = (x - tf.constant(p.means, tf.float64)) / tf.constant(p.stds, tf.float64)
-      numeric = tf.cast(z, tf.float32)
+      numeric = (tf.stack([tf.cast(tf.reshape(features[f], [-1]), tf.float32)
+                           for f in self.numeric_fields], axis=1) if self.numeric_fields else
+                 tf.zeros([batch, 0], tf.float32))
+      return {"categorical": categorical, "numeric": numeric}
+
+    columns: list[tf.Tensor | None] = [None] * len(p.column_names)
+    for f, table, buckets, c in zip(self.categorical_fields, self._tables, p.num_buckets,
+                                    p.categorical_positions):
+      value = tf.strings.strip(tf.reshape(features[f], [-1]))
+      ids = (tf.strings.to_hash_bucket_fast(value, buckets) if buckets else table.lookup(value))
+      columns[c] = tf.cast(ids, tf.int32)
+    numeric = []
+    for j, f in enumerate(self.numeric_fields):
+      x, is_missing = self._numeric(p, j, tf.cast(tf.reshape(features[f], [-1]), tf.float64))
+      numeric.append(x)
+      if p.indicator_columns[j] >= 0:
+        columns[p.indicator_columns[j]] = tf.cast(is_missing, tf.int32)
+    categorical = (tf.stack(columns, axis=1) if columns else tf.zeros([batch, 0], tf.int32))
+    numeric = (tf.stack(numeric, axis=1) if numeric else tf.zeros([batch, 0], tf.float32))
     return {"categorical": categorical, "numeric": numeric}
+
+  @staticmethod
+  def _numeric(p: prep_lib.Preprocessing, j: int, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(float32 normalised values, bool missing) of numeric field ``j`` from float64 ``x``."""
+    name, policy = p.numeric_fields[j], p.numeric_missing[j]
+    is_missing = tf.math.is_nan(x)
+    # (Messages without quotes: graph mode shows them escaped.)
+    checks = [tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(tf.math.is_inf(x))),
+        [f"feature {name}: a value is infinite; send a finite number (or NaN for a missing "
+         f"value where the feature accepts one)"], name=f"finite_{name}")]
+    if policy == "error":
+      checks.append(tf.debugging.Assert(
+          tf.logical_not(tf.reduce_any(is_missing)),
+          [f"feature {name}: a value is missing (NaN), but the feature accepts none (its "
+           f"missing-value policy in the dataset spec is error)"], name=f"present_{name}"))
+    with tf.control_dependencies(checks):
+      x = tf.identity(x)
+    if policy == "fill":
+      x = tf.where(is_missing, tf.constant(p.numeric_fills[j], tf.float64), x)
+      is_missing = tf.zeros_like(is_missing)
+    elif policy == "indicator":
+      x = tf.where(is_missing, tf.zeros_like(x), x)  # no NaN through the transform
+    transform = p.numeric_transforms[j]
+    if transform == "log1p":
+      x = tf.sign(x) * tf.math.log1p(tf.abs(x))
+    elif transform != "none":
+      raise ValueError(f"unknown numeric transform {transform!r}")
+    z = (x - tf.constant(p.means[j], tf.float64)) / tf.constant(p.stds[j], tf.float64)
+    if policy == "indicator":
+      z = tf.where(is_missing, tf.zeros_like(z), z)  # the training mean
+    return tf.cast(z, tf.float32), is_missing
 
 
 def decode(categorical: np.ndarray, numeric: np.ndarray, preprocessing: prep_lib.Preprocessing,
@@ -107,29 +158,37 @@ def decode(categorical: np.ndarray, numeric: np.ndarray, preprocessing: prep_lib
   For checking an export when the raw values themselves are not at hand (the data package keeps
   only encoded arrays). Ids map to their vocabulary strings, OOV ids to ``unseen`` (default: a
   string in no vocabulary); numeric values are un-normalised and un-transformed in float64, then
-  rounded to float32 (the serving dtype), so they re-encode to within float32 rounding.
+  rounded to float32 (the serving dtype), so they re-encode to within float32 rounding; where a
+  field's indicator column is 1 the value is NaN (missing). Hashing has no inverse: a hashed
+  field's id ``i`` becomes the string ``"<unseen>#i"``, which encodes to another bucket.
 
   Args:
-    categorical: int32 [N, Fc] ids.
+    categorical: int32 [N, Fc + indicators] ids.
     numeric: float32 [N, Fn] normalised values.
     preprocessing: what encoded them.
     unseen: the raw value OOV ids map to; must be in no vocabulary.
 
   Returns:
-    ``{field: str array [N] | float32 array [N]}``.
+    ``{field: str array [N] | float32 array [N]}``, the raw inputs (no indicator columns).
   """
-  unseen = unseen_value(preprocessing) if unseen is None else unseen
-  if any(unseen in vocab for vocab in preprocessing.vocabularies):
+  p = preprocessing
+  unseen = unseen_value(p) if unseen is None else unseen
+  if any(unseen in vocab for vocab in p.vocabularies):
     raise ValueError(f"decode: unseen={unseen!r} is in a vocabulary")
   raw = {}
-  for j, (name, vocab) in enumerate(zip(preprocessing.categorical_fields,
-                                        preprocessing.vocabularies)):
+  for name, vocab, buckets, c in zip(p.categorical_fields, p.vocabularies, p.num_buckets,
+                                     p.categorical_positions):
+    if buckets:
+      raw[name] = np.char.add(f"{unseen}#", categorical[:, c].astype(str))
+      continue
     table = np.asarray(list(vocab) + [unseen], dtype=object)
-    raw[name] = table[np.clip(categorical[:, j], 0, len(vocab))].astype(str)
-  for j, name in enumerate(preprocessing.numeric_fields):
-    t = numeric[:, j].astype(np.float64) * preprocessing.stds[j] + preprocessing.means[j]
-    if preprocessing.numeric_transform == "log1p":
+    raw[name] = table[np.clip(categorical[:, c], 0, len(vocab))].astype(str)
+  for j, name in enumerate(p.numeric_fields):
+    t = numeric[:, j].astype(np.float64) * p.stds[j] + p.means[j]
+    if p.numeric_transforms[j] == "log1p":
       t = np.sign(t) * np.expm1(np.abs(t))
+    if p.indicator_columns[j] >= 0:
+      t = np.where(categorical[:, p.indicator_columns[j]] != 0, np.nan, t)
     raw[name] = t.astype(np.float32)
   return raw
 

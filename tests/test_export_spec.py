@@ -1,0 +1,268 @@
+"""Export of a run trained on a dataset spec whose features the in-graph encoder once could not
+serve: a hashed categorical feature, a vocabulary feature with ``min_count``/``max_size`` and
+missing values, a numeric feature filled where missing, one with a missing-value indicator, and
+different numeric transforms. The raw rows of the validation file (missing values as a client
+sends them: NaN, and the empty string) through the SavedModel in a TensorFlow-only process give
+the eval path's predictions; the NumPy encoder and the graph encoder give the prepared arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from apem_jax import checkpointing, export as export_lib, trainer
+from apem_jax.data import prepare
+from apem_jax.data import prepared
+from apem_jax.data import preprocessing as prep_lib
+from apem_jax.data import spec as spec_lib
+from test_export import _TF_ONLY_SCRIPT
+from test_prepare import write_csv, write_spec
+from test_trainer import tiny_config
+
+ATOL = 1e-5
+CATEGORICAL = ("user", "country")
+NUMERIC = ("price", "age", "visits")
+SPEC = {
+    "format": "csv",
+    "files": ["events.csv"],
+    "split": {"split_column": "split"},
+    "features": [
+        {"name": "user", "type": "categorical", "num_buckets": 16},
+        {"name": "country", "type": "categorical", "min_count": 2, "max_size": 3},
+        {"name": "price", "type": "numeric", "transform": "log1p", "missing": {"fill": 5.0}},
+        {"name": "age", "type": "numeric", "missing": "indicator", "buckets": 4},
+        {"name": "visits", "type": "numeric", "transform": "log1p", "buckets": 4},
+    ],
+    "tasks": [{"name": "click", "label_column": "clicked"}],
+}
+
+
+def _rows(n: int = 420, seed: int = 0) -> list[dict]:
+  """Every 6th row validation, the next test; missing prices, ages and countries (""), countries
+  with surrounding spaces, a country too rare for the vocabulary and one seen only outside
+  training."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    split = "validation" if i % 6 == 4 else "test" if i % 6 == 5 else "train"
+    country = ["fr", " de", "us ", "fr", "", "jp", "fr"][int(rng.integers(0, 7))]
+    if i == 7:
+      country = "rare"  # once in training: under min_count
+    elif split != "train" and i % 5 == 0:
+      country = "zz"  # never in training
+    age = "" if i % 5 == 1 else str(int(rng.integers(18, 80)))
+    price = "" if i % 7 == 3 else f"{rng.exponential(30):.2f}"
+    visits = int(rng.poisson(3))
+    logit = 0.8 * (age == "") + 0.05 * visits - 0.5 * (country == "fr")
+    rows.append({"split": split, "user": f"u{int(rng.integers(0, 50))}", "country": country,
+                 "price": price, "age": age, "visits": str(visits),
+                 "clicked": str(int(rng.random() < 1 / (1 + np.exp(-logit))))})
+  return rows
+
+
+def _raw(rows: list[dict]) -> dict[str, np.ndarray]:
+  """Raw columns as a serving client sends them: strings ("" when missing), float32 (NaN)."""
+  raw = {c: np.array([r[c] for r in rows], dtype=str) for c in CATEGORICAL}
+  raw.update({c: np.array([np.nan if r[c] == "" else float(r[c]) for r in rows], np.float32)
+              for c in NUMERIC})
+  return raw
+
+
+@pytest.fixture(scope="module")
+def spec_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("spec_export")
+  rows = _rows()
+  write_csv(root / "events.csv", rows)
+  spec_path = write_spec(root, SPEC)
+  config = tiny_config("shared_bottom")
+  config.data = ml_collections.ConfigDict(dict(name="spec", spec=str(spec_path),
+                                               data_dir=str(root / "cache"), stream=False))
+  config.train.num_epochs = 1
+  workdir, output = str(root / "run"), str(root / "export")
+  trainer.train_and_evaluate(config, workdir)
+  exp = trainer.Experiment(config)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  state, _ = ckpt.restore(exp.abstract_state, checkpointing.BEST)
+  ckpt.close()
+  predictions = exp.predict(state, "validation")["predictions"]  # the eval path
+  meta = export_lib.export(workdir, output)
+  return dict(root=root, rows=rows, spec_path=spec_path, exp=exp, predictions=predictions,
+              workdir=workdir, output=output, meta=meta)
+
+
+def _split(rows: list[dict], split: str) -> list[dict]:
+  return [r for r in rows if r["split"] == split]
+
+
+def test_saved_model_serves_raw_rows_with_missing_values_like_the_eval_path(spec_run, tmp_path):
+  validation = _split(spec_run["rows"], "validation")
+  raw = _raw(validation)
+  # The rows hold what once had no raw-feature signature: missing values of every kind, and
+  # countries unseen or below min_count.
+  assert np.isnan(raw["price"]).sum() >= 5 and np.isnan(raw["age"]).sum() >= 5
+  assert (raw["country"] == "").sum() >= 3 and (raw["country"] == "zz").sum() >= 3
+  np.savez(tmp_path / "raw.npz", **raw)
+  result = subprocess.run(
+      [sys.executable, "-c", _TF_ONLY_SCRIPT, os.path.join(spec_run["output"], "saved_model"),
+       str(tmp_path / "raw.npz"), str(tmp_path / "out.npz")],
+      capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = spec_run["predictions"][:, 0]
+  assert expected.shape == (len(validation),) and np.ptp(expected) > 0
+  with np.load(tmp_path / "out.npz") as out:
+    np.testing.assert_allclose(out["click.1"], expected[:1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out["click.1000"], expected, atol=ATOL, rtol=0)
+
+
+def test_export_metadata_describes_encodings_and_missing_values(spec_run):
+  meta = spec_run["meta"]
+  assert meta["checks"]["max_abs_diff_saved_model"] <= ATOL
+  assert list(meta["saved_model"]["inputs"]) == list(CATEGORICAL + NUMERIC)  # no indicator
+  assert meta["saved_model"]["missing_values"]["numeric"].startswith("send NaN")
+  fields = {f["name"]: f for f in meta["fields"]}
+  assert fields["user"]["encoding"] == "hash" and fields["user"]["num_buckets"] == 16
+  assert fields["country"]["encoding"] == "vocabulary"
+  assert [fields[n]["transform"] for n in NUMERIC] == ["log1p", "none", "log1p"]
+  assert [fields[n]["missing"] for n in NUMERIC] == ["fill", "indicator", "error"]
+  assert fields["price"]["fill"] == 5.0 and fields["age"]["indicator"] == "age_missing"
+  assert meta["indicators"] == [{"name": "age_missing", "column": 2, "of": "age",
+                                 "ids": {"present": 0, "missing": 1}}]
+  with open(os.path.join(spec_run["output"], "preprocessing.json")) as f:
+    prep = prep_lib.Preprocessing.from_json(f.read())
+  assert prep.numeric_transform == prep_lib.PER_FIELD
+  assert prep.column_names == ("user", "country", "age_missing")
+  assert prep.column_vocab_sizes == spec_run["exp"].schema.vocab_sizes == (16, 3, 2)
+  assert prep_lib.INDICATOR_SUFFIX == spec_lib.INDICATOR_SUFFIX
+
+
+def test_numpy_and_graph_encoders_give_the_prepared_arrays(spec_run):
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = serving.tf
+  result = prepare.prepare(spec_run["spec_path"], spec_run["root"] / "cache")
+  assert result.reused and result.metadata["preprocessing"] == prepared.PREPROCESSING_FILE
+  data = prepared.load_prepared(result.path)
+  prep = data.preprocessing
+  encoder = serving.RawFeatureEncoder(prep)
+  for split in prepared.SPLITS:
+    raw = _raw(_split(spec_run["rows"], split))
+    want = data.arrays[split]
+    for got in (prep_lib.encode(raw, prep),
+                {k: v.numpy() for k, v in encoder({k: tf.constant(v) for k, v in raw.items()}
+                                                  ).items()}):
+      np.testing.assert_array_equal(got["categorical"], want["categorical"])
+      np.testing.assert_allclose(got["numeric"], want["numeric"], atol=1e-6, rtol=0)
+  # decode: vocabulary ids and indicators come back; a missing age is NaN again.
+  decoded = serving.decode(want["categorical"], want["numeric"], prep)
+  again = prep_lib.encode(decoded, prep)
+  np.testing.assert_array_equal(again["categorical"][:, 1:], want["categorical"][:, 1:])
+  np.testing.assert_array_equal(np.isnan(decoded["age"]), want["categorical"][:, 2] == 1)
+
+
+def test_missing_value_under_policy_error_and_infinite_values_are_refused(spec_run):
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = serving.tf
+  with open(os.path.join(spec_run["output"], "preprocessing.json")) as f:
+    prep = prep_lib.Preprocessing.from_json(f.read())
+  encoder = serving.RawFeatureEncoder(prep)
+  graph = serving.tf.function(encoder, autograph=False)  # as the SavedModel's signature runs it
+  row = {"user": ["u1"], "country": ["fr"], "price": [1.0], "age": [30.0], "visits": [2.0]}
+  for field, value, numpy_match, graph_match in (
+      ("visits", np.nan, r"'visits', row 0: the value is missing \(NaN\)",
+       r"feature visits: a value is missing \(NaN\), but the feature accepts none"),
+      ("price", np.inf, "'price', row 0: inf is not a finite number",
+       "feature price: a value is infinite"),
+      ("age", -np.inf, "'age', row 0: -inf is not a finite number",
+       "feature age: a value is infinite")):
+    bad = dict(row, **{field: [value]})
+    with pytest.raises(ValueError, match=numpy_match):
+      prep_lib.encode({k: np.asarray(v) for k, v in bad.items()}, prep)
+    features = {k: tf.constant(v, tf.string if k in CATEGORICAL else tf.float32)
+                for k, v in bad.items()}
+    for fn in (encoder, graph):
+      with pytest.raises(tf.errors.InvalidArgumentError, match=graph_match):
+        fn(features)
+  # Missing values where the policies accept them: no error.
+  ok = graph({k: tf.constant(v, tf.string if k in CATEGORICAL else tf.float32)
+              for k, v in dict(row, user=[""], country=[""], price=[np.nan], age=[np.nan]).items()})
+  assert ok["categorical"].numpy()[0, 2] == 1 and ok["numeric"].numpy()[0, 1] == 0.0
+
+
+def _old_json() -> dict:
+  """A preprocessing.json as the code before hashing/per-field transforms/missing-value
+  policies wrote it."""
+  return {"categorical_fields": ["color", "size"], "numeric_fields": ["price", "count"],
+          "vocabularies": [["blue", "green", "red"], ["L", "M", "S"]],
+          "means": [1.5, 0.25], "stds": [2.0, 0.5], "numeric_transform": "log1p",
+          "min_count": 1, "bucket_boundaries": [[], []]}
+
+
+def test_old_preprocessing_json_loads_with_todays_behaviour(tmp_path):
+  from apem_jax import schema as schema_lib  # pylint: disable=g-import-not-at-top
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  old = _old_json()
+  prep = prep_lib.Preprocessing.from_dict(old)
+  assert prep.num_buckets == (0, 0) and prep.hashed == (False, False)
+  assert prep.numeric_transforms == ("log1p", "log1p")
+  assert prep.numeric_missing == ("error", "error") and prep.numeric_fills == (None, None)
+  assert prep.indicator_columns == (-1, -1) and prep.num_indicators == 0
+  assert prep.column_names == prep.categorical_fields and prep.vocab_sizes == (3, 3)
+  assert prep.column_vocab_sizes == (3, 3)
+  assert prep_lib.Preprocessing.from_json(prep.to_json()) == prep
+  assert {k: v for k, v in prep.to_dict().items() if k in old} == old
+  raw = {"color": np.array(["red", " blue", "purple"]), "size": np.array(["S", "XL", "M"]),
+         "price": np.array([3.0, -1.0, 0.0], np.float32),
+         "count": np.array([1.0, 2.0, 0.0], np.float32)}
+  got = prep_lib.encode(raw, prep)
+  np.testing.assert_array_equal(got["categorical"], [[2, 2], [0, 3], [3, 1]])
+  t = np.sign(raw["price"].astype(np.float64)) * np.log1p(np.abs(raw["price"].astype(np.float64)))
+  np.testing.assert_allclose(got["numeric"][:, 0], ((t - 1.5) / 2.0).astype(np.float32))
+  graph = serving.RawFeatureEncoder(prep)({k: serving.tf.constant(v) for k, v in raw.items()})
+  np.testing.assert_array_equal(graph["categorical"].numpy(), got["categorical"])
+  np.testing.assert_allclose(graph["numeric"].numpy(), got["numeric"], rtol=1e-6, atol=1e-7)
+  # The export's check against a checkpoint's schema accepts it.
+  (tmp_path / "preprocessing.json").write_text(json.dumps(old))
+  schema = schema_lib.Schema(
+      categorical=(schema_lib.CategoricalField("color", 3), schema_lib.CategoricalField("size", 3)),
+      numeric=(schema_lib.NumericField("price"), schema_lib.NumericField("count")),
+      tasks=(schema_lib.Task("y"),))
+  run_preprocessing = export_lib._run_preprocessing  # pylint: disable=protected-access
+  assert run_preprocessing(str(tmp_path), schema) == prep
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_buckets=(8,)), "one num_buckets"),
+    (dict(num_buckets=(8, 0)), "hashed field"),
+    (dict(numeric_transforms=("none", "sqrt")), "transform must be one of"),
+    (dict(numeric_transforms=("none", "log1p")), "use 'per_field'"),
+    (dict(numeric_transform="per_field"), "needs numeric_transforms"),
+    (dict(numeric_missing=("fill", "error")), "fill value is required"),
+    (dict(numeric_missing=("error", "error"), numeric_fills=(1.0, None)), "fill value"),
+    (dict(numeric_missing=("maybe", "error")), "policy must be one of"),
+    (dict(numeric_missing=("indicator", "error"), indicator_columns=(-1, -1)), "indicator_col"),
+    (dict(numeric_missing=("indicator", "indicator"), indicator_columns=(2, 2)), "indicator_col"),
+])
+def test_preprocessing_refuses_inconsistent_fields(changes, match):
+  old = prep_lib.Preprocessing.from_dict(_old_json())
+  with pytest.raises(ValueError, match=match):
+    prep_lib.Preprocessing(**{**{k: getattr(old, k) for k in (
+        "categorical_fields", "numeric_fields", "vocabularies", "means", "stds",
+        "numeric_transform")}, **changes})
+
+
+def test_indicator_columns_may_sit_anywhere():
+  """Positions are data, not a convention: an indicator before the categorical fields."""
+  prep = prep_lib.Preprocessing(
+      ("c",), ("x", "y"), (("a", "b"),), (0.0, 1.0), (1.0, 2.0), "none",
+      numeric_missing=("indicator", "fill"), numeric_fills=(None, 3.0), indicator_columns=(0, -1))
+  assert prep.column_names == ("x_missing", "c") and prep.column_vocab_sizes == (2, 2)
+  got = prep_lib.encode({"c": np.array(["b", ""]), "x": np.array([np.nan, 2.0]),
+                         "y": np.array([np.nan, 5.0])}, prep)
+  np.testing.assert_array_equal(got["categorical"], [[1, 1], [0, 2]])
+  np.testing.assert_allclose(got["numeric"], [[0.0, 1.0], [2.0, 2.0]])
