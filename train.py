@@ -11,7 +11,15 @@ Several hosts (README, "Several hosts"): run the same command in every process w
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or ``--distributed`` alone
 where JAX finds them itself: Cloud TPU, Slurm, Open MPI, ``JAX_COORDINATOR_ADDRESS``); the
 workdir must be on storage every process sees.
+
+Several runs in one compiled program (apem_jax/vmap_runs.py): ``--vmap seed=0,1,2,3,4`` (or
+``optimizer.learning_rate=1e-3,3e-3``, any ``optimizer.*`` key or ``train.patience``) trains one
+run per value, vmapped, each with its own early stopping and checkpoints in
+``<workdir>/<key>=<value>``; ``eval.py``, export and a resume (without ``--vmap``) take each such
+directory as a workdir of its own.
 """
+
+import copy
 
 import os
 import signal
@@ -21,7 +29,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apem_jax import cli, trainer  # importing touches no device, so initialize() can still follow
+from apem_jax import cli, config_validation, trainer, vmap_runs  # importing touches no device, so initialize() can still follow
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -34,7 +42,24 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "letting JAX detect the cluster (Cloud TPU, Slurm, Open MPI) and read JAX_COORDINATOR_ADDRESS.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad config, "
                            "refused workdir, bad data) instead of one line.")
+_VMAP = flags.DEFINE_string(
+    "vmap", None, "KEY=V1,V2,...: one run per value of KEY (seed, an optimizer.* key or "
+    "train.patience), trained together as one vmapped program, each in <workdir>/KEY=V.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def vmapped_configs(config, vmap: str) -> tuple[list, list[str]]:
+  """``KEY=V1,V2,...`` -> (one config per value, the names ``KEY=V`` of their directories)."""
+  key, sep, values = vmap.partition("=")
+  names = [f"{key}={v}" for v in values.split(",")] if sep and values else []
+  if len(names) < 2:
+    raise ValueError(f"--vmap {vmap!r}: expected KEY=V1,V2,... with at least two values")
+  configs = []
+  for name in names:
+    config_copy = copy.deepcopy(config)
+    config_validation.apply_override(config_copy, name, "--vmap")
+    configs.append(config_copy)
+  return configs, names
 
 
 def initialize_distributed() -> None:
@@ -52,6 +77,15 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   initialize_distributed()
+  if _VMAP.value:
+    with cli.user_errors_in_one_line("train.py", _DEBUG.value):
+      configs, names = vmapped_configs(_CONFIG.value, _VMAP.value)
+      summaries = vmap_runs.train_runs(configs, _WORKDIR.value, run_dirs=[
+          os.path.join(_WORKDIR.value, n) for n in names])
+    for name, summary in zip(names, summaries):
+      print(f"{name}: best validation score {summary['best_validation_score']:.5f} at step "
+            f"{summary['best_step']}")
+    return
   with cli.user_errors_in_one_line("train.py", _DEBUG.value):
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if summary["stopped_by"]:

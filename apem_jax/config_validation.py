@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from apem_jax import balancing, optimizers
 from apem_jax.schema import Schema
@@ -169,3 +170,28 @@ def resume_diff(saved: Mapping, current: Mapping) -> tuple[list[str], dict[str, 
     else:
       refused.append(key)
   return refused, accepted
+
+
+def apply_override(config, override: str, flag: str = "--set") -> None:
+  """``key.path=value`` -> sets that config key; the value is parsed as the key's current type.
+  Errors name ``flag`` and the override."""
+  key, sep, text = override.partition("=")
+  if not sep:
+    raise ValueError(f"{flag} {override!r}: expected key=value")
+  try:
+    old = config_path.get_value(key, config)
+  except (KeyError, ValueError):
+    raise ValueError(f"{flag} {override!r}: no config key {key!r}") from None
+  if isinstance(old, bool):
+    if text not in ("true", "false", "True", "False"):
+      raise ValueError(f"{flag} {override!r}: {key} is a bool; expected true or false")
+    value = text.lower() == "true"
+  elif isinstance(old, (int, float, str)):
+    try:
+      value = type(old)(text)
+    except ValueError as e:
+      raise ValueError(f"{flag} {override!r}: {key} is a {type(old).__name__}: {e}") from None
+  else:
+    raise ValueError(f"{flag} {override!r}: {key} holds a {type(old).__name__}; only bool, int, "
+                     "float and string keys can be set here")
+  config_path.set_value(key, config, value)

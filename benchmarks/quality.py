@@ -36,7 +36,6 @@ from typing import NamedTuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-from ml_collections.config_flags import config_path
 import numpy as np
 
 from apem_jax import config_validation, reporting, trainer, tuning, vmap_runs
@@ -116,37 +115,13 @@ def _config(cell: Cell, seed: int):
   if _EPOCHS.value:
     config.train.num_epochs = _EPOCHS.value
   for override in _SET.value:
-    apply_override(config, override)
+    config_validation.apply_override(config, override, "--set")
   tuned = _TUNED.get(cell)
   return config if tuned is None else tuning.apply(config, tuned)
 
 
 # Cell -> the tuned parameters (--tune), filled in before any seed runs.
 _TUNED: dict = {}
-
-
-def apply_override(config, override: str) -> None:
-  """``key.path=value`` -> sets that config key; the value is parsed as the key's current type."""
-  key, sep, text = override.partition("=")
-  if not sep:
-    raise ValueError(f"--set {override!r}: expected key=value")
-  try:
-    old = config_path.get_value(key, config)
-  except (KeyError, ValueError):
-    raise ValueError(f"--set {override!r}: no config key {key!r}") from None
-  if isinstance(old, bool):
-    if text not in ("true", "false", "True", "False"):
-      raise ValueError(f"--set {override!r}: {key} is a bool; expected true or false")
-    value = text.lower() == "true"
-  elif isinstance(old, (int, float, str)):
-    try:
-      value = type(old)(text)
-    except ValueError as e:
-      raise ValueError(f"--set {override!r}: {key} is a {type(old).__name__}: {e}") from None
-  else:
-    raise ValueError(f"--set {override!r}: {key} holds a {type(old).__name__}; only bool, int, "
-                     "float and string keys can be set here")
-  config_path.set_value(key, config, value)
 
 
 def _run_name(cell: Cell, seed: int | str) -> str:

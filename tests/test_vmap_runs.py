@@ -3,6 +3,8 @@ the other by the trainer, on tiny synthetic data."""
 
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -10,7 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 from apem_jax import checkpointing, trainer, vmap_runs
-from test_trainer import tiny_config
+from test_trainer import tiny_config, write_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _configs():
@@ -124,3 +128,27 @@ def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
   assert not any((tmp_path / d).exists() for d in "abcd")
   with pytest.raises(ValueError, match="no configs"):
     vmap_runs.train_runs([], str(tmp_path / "e"))
+
+
+def test_train_command_line_vmap(tmp_path):
+  """train.py --vmap seed=0,1: one vmapped program, each run in <workdir>/seed=<s> with the
+  trainer's files; a bad --vmap is one line and writes nothing."""
+  config_file = write_config_file(tmp_path / "config.py", "test_trainer", "tiny_config")
+  workdir = tmp_path / "w"
+  cmd = [sys.executable, "train.py", "--config", config_file, "--workdir", str(workdir),
+         "--config.train.num_epochs=1"]
+  result = subprocess.run(cmd + ["--vmap", "seed=0,1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for seed in (0, 1):
+    run = workdir / f"seed={seed}"
+    assert json.loads((run / "config.json").read_text())["seed"] == seed
+    summary = json.loads((run / "metrics.json").read_text())
+    assert f"seed={seed}: best validation score {summary['best_validation_score']:.5f}" in (
+        result.stdout)
+  for bad, says in (("seed=0", "at least two values"), ("no.such=1,2", "no config key 'no.such'"),
+                    ("train.batch_size=8,16", "train.batch_size")):
+    result = subprocess.run(cmd[:-3] + ["--workdir", str(tmp_path / "bad"), "--vmap", bad],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and says in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
