@@ -19,7 +19,6 @@ run per value, vmapped, each with its own early stopping and checkpoints in
 directory as a workdir of its own.
 """
 
-import copy
 
 import os
 import signal
@@ -29,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apem_jax import cli, config_validation, trainer, vmap_runs  # importing touches no device, so initialize() can still follow
+from apem_jax import cli, trainer, vmap_runs  # importing touches no device, so initialize() can still follow
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -46,20 +45,6 @@ _VMAP = flags.DEFINE_string(
     "vmap", None, "KEY=V1,V2,...: one run per value of KEY (seed, an optimizer.* key or "
     "train.patience), trained together as one vmapped program, each in <workdir>/KEY=V.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def vmapped_configs(config, vmap: str) -> tuple[list, list[str]]:
-  """``KEY=V1,V2,...`` -> (one config per value, the names ``KEY=V`` of their directories)."""
-  key, sep, values = vmap.partition("=")
-  names = [f"{key}={v}" for v in values.split(",")] if sep and values else []
-  if len(names) < 2:
-    raise ValueError(f"--vmap {vmap!r}: expected KEY=V1,V2,... with at least two values")
-  configs = []
-  for name in names:
-    config_copy = copy.deepcopy(config)
-    config_validation.apply_override(config_copy, name, "--vmap")
-    configs.append(config_copy)
-  return configs, names
 
 
 def initialize_distributed() -> None:
@@ -79,7 +64,7 @@ def main(argv):
   initialize_distributed()
   if _VMAP.value:
     with cli.user_errors_in_one_line("train.py", _DEBUG.value):
-      configs, names = vmapped_configs(_CONFIG.value, _VMAP.value)
+      configs, names = vmap_runs.configs_over(_CONFIG.value, _VMAP.value, "--vmap")
       summaries = vmap_runs.train_runs(configs, _WORKDIR.value, run_dirs=[
           os.path.join(_WORKDIR.value, n) for n in names])
     for name, summary in zip(names, summaries):

@@ -49,6 +49,7 @@ all are written, :class:`FloatingPointError` names it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -291,6 +292,22 @@ def _refuse_used(run_dirs: Sequence[str]) -> None:
     if held:
       raise ValueError(f"vmap_runs: {d} already holds a run ({', '.join(held)}); runs trained in "
                        f"one program do not resume: train them in a new workdir")
+
+
+def configs_over(config: ml_collections.ConfigDict, values: str, flag: str = "--vmap"
+                 ) -> tuple[list[ml_collections.ConfigDict], list[str]]:
+  """``KEY=V1,V2,...`` -> (a copy of ``config`` per value, each value parsed as the key's type;
+  the names ``KEY=V`` of their run directories). Errors name ``flag``."""
+  key, sep, listed = values.partition("=")
+  names = [f"{key}={v}" for v in listed.split(",")] if sep and listed else []
+  if len(names) < 2:
+    raise ValueError(f"{flag} {values!r}: expected KEY=V1,V2,... with at least two values")
+  configs = []
+  for name in names:
+    config_copy = copy.deepcopy(config)
+    config_validation.apply_override(config_copy, name, flag)
+    configs.append(config_copy)
+  return configs, names
 
 
 def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,

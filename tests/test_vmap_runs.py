@@ -130,6 +130,19 @@ def test_configs_that_cannot_share_a_program_are_refused(tmp_path):
     vmap_runs.train_runs([], str(tmp_path / "e"))
 
 
+def test_configs_over_values_of_one_key():
+  configs, names = vmap_runs.configs_over(tiny_config(), "optimizer.learning_rate=1e-3,0.01")
+  assert names == ["optimizer.learning_rate=1e-3", "optimizer.learning_rate=0.01"]
+  assert [c.optimizer.learning_rate for c in configs] == [1e-3, 0.01]
+  assert vmap_runs.varied_keys(configs) == ["optimizer.learning_rate"]
+  for bad, says in (("seed=0", "at least two values"), ("no.such=1,2", "no config key 'no.such'"),
+                    ("seed=0,x", "seed is a int")):
+    with pytest.raises(ValueError, match=f"^--vmap '[^']*': .*{says}"):
+      vmap_runs.configs_over(tiny_config(), bad)
+  with pytest.raises(ValueError, match="train.batch_size"):
+    vmap_runs.varied_keys(vmap_runs.configs_over(tiny_config(), "train.batch_size=8,16")[0])
+
+
 def test_train_command_line_vmap(tmp_path):
   """train.py --vmap seed=0,1: one vmapped program, each run in <workdir>/seed=<s> with the
   trainer's files; a bad --vmap is one line and writes nothing."""
@@ -146,9 +159,8 @@ def test_train_command_line_vmap(tmp_path):
     summary = json.loads((run / "metrics.json").read_text())
     assert f"seed={seed}: best validation score {summary['best_validation_score']:.5f}" in (
         result.stdout)
-  for bad, says in (("seed=0", "at least two values"), ("no.such=1,2", "no config key 'no.such'"),
-                    ("train.batch_size=8,16", "train.batch_size")):
-    result = subprocess.run(cmd[:-3] + ["--workdir", str(tmp_path / "bad"), "--vmap", bad],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and says in result.stderr, result.stderr[-2000:]
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+  result = subprocess.run(cmd[:-3] + ["--workdir", str(tmp_path / "bad"), "--vmap",
+                                      "train.batch_size=8,16"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "train.batch_size" in result.stderr, result.stderr[-2000:]
+  assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
