@@ -80,9 +80,11 @@ class APEM(nn.Module):
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
   se_gate: str = "sigmoid"
+  field_ffn: bool = True
   raw_skip: bool = False
   pattern_selector: bool = True
   selection: str = "softmax"
+  funnel_indicators: bool = False
   selector_top_k: int = 0
   adaptive_indicators: bool = True
   indicator_hidden: int = 32
@@ -104,9 +106,12 @@ class APEM(nn.Module):
         se_squeeze=layers.require_choice(cfg, "se_squeeze", SE_SQUEEZES),
         se_squeeze_groups=layers.require_int(cfg, "se_squeeze_groups", 1),
         se_gate=layers.require_choice(cfg, "se_gate", SE_GATES),
+        # A cheaper variant (docs/performance.md): False drops the field tokens' FFN sub-layer.
+        field_ffn=layers.require_bool(cfg, "field_ffn") if "field_ffn" in cfg else True,
         raw_skip=layers.require_bool(cfg, "raw_skip"),
         pattern_selector=layers.require_bool(cfg, "pattern_selector"),
         selection=layers.require_choice(cfg, "selection", SELECTIONS),
+        funnel_indicators=layers.require_bool(cfg, "funnel_indicators"),
         selector_top_k=layers.require_int(cfg, "selector_top_k", 0),
         adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
         indicator_hidden=layers.require_int(cfg, "indicator_hidden", 1),
@@ -122,6 +127,8 @@ class APEM(nn.Module):
                        f"'embed_dim'={kw['embed_dim']}")
     if schema.num_fields == 0:
       raise ValueError("APEM: the schema has no feature fields")
+    if kw["funnel_indicators"] and kw["selection"] != "softmax":
+      raise ValueError("model config 'funnel_indicators'=True needs 'selection'='softmax'")
     return cls(schema=schema, **kw)
 
   @nn.compact
@@ -132,14 +139,17 @@ class APEM(nn.Module):
         num_blocks=self.num_blocks, num_groups=self.num_groups, num_heads=self.num_heads,
         ffn_mult=self.ffn_mult, grouping=self.grouping, se=self.se,
         se_reduction=self.se_reduction, se_squeeze=self.se_squeeze,
-        se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate, dropout=self.dropout,
-        dtype=self.dtype,
+        se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate,
+        field_ffn=self.field_ffn, dropout=self.dropout, dtype=self.dtype,
         name="dagt")(tokens, train)
     selector = GatedPatternSelector if self.selection == "gates" else self.selector
+    # Funnel steps' indicators read their parent step's selection (only passed when asked for,
+    # so that a selector of one's own need not take it).
+    funnel = {"parents": self.schema.parents} if self.funnel_indicators else {}
     h, alpha = selector(
         num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,
         adaptive=self.adaptive_indicators, indicator_hidden=self.indicator_hidden,
-        enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector")(
+        enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector", **funnel)(
             dagt.fields, dagt.groups)
     if self.tower_input == "pooled":
       shared = jnp.mean(dagt.fields, axis=1)  # [B, d]

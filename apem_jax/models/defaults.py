@@ -26,6 +26,7 @@ _DEFAULTS: dict[str, dict] = {
         raw_skip=False,  # towers also read the raw field embeddings (a skip around the DAGT)
         pattern_selector=True,  # False: mean pooling of patterns
         selection="softmax",  # 'softmax' (one average per task) | 'gates' (per-task pattern gates)
+        funnel_indicators=False,  # a funnel step's indicator reads its parent step's selection
         selector_top_k=0,  # 0 = dense selection; k > 0 = top-k patterns
         adaptive_indicators=True,  # False: static task indicators
         indicator_hidden=32,  # hidden width of g_t

@@ -16,6 +16,12 @@ vectors per example instead of all F+G patterns.
 
 ``enabled=False`` (ablation "no Pattern Selector"): ``h_t = mean_p P_p`` for every task and
 alpha is uniform.
+
+``parents`` (``model.funnel_indicators``, for funnels; a candidate design of the APEM issue,
+ours): a step's indicator also reads what the step it depends on selected,
+``tau_t(x) += U_t h_{parent(t)}`` with ``U_t`` [d, d] initialised at zero (so the model starts as
+without it), the steps selected in funnel order: the pattern a step picks can depend on what the
+previous step saw, as AITM's transfer of the previous tower's state does for its towers.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class PatternSelector(nn.Module):
 
   Attributes:
     num_tasks: T.
+    parents: per task the index of the task it depends on (-1: none), from the schema; empty:
+      no task's indicator reads another's selection.
     top_k: 0 = dense selection; k > 0 keeps only the k largest logits per task.
     adaptive: add the per-sample term g_t(mean_f E_L) to each indicator.
     indicator_hidden: hidden width of g_t.
@@ -57,6 +65,7 @@ class PatternSelector(nn.Module):
   indicator_hidden: int = 32
   enabled: bool = True
   dtype: Any = "float32"
+  parents: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, fields: jax.Array, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -93,15 +102,35 @@ class PatternSelector(nn.Module):
     # No key bias: it would shift every pattern's logit of a task equally (softmax over patterns).
     w_k, _ = ProjectionParams((width,), (width,), use_bias=False, name="pattern_key")()
     w_v, b_v = ProjectionParams((width,), (width,), name="pattern_value")()
-    query = jnp.einsum("btd,ed->bte", tau, w_k.astype(dtype)) / math.sqrt(width)  # [B, T, d]
-    logits = jnp.concatenate([jnp.einsum("btd,bfd->btf", query, fields),
-                              jnp.einsum("btd,bgd->btg", query, groups)], axis=-1)
-    logits = logits.astype(jnp.float32)  # [B, T, F+G]
-    mask = top_k_mask(logits, self.top_k)
-    alpha = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
-    alpha = jnp.where(mask, alpha, 0.0)  # exact zeros outside the top k
-    weights = alpha.astype(dtype)
-    selected = (jnp.einsum("btf,bfd->btd", weights[..., :num_fields], fields)
-                + jnp.einsum("btg,bgd->btd", weights[..., num_fields:], groups))  # [B, T, d]
-    h = selected @ w_v.astype(dtype) + b_v.astype(dtype)
-    return h, alpha
+    w_k, w_v, b_v = w_k.astype(dtype), w_v.astype(dtype), b_v.astype(dtype)
+
+    def select(tau_of_tasks: jax.Array) -> tuple[jax.Array, jax.Array]:
+      """tau [B, T', d] -> (h [B, T', d], alpha float32 [B, T', F+G])."""
+      query = jnp.einsum("btd,ed->bte", tau_of_tasks, w_k) / math.sqrt(width)  # [B, T', d]
+      logits = jnp.concatenate([jnp.einsum("btd,bfd->btf", query, fields),
+                                jnp.einsum("btd,bgd->btg", query, groups)], axis=-1)
+      logits = logits.astype(jnp.float32)  # [B, T', F+G]
+      mask = top_k_mask(logits, self.top_k)
+      alpha = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+      alpha = jnp.where(mask, alpha, 0.0)  # exact zeros outside the top k
+      weights = alpha.astype(dtype)
+      selected = (jnp.einsum("btf,bfd->btd", weights[..., :num_fields], fields)
+                  + jnp.einsum("btg,bgd->btd", weights[..., num_fields:], groups))  # [B, T', d]
+      return selected @ w_v + b_v, alpha
+
+    if not any(p >= 0 for p in self.parents):
+      return select(tau)
+    if len(self.parents) != tasks or any(not -1 <= p < t for t, p in enumerate(self.parents)):
+      raise ValueError(f"PatternSelector: parents {self.parents} must name an earlier task "
+                       f"(or -1) for each of the {tasks} tasks")
+    u = self.param("parent_kernel", nn.initializers.zeros, (tasks, width, width), PARAM_DTYPE)
+    hs, alphas = [], []
+    for t, parent in enumerate(self.parents):  # funnel order: a parent is selected first
+      tau_t = tau[:, t:t + 1]
+      if parent >= 0:
+        tau_t = tau_t + (hs[parent] @ u[t].astype(dtype))
+      h_t, alpha_t = select(tau_t)
+      hs.append(h_t)
+      alphas.append(alpha_t)
+    return jnp.concatenate(hs, axis=1), jnp.concatenate(alphas, axis=1)
+

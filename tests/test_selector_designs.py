@@ -1,5 +1,8 @@
-"""The gated Pattern Selector (``model.selection='gates'``, models/gated_selector.py): its gates
-against a direct computation, top-k, and APEM built with it."""
+"""Candidate Pattern Selector designs: the gated selector (``model.selection='gates'``,
+models/gated_selector.py) against a direct computation, top-k, and APEM built with it; funnel
+indicators (``model.funnel_indicators``) that start as the default selector."""
+
+import dataclasses
 
 import chex
 import jax
@@ -9,7 +12,8 @@ import pytest
 
 from apem_jax.models import build_model
 from apem_jax.models.gated_selector import GatedPatternSelector
-from test_models import B, NUM_FIELDS, _apem_out, _config, _schema
+from apem_jax.models.pattern_selector import PatternSelector
+from test_models import B, NUM_FIELDS, _apem_out, _batch, _config, _schema
 
 T, F, G, D = 2, 5, 3, 8
 
@@ -79,3 +83,44 @@ def test_apem_with_gates_trains_and_is_a_config_switch():
   assert soft["towers"]["kernel_0"].shape[1] == d + NUM_FIELDS * d
   with pytest.raises(ValueError, match="selection"):
     build_model(_config("apem", selection="gated"), _schema())
+
+
+def test_funnel_indicators_start_as_the_default_and_chain_the_steps():
+  """parents=(-1, 0, 1): with U = 0 (its initialisation) the selection is the default
+  selector's; with U != 0 only the steps that have a parent change, and step 2 (whose parent
+  is step 1) through step 1's selection."""
+  fields, groups = _patterns(2)
+  plain = PatternSelector(num_tasks=3, indicator_hidden=4)
+  chained = PatternSelector(num_tasks=3, indicator_hidden=4, parents=(-1, 0, 1))
+  params = chained.init(jax.random.key(0), fields, groups)["params"]
+  assert not np.any(np.asarray(params["parent_kernel"]))
+  without = {k: v for k, v in params.items() if k != "parent_kernel"}
+  h0, alpha0 = plain.apply({"params": without}, fields, groups)
+  h1, alpha1 = chained.apply({"params": params}, fields, groups)
+  np.testing.assert_allclose(h1, h0, atol=1e-6)
+  np.testing.assert_allclose(alpha1, alpha0, atol=1e-6)
+  params["parent_kernel"] = params["parent_kernel"].at[2].set(jnp.eye(D))  # step 2 reads step 1
+  _, alpha2 = chained.apply({"params": params}, fields, groups)
+  np.testing.assert_allclose(alpha2[:, :2], alpha0[:, :2], atol=1e-6)  # steps 0, 1: unchanged
+  assert np.abs(np.asarray(alpha2[:, 2] - alpha0[:, 2])).max() > 1e-3
+  params["parent_kernel"] = params["parent_kernel"].at[1].set(jnp.eye(D))  # step 1 reads step 0
+  _, alpha3 = chained.apply({"params": params}, fields, groups)
+  np.testing.assert_allclose(alpha3[:, 0], alpha0[:, 0], atol=1e-6)  # the first step: unchanged
+  assert np.abs(np.asarray(alpha3[:, 1] - alpha2[:, 1])).max() > 1e-3
+  assert np.abs(np.asarray(alpha3[:, 2] - alpha2[:, 2])).max() > 1e-4  # through step 1's h
+  with pytest.raises(ValueError, match="parents"):
+    PatternSelector(num_tasks=2, parents=(1, -1)).init(jax.random.key(0), fields, groups)
+
+
+def test_apem_funnel_indicators_config_switch():
+  base = _schema(2)
+  schema = dataclasses.replace(base, tasks=(base.tasks[0], dataclasses.replace(
+      base.tasks[1], depends_on=base.tasks[0].name)))
+  batch = _batch(2)
+  model = build_model(_config("apem", funnel_indicators=True), schema)
+  params = model.init(jax.random.key(0), batch)["params"]
+  d = _config("apem").embed_dim
+  assert params["pattern_selector"]["parent_kernel"].shape == (2, d, d)
+  chex.assert_shape(model.apply({"params": params}, batch)["logits"], (B, 2))
+  with pytest.raises(ValueError, match="funnel_indicators"):
+    build_model(_config("apem", funnel_indicators=True, selection="gates"), schema)
