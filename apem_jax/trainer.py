@@ -261,12 +261,22 @@ def train_batches_from(exp: Experiment,
     epoch, skip = epoch + 1, 0
 
 
+def write_preprocessing(data: Any, path: str) -> None:
+  """The dataset's preprocessing (what export encodes raw features with) at ``path``: the
+  prepared file's bytes where the data has one (``preprocessing_file``: a vocabulary of millions
+  of ids is then never parsed in the training process), else its JSON; nothing without one."""
+  source = getattr(data, "preprocessing_file", None)
+  if source is not None:
+    with open(source, "rb") as f:
+      reporting.write_bytes_atomic(path, f.read())
+  elif data.preprocessing is not None:
+    reporting.write_json_atomic(path, data.preprocessing.to_dict())
+
+
 def _write_run_files(exp: Experiment, workdir: str) -> None:
   """The config, the preprocessing and a validation sample (what export checks itself on)."""
   reporting.write_json_atomic(os.path.join(workdir, "config.json"), exp.config.to_dict())
-  if exp.data.preprocessing is not None:
-    reporting.write_json_atomic(os.path.join(workdir, "preprocessing.json"),
-                                exp.data.preprocessing.to_dict())
+  write_preprocessing(exp.data, os.path.join(workdir, "preprocessing.json"))
   reporting.write_npz_atomic(os.path.join(workdir, VALIDATION_SAMPLE_FILE),
                              exp.data.head("validation", VALIDATION_SAMPLE_ROWS))
 

@@ -339,9 +339,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   sample = exp.data.head("validation", trainer.VALIDATION_SAMPLE_ROWS)
   for c, d in zip(configs, run_dirs):
     reporting.write_json_atomic(os.path.join(d, "config.json"), c.to_dict())
-    if exp.data.preprocessing is not None:
-      reporting.write_json_atomic(os.path.join(d, "preprocessing.json"),
-                                  exp.data.preprocessing.to_dict())
+    trainer.write_preprocessing(exp.data, os.path.join(d, "preprocessing.json"))
     reporting.write_npz_atomic(os.path.join(d, trainer.VALIDATION_SAMPLE_FILE), sample)
   writers = [reporting.ScalarWriter(d) for d in run_dirs]
   ckpts = [checkpointing.Checkpoints(d, keep_latest=c.checkpoint.keep_latest,

@@ -279,6 +279,13 @@ def test_trains_streamed_and_evaluates_exactly_as_in_memory(funnel, tmp_path):
     assert got["metrics"]["click"]["examples"] == 60
   best = trainer.evaluate_checkpoint(config, workdir, "validation")
   assert best["metrics"] == summary["best_validation"]
+  # The run's preprocessing.json is the prepared file, copied without being parsed by the
+  # training process (a vocabulary of millions of ids would cost it hundreds of MB).
+  data = streamed(funnel, shuffle_buffer=200)
+  trainer.write_preprocessing(data, str(tmp_path / "copy.json"))
+  assert "preprocessing" not in vars(data)  # the lazy property was never read
+  assert (tmp_path / "copy.json").read_bytes() == data.preprocessing_file.read_bytes() == (
+      pathlib.Path(workdir) / "preprocessing.json").read_bytes()
   test = trainer.evaluate_checkpoint(config, workdir, "test")
   assert test == trainer.evaluate_checkpoint(config, workdir, "test", data=memory)
 

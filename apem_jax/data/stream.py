@@ -63,6 +63,7 @@ epochs although nothing is kept; ``MALLOC_ARENA_MAX=1`` or ``2`` keeps it flat
 from __future__ import annotations
 
 import hashlib
+import functools
 import json
 import os
 import pathlib
@@ -120,10 +121,11 @@ class StreamedSplits:
     self.interleave_cycle = int(interleave_cycle)
     with open(directory / prepared_lib.SCHEMA_FILE) as f:
       self.schema = schema_lib.Schema.from_dict(json.load(f))
-    self.preprocessing = None
-    if (directory / prepared_lib.PREPROCESSING_FILE).exists():
-      with open(directory / prepared_lib.PREPROCESSING_FILE) as f:
-        self.preprocessing = prep_lib.Preprocessing.from_json(f.read())
+    # Read when asked for (export's encoder, not training): the vocabulary of an id field with
+    # millions of values is hundreds of MB as Python strings.
+    self.preprocessing_file = directory / prepared_lib.PREPROCESSING_FILE
+    if not self.preprocessing_file.exists():
+      self.preprocessing_file = None
     splits = metadata["splits"]
     self.inconsistent_funnel_rows = {
         s: int(splits[s].get("inconsistent_funnel_dropped", 0)) for s in splits}
@@ -146,6 +148,14 @@ class StreamedSplits:
       known = sorted(s for s in splits if splits[s]["rows"])
       raise ValueError(f"unknown split {split!r}; known: {known}")
     return splits[split]
+
+  @functools.cached_property
+  def preprocessing(self) -> prep_lib.Preprocessing | None:
+    """The prepared preprocessing (vocabularies, statistics), read on first use."""
+    if self.preprocessing_file is None:
+      return None
+    with open(self.preprocessing_file) as f:
+      return prep_lib.Preprocessing.from_json(f.read())
 
   def num_examples(self, split: str) -> int:
     """Rows of ``split`` (all processes together), from the prepared metadata."""
