@@ -13,6 +13,10 @@ Measures, for APEM (configs/census_apem.py) and MMoE (configs/census.py:mmoe) on
     as ``trainer.train_and_evaluate`` does; then one exact evaluation of the validation split
     (padded last batch) and ``Experiment.traces`` (the step must have been traced once).
 
+(d) side by side: at ``--side_by_side_batch``, the train steps of all ``--models`` timed in
+    turn within each repetition (k steps of one, then of the next), so that a machine whose load
+    drifts during the run still compares them under the same load; medians and ratios.
+
 Also: the step's FLOPs per example (XLA's ``cost_analysis`` of the compiled step), the FLOP/s that
 achieves, a 2048x2048 f32 matmul's FLOP/s measured in the same run (the practical ceiling), an
 APEM profile at one batch size (forward vs forward+backward vs full step, and config ablations),
@@ -160,13 +164,41 @@ def bench_e2e(exp: Experiment, state, batch_size: int, reps: int, target_s: floa
   run_k(1)
   first = time.perf_counter() - t0
   sec, _ = timed_reps(run_k, first, reps, target_s)
-  out = {"e2e_s": sec}
+  out = {"e2e_s": sec, "state": holder["state"]}
   if evaluate:
     t0 = time.perf_counter()
     exp.evaluate(exp.from_train(holder["state"]), "validation")
     out["eval_s"] = time.perf_counter() - t0
   out["traces"] = dict(exp.traces)
   return out
+
+
+def side_by_side(runs: dict, batch_size: int, reps: int, target_s: float) -> dict[str, float]:
+  """(d) ``runs``: model -> (Experiment, train state). Each repetition runs k steps of every
+  model in turn (k per model from one timed step, as ``timed_reps``). Returns median ex/s."""
+  holders, ks, times = {}, {}, {name: [] for name in runs}
+  for name, (exp, state) in runs.items():
+    holders[name] = {"state": state, "batch": exp.device_batch(fixed_batch(exp, batch_size))}
+
+  def run_k(name, k):
+    exp, h = runs[name][0], holders[name]
+    s = h["state"]
+    for _ in range(k):
+      s, m = exp.train_step(s, h["batch"])
+    _block((s, m))
+    h["state"] = s
+
+  for name in runs:
+    run_k(name, 1)
+    t0 = time.perf_counter()
+    run_k(name, 1)
+    ks[name] = int(min(50, max(1, round(target_s / max(time.perf_counter() - t0, 1e-6)))))
+  for _ in range(reps):
+    for name in runs:
+      t0 = time.perf_counter()
+      run_k(name, ks[name])
+      times[name].append((time.perf_counter() - t0) / ks[name])
+  return {name: batch_size / statistics.median(t) for name, t in times.items()}
 
 
 def matmul_ceiling(n: int = 2048, reps: int = 5) -> float:
@@ -269,6 +301,8 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--target_s", type=float, default=1.0, help="seconds per timed repetition")
   p.add_argument("--profile_batch", type=int, default=4096, help="APEM profile batch size (0: none)")
+  p.add_argument("--side_by_side_batch", type=int, default=4096,
+                 help="(d): time every model's step in turn at this batch size (0: none)")
   p.add_argument("--ablations", default="grouping=none|se=false|pattern_selector=false|"
                                         "tower_input=pooled|adaptive_indicators=false")
   p.add_argument("--rechub_python", default="/tmp/rechub-venv/bin/python")
@@ -286,7 +320,7 @@ def main(argv=None):
 
   ceiling = matmul_ceiling()
   print(f"matmul 2048x2048 f32: {ceiling / 1e9:.1f} GFLOP/s", flush=True)
-  rows = []
+  rows, kept = [], {}
   for name in args.models.split(","):
     sizes = args.apem_batch_sizes if name == "apem" and args.apem_batch_sizes else args.batch_sizes
     for bs in [int(b) for b in sizes.split(",")]:
@@ -296,6 +330,9 @@ def main(argv=None):
       b = bench_pipeline(exp, bs, args.reps, args.target_s)
       c = bench_e2e(exp, a.pop("state"), bs, args.reps, args.target_s,
                     evaluate=(bs == int(sizes.split(",")[0])))
+      state = c.pop("state")
+      if bs == args.side_by_side_batch:
+        kept[name] = (exp, state)
       row = {"model": name, "batch": bs, **a, "pipe_s": b, **c}
       row["step_eps"] = bs / row["step_s"]
       row["pipe_eps"] = bs / row["pipe_s"]
@@ -308,7 +345,14 @@ def main(argv=None):
             f"{row['achieved'] / 1e9:.2f} GFLOP/s ({100 * row['achieved'] / ceiling:.1f}% of matmul)  "
             f"compile {row['compile_s']:.1f}s  traces {row['traces']}  [{time.time() - t0:.0f}s]",
             flush=True)
-      del exp
+      del exp, state
+
+  paired = {}
+  if len(kept) > 1:
+    paired = side_by_side(kept, args.side_by_side_batch, args.reps, args.target_s)
+    for name, eps in paired.items():
+      print(f"side by side B={args.side_by_side_batch} {name:5s} step {eps:10.0f} ex/s", flush=True)
+  kept.clear()
 
   profile = []
   if args.profile_batch and "apem" in args.models:
@@ -324,20 +368,21 @@ def main(argv=None):
                         model_config("mmoe", args.rechub_batch).model)
     print("torch-rechub:", json.dumps(rechub), flush=True)
 
-  write_markdown(args, command, ceiling, rows, profile, rechub, time.time() - started)
+  write_markdown(args, command, ceiling, rows, profile, rechub, time.time() - started, paired)
 
 
 ANALYSIS_MARKER = "<!-- hand-written analysis below: kept when this file is regenerated -->"
 
 
-def write_markdown(args, command, ceiling, rows, profile, rechub, seconds, now=None):
+def write_markdown(args, command, ceiling, rows, profile, rechub, seconds, paired=None, now=None):
   now = now or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   raw = {"command": command, "now": now, "seconds": seconds, "reps": args.reps,
          "target_s": args.target_s, "profile_batch": args.profile_batch,
          "rechub_batch": args.rechub_batch, "cpu": machine.describe(), "cores": os.cpu_count(),
          "jax": jax.__version__, "backend": jax.default_backend(),
          "rows": [{k: v for k, v in r.items() if k != "state"} for r in rows],
-         "profile": profile, "rechub": rechub, "ceiling": ceiling}
+         "profile": profile, "rechub": rechub, "ceiling": ceiling,
+         "side_by_side_batch": args.side_by_side_batch, "side_by_side": paired or {}}
   with open(os.path.join(tempfile.gettempdir(), "performance_raw.json"), "w") as f:
     json.dump(raw, f, indent=1, default=str)
   render(raw, args.out)
@@ -372,6 +417,16 @@ def render(raw: dict, out: str) -> None:
              f"{100 * r['achieved'] / ceiling:.0f} | {r['compile_s']:.1f} | "
              f"{r['traces']['train_step']} ({r['traces']['eval_step']}) |")
   L.append("")
+  paired = raw.get("side_by_side") or {}
+  if paired:
+    ref = "mmoe" if "mmoe" in paired else next(iter(paired))
+    L += [f"## Train steps side by side (batch {raw['side_by_side_batch']})", "",
+          "(d): each repetition runs k steps of every model in turn (medians of "
+          f"{raw['reps']}), so a drift of the machine's load hits them alike.", "",
+          f"| model | step examples / s | / {ref} |", "|---|---:|---:|"]
+    for name, eps in paired.items():
+      L.append(f"| {name} | {fmt(eps)} | {eps / paired[ref]:.2f} |")
+    L.append("")
   if profile:
     pb = raw["profile_batch"]
     full = next(r for r in profile if r["what"].startswith("full step"))
@@ -445,6 +500,12 @@ def targets(raw: dict) -> list[str]:
     out.append(f"- APEM achieved FLOP/s >= 30% of the matmul ceiling at batch {ap['batch']}: "
                f"{ap['achieved'] / 1e9:.1f} / {ceiling / 1e9:.1f} GFLOP/s = **{100 * frac:.0f}%**: "
                f"{ok(frac >= 0.3)} (see the analysis below).")
+  paired = raw.get("side_by_side") or {}
+  if "apem" in paired and "mmoe" in paired:
+    ratio = paired["apem"] / paired["mmoe"]
+    out.append(f"- APEM's train step at least MMoE's examples/s (batch "
+               f"{raw['side_by_side_batch']}, side by side): {fmt(paired['apem'])} / "
+               f"{fmt(paired['mmoe'])} = **{ratio:.2f}x**: {ok(ratio >= 1)}.")
   if rows:
     traces = [r["traces"]["train_step"] for r in rows]
     out.append(f"- The train step compiles exactly once per run (traces after step, end-to-end "

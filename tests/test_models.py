@@ -13,7 +13,8 @@ from apem_jax.models import (MODELS, FieldEmbedding, build_model, default_model_
                              table_offsets)
 from apem_jax.models.group_transformer import (GroupTransformerBlock, SqueezeExcitation,
                                                squeeze_fields)
-from apem_jax.models.layers import MLP, BatchedMLP
+from apem_jax.models import layers
+from apem_jax.models.layers import MLP, BatchedMLP, LayerNorm, softmax_last, sum_last
 from apem_jax.models.pattern_selector import PatternSelector, top_k_mask
 from apem_jax.schema import make_schema
 
@@ -281,8 +282,8 @@ def _einsum_block(p, fields, grouping, heads):
   """One DAGT block (train=False, float32) written as DESIGN.md states it: per-head projections
   of every token, then attention einsums. The module computes the same function in GEMM shape."""
   apply = lambda module, name, x: module.apply({"params": p[name]}, x)
-  dense = lambda x, name, axes: (jnp.tensordot(x, p[name]["kernel"], axes)
-                                 + p[name].get("bias", 0.0))
+  dense = lambda x, name, axes, tree=p: (jnp.tensordot(x, tree[name]["kernel"], axes)
+                                         + tree[name].get("bias", 0.0))
   batch, num_fields, width = fields.shape
   scale = 1.0 / np.sqrt(width // heads)
   q = dense(p["group_seeds"], "group_query", 1)  # [G, H, dh]
@@ -304,23 +305,108 @@ def _einsum_block(p, fields, grouping, heads):
   fields = apply(nn.LayerNorm(), "field_ln1", fields + back)
   fields = apply(nn.LayerNorm(), "field_ln2",
                  fields + apply(MLP((2 * width, width), activate_final=False), "field_ffn", fields))
-  return apply(SqueezeExcitation(), "se", fields), groups, weights
+  gate = jax.nn.sigmoid(dense(jax.nn.relu(dense(squeeze_fields(fields, "grouped", 4),
+                                                    "squeeze", 1, p["se"])), "excite", 1, p["se"]))
+  return fields * gate[..., None], groups, weights
+
+
+def _randomised(params, seed: int):
+  """Every parameter moved by 0.3 N(0, 1) (biases and LayerNorms too, not their zero/one initial
+  values)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
 
 
 @pytest.mark.parametrize("grouping", ["competitive", "standard"])
 def test_dagt_block_in_gemm_shape_computes_the_einsum_formulation(grouping):
+  """Values and gradients (parameters and input tokens): the reference is built from flax's
+  LayerNorm, the MLP on [B, F, d], jax.nn.softmax and SE's concatenated squeeze."""
   fields = jax.random.normal(jax.random.key(0), (B, NUM_FIELDS, D))
   block = GroupTransformerBlock(num_groups=4, num_heads=2, grouping=grouping)
-  params = block.init(jax.random.key(1), fields)["params"]
-  # Every parameter random (biases and LayerNorms too, not their zero/one initial values).
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  params = _randomised(block.init(jax.random.key(1), fields)["params"], 2)
   out = block.apply({"params": params}, fields)
   ref_fields, ref_groups, ref_weights = _einsum_block(params, fields, grouping, 2)
   chex.assert_trees_all_close((out.fields, out.groups, out.group_weights),
                               (ref_fields, ref_groups, ref_weights), atol=1e-5, rtol=1e-5)
+  probe = jax.random.normal(jax.random.key(3), out.fields.shape)
+
+  def score(fn):  # a scalar of both outputs, so that every path gets a cotangent
+    return lambda p, x: jnp.sum(fn(p, x)[0] * probe) + jnp.sum(jnp.sin(fn(p, x)[1]))
+
+  module = lambda p, x: block.apply({"params": p}, x)[:2]
+  reference = lambda p, x: _einsum_block(p, x, grouping, 2)[:2]
+  chex.assert_trees_all_close(jax.grad(score(module), argnums=(0, 1))(params, fields),
+                              jax.grad(score(reference), argnums=(0, 1))(params, fields),
+                              atol=1e-5, rtol=1e-5)
+
+
+def test_dagt_block_parameters_are_those_of_the_flax_modules():
+  """Checkpoint layout: the block's LayerNorms and SE squeeze have the names, shapes and initial
+  values of the nn.LayerNorm and nn.Dense they replace (the same key gives the same tree)."""
+  fields = jax.random.normal(jax.random.key(0), (B, NUM_FIELDS, D))
+  params = GroupTransformerBlock(num_groups=4).init(jax.random.key(1), fields)["params"]
+  for name in ("group_ln1", "group_ln2", "field_ln1", "field_ln2"):
+    chex.assert_trees_all_equal(params[name], {"scale": jnp.ones(D), "bias": jnp.zeros(D)})
+
+  class FlaxSE(nn.Module):  # SqueezeExcitation's squeeze and excite as two nn.Dense
+    @nn.compact
+    def __call__(self, x):
+      z = nn.Dense(NUM_FIELDS // 4, name="squeeze")(squeeze_fields(x, "grouped", 4))
+      return nn.Dense(NUM_FIELDS, name="excite")(z)
+
+  se = SqueezeExcitation()
+  chex.assert_trees_all_equal(se.init(jax.random.key(4), fields),
+                              FlaxSE().init(jax.random.key(4), fields))
+  ln = LayerNorm()
+  chex.assert_trees_all_equal(ln.init(jax.random.key(5), fields),
+                              nn.LayerNorm().init(jax.random.key(5), fields))
+
+
+@pytest.mark.parametrize("shape", [(B, NUM_FIELDS, D), (64, 16)])
+def test_layer_norm_is_flax_layer_norm(shape):
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)  # mean and scale far from 0, 1
+  params = _randomised(nn.LayerNorm().init(jax.random.key(1), x), 2)
+  probe = jax.random.normal(jax.random.key(3), shape)
+  loss = lambda module: lambda p, x: jnp.sum(module.apply(p, x) * probe)
+  chex.assert_trees_all_close(LayerNorm().apply(params, x), nn.LayerNorm().apply(params, x),
+                              atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(jax.grad(loss(LayerNorm()), argnums=(0, 1))(params, x),
+                              jax.grad(loss(nn.LayerNorm()), argnums=(0, 1))(params, x),
+                              atol=1e-5, rtol=1e-5)
+  half = LayerNorm(dtype=jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+
+
+def test_softmax_last_is_jax_softmax():
+  x = 4.0 * jax.random.normal(jax.random.key(0), (B, NUM_FIELDS, 2, 8))
+  x = x.at[0, 0, 0].set(jnp.array([500.0, -500.0, 0, 0, 0, 0, 0, 1e3]))  # exp would overflow
+  probe = jax.random.normal(jax.random.key(1), x.shape)
+  loss = lambda fn: lambda x: jnp.sum(fn(x) * probe)
+  chex.assert_trees_all_close(softmax_last(x), jax.nn.softmax(x, axis=-1), atol=1e-6)
+  chex.assert_trees_all_close(jax.grad(loss(softmax_last))(x),
+                              jax.grad(loss(lambda v: jax.nn.softmax(v, axis=-1)))(x), atol=1e-5)
+  chex.assert_tree_all_finite(jax.grad(loss(softmax_last))(x))
+  sums = jnp.broadcast_to(x.sum(-1, keepdims=True), x.shape)
+  chex.assert_trees_all_close(sum_last(x), sums, rtol=1e-6, atol=1e-4)  # CPU: x @ ones
+  chex.assert_trees_all_close(layers._sum_by_reduction(x), sums, rtol=1e-6, atol=1e-4)  # GPU
+
+
+def test_field_ffn_switch_drops_the_field_ffn_sublayer():
+  """``field_ffn=False`` (a cheaper variant): no field FFN / second field LayerNorm; the same
+  parameters otherwise, and the default keeps them."""
+  schema, batch = _schema(2), _batch(2)
+  model = build_model(_config("apem"), schema)
+  params = _init(model, batch)
+  cheap = model.clone(field_ffn=False)
+  cheap_params = _init(cheap, batch)
+  block = params["dagt"]["block_0"]
+  assert {"field_ffn", "field_ln2"} <= set(block)
+  assert set(cheap_params["dagt"]["block_0"]) == set(block) - {"field_ffn", "field_ln2"}
+  out = cheap.apply({"params": cheap_params}, batch)
+  chex.assert_shape(out["logits"], (B, 2))
+  chex.assert_tree_all_finite(out)
 
 
 @pytest.mark.parametrize("top_k", [0, 3])

@@ -80,6 +80,7 @@ class APEM(nn.Module):
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
   se_gate: str = "sigmoid"
+  field_ffn: bool = True
   raw_skip: bool = False
   pattern_selector: bool = True
   selection: str = "softmax"
@@ -105,6 +106,8 @@ class APEM(nn.Module):
         se_squeeze=layers.require_choice(cfg, "se_squeeze", SE_SQUEEZES),
         se_squeeze_groups=layers.require_int(cfg, "se_squeeze_groups", 1),
         se_gate=layers.require_choice(cfg, "se_gate", SE_GATES),
+        # A cheaper variant (docs/performance.md): False drops the field tokens' FFN sub-layer.
+        field_ffn=layers.require_bool(cfg, "field_ffn"),
         raw_skip=layers.require_bool(cfg, "raw_skip"),
         pattern_selector=layers.require_bool(cfg, "pattern_selector"),
         selection=layers.require_choice(cfg, "selection", SELECTIONS),
@@ -136,8 +139,8 @@ class APEM(nn.Module):
         num_blocks=self.num_blocks, num_groups=self.num_groups, num_heads=self.num_heads,
         ffn_mult=self.ffn_mult, grouping=self.grouping, se=self.se,
         se_reduction=self.se_reduction, se_squeeze=self.se_squeeze,
-        se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate, dropout=self.dropout,
-        dtype=self.dtype,
+        se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate,
+        field_ffn=self.field_ffn, dropout=self.dropout, dtype=self.dtype,
         name="dagt")(tokens, train)
     selector = GatedPatternSelector if self.selection == "gates" else self.selector
     # Funnel steps' indicators read their parent step's selection (only passed when asked for,

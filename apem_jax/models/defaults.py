@@ -23,6 +23,7 @@ _DEFAULTS: dict[str, dict] = {
         se_squeeze="grouped",  # 'grouped' (mean and max of K channel groups) | 'mean' (ablation)
         se_squeeze_groups=4,  # K; must divide embed_dim
         se_gate="sigmoid",  # 'sigmoid' | 'identity_init' (2 * sigmoid: 1 at initialisation)
+        field_ffn=True,  # False: no FFN sub-layer on the field tokens (cheaper; docs/performance.md)
         raw_skip=False,  # towers also read the raw field embeddings (a skip around the DAGT)
         pattern_selector=True,  # False: mean pooling of patterns
         selection="softmax",  # 'softmax' (one average per task) | 'gates' (per-task pattern gates)

@@ -42,7 +42,22 @@ instead of per-head projections of every token followed by tiny batched einsums:
   ``K_b = W_q2 (Z_b W_k2)^T`` [d, H*G] per example, and the value and output projections into
   ``Z_b W_v2 W_o2`` [H*G, d], so attention is two ``[F, d] x [d, H*G]``-shaped products.
 
-``tests/test_models.py`` checks it against the einsum formulation on random parameters (1e-5).
+Memory passes. At B = 4096 the step is bound by passes over [B*F, d] = [159744, 16] tensors
+(10 MB each), not by FLOPs, so the token-wise operations are written for XLA:CPU:
+
+* LayerNorm and the softmaxes over G have hand-written backward passes (``layers.LayerNorm``,
+  ``layers.softmax_last``), and their sums over the last axis of 16 or 8 are products with a
+  matrix of ones, computed once (a reduction over a short trailing axis is fused into every
+  consumer and recomputed for each element it writes);
+* the FFNs run on [B*F, d] (on [B, F, d], XLA transposes the activations for the kernels'
+  gradients);
+* competitive pooling divides the [B, H*G, d] pooled tokens by the renormaliser ``S`` instead of
+  writing the normalised weights ``a / S`` [B, F, H, G];
+* SE's 'squeeze' Dense multiplies the means and the maxima separately instead of concatenating
+  them.
+
+``tests/test_models.py`` checks the block against the einsum formulation on random parameters
+(1e-5) and these pieces against their plain forms (values and gradients).
 """
 
 from __future__ import annotations
@@ -55,7 +70,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apem_jax.models.layers import PARAM_DTYPE, MLP, ProjectionParams, get_dtype
+from apem_jax.models.layers import (PARAM_DTYPE, MLP, LayerNorm, ProjectionParams, get_dtype,
+                                    softmax_last)
 
 GROUPINGS = ("competitive", "standard", "none")
 SE_SQUEEZES = ("grouped", "mean")
@@ -73,13 +89,9 @@ class DAGTOutput(NamedTuple):
   group_assignment: jax.Array | None
 
 
-def squeeze_fields(tokens: jax.Array, squeeze: str, groups: int) -> jax.Array:
-  """The SE squeeze of every field token. tokens: [B, F, d] -> [B, F * 2K] ('grouped', K groups
-  of d/K channels: mean and max of each) or [B, F] ('mean')."""
-  if squeeze == "mean":
-    return jnp.mean(tokens, axis=-1)
-  if squeeze != "grouped":
-    raise ValueError(f"se_squeeze must be one of {SE_SQUEEZES}, got {squeeze!r}")
+def group_statistics(tokens: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
+  """Mean and max of each of the K contiguous channel groups of every token.
+  tokens: [B, F, d] -> (mean [B, F, K], max [B, F, K])."""
   batch, num_fields, width = tokens.shape
   if width % groups:
     raise ValueError(f"se_squeeze_groups={groups} must divide the embedding width {width}")
@@ -87,8 +99,19 @@ def squeeze_fields(tokens: jax.Array, squeeze: str, groups: int) -> jax.Array:
   # Mean and max over each group's few channels as elementwise ops over its channel slices:
   # XLA:CPU reduces a trailing axis of 4 about 20x slower than it combines 4 slices.
   channels = [parts[..., i] for i in range(width // groups)]  # each [B, F, K]
-  mean = functools.reduce(jnp.add, channels) / len(channels)
-  stats = jnp.concatenate([mean, functools.reduce(jnp.maximum, channels)], axis=-1)
+  return (functools.reduce(jnp.add, channels) / len(channels),
+          functools.reduce(jnp.maximum, channels))
+
+
+def squeeze_fields(tokens: jax.Array, squeeze: str, groups: int) -> jax.Array:
+  """The SE squeeze of every field token. tokens: [B, F, d] -> [B, F * 2K] ('grouped', K groups
+  of d/K channels: mean and max of each) or [B, F] ('mean')."""
+  if squeeze == "mean":
+    return jnp.mean(tokens, axis=-1)
+  if squeeze != "grouped":
+    raise ValueError(f"se_squeeze must be one of {SE_SQUEEZES}, got {squeeze!r}")
+  batch, num_fields, _ = tokens.shape
+  stats = jnp.concatenate(group_statistics(tokens, groups), axis=-1)  # [B, F, 2K]
   return stats.reshape(batch, num_fields * 2 * groups)
 
 
@@ -101,15 +124,33 @@ class SqueezeExcitation(nn.Module):
   dtype: Any = "float32"
   gate: str = "sigmoid"  # 'sigmoid' | 'identity_init' (2 * sigmoid: 1 at initialisation)
 
+  def _grouped_squeeze(self, tokens: jax.Array, hidden: int) -> jax.Array:
+    """``nn.Dense(hidden, name='squeeze')`` (same parameters) of :func:`squeeze_fields`'
+    [B, F * 2K] statistics, without concatenating them: the kernel's rows of the means and those
+    of the maxima multiply each statistic. tokens: [B, F, d] -> [B, hidden]."""
+    batch, num_fields, _ = tokens.shape
+    k = self.squeeze_groups
+    dtype = get_dtype(self.dtype)
+    kernel, bias = ProjectionParams((num_fields * 2 * k,), (hidden,), name="squeeze")()
+    kernel = kernel.astype(dtype).reshape(num_fields, 2, k, hidden)  # rows f * 2K + [mean | max]
+    mean, top = group_statistics(tokens, k)  # each [B, F, K]
+    flat = lambda x: x.astype(dtype).reshape(batch, num_fields * k)
+    return (flat(mean) @ kernel[:, 0].reshape(-1, hidden)
+            + flat(top) @ kernel[:, 1].reshape(-1, hidden) + bias.astype(dtype))
+
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens: [B, F, d] -> [B, F, d]."""
     dtype = get_dtype(self.dtype)
     num_fields = tokens.shape[-2]
-    z = squeeze_fields(tokens, self.squeeze, self.squeeze_groups)  # [B, F * 2K] or [B, F]
     hidden = max(1, num_fields // self.reduction)
-    s = nn.relu(nn.Dense(hidden, dtype=dtype, param_dtype=PARAM_DTYPE, name="squeeze")(z))
-    s = nn.sigmoid(nn.Dense(num_fields, dtype=dtype, param_dtype=PARAM_DTYPE, name="excite")(s))
+    if self.squeeze == "grouped":
+      z = self._grouped_squeeze(tokens, hidden)
+    else:
+      z = nn.Dense(hidden, dtype=dtype, param_dtype=PARAM_DTYPE, name="squeeze")(
+          squeeze_fields(tokens, self.squeeze, self.squeeze_groups))  # from [B, F]
+    s = nn.sigmoid(nn.Dense(num_fields, dtype=dtype, param_dtype=PARAM_DTYPE, name="excite")(
+        nn.relu(z)))
     if self.gate == "identity_init":  # FiBiNet++'s SENet+ scale: the gate starts at 1, not 1/2
       s = 2.0 * s
     return tokens * s[..., None].astype(tokens.dtype)
@@ -129,6 +170,9 @@ class GroupTransformerBlock(nn.Module):
     se_squeeze_groups: K, the channel groups of the 'grouped' squeeze; must divide d.
     se_gate: 'sigmoid' (gates in (0, 1), 1/2 at initialisation) | 'identity_init' (2 * sigmoid,
       1 at initialisation: the block starts as the identity on the tokens).
+    field_ffn: the field tokens' FFN sub-layer after the broadcast back (FFN, residual, LN).
+      False (``model.field_ffn``, a cheaper variant, not our reading of the paper) drops it and
+      its parameters ``field_ffn``, ``field_ln2``.
     dropout: rate on attention and FFN outputs before each residual.
     dtype: compute dtype name.
   """
@@ -142,6 +186,7 @@ class GroupTransformerBlock(nn.Module):
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
   se_gate: str = "sigmoid"
+  field_ffn: bool = True
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -150,6 +195,18 @@ class GroupTransformerBlock(nn.Module):
     kernel, bias = ProjectionParams(in_shape, out_shape, use_bias, name=name)()
     dtype = get_dtype(self.dtype)
     return kernel.astype(dtype), None if bias is None else bias.astype(dtype)
+
+  def _ln(self, name: str) -> LayerNorm:
+    """``nn.LayerNorm``'s function and parameters (layers.LayerNorm)."""
+    return LayerNorm(dtype=get_dtype(self.dtype), name=name)
+
+  def _ffn(self, x: jax.Array, name: str) -> jax.Array:
+    """The position-wise FFN of tokens x [..., d] -> [..., d], applied to x as one [rows, d]
+    matrix (on [B, F, d] XLA:CPU transposes the activations for the kernels' gradients)."""
+    width = x.shape[-1]
+    mlp = MLP((self.ffn_mult * width, width), activate_final=False, dtype=get_dtype(self.dtype),
+              name=name)
+    return mlp(x.reshape(-1, width)).reshape(x.shape)
 
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
     if self.dropout > 0:
@@ -194,25 +251,32 @@ class GroupTransformerBlock(nn.Module):
         logits = logits + jnp.einsum("hc,ghc->hg", b_k, q) * scale
       logits = logits.astype(jnp.float32)  # [B, F, H, G]
       if competitive:
-        assignment = jax.nn.softmax(logits, axis=-1)  # each field over groups
-        weights = assignment / (jnp.sum(assignment, axis=1, keepdims=True) + 1e-9)
+        # Each field over groups, then renormalised over fields after pooling:
+        # sum_f (a_f / S) E_f = (sum_f a_f E_f) / S, S = sum_f a_f + 1e-9 (the weights w = a / S
+        # are only an output, never a [B, F, H, G] pass of the step).
+        assignment = softmax_last(logits)  # [B, F, H, G]
+        sums = jnp.sum(assignment, axis=1)  # [B, H, G]
+        totals = sums + 1e-9
+        weights = assignment / totals[:, None]
+        pooled_tokens = jnp.einsum("bfx,bfd->bxd",
+                                   assignment.astype(dtype).reshape(batch, num_fields, -1),
+                                   fields).reshape(batch, heads, -1, width)  # [B, H, G, d]
+        pooled_tokens = pooled_tokens / totals[..., None].astype(dtype)
+        weight_sums = (sums / totals).astype(dtype)  # [B, H, G], sum_F of the weights
       else:
         assignment = None
         weights = jax.nn.softmax(logits, axis=1)  # each group over fields
-      flat_weights = weights.astype(dtype).reshape(batch, num_fields, -1)  # [B, F, H*G]
-      pooled_tokens = jnp.einsum("bfx,bfd->bxd", flat_weights, fields)  # [B, H*G, d]
-      pooled_tokens = pooled_tokens.reshape(batch, heads, -1, width)  # [B, H, G, d]
-      weight_sums = jnp.sum(flat_weights, axis=1).reshape(batch, heads, -1)  # [B, H, G]
+        flat_weights = weights.astype(dtype).reshape(batch, num_fields, -1)  # [B, F, H*G]
+        pooled_tokens = jnp.einsum("bfx,bfd->bxd", flat_weights, fields)  # [B, H*G, d]
+        pooled_tokens = pooled_tokens.reshape(batch, heads, -1, width)  # [B, H, G, d]
+        weight_sums = jnp.sum(flat_weights, axis=1).reshape(batch, heads, -1)  # [B, H, G]
       value_out = jnp.einsum("dhc,hce->hde", w_v, w_o)  # [H, d, d]
       pooled = (jnp.einsum("bhgd,hde->bge", pooled_tokens, value_out)
                 + jnp.einsum("bhg,he->bge", weight_sums, jnp.einsum("hc,hce->he", b_v, w_o))
                 + b_o)  # [B, G, d]
-      groups = nn.LayerNorm(dtype=dtype, param_dtype=PARAM_DTYPE, name="group_ln1")(
-          seeds[None] + self._drop(pooled, train))
-      ffn = MLP((self.ffn_mult * width, width), activate_final=False, dtype=dtype,
-                name="group_ffn")(groups)
-      groups = nn.LayerNorm(dtype=dtype, param_dtype=PARAM_DTYPE, name="group_ln2")(
-          groups + self._drop(ffn, train))
+      groups = self._ln("group_ln1")(seeds[None] + self._drop(pooled, train))
+      ffn = self._ffn(groups, "group_ffn")
+      groups = self._ln("group_ln2")(groups + self._drop(ffn, train))
 
       # 2. Broadcast back: fields attend to the group tokens (softmax over G).
       w_q2, b_q2 = self._projection((width,), head_shape, "field_query")
@@ -224,7 +288,7 @@ class GroupTransformerBlock(nn.Module):
       logits2 = (jnp.einsum("bfd,bdx->bfx", fields, group_keys.reshape(batch, width, -1))
                  .reshape(batch, num_fields, heads, -1)
                  + jnp.einsum("hc,bghc->bhg", b_q2, k2)[:, None] * scale)  # [B, F, H, G]
-      attn = jax.nn.softmax(logits2.astype(jnp.float32), axis=-1).astype(dtype)
+      attn = softmax_last(logits2.astype(jnp.float32)).astype(dtype)
       group_values = (jnp.einsum("bgd,dhe->bhge", groups, jnp.einsum("dhc,hce->dhe", w_v2, w_o2))
                       + jnp.einsum("hc,hce->he", b_v2, w_o2)[:, None])  # [B, H, G, d]
       back = jnp.einsum("bfx,bxe->bfe", attn.reshape(batch, num_fields, -1),
@@ -232,12 +296,10 @@ class GroupTransformerBlock(nn.Module):
       weights = weights.transpose(0, 2, 3, 1)  # [B, H, G, F]
       if assignment is not None:
         assignment = assignment.transpose(0, 2, 3, 1)
-      fields = nn.LayerNorm(dtype=dtype, param_dtype=PARAM_DTYPE, name="field_ln1")(
-          fields + self._drop(back, train))
-      ffn = MLP((self.ffn_mult * width, width), activate_final=False, dtype=dtype,
-                name="field_ffn")(fields)
-      fields = nn.LayerNorm(dtype=dtype, param_dtype=PARAM_DTYPE, name="field_ln2")(
-          fields + self._drop(ffn, train))
+      fields = self._ln("field_ln1")(fields + self._drop(back, train))
+      if self.field_ffn:
+        ffn = self._ffn(fields, "field_ffn")
+        fields = self._ln("field_ln2")(fields + self._drop(ffn, train))
 
     # 3. Squeeze-and-Excitation over fields.
     if self.se:
@@ -263,6 +325,7 @@ class DeepAutoGroupTransformer(nn.Module):
   se_squeeze: str = "grouped"
   se_squeeze_groups: int = 4
   se_gate: str = "sigmoid"
+  field_ffn: bool = True
   dropout: float = 0.0
   dtype: Any = "float32"
 
@@ -274,7 +337,8 @@ class DeepAutoGroupTransformer(nn.Module):
           num_groups=self.num_groups, num_heads=self.num_heads, ffn_mult=self.ffn_mult,
           grouping=self.grouping, se=self.se, se_reduction=self.se_reduction,
           se_squeeze=self.se_squeeze, se_squeeze_groups=self.se_squeeze_groups,
-          se_gate=self.se_gate, dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(fields, train)
+          se_gate=self.se_gate, field_ffn=self.field_ffn, dropout=self.dropout, dtype=self.dtype,
+          name=f"block_{i}")(fields, train)
       fields = out.fields
     if out is None:
       raise ValueError("DeepAutoGroupTransformer: num_blocks must be >= 1")

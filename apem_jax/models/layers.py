@@ -6,6 +6,7 @@ Parameters are always float32 (``param_dtype``); activations use the compute ``d
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -88,6 +89,107 @@ class ProjectionParams(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros, self.out_shape, PARAM_DTYPE)
             if self.use_bias else None)
     return kernel, bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Sums over a short last axis, and the softmax and LayerNorm built on them (APEM's token-wise ops
+# on [B*F, 16]). XLA:CPU fuses a reduction over a trailing axis of 8 or 16 (its reduce, or the
+# axis' slices added) into every consumer, recomputing it for each element the consumer writes,
+# and autodiff adds a broadcast of each reduced value back to full size. On CPU a product with a
+# matrix of ones is computed once and is already broadcast. GPUs fuse reductions well and pay for
+# the product with passes of its own (an H200 ran APEM's step at 18% fewer examples/s with it),
+# so there the sum is a reduction. The hand-written backward passes keep only what they need (the
+# softmax's output; the normalised input and the inverse deviation).
+
+
+def _sum_by_product(x: jax.Array) -> jax.Array:
+  n = x.shape[-1]
+  return jnp.matmul(x, jnp.ones((n, n), x.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+def _sum_by_reduction(x: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(jnp.sum(x, axis=-1, keepdims=True), x.shape)
+
+
+def sum_last(x: jax.Array) -> jax.Array:
+  """The sum over the (short) last axis, repeated along it: ``x @ ones(n, n)`` on CPU, a
+  reduction elsewhere (chosen when the step is lowered). x: [..., n] -> [..., n]."""
+  return jax.lax.platform_dependent(x, cpu=_sum_by_product, default=_sum_by_reduction)
+
+
+def mean_last(x: jax.Array) -> jax.Array:
+  """The mean over the (short) last axis, repeated along it. x: [..., n] -> [..., n]."""
+  return sum_last(x) / x.shape[-1]
+
+
+@jax.custom_vjp
+def softmax_last(x: jax.Array) -> jax.Array:
+  """``jax.nn.softmax(x, axis=-1)`` over a short last axis (e.g. the G = 8 groups).
+  x: [..., n] -> [..., n]."""
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  return e / sum_last(e)
+
+
+def _softmax_last_fwd(x):
+  y = softmax_last(x)
+  return y, y
+
+
+def _softmax_last_bwd(y, g):
+  return (y * (g - sum_last(g * y)),)
+
+
+softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+
+
+def _normalise(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """x [..., n] -> ((x - mean) / std, 1 / std), both [..., n]; statistics over the last axis
+  (two-pass variance)."""
+  centred = x - mean_last(x)
+  inv_std = jax.lax.rsqrt(mean_last(centred * centred) + epsilon)
+  return centred * inv_std, inv_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """LayerNorm over the last axis: ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
+  x: [..., n]; scale, bias: [n]."""
+  return _normalise(x, epsilon)[0] * scale + bias
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  normed, inv_std = _normalise(x, epsilon)
+  return normed * scale + bias, (normed, inv_std, scale)
+
+
+def _layer_norm_bwd(epsilon, residuals, g):
+  """dx = (g s - mean(g s) - x^ mean(g s x^)) / std, with x^ the normalised input;
+  d scale = sum_rows g x^; d bias = sum_rows g."""
+  normed, inv_std, scale = residuals
+  g_normed = g * scale
+  dx = inv_std * (g_normed - mean_last(g_normed) - normed * mean_last(g_normed * normed))
+  rows = tuple(range(g.ndim - 1))
+  return dx, jnp.sum(g * normed, axis=rows), jnp.sum(g, axis=rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """``nn.LayerNorm()``'s function and parameters (``scale`` [n] = 1, ``bias`` [n] = 0 at
+  initialisation, epsilon 1e-6, statistics in float32) over a short last axis, computed by
+  :func:`layer_norm` (its variance in two passes, where flax takes ``E[x^2] - E[x]^2``: equal up
+  to float round-off). x: [..., n] -> [..., n] in ``dtype``."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (width,), PARAM_DTYPE)
+    bias = self.param("bias", nn.initializers.zeros, (width,), PARAM_DTYPE)
+    return layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon).astype(self.dtype)
 
 
 class BatchedMLP(nn.Module):
