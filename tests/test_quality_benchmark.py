@@ -81,11 +81,11 @@ def test_tuned_sweep_gives_every_model_the_same_budget(tmp_path):
 def test_balancing_sweep_rows_and_partial_table(tmp_path):
   """--balancings: one row per (model, method), each run trained with its method; the table
   after each round of seeds says how many seeds it holds."""
-  result = _sweep(tmp_path, "--balancings", "fixed,pcgrad", "--seeds", "1")
+  result = _sweep(tmp_path, "--balancings", "fixed,pcgrad", "--seeds", "1", "--models", "mmoe")
   assert result.returncode == 0, result.stderr[-3000:]
   table = json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"]
-  assert sorted(table) == sorted(f"{m}/{b}" for m in MODELS for b in ("fixed", "pcgrad"))
-  for model in MODELS:
+  assert sorted(table) == ["mmoe/fixed", "mmoe/pcgrad"]
+  for model in ("mmoe",):
     for method in ("fixed", "pcgrad"):
       config = json.loads((tmp_path / "runs" / "synthetic" / model / method / "seed0" / "p1.0" /
                            "config.json").read_text())
