@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apem_jax.models.layers import PARAM_DTYPE, ProjectionParams, get_dtype
-from apem_jax.models.pattern_selector import top_k_mask
+from apem_jax.models.layers import ProjectionParams, get_dtype
+from apem_jax.models.pattern_selector import task_indicators, top_k_mask
 
 
 class GatedPatternSelector(nn.Module):
@@ -62,20 +62,8 @@ class GatedPatternSelector(nn.Module):
       h = jnp.broadcast_to(patterns.reshape(batch, 1, -1), (batch, tasks, num_patterns * width))
       return h, jnp.full((batch, tasks, num_patterns), 0.5, jnp.float32)
 
-    tau = self.param("task_indicators", nn.initializers.normal(stddev=1.0),
-                     (tasks, width), PARAM_DTYPE).astype(dtype)  # [T, d]
-    tau = jnp.broadcast_to(tau[None], (batch, tasks, width))
-    if self.adaptive:
-      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                              out_axis=-1, batch_axis=(0,))
-      hidden = self.indicator_hidden
-      w1 = self.param("indicator_kernel_1", init, (tasks, width, hidden), PARAM_DTYPE)
-      b1 = self.param("indicator_bias_1", nn.initializers.zeros, (tasks, hidden), PARAM_DTYPE)
-      w2 = self.param("indicator_kernel_2", init, (tasks, hidden, width), PARAM_DTYPE)
-      b2 = self.param("indicator_bias_2", nn.initializers.zeros, (tasks, width), PARAM_DTYPE)
-      context = jnp.mean(fields.astype(dtype), axis=1)  # [B, d]
-      g = nn.relu(jnp.einsum("bd,tdh->bth", context, w1.astype(dtype)) + b1.astype(dtype))
-      tau = tau + jnp.einsum("bth,thd->btd", g, w2.astype(dtype)) + b2.astype(dtype)
+    tau = task_indicators(self, fields.astype(dtype), tasks, self.adaptive,
+                          self.indicator_hidden, dtype)  # [B, T, d]
 
     w_k, _ = ProjectionParams((width,), (width,), use_bias=False, name="pattern_key")()
     query = jnp.einsum("btd,ed->bte", tau, w_k.astype(dtype)) / math.sqrt(width)  # [B, T, d]

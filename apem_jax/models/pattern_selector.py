@@ -45,6 +45,28 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
   return jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)
 
 
+def task_indicators(module: nn.Module, fields: jax.Array, num_tasks: int, adaptive: bool,
+                    hidden: int, dtype) -> jax.Array:
+  """tau_t(x) [B, T, d]: the static indicators ``tau_t`` plus, with ``adaptive``,
+  ``g_t(mean_f fields)`` (a per-task MLP d -> hidden -> d); their parameters are created in
+  ``module`` (called from its compact ``__call__``). fields: [B, F, d] in ``dtype``."""
+  batch, _, width = fields.shape
+  tau = module.param("task_indicators", nn.initializers.normal(stddev=1.0),
+                     (num_tasks, width), PARAM_DTYPE).astype(dtype)  # [T, d]
+  tau = jnp.broadcast_to(tau[None], (batch, num_tasks, width))
+  if not adaptive:
+    return tau
+  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
+                                          out_axis=-1, batch_axis=(0,))
+  w1 = module.param("indicator_kernel_1", init, (num_tasks, width, hidden), PARAM_DTYPE)
+  b1 = module.param("indicator_bias_1", nn.initializers.zeros, (num_tasks, hidden), PARAM_DTYPE)
+  w2 = module.param("indicator_kernel_2", init, (num_tasks, hidden, width), PARAM_DTYPE)
+  b2 = module.param("indicator_bias_2", nn.initializers.zeros, (num_tasks, width), PARAM_DTYPE)
+  context = jnp.mean(fields, axis=1)  # [B, d]
+  g = nn.relu(jnp.einsum("bd,tdh->bth", context, w1.astype(dtype)) + b1.astype(dtype))
+  return tau + jnp.einsum("bth,thd->btd", g, w2.astype(dtype)) + b2.astype(dtype)
+
+
 class PatternSelector(nn.Module):
   """Per-task soft selection over the pattern bank.
 
@@ -81,20 +103,7 @@ class PatternSelector(nn.Module):
       alpha = jnp.full((batch, tasks, num_patterns), 1.0 / num_patterns, jnp.float32)
       return h, alpha
 
-    tau = self.param("task_indicators", nn.initializers.normal(stddev=1.0),
-                     (tasks, width), PARAM_DTYPE).astype(dtype)  # [T, d]
-    tau = jnp.broadcast_to(tau[None], (batch, tasks, width))
-    if self.adaptive:
-      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                              out_axis=-1, batch_axis=(0,))
-      hidden = self.indicator_hidden
-      w1 = self.param("indicator_kernel_1", init, (tasks, width, hidden), PARAM_DTYPE)
-      b1 = self.param("indicator_bias_1", nn.initializers.zeros, (tasks, hidden), PARAM_DTYPE)
-      w2 = self.param("indicator_kernel_2", init, (tasks, hidden, width), PARAM_DTYPE)
-      b2 = self.param("indicator_bias_2", nn.initializers.zeros, (tasks, width), PARAM_DTYPE)
-      context = jnp.mean(fields, axis=1)  # [B, d]
-      g = nn.relu(jnp.einsum("bd,tdh->bth", context, w1.astype(dtype)) + b1.astype(dtype))
-      tau = tau + jnp.einsum("bth,thd->btd", g, w2.astype(dtype)) + b2.astype(dtype)
+    tau = task_indicators(self, fields, tasks, self.adaptive, self.indicator_hidden, dtype)
 
     # GEMM shape: <tau, W_k P_p> = <W_k^T tau, P_p>, and since alpha sums to 1 over patterns,
     # sum_p alpha_p (W_v P_p + b_v) = W_v (sum_p alpha_p P_p) + b_v: the projections act on the
