@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -434,43 +433,21 @@ def finish(shards: Sequence[tuple[str, int, int, float]], fit: _FitResult,
              for s in prepared_lib.SPLITS}
   kept = {s: sum(p.kept_inconsistent for e in encoded for p in e.parts if p.split == s)
           for s in prepared_lib.SPLITS}
-  for split in prepared_lib.SPLITS:
-    if rows[split] == 0:
-      where = ", ".join(f.path for f in job.files[split if spec.split_rule is None else "all"])
-      raise prep.DataError(f"{spec.source}: the {split} split has no rows (files: {where})")
+  prep.check_splits_have_rows(spec, job.files, rows)
   listed = {s: [{"file": prepared_lib.shard_name(s, k), "rows": n}
                 for s2, k, n, _ in sorted(shards, key=lambda x: x[1]) if s2 == s]
             for s in prepared_lib.SPLITS}
-  schema = prep.make_schema(spec, fitted)
-  preprocessing, why_not = prep.make_preprocessing(spec, fitted)
-  _write_json(_join(job.directory, prepared_lib.SCHEMA_FILE), schema.to_dict())
-  _write_json(_join(job.directory, prepared_lib.STATISTICS_FILE), fitted.statistics)
-  if preprocessing is not None:
-    _write_json(_join(job.directory, prepared_lib.PREPROCESSING_FILE), preprocessing.to_dict())
-  metadata = {
-      "format_version": prepared_lib.FORMAT_VERSION,
-      "key": job.key,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "spec_source": spec.source,
-      "spec": spec.to_dict(),
-      "files": {s: [dataclasses.asdict(f) for f in fs] for s, fs in job.files.items()},
-      "dims": {"categorical": len(schema.categorical), "numeric": len(schema.numeric),
-               "tasks": len(schema.tasks)},
-      "shard_rows": job.shard_rows,
-      "splits": {s: {"rows": rows[s], "shards": listed[s],
-                     "inconsistent_funnel_dropped": dropped[s],
-                     "inconsistent_funnel_kept": kept[s]}
-                 for s in prepared_lib.SPLITS},
-      "preprocessing": (prepared_lib.PREPROCESSING_FILE if preprocessing is not None else
-                        {"none": why_not}),
+  described = prep.description_files(
+      spec, fitted, job.key, job.files, job.shard_rows,
+      {s: {"rows": rows[s], "shards": listed[s], "inconsistent_funnel_dropped": dropped[s],
+           "inconsistent_funnel_kept": kept[s]} for s in prepared_lib.SPLITS},
       # Seconds summed over the workers (they overlap in wall time): prepare.py's keys.
-      "timing": {"pass1_rows": fit.rows_read, "pass1_seconds": fit.seconds,
-                 "pass2_rows": sum(e.rows_read for e in encoded),
-                 "pass2_seconds": (sum(e.seconds for e in encoded)
-                                   + sum(s[3] for s in shards)),
-                 "runner": job.runner},
-  }
-  _write_json(_join(job.directory, prepared_lib.METADATA_FILE), metadata)
+      {"pass1_rows": fit.rows_read, "pass1_seconds": fit.seconds,
+       "pass2_rows": sum(e.rows_read for e in encoded),
+       "pass2_seconds": sum(e.seconds for e in encoded) + sum(s[3] for s in shards),
+       "runner": job.runner})
+  for name, obj in described.items():  # metadata.json last
+    _write_json(_join(job.directory, name), obj)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1042,10 +1042,8 @@ def make_schema(spec: spec_lib.Spec, fitted: Fitted) -> schema_lib.Schema:
       tasks=tuple(schema_lib.Task(t.name, t.kind, t.depends_on) for t in spec.tasks))
 
 
-def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted
-                       ) -> tuple[prep_lib.Preprocessing | None, str | None]:
-  """The :class:`Preprocessing` export's raw-feature encoder reads, and why there is none (always
-  None now: every spec has one; the pair is kept for callers that report it).
+def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted) -> prep_lib.Preprocessing:
+  """The :class:`Preprocessing` export's raw-feature encoder reads (every spec has one).
 
   It encodes raw values exactly as :func:`encode_chunk` does: vocabulary lookup or hashing per
   categorical feature, each numeric feature's transform, statistics and missing-value policy,
@@ -1071,7 +1069,44 @@ def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted
       numeric_transforms=tuple(f.transform for f in spec.numeric),
       numeric_missing=tuple(f.missing for f in spec.numeric),
       numeric_fills=tuple(float(f.fill) if f.missing == "fill" else None for f in spec.numeric),
-      indicator_columns=tuple(columns.get(f.name, -1) for f in spec.numeric)), None
+      indicator_columns=tuple(columns.get(f.name, -1) for f in spec.numeric))
+
+
+def check_splits_have_rows(spec: spec_lib.Spec, files: Mapping[str, Sequence[spec_lib.FileInfo]],
+                           rows: Mapping[str, int]) -> None:
+  """Raises DataError naming the first split without rows and the files it came from."""
+  for split in prepared_lib.SPLITS:
+    if rows[split] == 0:
+      where = ", ".join(f.path for f in files[split if spec.split_rule is None else "all"])
+      raise DataError(f"{spec.source}: the {split} split has no rows (files: {where})")
+
+
+def description_files(spec: spec_lib.Spec, fitted: Fitted, key: str,
+                      files: Mapping[str, Sequence[spec_lib.FileInfo]], shard_rows: int,
+                      splits: Mapping[str, Mapping[str, Any]], timing: Mapping[str, Any]
+                      ) -> dict[str, Any]:
+  """What a prepared directory holds besides its shards, ``{file name: JSON object}``: schema,
+  statistics, preprocessing and metadata (written last: its presence marks the directory
+  complete). ``splits``: per split its ``rows``, ``shards`` and inconsistent-funnel counts."""
+  schema = make_schema(spec, fitted)
+  metadata = {
+      "format_version": prepared_lib.FORMAT_VERSION,
+      "key": key,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "spec_source": spec.source,
+      "spec": spec.to_dict(),
+      "files": {s: [dataclasses.asdict(f) for f in fs] for s, fs in files.items()},
+      "dims": {"categorical": len(schema.categorical), "numeric": len(schema.numeric),
+               "tasks": len(schema.tasks)},
+      "shard_rows": shard_rows,
+      "splits": {s: dict(splits[s]) for s in prepared_lib.SPLITS},
+      "preprocessing": prepared_lib.PREPROCESSING_FILE,
+      "timing": dict(timing),
+  }
+  return {prepared_lib.SCHEMA_FILE: schema.to_dict(),
+          prepared_lib.STATISTICS_FILE: fitted.statistics,
+          prepared_lib.PREPROCESSING_FILE: make_preprocessing(spec, fitted).to_dict(),
+          prepared_lib.METADATA_FILE: metadata}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1298,11 +1333,7 @@ def _prepare_into(directory: pathlib.Path, spec: spec_lib.Spec,
   rows_written = {s: w.rows for s, w in writers.writers.items()}
   if spill is not None:
     spill.path.unlink(missing_ok=True)
-  for split in prepared_lib.SPLITS:
-    if rows_written[split] == 0:
-      where = (", ".join(f.path for f in files[split]) if rule is None else
-               ", ".join(f.path for f in files["all"]))
-      raise DataError(f"{spec.source}: the {split} split has no rows (files: {where})")
+  check_splits_have_rows(spec, files, rows_written)
   pass2_seconds = time.perf_counter() - start
   for split, count in inconsistent_kept.items():
     if count:
@@ -1313,33 +1344,16 @@ def _prepare_into(directory: pathlib.Path, spec: spec_lib.Spec,
     logging.warning("prepare %s: dropped %d training rows with an inconsistent funnel "
                     "(\"inconsistent_funnel\": \"drop\")", spec.source, dropped["train"])
 
-  schema = make_schema(spec, fitted)
-  preprocessing, why_not = make_preprocessing(spec, fitted)
-  _write_json(directory / prepared_lib.SCHEMA_FILE, schema.to_dict())
-  _write_json(directory / prepared_lib.STATISTICS_FILE, fitted.statistics)
-  if preprocessing is not None:
-    _write_json(directory / prepared_lib.PREPROCESSING_FILE, preprocessing.to_dict())
-  metadata = {
-      "format_version": prepared_lib.FORMAT_VERSION,
-      "key": key,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "spec_source": spec.source,
-      "spec": spec.to_dict(),
-      "files": {s: [dataclasses.asdict(f) for f in fs] for s, fs in files.items()},
-      "dims": {"categorical": len(schema.categorical), "numeric": len(schema.numeric),
-               "tasks": len(schema.tasks)},
-      "shard_rows": shard_rows,
-      "splits": {s: {"rows": rows_written[s], "shards": shards[s],
-                     "inconsistent_funnel_dropped": dropped[s],
-                     "inconsistent_funnel_kept": inconsistent_kept[s]}
-                 for s in prepared_lib.SPLITS},
-      "preprocessing": (prepared_lib.PREPROCESSING_FILE if preprocessing is not None else
-                        {"none": why_not}),
-      "timing": {"pass1_rows": rows_pass1, "pass1_seconds": pass1_seconds,
-                 "pass2_rows": rows_pass2, "pass2_seconds": pass2_seconds},
-  }
-  _write_json(directory / prepared_lib.METADATA_FILE, metadata)
-  return metadata
+  described = description_files(
+      spec, fitted, key, files, shard_rows,
+      {s: {"rows": rows_written[s], "shards": shards[s],
+           "inconsistent_funnel_dropped": dropped[s],
+           "inconsistent_funnel_kept": inconsistent_kept[s]} for s in prepared_lib.SPLITS},
+      {"pass1_rows": rows_pass1, "pass1_seconds": pass1_seconds,
+       "pass2_rows": rows_pass2, "pass2_seconds": pass2_seconds})
+  for name, obj in described.items():  # metadata.json last
+    _write_json(directory / name, obj)
+  return described[prepared_lib.METADATA_FILE]
 
 
 def prepare(spec: spec_lib.Spec | str | os.PathLike, cache_root: str | os.PathLike, *,
