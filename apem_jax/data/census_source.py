@@ -51,6 +51,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from apem_jax.data.preprocessing import NUMERIC_TRANSFORMS
+
 NUM_TRAIN_ROWS = 199_523
 NUM_TEST_ROWS = 99_762
 NUM_VALIDATION_ROWS = NUM_TEST_ROWS // 2  # 49,881 (validation and test halves are equal)
@@ -429,7 +431,6 @@ SPLITS_SUBDIR = pathlib.Path("census_income") / "splits"
 CONFIG_DEFAULTS: Mapping[str, object] = {"task_group": "income_marital",
                                          "numeric_transform": "log1p", "min_count": 1,
                                          "numeric_buckets": 0}
-NUMERIC_TRANSFORMS = ("none", "log1p")
 _TASK_LABELS: Mapping[str, dict] = {
     "income": {"label_column": "income", "positive_values": [INCOME_POSITIVE],
                "negative_values": [INCOME_NEGATIVE]},
@@ -487,16 +488,21 @@ def write_split_files(data_dir: str | os.PathLike, raw: RawFiles) -> dict[str, p
   halves = dict(zip(("validation", "test"), split_validation_test(income)))
   out_dir.mkdir(parents=True, exist_ok=True)
   for split, path in targets.items():
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=out_dir)
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write("".join(lines[i] + "\n" for i in halves[split]))
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    _write_text_atomic(path, "".join(lines[i] + "\n" for i in halves[split]))
   return targets
+
+
+def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to a temporary file beside ``path``, then renames it into place."""
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def write_spec(data_dir: str | os.PathLike, task_group: str = "income_marital",
@@ -513,8 +519,5 @@ def write_spec(data_dir: str | os.PathLike, task_group: str = "income_marital",
   path = pathlib.Path(data_dir) / "census_income" / (
       f"spec_{task_group}_{numeric_transform}_min{int(min_count)}_b{buckets}.json")
   if not path.exists() or path.read_text(encoding="utf-8") != text:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
+    _write_text_atomic(path, text)
   return path

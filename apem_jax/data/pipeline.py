@@ -251,7 +251,8 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
 # Config
 # --------------------------------------------------------------------------------------------
 
-def _get(config: Any, key: str, default: Any) -> Any:
+def config_value(config: Any, key: str, default: Any) -> Any:
+  """``config[key]`` of a ConfigDict, mapping or object, ``default`` where absent or None."""
   if config is None:
     return default
   value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
@@ -272,7 +273,7 @@ def load_dataset(data_config: Any) -> DatasetSplits:
     ValueError: unknown ``data.name``, or a key the dataset does not take or a bad value.
   """
   from apem_jax.data import sources  # pylint: disable=g-import-not-at-top
-  name = _get(data_config, "name", None)
+  name = config_value(data_config, "name", None)
   if name == "spec":
     # Funnel consistency was settled at preparation by the spec's own "inconsistent_funnel"
     # (training rows only), so it is not enforced again here.
@@ -283,7 +284,7 @@ def load_dataset(data_config: Any) -> DatasetSplits:
                      f"{['spec', *sources.SOURCES]}")
   if name not in sources.IN_MEMORY:
     return sources.SOURCES[name](data_config)
-  policy = _get(data_config, "inconsistent_funnel", "error")
+  policy = config_value(data_config, "inconsistent_funnel", "error")
   if policy not in INCONSISTENT_FUNNEL_POLICIES:
     raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
                      f"{INCONSISTENT_FUNNEL_POLICIES}")

@@ -21,6 +21,7 @@ import numpy as np
 
 from apem_jax import schema as schema_lib
 from apem_jax.data import census_source
+from apem_jax.data.pipeline import DatasetSplits, config_value
 from apem_jax.data import synthetic
 from apem_jax.data import synthetic_funnel
 
@@ -44,13 +45,6 @@ def register_source(name: str, source: Source, *, in_memory: bool = False) -> No
     IN_MEMORY.add(name)
 
 
-def _get(config: Any, key: str, default: Any) -> Any:
-  if config is None:
-    return default
-  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  return default if value is None else value
-
-
 def _keys(config: Any) -> set[str]:
   return set(config.keys()) if config is not None and hasattr(config, "keys") else set()
 
@@ -65,25 +59,24 @@ def load_census(data_config: Any):
   if unknown:
     raise ValueError(f"data.{unknown[0]}: not a key of data.name='census_income'; keys: "
                      f"{sorted(set(own) | set(_SPEC_KEYS))}")
-  data_dir = _get(data_config, "data_dir", "data")
-  spec_path = census_source.write_spec(data_dir, **{k: _get(data_config, k, d)
+  data_dir = config_value(data_config, "data_dir", "data")
+  spec_path = census_source.write_spec(data_dir, **{k: config_value(data_config, k, d)
                                                     for k, d in own.items()})
-  config = {k: _get(data_config, k, None) for k in _SPEC_KEYS}
+  config = {k: config_value(data_config, k, None) for k in _SPEC_KEYS}
   config.update(name="spec", spec=str(spec_path), data_dir=data_dir,
-                stream=_get(data_config, "stream", False))
+                stream=config_value(data_config, "stream", False))
   return prepare.load_spec_dataset(config)
 
 
 def load_synthetic_mmoe(data_config: Any):
   """``data.name='synthetic_mmoe'``: ``synthetic.generate`` with ``data.synthetic``'s keys."""
-  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  sub = _get(data_config, "synthetic", None)
+  sub = config_value(data_config, "synthetic", None)
   unknown = sorted(_keys(sub) - set(synthetic.DEFAULTS))
   if unknown:
     raise ValueError(f"data.synthetic: unknown keys {unknown}; known: {sorted(synthetic.DEFAULTS)}")
   kwargs = {}
   for key, default in synthetic.DEFAULTS.items():
-    value = _get(sub, key, default)
+    value = config_value(sub, key, default)
     kwargs[key] = list(value) if key in ("alpha", "beta") and value is not None else value
   task_kind = kwargs.pop("task_kind")
   if task_kind not in synthetic.TASK_KINDS:
@@ -97,18 +90,17 @@ def load_synthetic_mmoe(data_config: Any):
       categorical=(),
       numeric=tuple(schema_lib.NumericField(f"x{i}") for i in range(kwargs["input_dim"])),
       tasks=tuple(schema_lib.Task(t, task_kind) for t in synthetic.TASK_NAMES))
-  return pipeline.DatasetSplits(schema, None, synthetic.split(data))
+  return DatasetSplits(schema, None, synthetic.split(data))
 
 
 def load_synthetic_funnel(data_config: Any):
   """``data.name='synthetic_funnel'``: ``synthetic_funnel.generate`` with ``data.funnel``'s keys."""
-  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  sub = _get(data_config, "funnel", None)
+  sub = config_value(data_config, "funnel", None)
   unknown = sorted(_keys(sub) - set(synthetic_funnel.DEFAULTS))
   if unknown:
     raise ValueError(f"data.funnel: unknown keys {unknown}; known: "
                      f"{sorted(synthetic_funnel.DEFAULTS)}")
-  kwargs = {k: _get(sub, k, d) for k, d in synthetic_funnel.DEFAULTS.items()}
+  kwargs = {k: config_value(sub, k, d) for k, d in synthetic_funnel.DEFAULTS.items()}
   kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
   start = time.perf_counter()
   data = synthetic_funnel.generate(**kwargs)
@@ -123,7 +115,7 @@ def load_synthetic_funnel(data_config: Any):
       numeric=tuple(schema_lib.NumericField(n) for n in synthetic_funnel.NUMERIC_FIELDS),
       tasks=tuple(schema_lib.Task(t, "binary", depends_on=steps[i - 1] if i else None)
                   for i, t in enumerate(steps)))
-  return pipeline.DatasetSplits(schema, None, synthetic.split(data))
+  return DatasetSplits(schema, None, synthetic.split(data))
 
 
 register_source("census_income", load_census)
