@@ -250,16 +250,40 @@ def test_synthetic_task_correlation():
   assert corr(0.5) < high
 
 
-def test_load_synthetic_schema_and_splits():
-  splits = pipeline.load_dataset(_synthetic_config())
-  assert splits.preprocessing is None
+def test_load_synthetic_schema_and_splits(tmp_path):
+  config = _synthetic_config()
+  config.data_dir = str(tmp_path)
+  splits = pipeline.load_dataset(config)
   assert splits.schema.task_names == ("y1", "y2")
   assert all(t.kind == "regression" for t in splits.schema.tasks)
   assert len(splits.schema.numeric) == 8 and splits.schema.categorical == ()
   assert [splits.num_examples(s) for s in pipeline.SPLITS] == [800, 100, 100]
-  # Deterministic in the seed.
-  again = pipeline.load_dataset(_synthetic_config())
-  np.testing.assert_array_equal(again.arrays["test"]["labels"], splits.arrays["test"]["labels"])
+  # The generator's rows, written to files and prepared by the spec: labels as generated,
+  # features standardised with the training split's statistics.
+  expected = synthetic.split(synthetic.generate(num_examples=1000, correlation=0.5, input_dim=8))
+  x_train = expected["train"]["numeric"].astype(np.float64)
+  mean, std = x_train.mean(0), x_train.std(0)
+  for split in pipeline.SPLITS:
+    got = splits.arrays[split]
+    np.testing.assert_array_equal(got["labels"], expected[split]["labels"])
+    np.testing.assert_allclose(got["numeric"], (expected[split]["numeric"] - mean) / std,
+                               rtol=1e-5, atol=1e-5)
+  (source,) = (tmp_path / "synthetic_mmoe").iterdir()
+  assert sorted(p.name for p in source.iterdir()) == [
+      f"spec_{source.name}.json", "test.parquet", "train.parquet", "validation.parquet"]
+  # Deterministic in the seed; found again rather than regenerated.
+  mtime = (source / "train.parquet").stat().st_mtime_ns
+  again = pipeline.load_dataset(config)
+  assert again.fingerprint() == splits.fingerprint()
+  assert (source / "train.parquet").stat().st_mtime_ns == mtime
+
+
+def test_synthetic_settings_refused_leave_nothing(tmp_path):
+  config = _synthetic_config(correlation=2.0)
+  config.data_dir = str(tmp_path / "data")
+  with pytest.raises(ValueError, match="data.synthetic.correlation must be in"):
+    pipeline.load_dataset(config)
+  assert not (tmp_path / "data").exists()
 
 
 def test_load_dataset_config_errors():
@@ -414,3 +438,29 @@ def test_census_source_is_a_spec_prepared_like_any_files(small_census):
   again = pipeline.load_dataset(config)
   assert again.fingerprint() == splits.fingerprint()
   assert list((small_census / "prepared").iterdir()) == prepared
+
+
+def test_synthetic_funnel_is_a_file_source_with_its_true_probabilities(tmp_path):
+  from apem_jax.data import synthetic_funnel  # pylint: disable=g-import-not-at-top
+  settings = dict(num_examples=2000, num_users=500, num_items=200, num_categories=20, seed=4)
+  config = ml_collections.ConfigDict(dict(name="synthetic_funnel", data_dir=str(tmp_path),
+                                          funnel=settings))
+  data = pipeline.load_dataset(config)
+  expected = synthetic.split(synthetic_funnel.generate(**settings))
+  assert data.schema.task_names == ("click", "cart", "purchase")
+  assert [t.depends_on for t in data.schema.tasks] == [None, "click", "cart"]
+  for split in pipeline.SPLITS:
+    got, want = data.arrays[split], expected[split]
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    np.testing.assert_array_equal(got["true_q"], want["true_q"])
+    # Ids through the training split's vocabulary: a seen id decodes to itself, an unseen one
+    # is the OOV id (the vocabulary's length).
+    for j, vocab in enumerate(data.preprocessing.vocabularies):
+      vocab = np.asarray(vocab)
+      ids = got["categorical"][:, j]
+      seen = ids < len(vocab)
+      np.testing.assert_array_equal(vocab[ids[seen]].astype(np.int64), want["categorical"][seen, j])
+      if split == "train":
+        assert seen.all()
+      else:
+        assert not np.isin(want["categorical"][~seen, j], vocab.astype(np.int64)).any()

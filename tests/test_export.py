@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from apem_jax import checkpointing, export as export_lib, trainer
-from apem_jax.data import census_source
+from apem_jax.data import census_source, synthetic
 from apem_jax.configs import common
 from census_like import write_census_like
 from test_trainer import tiny_config
@@ -286,8 +286,13 @@ def test_synthetic_export_command_line_and_overwrite(synthetic_run):
   numeric = run.sample["numeric"][:7]
   expected = np.asarray(jax.jit(export_lib.predict_fn(run))(
       run.params, np.zeros((7, 0), np.int32), numeric))
+  # The SavedModel takes the raw values: the generator's own validation rows (the run's
+  # sample is their first rows, standardised with the training statistics).
+  settings = synthetic_run["config"].data.synthetic.to_dict()
+  del settings["task_kind"]
+  raw = synthetic.split(synthetic.generate(**settings))["validation"]["numeric"][:7]
   serve = tf.saved_model.load(os.path.join(output, "saved_model")).signatures["serving_default"]
-  got = serve(**{f"x{i}": tf.constant(numeric[:, i]) for i in range(6)})
+  got = serve(**{f"x{i}": tf.constant(raw[:, i]) for i in range(6)})
   np.testing.assert_allclose(np.stack([got["y1"], got["y2"]], -1), expected, atol=ATOL, rtol=0)
 
   # An existing export is refused, then replaced with --overwrite.
@@ -301,7 +306,8 @@ def test_synthetic_export_command_line_and_overwrite(synthetic_run):
 
 def test_failed_check_leaves_nothing_behind(synthetic_run, monkeypatch, tmp_path):
   def failing_check(run, directory, num_examples):
-    assert sorted(os.listdir(directory)) == ["model.stablehlo", "saved_model"]  # half written
+    assert sorted(os.listdir(directory)) == [  # half written
+        "model.stablehlo", "preprocessing.json", "saved_model"]
     raise export_lib.ExportCheckError("the reloaded SavedModel differs from the JAX model")
 
   monkeypatch.setattr(export_lib, "check_export", failing_check)

@@ -191,8 +191,10 @@ def _train_direct(model, schema, head, arrays, steps, batch_size=128, seed=0, lr
 def test_aitm_calibration_penalty_pushes_funnel_violations_towards_zero():
   """AITM emits entire-space probabilities directly (as in its paper), so p_t <= p_{t-1} is not
   structural; its calibrator penalises violations on the examples it trains on. Measured here on
-  the training examples (300 steps, 3 seeds; mean over examples and steps of max(p_t - p_{t-1}, 0)):
-  weight 0 -> 5e-4..2.8e-3, the default 0.6 -> 2.6e-4..2.3e-3 (always lower), 5 -> 4e-5..8e-5.
+  the training examples (300 steps; mean over examples and steps of max(p_t - p_{t-1}, 0)): with
+  the funnel generated in memory, over 3 seeds, weight 0 -> 5e-4..2.8e-3, the default 0.6 ->
+  2.6e-4..2.3e-3 (always lower), 5 -> 4e-5..8e-5; on the same funnel prepared from its files
+  (ids through a vocabulary, features standardised), this seed: 6.1e-4, 5.1e-4, 6.6e-5.
   The penalty says nothing about unseen examples: evaluation reports ``violation_rate``."""
   data = pipeline.load_dataset(tiny_funnel_config().data)
   config = default_model_config("aitm")
@@ -205,7 +207,7 @@ def test_aitm_calibration_penalty_pushes_funnel_violations_towards_zero():
     head = losses.make_head(data.schema, model.output_space, calibration_weight=weight)
     p = _train_direct(model, data.schema, head, train, steps=300)(batch)["predictions"]
     excess[weight] = np.maximum(p[:, 1:] - p[:, :-1], 0.0)
-  assert excess[0.0].mean() > 1e-3  # without the penalty, violations are real
+  assert excess[0.0].mean() > 2e-4  # without the penalty, violations are real
   assert excess[None].mean() < excess[0.0].mean()
   assert excess[5.0].mean() < 0.2 * excess[0.0].mean() and excess[5.0].max() < 0.1
 
@@ -314,17 +316,26 @@ def test_inconsistent_funnel_rows_pure_function():
       False, False, True, False, False]
 
 
-def test_pipeline_errors_on_inconsistent_funnels_or_drops_them(monkeypatch):
-  real = synthetic_funnel.generate
-
-  def corrupted(**kwargs):
-    data = real(**kwargs)
-    data["labels"][[5, 9]] = [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]  # two impossible rows in train
-    return data
-
-  monkeypatch.setattr(synthetic_funnel, "generate", corrupted)
+def test_pipeline_errors_on_inconsistent_funnels_or_drops_them(monkeypatch, tmp_path):
+  """A source registered as in-memory gets the funnel check of ``data.inconsistent_funnel``
+  (a file source's spec settles it at preparation: tests/test_prepare.py)."""
+  from apem_jax.data import sources  # pylint: disable=g-import-not-at-top
   config = tiny_funnel_config().data
-  with pytest.raises(ValueError, match=r"dataset 'synthetic_funnel', split 'train': 2 of 2560 "
+  config.data_dir = str(tmp_path)
+  real = pipeline.load_dataset(config)
+
+  def corrupted(data_config):
+    del data_config
+    arrays = {s: dict(a) for s, a in real.arrays.items()}
+    labels = arrays["train"]["labels"].copy()
+    labels[[5, 9]] = [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]  # two impossible rows in train
+    arrays["train"]["labels"] = labels
+    return pipeline.DatasetSplits(real.schema, real.preprocessing, arrays)
+
+  monkeypatch.setitem(sources.SOURCES, "corrupted_funnel", corrupted)
+  monkeypatch.setattr(sources, "IN_MEMORY", sources.IN_MEMORY | {"corrupted_funnel"})
+  config = ml_collections.ConfigDict(dict(name="corrupted_funnel"))
+  with pytest.raises(ValueError, match=r"dataset 'corrupted_funnel', split 'train': 2 of 2560 "
                                        r"rows are inconsistent.*first at row 5 \(click=0, cart=1"):
     pipeline.load_dataset(config)
   config.inconsistent_funnel = "drop"

@@ -290,12 +290,13 @@ def test_bfloat16_loss_close_to_float32_and_state_stays_float32():
 
 
 def test_bfloat16_training_reaches_the_float32_validation_auc(tmp_path):
-  """A small task trained to convergence (validation AUC ~0.964; measured difference 3e-5).
+  """A small task trained to convergence (validation AUC ~0.967; measured difference 7e-4: f32
+  0.96739, bf16 0.96673; in 5 epochs instead of 10 the f32 run had not converged, 0.96438).
   An unconverged one would not do: bfloat16 changes the trajectory, and on this data the tiny
   APEM's validation AUC after a few epochs moves by 0.02-0.04 with any such change."""
   config = tiny_config("shared_bottom")
   config.data.synthetic.num_examples = 20_000
-  config.train.update(batch_size=256, eval_batch_size=1024, num_epochs=5)
+  config.train.update(batch_size=256, eval_batch_size=1024, num_epochs=10)
   f32 = trainer.train_and_evaluate(config, str(tmp_path / "f32"))
   config.model.dtype = "bfloat16"
   bf16 = trainer.train_and_evaluate(config, str(tmp_path / "bf16"))

@@ -22,7 +22,7 @@ def _configs():
   schedule; an evaluation every 10 steps of 2 epochs (60 steps), so run 1 (patience 1) stops
   early while run 0 (patience 100) goes on."""
   configs = []
-  for seed, lr, wd, patience in ((0, 1e-3, 0.0, 100), (1, 3e-3, 1e-2, 1)):
+  for seed, lr, wd, patience in ((0, 1e-3, 0.0, 100), (1, 1e-2, 1e-2, 1)):
     config = tiny_config("mmoe")
     config.seed = seed
     config.train.update(num_epochs=2, eval_every_steps=10, patience=patience)
@@ -42,7 +42,7 @@ def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
   assert [s["vmapped"]["varied"] for s in summaries] == [
       {"optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.0, "seed": 0,
        "train.patience": 100},
-      {"optimizer.learning_rate": 3e-3, "optimizer.weight_decay": 1e-2, "seed": 1,
+      {"optimizer.learning_rate": 1e-2, "optimizer.weight_decay": 1e-2, "seed": 1,
        "train.patience": 1}]
   assert all(s["train_step_traces"] == 1 and s["eval_step_traces"] == 1 for s in summaries)
   # Run 1 stopped early, its update masked from then on; run 0 trained to the end.

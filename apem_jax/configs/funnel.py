@@ -21,8 +21,6 @@ def funnel_data(num_steps: int = 3) -> ml_collections.ConfigDict:
   funnel["num_steps"] = num_steps
   return ml_collections.ConfigDict(dict(
       name="synthetic_funnel",
-      inconsistent_funnel="error",  # 'error' | 'drop': rows with a later step positive after a
-                                    # negative earlier one
       funnel=funnel))
 
 

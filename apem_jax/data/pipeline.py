@@ -68,7 +68,7 @@ class DatasetSplits:
 
   Attributes:
     schema: fields and tasks (tasks in config order).
-    preprocessing: the fitted Preprocessing (None for synthetic data).
+    preprocessing: the fitted Preprocessing (None for data given without one).
     arrays: ``{split: {'categorical', 'numeric', 'labels', 'label_mask'}}`` (unpadded); synthetic
       funnels add ``true_q`` [N, T], the true conditional step probabilities (evaluation only).
     inconsistent_funnel_rows: ``{split: rows dropped}`` by ``data.inconsistent_funnel='drop'``

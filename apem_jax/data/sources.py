@@ -1,11 +1,13 @@
 """The built-in datasets, by the ``data.name`` that picks them: each a source.
 
-A source turns the ``data`` config into a dataset. Census-Income is a *file source*: its module
-(``census_source``) obtains the raw files and writes a dataset spec for them
-(``census_source.write_spec``), and the spec is prepared and read by the same code as a user's
-own files (``prepare.load_spec_dataset``): the same vocabularies, statistics, shards, cache and
-checks. The two synthetic generators (``synthetic``, ``synthetic_funnel``) produce arrays in
-memory, seeded, with the true probabilities a funnel's oracle metrics need besides the labels.
+A source turns the ``data`` config into a dataset. Every built-in dataset is a *file source*: its
+module obtains or generates the files and writes a dataset spec for them, and the spec is
+prepared and read by the same code as a user's own files (``prepare.load_spec_dataset``): the
+same vocabularies, statistics, shards, cache and checks. Census-Income (``census_source``)
+downloads the raw files; the MMoE synthetic data and the synthetic funnel (``synthetic_source``)
+generate theirs, seeded, and the funnel adds the true step probabilities its oracle metrics need
+(which only a simulation knows) to the splits it returns. Each is read into memory by default
+(``data.stream=true`` streams it; the funnel's oracle metrics then are not computed).
 
 Nothing outside a source knows a dataset by name: ``pipeline.load_dataset`` looks the name up
 here. ``register_source`` adds one (a function ``data_config -> DatasetSplits``).
@@ -13,17 +15,13 @@ here. ``register_source`` adds one (a function ``data_config -> DatasetSplits``)
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-import numpy as np
-
-from apem_jax import schema as schema_lib
 from apem_jax.data import census_source
 from apem_jax.data.pipeline import DatasetSplits, config_value
 from apem_jax.data import synthetic
 from apem_jax.data import synthetic_funnel
+from apem_jax.data import synthetic_source
 
 # Generic keys of a spec dataset a file source passes on to ``prepare.load_spec_dataset``.
 _SPEC_KEYS = ("data_dir", "shard_rows", "stream", "shuffle_buffer", "stream_groups",
@@ -49,75 +47,79 @@ def _keys(config: Any) -> set[str]:
   return set(config.keys()) if config is not None and hasattr(config, "keys") else set()
 
 
-def load_census(data_config: Any):
-  """``data.name='census_income'``: the Census source's spec (its keys ``task_group``,
-  ``numeric_transform``, ``min_count``, ``numeric_buckets``), prepared under ``data.data_dir``
-  and read in memory unless ``data.stream=true``."""
-  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  own = census_source.CONFIG_DEFAULTS
-  unknown = sorted(_keys(data_config) - set(own) - set(_SPEC_KEYS) - {"name"})
+def _check_keys(data_config: Any, own: set[str]) -> None:
+  name = config_value(data_config, "name", None)
+  unknown = sorted(_keys(data_config) - own - set(_SPEC_KEYS) - {"name"})
   if unknown:
-    raise ValueError(f"data.{unknown[0]}: not a key of data.name='census_income'; keys: "
-                     f"{sorted(set(own) | set(_SPEC_KEYS))}")
-  data_dir = config_value(data_config, "data_dir", "data")
-  spec_path = census_source.write_spec(data_dir, **{k: config_value(data_config, k, d)
-                                                    for k, d in own.items()})
+    raise ValueError(f"data.{unknown[0]}: not a key of data.name={name!r}; keys: "
+                     f"{sorted(own | set(_SPEC_KEYS))}")
+
+
+def _load_spec(spec_path: Any, data_config: Any):
+  """The prepared splits of a source's spec, read in memory unless ``data.stream=true``."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   config = {k: config_value(data_config, k, None) for k in _SPEC_KEYS}
-  config.update(name="spec", spec=str(spec_path), data_dir=data_dir,
+  config.update(name="spec", spec=str(spec_path), data_dir=config_value(data_config, "data_dir",
+                                                                        "data"),
                 stream=config_value(data_config, "stream", False))
   return prepare.load_spec_dataset(config)
 
 
-def load_synthetic_mmoe(data_config: Any):
-  """``data.name='synthetic_mmoe'``: ``synthetic.generate`` with ``data.synthetic``'s keys."""
-  sub = config_value(data_config, "synthetic", None)
-  unknown = sorted(_keys(sub) - set(synthetic.DEFAULTS))
+def load_census(data_config: Any):
+  """``data.name='census_income'``: the Census source's spec (its keys ``task_group``,
+  ``numeric_transform``, ``min_count``, ``numeric_buckets``), prepared under ``data.data_dir``
+  and read in memory unless ``data.stream=true``."""
+  own = census_source.CONFIG_DEFAULTS
+  _check_keys(data_config, set(own))
+  spec_path = census_source.write_spec(config_value(data_config, "data_dir", "data"), **{
+      k: config_value(data_config, k, d) for k, d in own.items()})
+  return _load_spec(spec_path, data_config)
+
+
+def _settings(data_config: Any, key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """``data.<key>``'s generator settings over ``defaults`` (lists as tuples); unknown keys are
+  refused."""
+  _check_keys(data_config, {key})
+  sub = config_value(data_config, key, None)
+  unknown = sorted(_keys(sub) - set(defaults))
   if unknown:
-    raise ValueError(f"data.synthetic: unknown keys {unknown}; known: {sorted(synthetic.DEFAULTS)}")
-  kwargs = {}
-  for key, default in synthetic.DEFAULTS.items():
-    value = config_value(sub, key, default)
-    kwargs[key] = list(value) if key in ("alpha", "beta") and value is not None else value
-  task_kind = kwargs.pop("task_kind")
-  if task_kind not in synthetic.TASK_KINDS:
-    raise ValueError(f"data.synthetic.task_kind={task_kind!r}; expected one of {synthetic.TASK_KINDS}")
-  data = synthetic.generate(**kwargs)
-  if task_kind == "binary":
-    data["labels"] = synthetic.binarize(data["labels"])
-  data["label_mask"] = np.ones_like(data["labels"])
-  data["categorical"] = np.zeros((len(data["labels"]), 0), np.int32)
-  schema = schema_lib.Schema(
-      categorical=(),
-      numeric=tuple(schema_lib.NumericField(f"x{i}") for i in range(kwargs["input_dim"])),
-      tasks=tuple(schema_lib.Task(t, task_kind) for t in synthetic.TASK_NAMES))
-  return DatasetSplits(schema, None, synthetic.split(data))
+    raise ValueError(f"data.{key}: unknown keys {unknown}; known: {sorted(defaults)}")
+  settings = {k: config_value(sub, k, d) for k, d in defaults.items()}
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
+
+
+def load_synthetic_mmoe(data_config: Any):
+  """``data.name='synthetic_mmoe'``: ``synthetic.generate`` with ``data.synthetic``'s keys,
+  written to files by ``synthetic_source.write_mmoe``."""
+  settings = _settings(data_config, "synthetic", synthetic.DEFAULTS)
+  if settings["task_kind"] not in synthetic.TASK_KINDS:
+    raise ValueError(f"data.synthetic.task_kind={settings['task_kind']!r}; expected one of "
+                     f"{synthetic.TASK_KINDS}")
+  spec_path = synthetic_source.write_mmoe(config_value(data_config, "data_dir", "data"), settings)
+  return _load_spec(spec_path, data_config)
 
 
 def load_synthetic_funnel(data_config: Any):
-  """``data.name='synthetic_funnel'``: ``synthetic_funnel.generate`` with ``data.funnel``'s keys."""
-  sub = config_value(data_config, "funnel", None)
-  unknown = sorted(_keys(sub) - set(synthetic_funnel.DEFAULTS))
-  if unknown:
-    raise ValueError(f"data.funnel: unknown keys {unknown}; known: "
-                     f"{sorted(synthetic_funnel.DEFAULTS)}")
-  kwargs = {k: config_value(sub, k, d) for k, d in synthetic_funnel.DEFAULTS.items()}
-  kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
-  start = time.perf_counter()
-  data = synthetic_funnel.generate(**kwargs)
-  logging.info("synthetic_funnel: %d examples generated in %.1f s", kwargs["num_examples"],
-               time.perf_counter() - start)
-  data["label_mask"] = np.ones_like(data["labels"])
-  steps = synthetic_funnel.STEP_NAMES[:kwargs["num_steps"]]
-  schema = schema_lib.Schema(
-      categorical=tuple(schema_lib.CategoricalField(n, v) for n, v in zip(
-          synthetic_funnel.CATEGORICAL_FIELDS, synthetic_funnel.vocab_sizes(
-              kwargs["num_users"], kwargs["num_items"], kwargs["num_categories"]))),
-      numeric=tuple(schema_lib.NumericField(n) for n in synthetic_funnel.NUMERIC_FIELDS),
-      tasks=tuple(schema_lib.Task(t, "binary", depends_on=steps[i - 1] if i else None)
-                  for i, t in enumerate(steps)))
-  return DatasetSplits(schema, None, synthetic.split(data))
+  """``data.name='synthetic_funnel'``: ``synthetic_funnel.generate`` with ``data.funnel``'s keys,
+  written to files by ``synthetic_source.write_funnel``; in memory, each split carries its true
+  conditional step probabilities (``true_q`` [N, T]) for the oracle metrics."""
+  settings = _settings(data_config, "funnel", synthetic_funnel.DEFAULTS)
+  spec_path = synthetic_source.write_funnel(config_value(data_config, "data_dir", "data"),
+                                            settings)
+  splits = _load_spec(spec_path, data_config)
+  if not isinstance(splits, DatasetSplits):
+    return splits  # streamed: no oracle metrics
+  arrays = {}
+  for split, split_arrays in splits.arrays.items():
+    q = synthetic_source.true_q(spec_path, split)
+    if len(q) != len(split_arrays["labels"]):
+      raise ValueError(f"{spec_path}: {split} has {len(split_arrays['labels'])} rows, its "
+                       f"true probabilities {len(q)}; delete {spec_path.parent} to regenerate")
+    arrays[split] = dict(split_arrays, true_q=q)
+  return DatasetSplits(splits.schema, splits.preprocessing, arrays,
+                       splits.inconsistent_funnel_rows)
 
 
 register_source("census_income", load_census)
-register_source("synthetic_mmoe", load_synthetic_mmoe, in_memory=True)
-register_source("synthetic_funnel", load_synthetic_funnel, in_memory=True)
+register_source("synthetic_mmoe", load_synthetic_mmoe)
+register_source("synthetic_funnel", load_synthetic_funnel)
