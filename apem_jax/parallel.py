@@ -202,16 +202,12 @@ def pmap_train_step(train_step: Callable) -> Callable:
   """``train_step`` (with ``axis_name=PMAP_AXIS`` bound) under ``jax.pmap``, state donated.
 
   Takes the replicated state (:func:`replicate`) and a batch from :func:`pmap_batch`; returns the
-  new replicated state and the metrics of the first local device (the step all-reduces them, so
-  every device holds the same values).
+  new replicated state and the metrics once (the step all-reduces them, so every device holds the
+  same values).
   """
-  step = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
-
-  def wrapped(state, batch):
-    state, metrics = step(state, batch)
-    return state, jax.tree.map(lambda m: m[0], metrics)
-
-  return wrapped
+  # The metrics come out unmapped (``out_axes=None``: device 0's, which all devices share), so no
+  # eager indexing of a mapped output follows each step.
+  return jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0, out_axes=(0, None))
 
 
 def pmap_batch(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
