@@ -16,7 +16,11 @@ it), prepares it (``prepare.prepare``, in this process), then, each in a fresh p
 * ``train``: ``trainer.train_and_evaluate`` for one epoch of a small MMoE (embed_dim 4, 8
   experts of [16], towers [8], row-wise Adagrad for the tables) on the streamed path, with its
   validation pass: training examples/s (steps x batch / the training window, compilation
-  included, validation excluded) and the process's peak RSS (``ru_maxrss``).
+  included, validation excluded) and the process's peak RSS (``machine.peak_rss_mb``: its own
+  ``VmHWM``; ``ru_maxrss`` would start from this parent's size).
+
+``--reuse`` keeps a ``--dir`` that already holds the Parquet file and its prepared shards: the
+preparation is then found, not measured, and only the three processes run.
 
 Prints a markdown table. The numbers depend on what else the machine runs.
 """
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,6 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
+
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROW_GROUP = 1_000_000
 
@@ -144,7 +149,7 @@ def child(args) -> dict:
         "train_seconds_this_run"]
     out["validation"] = summary["best_validation"]
     out["num_params"] = summary["num_params"]
-  out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  out["max_rss_mb"] = machine.peak_rss_mb()
   return out
 
 
@@ -172,6 +177,8 @@ def main() -> None:
   parser.add_argument("--shuffle_buffer", type=int, default=100_000)
   parser.add_argument("--dir", default=None, help="working directory (default: a temporary one, "
                       "removed at the end)")
+  parser.add_argument("--reuse", action="store_true", help="with --dir: keep its Parquet file and "
+                      "prepared shards if there (the preparation is not measured)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--data_dir", default=None, help=argparse.SUPPRESS)
@@ -185,22 +192,27 @@ def main() -> None:
   os.makedirs(root, exist_ok=True)
   try:
     parquet = os.path.join(root, "events.parquet")
-    start = time.perf_counter()
-    generate(parquet, args.rows, args.user_ids)
-    generate_seconds = time.perf_counter() - start
     spec_path = os.path.join(root, "spec.json")
+    data_dir = os.path.join(root, "cache")
+    reuse = args.reuse and args.dir and os.path.exists(parquet)
+    start = time.perf_counter()
+    if not reuse:
+      generate(parquet, args.rows, args.user_ids)
+      shutil.rmtree(data_dir, ignore_errors=True)
+    generate_seconds = time.perf_counter() - start
     with open(spec_path, "w") as f:
       json.dump(spec_dict(args.user_buckets), f)
-    data_dir = os.path.join(root, "cache")
-    shutil.rmtree(data_dir, ignore_errors=True)
     from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     prepared = prepare.prepare(spec_path, data_dir)
     prepare_seconds = time.perf_counter() - start
     meta = prepared.metadata
+    if meta["splits"]["train"]["rows"] + meta["splits"]["validation"]["rows"] + meta["splits"][
+        "test"]["rows"] != args.rows:
+      raise SystemExit(f"{root}: holds another number of rows than --rows={args.rows}")
     shard_bytes = sum(os.path.getsize(prepared.path / s["file"])
                       for split in meta["splits"].values() for s in split["shards"])
-    prepare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    prepare_rss = machine.peak_rss_mb()
     with open(prepared.path / "schema.json") as f:
       user_vocab = json.load(f)["categorical"][0]["vocab_size"]
     results = {}
@@ -222,9 +234,12 @@ def main() -> None:
         f"os.cpu_count()={os.cpu_count()}\n")
   print("| measure | value |")
   print("|---|---|")
-  print(f"| generate Parquet | {generate_seconds:.1f} s |")
-  print(f"| prepare (both passes, shards written) | {prepare_seconds:.1f} s, "
-        f"**{args.rows / prepare_seconds:,.0f} rows/s** (peak RSS {prepare_rss:,.0f} MB) |")
+  if prepared.reused:
+    print("| generate Parquet, prepare | reused (--reuse) |")
+  else:
+    print(f"| generate Parquet | {generate_seconds:.1f} s |")
+    print(f"| prepare (both passes, shards written) | {prepare_seconds:.1f} s, "
+          f"**{args.rows / prepare_seconds:,.0f} rows/s** (peak RSS {prepare_rss:,.0f} MB) |")
   print(f"| input pipeline alone (train_batches, 1 epoch) | "
         f"**{results['pipeline']['examples_per_second']:,.0f} examples/s** (peak RSS "
         f"{results['pipeline']['max_rss_mb']:,.0f} MB) |")
@@ -236,7 +251,7 @@ def main() -> None:
         f"{t['wall_seconds']:.1f} s with validation and start-up) |")
   print(f"| training process peak RSS | **{t['max_rss_mb']:,.0f} MB** |")
   v = t["validation"] or {}
-  print(f"| validation AUC after 1 epoch | " + ", ".join(
+  print("| validation AUC after 1 epoch | " + ", ".join(
       f"{task} {m.get('auc', float('nan')):.4f}" for task, m in v.items()) + " |")
 
 

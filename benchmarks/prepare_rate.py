@@ -12,7 +12,7 @@ bucketed at 32 quantiles, two funnel tasks, an 80/10/10 hash split by row), each
 process (so that its peak RSS is its own) and a fresh cache directory, and prints a markdown table:
 rows per second of pass 1 (fit), pass 2 (encode + write shards) and the whole preparation
 (``prepare()`` from the spec's validation to the cache directory renamed into place), and the
-process's peak RSS (``resource.getrusage``, maximum resident set).
+process's peak RSS (``machine.peak_rss_mb``: its own ``VmHWM``).
 
 The issue's target: >= 200,000 rows/s for 40-column Census-width rows on the 2-core development
 machine. The numbers depend on what else the machine runs: run it on an idle machine.
@@ -32,6 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 NUM_CATEGORICAL, NUM_NUMERIC = 32, 7
 _WORDS = ("Not in universe", "Private", "Self-employed", "Married-civilian spouse present",
@@ -110,7 +112,7 @@ def run_one(spec_path: str, cache_root: str) -> dict:
   return {"rows": rows, "pass1_rows": t["pass1_rows"], "pass1_seconds": t["pass1_seconds"],
           "pass2_rows": t["pass2_rows"], "pass2_seconds": t["pass2_seconds"],
           "total_seconds": total, "cpu_seconds": cpu, "reused": result.reused,
-          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "peak_rss_mib": machine.peak_rss_mb(),
           "shard_bytes": sum(os.path.getsize(os.path.join(result.path, f))
                              for f in os.listdir(result.path) if f.endswith(".tfrecord"))}
 
