@@ -152,6 +152,30 @@ def test_an_epoch_reads_every_training_row_once(funnel, groups, buffer):
   assert not np.array_equal(epochs[0], epochs[1])  # each epoch in another order
 
 
+def test_shuffled_batches_permute_whole_windows():
+  """1,000 rows in batches of 64 and windows of 200 rows (rounded up to 256): 15 batches, four
+  per full window, each window's rows a permutation of its rows; the last window's remainder (40
+  rows) dropped; the same seed the same batches, another seed another order."""
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+
+  def batches(seed):
+    records = tf.data.Dataset.range(1000).map(tf.strings.as_string)
+    return [b.astype(int) for b in stream.shuffled_batches(tf, records, 64, 200, seed)
+            .as_numpy_iterator()]
+
+  got = batches(7)
+  assert len(got) == 15 and all(b.shape == (64,) for b in got)
+  for w in range(4):
+    rows = np.concatenate(got[4 * w:4 * w + 4])
+    if w < 3:  # a full window: exactly its 256 rows
+      np.testing.assert_array_equal(np.sort(rows), np.arange(256 * w, 256 * (w + 1)))
+    else:      # the last 232 rows: 192 of them, each once
+      assert len(set(rows)) == 192 and rows.min() >= 768
+    assert not np.array_equal(rows, np.sort(rows))
+  np.testing.assert_array_equal(np.concatenate(batches(7)), np.concatenate(got))
+  assert not np.array_equal(np.concatenate(batches(8)), np.concatenate(got))
+
+
 def test_same_seed_same_batches_other_seed_other_order_skip(funnel):
   data = streamed(funnel, shuffle_buffer=64)
   first = take(data.train_batches(BATCH, seed=3), 12)
