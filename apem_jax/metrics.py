@@ -15,21 +15,16 @@ from apem_jax.schema import Schema
 _EPS = 1e-7
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks of ``x`` [N], ties given the mean of the ranks they span."""
-  order = np.argsort(x, kind="mergesort")
-  sorted_x = x[order]
-  # Boundaries of runs of equal values.
-  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-  ends = np.r_[starts[1:], len(x)]
-  mean_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-  ranks = np.empty(len(x), dtype=np.float64)
-  ranks[order] = np.repeat(mean_rank, ends - starts)
-  return ranks
+_AUC_CHUNK = 1 << 20  # rows (positives for the AUC) taken at a time: bounds the temporaries
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """Area under the ROC curve.
+  """Area under the ROC curve: the Mann-Whitney statistic, exact, ties counted as one half.
+
+  Each positive's score is looked up in the sorted negatives' scores (``searchsorted``: those
+  strictly below, and those equal), a million positives at a time; besides the sorted scores
+  (in their own precision) nothing of size N is held, so an exact AUC over millions of rows
+  costs little more memory than the scores themselves.
 
   Args:
     labels: [N] in {0, 1}.
@@ -39,20 +34,40 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     The AUC, or NaN when only one class is present.
   """
   labels = np.asarray(labels, dtype=bool)
-  scores = np.asarray(scores, dtype=np.float64)
-  num_pos = int(labels.sum())
-  num_neg = len(labels) - num_pos
+  scores = np.asarray(scores)
+  if not np.issubdtype(scores.dtype, np.floating):
+    scores = scores.astype(np.float64)
+  positives, negatives = scores[labels], scores[~labels]  # copies, sorted in place
+  positives.sort()
+  negatives.sort()
+  num_pos, num_neg = len(positives), len(negatives)
   if num_pos == 0 or num_neg == 0:
     return float("nan")
-  ranks = _average_ranks(scores)
-  return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+  below = ties = 0
+  for start in range(0, num_pos, _AUC_CHUNK):
+    chunk = positives[start:start + _AUC_CHUNK]
+    left = np.searchsorted(negatives, chunk, side="left")
+    below += int(left.sum())
+    ties += int((np.searchsorted(negatives, chunk, side="right") - left).sum())
+  return (below + 0.5 * ties) / (num_pos * num_neg)
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
-  """Mean binary cross-entropy of probabilities ``probs`` [N] against ``labels`` [N]."""
-  p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0 - _EPS)
-  y = np.asarray(labels, dtype=np.float64)
-  return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+  """Mean binary cross-entropy of probabilities ``probs`` [N] against ``labels`` [N], summed in
+  float64 a million rows at a time (no float64 copy of the whole split)."""
+  labels, probs = np.asarray(labels), np.asarray(probs)
+  total = 0.0
+  for start in range(0, len(labels), _AUC_CHUNK):
+    p = np.clip(probs[start:start + _AUC_CHUNK].astype(np.float64), _EPS, 1.0 - _EPS)
+    y = labels[start:start + _AUC_CHUNK].astype(np.float64)
+    total += float(np.sum(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+  return -total / len(labels) if len(labels) else float("nan")
+
+
+def _rows(a: np.ndarray, present: np.ndarray, t: int) -> np.ndarray:
+  """Column ``t`` of ``a`` [N, T] at the ``present`` rows: a view when every row is present
+  (no copy of a split-sized column)."""
+  return a[:, t] if present.all() else a[present, t]
 
 
 def task_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
@@ -72,7 +87,7 @@ def task_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
   out = {}
   for t, task in enumerate(schema.tasks):
     present = label_mask[:, t] > 0
-    y, p = labels[present, t], predictions[present, t]
+    y, p = _rows(labels, present, t), _rows(predictions, present, t)
     if task.kind == "binary":
       out[task.name] = {"auc": auc(y, p), "logloss": logloss(y, p),
                         "positives": int(y.sum()), "examples": int(present.sum())}
@@ -146,21 +161,22 @@ def funnel_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
     if task.kind != "binary":
       continue
     present = label_mask[:, t] > 0
-    y, p = labels[present, t], predictions[present, t]
+    y, p = _rows(labels, present, t), _rows(predictions, present, t)
     rate = float(np.mean(y)) if len(y) else float("nan")
     m = {"auc": auc(y, p), "logloss": logloss(y, p),
          "calibration": float(np.mean(p)) / rate if rate > 0 else float("nan")}
     parent = parents[t]
     reached = present if parent < 0 else present & (label_mask[:, parent] > 0) & (
         labels[:, parent] > 0)
-    m["auc_conditional"] = auc(labels[reached, t], conditional[reached, t])
+    m["auc_conditional"] = auc(_rows(labels, reached, t), _rows(conditional, reached, t))
     m["conditional_examples"] = int(reached.sum())
     if parent >= 0:
       m["violation_rate"] = float(np.mean(predictions[:, t] > predictions[:, parent]))
     if true_p is not None:
-      m["oracle_auc"] = auc(y, true_p[present, t])
-      m["oracle_logloss"] = logloss(y, true_p[present, t])
+      m["oracle_auc"] = auc(y, _rows(true_p, present, t))
+      m["oracle_logloss"] = logloss(y, _rows(true_p, present, t))
       m["oracle_gap"] = m["oracle_auc"] - m["auc"]
-      m["oracle_auc_conditional"] = auc(labels[reached, t], true_conditional[reached, t])
+      m["oracle_auc_conditional"] = auc(_rows(labels, reached, t),
+                                          _rows(true_conditional, reached, t))
     out[task.name] = m
   return out

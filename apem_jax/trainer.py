@@ -145,18 +145,29 @@ class Experiment:
   def predict(self, state: step_lib.TrainState, split: str) -> dict[str, np.ndarray]:
     """Every real example of a split, on the host: ``predictions`` [N, T] (entire-space ``p_t``),
     ``conditional`` [N, T] (``q_t``, step t given the step it depends on; ``= p_t`` outside
-    funnels), ``labels``, ``label_mask`` and, where the data has them, the evaluation-only arrays
+    funnels), ``labels``, ``label_mask`` (bool) and, where the data has them, the evaluation-only arrays
     (``true_q`` of synthetic funnels)."""
-    out = {}
+    # Filled in place (one array per output, of the split's rows): a split of millions of rows
+    # is held once, not once in batches and again concatenated.
+    n, filled, out = self.data.num_examples(split), 0, {}
     for local in self.data.eval_batches(split, self.config.train.eval_batch_size):
       batch = parallel.global_batch(local, self.mesh)
       keep = parallel.to_host(batch["weight"]) > 0
       rows = dict(self.eval_step(state, batch), labels=batch["labels"],
                   label_mask=batch["label_mask"],
                   **{k: batch[k] for k in EVAL_ONLY_KEYS if k in batch})
+      count = int(keep.sum())
       for k, v in rows.items():
-        out.setdefault(k, []).append(parallel.to_host(v)[keep])
-    return {k: np.concatenate(v) for k, v in out.items()}
+        v = parallel.to_host(v)[keep]
+        if k == "label_mask":
+          v = v > 0  # 1 byte a label, not 4
+        if k not in out:
+          out[k] = np.empty((n,) + v.shape[1:], v.dtype)
+        out[k][filled:filled + count] = v
+      filled += count
+    if filled != n:
+      raise RuntimeError(f"split {split!r}: evaluation read {filled} rows, the data has {n}")
+    return out
 
   def evaluate(self, state: step_lib.TrainState, split: str) -> dict[str, dict[str, float]]:
     """Exact per-task metrics over the whole split; for a funnel schema also the per-step funnel

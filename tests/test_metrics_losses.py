@@ -30,6 +30,17 @@ def test_auc_brute_force_pairs():
   assert metrics.auc(y, s) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_auc_in_chunks_of_positives_with_ties_across_them(monkeypatch, dtype):
+  """Positives compared with the negatives a few at a time (chunks of 7 here), tied scores
+  straddling the chunks, scores in the model's float32 as in float64 and as integers."""
+  monkeypatch.setattr(metrics, "_AUC_CHUNK", 7)
+  rng = np.random.default_rng(3)
+  y = rng.random(500) < 0.4
+  s = (rng.integers(0, 20, size=500) + 3 * y).astype(dtype)
+  assert metrics.auc(y, s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+
+
 def test_auc_single_class_is_nan():
   assert np.isnan(metrics.auc(np.ones(5), np.arange(5.0)))
 
