@@ -52,7 +52,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -1356,6 +1356,39 @@ def _prepare_into(directory: pathlib.Path, spec: spec_lib.Spec,
   return described[prepared_lib.METADATA_FILE]
 
 
+def publish_directory(final: pathlib.Path, marker: str,
+                      write: Callable[[pathlib.Path], None]) -> bool:
+  """Writes the directory ``final`` (complete once it holds the file ``marker``) with
+  ``write(tmp)`` into a temporary sibling, then renames it into place.
+
+  Returns False when another process published ``final`` first (its copy stays, this one is
+  removed). On any error the temporary directory, and the parent and grandparent of ``final``
+  if this call created them, are removed before the error propagates: nothing half-written is
+  left behind.
+  """
+  created = [d for d in (final.parent.parent, final.parent) if not d.exists()]
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+  try:
+    write(tmp)
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not (final / marker).exists():
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
+      return False
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in reversed(created):
+      try:
+        d.rmdir()
+      except OSError:
+        pass
+    raise
+  return True
+
+
 def prepare(spec: spec_lib.Spec | str | os.PathLike, cache_root: str | os.PathLike, *,
             shard_rows: int = DEFAULT_SHARD_ROWS) -> Prepared:
   """Prepares (or finds already prepared) the dataset a spec describes.
@@ -1380,32 +1413,19 @@ def prepare(spec: spec_lib.Spec | str | os.PathLike, cache_root: str | os.PathLi
   final = root / f"{_name(spec)}-{key}"
   if (final / prepared_lib.METADATA_FILE).exists():
     return Prepared(final, prepared_lib.read_metadata(final), True)
-  created = [d for d in (cache_root, root) if not d.exists()]
-  root.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-  try:
-    start = time.perf_counter()
+  start, metadata = time.perf_counter(), None
+
+  def write(tmp: pathlib.Path) -> None:
+    nonlocal metadata
     metadata = _prepare_into(tmp, spec, files, int(shard_rows), key)
     changed = [f.path for fs in files.values() for f in fs if spec_lib.stat(f.path) != f]
     if changed:
       raise DataError(f"{changed[0]} changed while it was being prepared; prepare again")
     metadata["timing"]["total_seconds"] = time.perf_counter() - start
     _write_json(tmp / prepared_lib.METADATA_FILE, metadata)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not (final / prepared_lib.METADATA_FILE).exists():
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)  # another process prepared it first
-      return Prepared(final, prepared_lib.read_metadata(final), True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    for d in reversed(created):
-      try:
-        d.rmdir()
-      except OSError:
-        pass
-    raise
+
+  if not publish_directory(final, prepared_lib.METADATA_FILE, write):
+    return Prepared(final, prepared_lib.read_metadata(final), True)
   t = metadata["timing"]
   logging.info("prepared %s in %.1f s (pass 1 %.1f s, pass 2 %.1f s): %s", spec.source,
                t["total_seconds"], t["pass1_seconds"], t["pass2_seconds"], final)

@@ -25,9 +25,7 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -56,33 +54,22 @@ def _write_parquet(path: pathlib.Path, columns: Mapping[str, np.ndarray]) -> Non
 
 
 def _materialise(data_dir: str | os.PathLike, name: str, settings: Mapping[str, Any],
-                 write) -> pathlib.Path:
-  """``<data_dir>/<name>/<key>/``, written by ``write(directory, key)`` unless already there."""
+                 write: Callable[[pathlib.Path], dict]) -> pathlib.Path:
+  """``<data_dir>/<name>/<key>/``, its files written by ``write(directory)`` (which returns the
+  spec) unless already there (``prepare.publish_directory``); returns the spec's path."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   key = settings_key(name, settings)
-  parent = pathlib.Path(data_dir) / name
-  final = parent / key
+  final = pathlib.Path(data_dir) / name / key
   spec_path = final / SPEC_FILE.format(key=key)
   if spec_path.exists():
     return spec_path
-  created = [d for d in (pathlib.Path(data_dir), parent) if not d.exists()]
-  parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent))
-  try:
-    write(tmp, key)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not spec_path.exists():
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same settings first
-  except BaseException:  # e.g. a setting the generator refuses: nothing is left on disk
-    shutil.rmtree(tmp, ignore_errors=True)
-    for d in reversed(created):
-      try:
-        d.rmdir()
-      except OSError:
-        pass
-    raise
+
+  def write_with_spec(directory: pathlib.Path) -> None:
+    spec = write(directory)
+    (directory / spec_path.name).write_text(json.dumps(spec, indent=1) + "\n")
+
+  # e.g. a setting the generator refuses: nothing is left on disk.
+  prepare.publish_directory(final, spec_path.name, write_with_spec)
   return spec_path
 
 
@@ -98,7 +85,7 @@ def write_mmoe(data_dir: str | os.PathLike, settings: Mapping[str, Any]) -> path
   settings = dict(settings)
   task_kind = settings.pop("task_kind", "regression")
 
-  def write(directory: pathlib.Path, key: str) -> None:
+  def write(directory: pathlib.Path) -> dict:
     data = synthetic.generate(**settings)
     if task_kind == "binary":
       data["labels"] = synthetic.binarize(data["labels"])
@@ -107,10 +94,9 @@ def write_mmoe(data_dir: str | os.PathLike, settings: Mapping[str, Any]) -> path
       columns = {f"x{i}": arrays["numeric"][:, i] for i in range(d)}
       columns.update({t: arrays["labels"][:, j] for j, t in enumerate(synthetic.TASK_NAMES)})
       _write_parquet(directory / f"{split}.parquet", columns)
-    spec = _spec([{"name": f"x{i}", "type": "numeric"} for i in range(d)],
+    return _spec([{"name": f"x{i}", "type": "numeric"} for i in range(d)],
                  [{"name": t, "label_column": t, "kind": task_kind}
                   for t in synthetic.TASK_NAMES])
-    (directory / SPEC_FILE.format(key=key)).write_text(json.dumps(spec, indent=1) + "\n")
 
   return _materialise(data_dir, "synthetic_mmoe", dict(settings, task_kind=task_kind), write)
 
@@ -121,7 +107,7 @@ def write_funnel(data_dir: str | os.PathLike, settings: Mapping[str, Any]) -> pa
   spec's path."""
   settings = dict(settings)
 
-  def write(directory: pathlib.Path, key: str) -> None:
+  def write(directory: pathlib.Path) -> dict:
     data = synthetic_funnel.generate(**settings)
     steps = synthetic_funnel.STEP_NAMES[:data["labels"].shape[1]]
     for split, arrays in synthetic.split(data).items():
@@ -132,12 +118,11 @@ def write_funnel(data_dir: str | os.PathLike, settings: Mapping[str, Any]) -> pa
       columns.update({t: arrays["labels"][:, j] for j, t in enumerate(steps)})
       _write_parquet(directory / f"{split}.parquet", columns)
       np.save(directory / TRUE_Q_FILE.format(split=split), arrays["true_q"].astype(np.float32))
-    spec = _spec(
+    return _spec(
         [{"name": f, "type": "categorical"} for f in synthetic_funnel.CATEGORICAL_FIELDS]
         + [{"name": f, "type": "numeric"} for f in synthetic_funnel.NUMERIC_FIELDS],
         [dict({"name": t, "label_column": t}, **({"depends_on": steps[i - 1]} if i else {}))
          for i, t in enumerate(steps)])
-    (directory / SPEC_FILE.format(key=key)).write_text(json.dumps(spec, indent=1) + "\n")
 
   return _materialise(data_dir, "synthetic_funnel", settings, write)
 
