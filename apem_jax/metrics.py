@@ -1,7 +1,7 @@
 """Exact evaluation metrics over a whole split, computed on the host in NumPy.
 
-AUC is the Mann-Whitney statistic with tied scores counted as half (average ranks), computed once
-over every example of the split, never averaged over batches.
+AUC is the Mann-Whitney statistic with tied scores counted as half, computed once over every
+example of the split, never averaged over batches.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from apem_jax.schema import Schema
 _EPS = 1e-7
 
 
-_AUC_CHUNK = 1 << 20  # rows (positives for the AUC) taken at a time: bounds the temporaries
+_CHUNK_ROWS = 1 << 20  # rows (positives for the AUC) taken at a time: bounds the temporaries
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -44,8 +44,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   if num_pos == 0 or num_neg == 0:
     return float("nan")
   below = ties = 0
-  for start in range(0, num_pos, _AUC_CHUNK):
-    chunk = positives[start:start + _AUC_CHUNK]
+  for start in range(0, num_pos, _CHUNK_ROWS):
+    chunk = positives[start:start + _CHUNK_ROWS]
     left = np.searchsorted(negatives, chunk, side="left")
     below += int(left.sum())
     ties += int((np.searchsorted(negatives, chunk, side="right") - left).sum())
@@ -57,9 +57,9 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
   float64 a million rows at a time (no float64 copy of the whole split)."""
   labels, probs = np.asarray(labels), np.asarray(probs)
   total = 0.0
-  for start in range(0, len(labels), _AUC_CHUNK):
-    p = np.clip(probs[start:start + _AUC_CHUNK].astype(np.float64), _EPS, 1.0 - _EPS)
-    y = labels[start:start + _AUC_CHUNK].astype(np.float64)
+  for start in range(0, len(labels), _CHUNK_ROWS):
+    p = np.clip(probs[start:start + _CHUNK_ROWS].astype(np.float64), _EPS, 1.0 - _EPS)
+    y = labels[start:start + _CHUNK_ROWS].astype(np.float64)
     total += float(np.sum(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
   return -total / len(labels) if len(labels) else float("nan")
 

@@ -145,8 +145,8 @@ class Experiment:
   def predict(self, state: step_lib.TrainState, split: str) -> dict[str, np.ndarray]:
     """Every real example of a split, on the host: ``predictions`` [N, T] (entire-space ``p_t``),
     ``conditional`` [N, T] (``q_t``, step t given the step it depends on; ``= p_t`` outside
-    funnels), ``labels``, ``label_mask`` (bool) and, where the data has them, the evaluation-only arrays
-    (``true_q`` of synthetic funnels)."""
+    funnels), ``labels``, ``label_mask`` (bool) and, where the data has them, the evaluation-only
+    arrays (``true_q`` of synthetic funnels)."""
     # Filled in place (one array per output, of the split's rows): a split of millions of rows
     # is held once, not once in batches and again concatenated.
     n, filled, out = self.data.num_examples(split), 0, {}

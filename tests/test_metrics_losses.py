@@ -34,7 +34,7 @@ def test_auc_brute_force_pairs():
 def test_auc_in_chunks_of_positives_with_ties_across_them(monkeypatch, dtype):
   """Positives compared with the negatives a few at a time (chunks of 7 here), tied scores
   straddling the chunks, scores in the model's float32 as in float64 and as integers."""
-  monkeypatch.setattr(metrics, "_AUC_CHUNK", 7)
+  monkeypatch.setattr(metrics, "_CHUNK_ROWS", 7)
   rng = np.random.default_rng(3)
   y = rng.random(500) < 0.4
   s = (rng.integers(0, 20, size=500) + 3 * y).astype(dtype)

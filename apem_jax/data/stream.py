@@ -41,8 +41,9 @@ that each window of ``shuffle_buffer`` rows (across ``interleave_cycle`` files) 
 uniformly, the bounded approximation of a shuffle buffer.
 
 *Skip* (a resumed run's position): whole epochs are skipped without reading anything; within an
-epoch, the first ``skip`` batches' records are read and permuted but are not parsed, so a resume costs reading up to one epoch's records (I/O and the shuffle, not the
-parse) before its first batch.
+epoch, the first ``skip`` batches' records are read and permuted but are not parsed, so a
+resume costs reading up to one epoch's records (I/O and the shuffle, not the parse) before its
+first batch.
 
 **Evaluation** (``eval_batches``) reads a split's shards in file order, process ``i`` of ``k``
 keeping records ``i, i + k, ...`` (``Dataset.shard``; every process reads the whole split's
