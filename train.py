@@ -21,8 +21,6 @@ directory as a workdir of its own.
 
 
 import os
-import signal
-import sys
 
 import jax
 from absl import app, flags, logging
@@ -73,8 +71,7 @@ def main(argv):
     return
   with cli.user_errors_in_one_line("train.py", _DEBUG.value):
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if summary["stopped_by"]:
-    sys.exit(128 + signal.Signals[summary["stopped_by"]["signal"]].value)
+  trainer.exit_if_stopped(summary)
   print(f"Best validation score {summary['best_validation_score']:.5f} at step "
         f"{summary['best_step']}; metrics in {_WORKDIR.value}/metrics.json")
 

@@ -400,6 +400,15 @@ class StopRequests:
       signal.signal(sig, handler)
 
 
+def exit_if_stopped(summary: dict[str, Any]) -> None:
+  """Exits this process (``SystemExit``, status 128 + the signal's number) when ``summary`` is
+  that of a run stopped by a signal (``summary['stopped_by']``). A caller that uses the run next
+  (evaluates it, scores a tuning trial) calls this first, or it would take a half-trained run for
+  a finished one; rerunning the command resumes the run from its checkpoint."""
+  if summary.get("stopped_by"):
+    raise SystemExit(128 + signal.Signals[summary["stopped_by"]["signal"]].value)
+
+
 def _kill_point(point: str, step: int) -> None:
   """Test instrumentation: ``APEM_JAX_KILL_AT=<point>:<step>`` kills this process with SIGKILL,
   as a crash or an out-of-memory killer would, at ``step`` (after the train step), ``evaluate``

@@ -126,9 +126,8 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     train: ``train(config, workdir) -> summary`` (default: ``trainer.train_and_evaluate``).
   """
   import optuna  # pylint: disable=g-import-not-at-top
-  if train is None:
-    from apem_jax import trainer  # pylint: disable=g-import-not-at-top
-    train = trainer.train_and_evaluate
+  from apem_jax import trainer  # pylint: disable=g-import-not-at-top
+  train = train or trainer.train_and_evaluate
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   os.makedirs(directory, exist_ok=True)
   study = optuna.create_study(
@@ -149,7 +148,9 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     params = {name: _suggest(trial, name, kind, args) for name, (kind, args) in model_space.items()}
     config = apply(make_config(), params)
     workdir = os.path.join(directory, "trial_" + _digest(params))
-    return float(train(config, workdir)["best_validation_score"])
+    summary = train(config, workdir)
+    trainer.exit_if_stopped(summary)  # the trial stays RUNNING: tried again on the next call
+    return float(summary["best_validation_score"])
 
   def spent():  # the budget: trials that ran to their end (a diverged one counts, unscored)
     return [t for t in study.trials if t.state in (state.COMPLETE, state.FAIL)

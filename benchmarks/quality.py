@@ -156,7 +156,7 @@ def run_one(cell: Cell, seed: int) -> dict:
   if not os.path.exists(result_path):
     t0 = time.time()
     if not _trained_vmapped(summary_path):  # --vmap_seeds: trained already, evaluate only
-      trainer.train_and_evaluate(config, workdir)
+      trainer.exit_if_stopped(trainer.train_and_evaluate(config, workdir))
     test = trainer.evaluate_checkpoint(config, workdir, "test")["metrics"]
     reporting.write_json_atomic(result_path, test)
     print(f"{name}: {time.time() - t0:.0f}s  " + json.dumps(test), flush=True)

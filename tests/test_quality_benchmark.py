@@ -4,8 +4,10 @@ run made with another config is refused rather than reused."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -13,13 +15,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("shared_bottom", "mmoe")
 
 
+def _sweep_command(tmp_path, *extra: str) -> list[str]:
+  return [sys.executable, "benchmarks/quality.py", "--dataset", "synthetic",
+          "--models", ",".join(MODELS), "--seeds", "2", "--correlations", "1.0",
+          "--set", "data.synthetic.num_examples=1000", "--set", "train.num_epochs=2",
+          "--set", "train.batch_size=128", "--runs", str(tmp_path / "runs"),
+          "--out", str(tmp_path / "out"), *extra]
+
+
 def _sweep(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "benchmarks/quality.py", "--dataset", "synthetic",
-         "--models", ",".join(MODELS), "--seeds", "2", "--correlations", "1.0",
-         "--set", "data.synthetic.num_examples=1000", "--set", "train.num_epochs=2",
-         "--set", "train.batch_size=128", "--runs", str(tmp_path / "runs"),
-         "--out", str(tmp_path / "out"), *extra]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  return subprocess.run(_sweep_command(tmp_path, *extra), cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
 
 
 def _trained(stdout: str) -> list[str]:
@@ -59,6 +65,26 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   third = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
   assert third.returncode != 0
   assert "seed0/p1.0/config.json" in third.stderr and "optimizer.learning_rate" in third.stderr
+
+
+def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path):
+  """SIGTERM during a run: the sweep saves it and exits 143 (as train.py), without evaluating
+  the half-trained run on test or putting it in the table; a rerun resumes it."""
+  cmd = _sweep_command(tmp_path, "--set", "train.num_epochs=1000")
+  with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True) as proc:
+    workdir = tmp_path / "runs" / "synthetic" / MODELS[0] / "seed0" / "p1.0"
+    deadline = time.time() + 300
+    while not (workdir / "tensorboard").exists() and proc.poll() is None:
+      assert time.time() < deadline, "the first run did not start"
+      time.sleep(0.5)
+    time.sleep(2)  # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 143, out[-3000:]
+  assert "checkpoint saved" in out
+  assert not (workdir / "eval" / "test.json").exists()
+  assert not (tmp_path / "out" / "synthetic.json").exists()
 
 
 def test_tuned_sweep_gives_every_model_the_same_budget(tmp_path):

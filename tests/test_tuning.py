@@ -75,3 +75,23 @@ def test_tuning_reads_the_validation_split_only(tmp_path, monkeypatch):
                        fixed=("train.batch_size",))  # 1,920 training rows
   assert result.num_trials == 2 and np.isfinite(result.validation_score)
   assert set(splits) == {"validation"}
+
+
+def test_a_trial_stopped_by_a_signal_stops_the_tuning_and_is_not_scored(tmp_path):
+  """A trial whose run was stopped by SIGTERM (its summary's ``stopped_by``) is half-trained: the
+  tuning exits as train.py does (status 143) instead of scoring it, and the next call tries the
+  same parameters again in the same workdir (where the run resumes) and counts it once."""
+  calls = []
+
+  def stopped(config, workdir):
+    calls.append((config, workdir))
+    return {"best_validation_score": 1e9, "stopped_by": {"signal": "SIGTERM", "step": 3}}
+
+  with pytest.raises(SystemExit) as exit_info:
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=stopped)
+  assert exit_info.value.code == 143
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path),
+                       train=_fake_train(calls))
+  assert result.num_trials == 2 and len(calls) == 3
+  assert calls[1][1] == calls[0][1]  # the stopped trial, again in its workdir
+  assert max(t["validation_score"] for t in result.trials) < 1e9
