@@ -409,7 +409,22 @@ def test_quantile_sample_is_exact_below_its_size_and_close_above(monkeypatch):
 # Shards
 # ---------------------------------------------------------------------------------------------
 
-def test_shards_are_what_tensorflow_writes_and_parse_example_reads(tmp_path):
+def _example(tf, rows: dict) -> "tf.train.Example":
+  """What TensorFlow's own protos make of ``rows`` (one record): each feature's values, row after
+  row."""
+  return tf.train.Example(features=tf.train.Features(feature={
+      "categorical": tf.train.Feature(int64_list=tf.train.Int64List(
+          value=np.ravel(rows["categorical"]))),
+      **{k: tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(rows[k])))
+         for k in ("numeric", "labels", "label_mask", "weight")}}))
+
+
+def test_shards_are_what_tensorflow_writes_and_read_rows_reads(tmp_path):
+  """23 rows in shards of 10 and records of 4 rows, written in two calls that cut a record:
+  shards of 10, 10, 3 rows, records of 4, 4, 2 | 4, 4, 2 | 3 rows, each record TensorFlow's own
+  ``tf.train.Example`` of its rows (protobuf leaves the order of map entries free, so the bytes
+  are compared as protos), framed byte for byte as ``tf.io.TFRecordWriter`` frames it, and
+  ``read_rows`` gives the rows back."""
   tf = pipeline._import_tf()  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
   n, fc, fn, t = 23, 3, 2, 2
@@ -421,28 +436,47 @@ def test_shards_are_what_tensorflow_writes_and_parse_example_reads(tmp_path):
   arrays["categorical"][:4, 0] = [0, 127, 128, 16383]  # varint length edges
   records = prepared.records_of(*prepared.serialize_examples(
       *(arrays[k] for k in prepared.FEATURE_KEYS)))
-  for i, record in enumerate(records):
-    expected = tf.train.Example(features=tf.train.Features(feature={
-        "categorical": tf.train.Feature(int64_list=tf.train.Int64List(
-            value=arrays["categorical"][i])),
-        **{k: tf.train.Feature(float_list=tf.train.FloatList(value=np.atleast_1d(arrays[k][i])))
-           for k in ("numeric", "labels", "label_mask", "weight")}}))
-    assert tf.train.Example.FromString(record) == expected
-  with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
-    for record in records:
-      writer.write(record)
-  writer = prepared.ShardWriter(tmp_path, "train", shard_rows=10)
+  for i, record in enumerate(records):  # one row a record
+    assert tf.train.Example.FromString(record) == _example(tf, {k: v[i] for k, v in
+                                                                 arrays.items()})
+  writer = prepared.ShardWriter(tmp_path, "train", shard_rows=10, record_rows=4)
   writer.write({k: v[:15] for k, v in arrays.items()})
   writer.write({k: v[15:] for k, v in arrays.items()})
   shards = writer.close()
   assert [s["rows"] for s in shards] == [10, 10, 3]
-  ours = b"".join((tmp_path / s["file"]).read_bytes() for s in shards)
-  assert ours == (tmp_path / "tf.tfrecord").read_bytes()
-  spec = prepared.feature_spec(fc, fn, t, tf)
-  parsed = next(iter(tf.data.TFRecordDataset([str(tmp_path / s["file"]) for s in shards])
-                     .batch(100).map(lambda x: tf.io.parse_example(x, spec))))
+  bounds = [0, 4, 8, 10, 14, 18, 20, 23]
+  files = [str(tmp_path / s["file"]) for s in shards]
+  ours = [r.numpy() for r in tf.data.TFRecordDataset(files)]
+  assert [tf.train.Example.FromString(r) for r in ours] == [
+      _example(tf, {k: v[lo:hi] for k, v in arrays.items()}) for lo, hi in zip(bounds, bounds[1:])]
+  with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as tf_writer:  # the same framing
+    for record in ours:
+      tf_writer.write(record)
+  assert b"".join(pathlib.Path(f).read_bytes() for f in files) == (
+      tmp_path / "tf.tfrecord").read_bytes()
+  dims = {"categorical": fc, "numeric": fn, "tasks": t}
+  assert [len(r["weight"]) for r in prepared.read_rows(files, dims, tf).as_numpy_iterator()] == [
+      hi - lo for lo, hi in zip(bounds, bounds[1:])]
+  parsed = next(prepared.read_rows(files, dims, tf).rebatch(100).as_numpy_iterator())
+  assert parsed["categorical"].dtype == np.int32
+  arrays["categorical"] = arrays["categorical"].astype(np.int32)
   for key in prepared.FEATURE_KEYS:
-    np.testing.assert_array_equal(parsed[key].numpy(), arrays[key])
+    np.testing.assert_array_equal(parsed[key], arrays[key])
+
+
+def test_rows_without_numeric_features_read_back(tmp_path):
+  """A feature of width 0 (no numeric columns) still reads back one row per row."""
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  arrays = {"categorical": np.arange(10).reshape(5, 2), "numeric": np.zeros((5, 0), np.float32),
+            "labels": np.ones((5, 1), np.float32), "label_mask": np.ones((5, 1), np.float32),
+            "weight": np.ones(5, np.float32)}
+  writer = prepared.ShardWriter(tmp_path, "train", shard_rows=10, record_rows=2)
+  writer.write(arrays)
+  files = [str(tmp_path / s["file"]) for s in writer.close()]
+  parsed = next(prepared.read_rows(files, {"categorical": 2, "numeric": 0, "tasks": 1}, tf)
+                .rebatch(10).as_numpy_iterator())
+  assert parsed["numeric"].shape == (5, 0)
+  np.testing.assert_array_equal(parsed["categorical"], arrays["categorical"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,15 +153,19 @@ def test_an_epoch_reads_every_training_row_once(funnel, groups, buffer):
 
 
 def test_shuffled_batches_permute_whole_windows():
-  """1,000 rows in batches of 64 and windows of 200 rows (rounded up to 256): 15 batches, four
-  per full window, each window's rows a permutation of its rows; the last window's remainder (40
-  rows) dropped; the same seed the same batches, another seed another order."""
+  """1,000 rows in records of 7 rows, batches of 64 and windows of 200 rows (rounded up to 256):
+  15 batches, four per full window, each window's rows a permutation of its rows (the features
+  of a row kept together); the last window's remainder (40 rows) dropped; the same seed the same
+  batches, another seed another order."""
   tf = pipeline._import_tf()  # pylint: disable=protected-access
 
   def batches(seed):
-    records = tf.data.Dataset.range(1000).map(tf.strings.as_string)
-    return [b.astype(int) for b in stream.shuffled_batches(tf, records, 64, 200, seed)
-            .as_numpy_iterator()]
+    records = tf.data.Dataset.range(1000).batch(7).map(
+        lambda x: {"id": x, "pair": tf.stack([x, -x], axis=1)})
+    got = list(stream.shuffled_batches(tf, records, 64, 200, seed).as_numpy_iterator())
+    for b in got:
+      np.testing.assert_array_equal(b["pair"], np.stack([b["id"], -b["id"]], axis=1))
+    return [b["id"] for b in got]
 
   got = batches(7)
   assert len(got) == 15 and all(b.shape == (64,) for b in got)

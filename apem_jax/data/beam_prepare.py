@@ -11,9 +11,10 @@ is new here is only how the work is divided and merged::
   pass-1 files -> Fit (per file: read_file, split_ids, _Fitter.add) -> partial statistics
     -> MergeStatistics (CombineGlobally) -> prepare's Fitted, a side input of what follows
   pass-2 files -> Encode (per file: read_file, split_ids, encode_chunk) -> one part per (file,
-    split): framed TFRecord records and each row's end offset
+    split): the encoded rows, fixed-width binary
     -> PlanShards: each split's rows in prepare's order (pass-1 files, then the validation and
-       test files) cut into shards of shard_rows -> WriteShards (bytes copied from the parts)
+       test files) cut into shards of shard_rows -> WriteShards (the parts' rows serialised into
+       records, as prepared.ShardWriter does)
     -> Finish: schema.json, statistics.json, preprocessing.json, metadata.json
   the launcher: cache key, temporary directory, file-change check, rename into place.
 
@@ -88,7 +89,7 @@ finally:
 
 PROGRAM = "beam_prepare"
 PARTS_DIR = "parts"  # inside the temporary directory; removed before it is renamed
-COPY_BYTES = 8 << 20  # bytes copied at a time from a part into a shard
+COPY_ROWS = 65_536  # rows read at a time from a part into a shard
 _RAW = beam_filesystem.CompressionTypes.UNCOMPRESSED
 
 
@@ -261,15 +262,21 @@ class _FitCombine(beam.CombineFn):
 # Pass 2: every file encoded into parts, the parts cut into shards
 # --------------------------------------------------------------------------------------------
 
+def _row_dtype(widths: Mapping[str, int]) -> np.dtype:
+  """The fixed-width layout of a part's rows: each of prepared.FEATURE_KEYS, little-endian."""
+  return np.dtype([(k, "<i8" if k == "categorical" else "<f4", (widths[k],))
+                   for k in prepared_lib.FEATURE_KEYS])
+
+
 @dataclasses.dataclass
 class _Part:
-  """One file's rows of one split: ``data`` holds their framed TFRecord records one after the
-  other, ``ends`` each row's end offset in ``data`` (little-endian int64 [rows])."""
+  """One file's rows of one split: ``data`` holds them one after the other in the layout of
+  :func:`_row_dtype` of ``widths``."""
 
   split: str
   rows: int
   data: str | None  # None: no row (every training row of the file dropped)
-  ends: str | None
+  widths: Mapping[str, int] | None
   dropped: int
   kept_inconsistent: int
 
@@ -285,14 +292,12 @@ class _Encoded:
 
 
 class _PartWriter:
-  """Appends a split's encoded batches to ``<parts>/<split>-<file index>.records`` (+ ``.ends``)
-  with prepared.py's serialisation and framing (what ``ShardWriter.write`` writes)."""
+  """Appends a split's encoded batches to ``<parts>/<split>-<file index>.rows``."""
 
   def __init__(self, parts_dir: str, split: str, index: int):
-    stem = _join(parts_dir, f"{split}-{index:05d}")
-    self.split, self.data, self.ends = split, stem + ".records", stem + ".ends"
-    self._data = self._ends = None
-    self.rows = self.bytes = self.dropped = self.kept = 0
+    self.split, self.data = split, _join(parts_dir, f"{split}-{index:05d}.rows")
+    self._data = self.widths = None
+    self.rows = self.dropped = self.kept = 0
 
   def write(self, arrays: Mapping[str, np.ndarray], dropped: int, kept: int) -> None:
     """``arrays``: encode_chunk's ``{categorical [n, Fc], numeric [n, Fn], labels [n, T],
@@ -302,23 +307,22 @@ class _PartWriter:
     n = len(arrays["weight"])
     if not n:
       return
-    framed, sizes = prepared_lib.frame_records(*prepared_lib.serialize_examples(
-        *(arrays[k] for k in prepared_lib.FEATURE_KEYS)))
     if self._data is None:
+      self.widths = {k: int(np.prod(arrays[k].shape[1:], dtype=int))
+                     for k in prepared_lib.FEATURE_KEYS}
       self._data = FileSystems.create(self.data, compression_type=_RAW)
-      self._ends = FileSystems.create(self.ends, compression_type=_RAW)
-    self._data.write(memoryview(framed))
-    self._ends.write((self.bytes + np.cumsum(sizes)).astype("<i8").tobytes())
+    rows = np.empty(n, _row_dtype(self.widths))
+    for k in prepared_lib.FEATURE_KEYS:
+      rows[k] = arrays[k].reshape(n, -1)
+    self._data.write(rows.tobytes())
     self.rows += n
-    self.bytes += int(sizes.sum())
 
   def close(self) -> _Part:
     if self._data is not None:
       self._data.close()
-      self._ends.close()
     written = self.rows > 0
-    return _Part(self.split, self.rows, self.data if written else None,
-                 self.ends if written else None, self.dropped, self.kept)
+    return _Part(self.split, self.rows, self.data if written else None, self.widths,
+                 self.dropped, self.kept)
 
 
 class _EncodeFile(beam.DoFn):
@@ -352,13 +356,14 @@ class _EncodeFile(beam.DoFn):
 
 @dataclasses.dataclass(frozen=True)
 class ShardTask:
-  """Shard ``index`` of ``split``: ``pieces`` ``(part data, part ends, first row, end row)`` in
-  order, ``rows`` in all."""
+  """Shard ``index`` of ``split``: ``pieces`` ``(part data, first row, end row)`` in order,
+  ``rows`` in all, the parts' rows of ``widths``."""
 
   split: str
   index: int
-  pieces: tuple[tuple[str, str, int, int], ...]
+  pieces: tuple[tuple[str, int, int], ...]
   rows: int
+  widths: Mapping[str, int]
 
 
 def plan_shards(encoded: Sequence[_Encoded], shard_rows: int) -> list[ShardTask]:
@@ -372,37 +377,32 @@ def plan_shards(encoded: Sequence[_Encoded], shard_rows: int) -> list[ShardTask]
     total = int(starts[-1])
     for k in range(-(-total // shard_rows)):
       lo, hi = k * shard_rows, min(total, (k + 1) * shard_rows)
-      pieces = tuple((p.data, p.ends, max(lo - int(s), 0), min(hi - int(s), p.rows))
+      pieces = tuple((p.data, max(lo - int(s), 0), min(hi - int(s), p.rows))
                      for p, s in zip(parts, starts) if s < hi and s + p.rows > lo)
-      tasks.append(ShardTask(split, k, pieces, hi - lo))
+      tasks.append(ShardTask(split, k, pieces, hi - lo, parts[0].widths))
   return tasks
 
 
-def _end_offset(ends_path: str, row: int) -> int:
-  """Byte offset in a part's data where its row ``row`` starts (the end of row ``row - 1``)."""
-  if row == 0:
-    return 0
-  with FileSystems.open(ends_path, compression_type=_RAW) as f:
-    f.seek(8 * (row - 1))
-    return int(np.frombuffer(f.read(8), "<i8")[0])
-
-
 def write_shard(task: ShardTask, directory: str) -> tuple[str, int, int, float]:
-  """Writes ``<directory>/<split>-NNNNN.tfrecord`` from the parts: ``(split, index, rows,
-  seconds)``."""
+  """Writes ``<directory>/<split>-NNNNN.tfrecord`` from the parts' rows, in records as
+  ``prepared.ShardWriter`` writes them: ``(split, index, rows, seconds)``."""
   start = time.perf_counter()
+  dtype = _row_dtype(task.widths)
   with FileSystems.create(_join(directory, prepared_lib.shard_name(task.split, task.index)),
                           compression_type=_RAW) as out:
-    for data, ends, first, end in task.pieces:
-      begin, stop = _end_offset(ends, first), _end_offset(ends, end)
+    records = prepared_lib.RecordWriter(out)
+    for data, first, end in task.pieces:
       with FileSystems.open(data, compression_type=_RAW) as f:
-        f.seek(begin)
-        while begin < stop:
-          block = f.read(min(COPY_BYTES, stop - begin))
-          if not block:
-            raise IOError(f"{data}: ends at {begin}, expected {stop} bytes")
-          out.write(block)
-          begin += len(block)
+        f.seek(first * dtype.itemsize)
+        for lo in range(first, end, COPY_ROWS):
+          n = min(COPY_ROWS, end - lo)
+          block = f.read(n * dtype.itemsize)
+          if len(block) != n * dtype.itemsize:
+            raise IOError(f"{data}: ends before row {end}")
+          rows = np.frombuffer(block, dtype)
+          records.write({k: rows[k].reshape(n) if k == "weight" else rows[k]
+                         for k in prepared_lib.FEATURE_KEYS})
+    records.close()
   return task.split, task.index, task.rows, time.perf_counter() - start
 
 

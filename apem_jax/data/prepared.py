@@ -14,27 +14,34 @@ when complete, so a directory under this name is always complete)::
                          statistics, missing-value policies)
     train-00000.tfrecord, train-00001.tfrecord, ..., validation-00000.tfrecord, test-...
 
-**Shards**: TFRecord files of ``tf.train.Example``, one example per row, ``shard_rows`` rows per
-file (the last one of a split fewer), uncompressed, in the order the rows were read. Every example
-has the same five features, all fixed-length::
+**Shards**: TFRecord files of ``tf.train.Example`` records, ``shard_rows`` rows per file (the last
+one of a split fewer), uncompressed, in the order the rows were read. A record holds
+:data:`RECORD_ROWS` consecutive rows (a shard's last record fewer), each feature the rows' values
+one row after the other::
 
-  categorical  int64_list  [Fc]  ids (OOV id = vocabulary size; hashed: farmhash % num_buckets)
-  numeric      float_list  [Fn]  normalised values
-  labels       float_list  [T]   0/1 (binary) or the value (regression); 0 where masked
-  label_mask   float_list  [T]   1 where the row has the task's label
-  weight       float_list  [1]   the spec's weight column, else 1
+  categorical  int64_list  [r * Fc]  ids (OOV id = vocabulary size; hashed: farmhash % num_buckets)
+  numeric      float_list  [r * Fn]  normalised values
+  labels       float_list  [r * T]   0/1 (binary) or the value (regression); 0 where masked
+  label_mask   float_list  [r * T]   1 where the row has the task's label
+  weight       float_list  [r]       the spec's weight column, else 1
 
-Why this format: phase 2 (streaming training) reads it with ``tf.data.TFRecordDataset(files)`` +
-``tf.io.parse_example(serialized, feature_spec(...))`` and nothing else: files interleave and
-shuffle at the record level, every field parses to a dense tensor of a fixed shape (no ragged or
-per-feature keys: 40 features are two lists, not 40 map entries; reading back 800k Census-width
-rows took 2.4 CPU-seconds, ~3 us a row, measured on the 2-core development machine), and any
-TFRecord reader in any language can read it. The examples are
-serialised and framed (length, masked CRC-32C) here with NumPy, whole record batches at a time;
-building one ``tf.train.Example`` proto per row in Python costs more than everything else the
+``tf.io.parse_single_example`` with ``FixedLenSequenceFeature`` reads a record back as ``[r, Fc]``,
+``[r, Fn]``, ... tensors (:func:`parse_record`), and every field is a dense tensor of a fixed width
+(no ragged or per-feature keys: 40 features are two lists, not 40 map entries), so any TFRecord
+reader in any language can read it.
+
+Why many rows a record (format 3; format 2 held one row a record): tf.data's cost is per element,
+and one element per row held the streamed input to about 440-480k rows/s on the 2-core
+development machine (reading alone ran at 810k), not the 2x of a small model's train step that
+the input must deliver. With 128 rows a record the same pipeline (read, parse, permute windows,
+batch) runs at about 1.5M rows/s (docs/data_scale.md). Rows still shuffle one by one: the
+streamed input permutes windows of parsed rows, not records (:mod:`apem_jax.data.stream`).
+
+The records are serialised and framed (length, masked CRC-32C) here with NumPy, many records at a
+time; building ``tf.train.Example`` protos in Python costs more than everything else the
 preparation does (measured: ~650k rows/s for ``TFRecordWriter.write`` alone, ~330k rows/s for
-``tf.io.encode_proto``). The bytes are exactly what TensorFlow writes for the same examples
-(tested).
+``tf.io.encode_proto``). Every record parses to TensorFlow's own ``tf.train.Example`` of its
+rows, framed byte for byte as ``tf.io.TFRecordWriter`` frames it (tested).
 
 :func:`load_prepared` reads a prepared directory back into the in-memory
 :class:`apem_jax.data.pipeline.DatasetSplits` the trainer takes today.
@@ -53,8 +60,10 @@ from apem_jax import schema as schema_lib
 from apem_jax.data import preprocessing as prep_lib
 
 # 2: preprocessing.json for every spec (hashed features, missing-value policies and per-feature
-# transforms included), so that export serves it; a directory of version 1 is prepared again.
-FORMAT_VERSION = 2
+# transforms included), so that export serves it. 3: RECORD_ROWS rows a record, not one. A
+# directory of an older version is prepared again.
+FORMAT_VERSION = 3
+RECORD_ROWS = 128
 METADATA_FILE = "metadata.json"
 SCHEMA_FILE = "schema.json"
 STATISTICS_FILE = "statistics.json"
@@ -62,25 +71,51 @@ PREPROCESSING_FILE = "preprocessing.json"
 SPLITS = ("train", "validation", "test")
 FEATURE_KEYS = ("categorical", "numeric", "labels", "label_mask", "weight")
 READ_BATCH_ROWS = 65_536
+READ_BUFFER_BYTES = 1 << 20  # TFRecordDataset's read buffer per open file
 
 
 def shard_name(split: str, index: int) -> str:
   return f"{split}-{index:05d}.tfrecord"
 
 
-def feature_spec(num_categorical: int, num_numeric: int, num_tasks: int, tf=None
-                 ) -> dict[str, Any]:
-  """The ``tf.io.parse_example`` spec of a prepared shard's examples."""
+def widths(dims: Mapping[str, int]) -> dict[str, int]:
+  """Values per row of each of :data:`FEATURE_KEYS`, from the metadata's ``dims``."""
+  return {"categorical": int(dims["categorical"]), "numeric": int(dims["numeric"]),
+          "labels": int(dims["tasks"]), "label_mask": int(dims["tasks"]), "weight": 1}
+
+
+def parse_record(dims: Mapping[str, int], tf=None):
+  """A function: one serialised record (a scalar string tensor) -> its rows, ``{categorical
+  int32 [r, Fc], numeric [r, Fn], labels [r, T], label_mask [r, T], weight [r]}``."""
   if tf is None:
     from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     tf = pipeline._import_tf()  # pylint: disable=protected-access
-  return {
-      "categorical": tf.io.FixedLenFeature([num_categorical], tf.int64),
-      "numeric": tf.io.FixedLenFeature([num_numeric], tf.float32),
-      "labels": tf.io.FixedLenFeature([num_tasks], tf.float32),
-      "label_mask": tf.io.FixedLenFeature([num_tasks], tf.float32),
-      "weight": tf.io.FixedLenFeature([], tf.float32),
-  }
+  width = widths(dims)
+  dtypes = {k: tf.int64 if k == "categorical" else tf.float32 for k in FEATURE_KEYS}
+  # A feature of width 0 has no values to count its rows by: it is made from the weights' rows.
+  spec = {k: tf.io.FixedLenSequenceFeature([] if k == "weight" else [width[k]], dtypes[k],
+                                           allow_missing=True)
+          for k in FEATURE_KEYS if width[k]}
+
+  def parse(serialized):
+    rows = tf.io.parse_single_example(serialized, spec)
+    r = tf.shape(rows["weight"])[0]
+    for k in FEATURE_KEYS:
+      if not width[k]:
+        rows[k] = tf.zeros([r, 0], dtypes[k])
+    rows["categorical"] = tf.cast(rows["categorical"], tf.int32)
+    return rows
+  return parse
+
+
+def read_rows(files: Sequence[str], dims: Mapping[str, int], tf=None):
+  """A ``tf.data.Dataset`` of the records of ``files`` (in order), each element one record's
+  rows (:func:`parse_record`); ``.rebatch(n)`` makes batches of ``n`` rows of it."""
+  if tf is None:
+    from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    tf = pipeline._import_tf()  # pylint: disable=protected-access
+  return tf.data.TFRecordDataset(list(files), buffer_size=READ_BUFFER_BYTES).map(
+      parse_record(dims, tf))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,12 +247,14 @@ def _float_entry_prefix(key: str, count: int) -> bytes:
 def serialize_examples(categorical: np.ndarray, numeric: np.ndarray, labels: np.ndarray,
                        label_mask: np.ndarray, weight: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
-  """Serialised ``tf.train.Example`` of each row, right-aligned: ``(bytes uint8 [N, W],
-  lengths int64 [N])``, row ``i``'s record in its last ``lengths[i]`` bytes, zeros before, ``W`` a
-  multiple of 4 (what :func:`crc32c_rows` and :func:`frame_records` take).
+  """Serialised ``tf.train.Example`` of each row of the arguments, right-aligned: ``(bytes uint8
+  [N, W], lengths int64 [N])``, example ``i`` in the last ``lengths[i]`` bytes of row ``i``, zeros
+  before, ``W`` a multiple of 4 (what :func:`crc32c_rows` and :func:`frame_records` take). A
+  record of ``r`` data rows is one row here, its values side by side (:func:`serialize_records`).
 
   ``categorical`` [N, Fc] non-negative integers; ``numeric`` [N, Fn], ``labels`` and
-  ``label_mask`` [N, T], ``weight`` [N]: cast to float32 (little-endian, as protobuf stores them).
+  ``label_mask`` [N, T], ``weight`` [N] or [N, r]: cast to float32 (little-endian, as protobuf
+  stores them).
   The categorical entry comes first in the ``Features`` map and the float entries after it
   (protobuf map order is free): only the first part of a record varies in length.
   """
@@ -230,7 +267,7 @@ def serialize_examples(categorical: np.ndarray, numeric: np.ndarray, labels: np.
   floats = [("numeric", np.asarray(numeric, "<f4").reshape(n, -1)),
             ("labels", np.asarray(labels, "<f4").reshape(n, -1)),
             ("label_mask", np.asarray(label_mask, "<f4").reshape(n, -1)),
-            ("weight", np.asarray(weight, "<f4").reshape(n, 1))]
+            ("weight", np.asarray(weight, "<f4").reshape(n, -1))]
 
   # The variable part: the Example and Features headers and the categorical entry.
   segments: list[tuple[np.ndarray, np.ndarray | None]] = []  # (bytes [N, w], valid or None)
@@ -314,47 +351,88 @@ def frame_records(right_aligned: np.ndarray, lengths: np.ndarray
   return framed[keep], lengths + 16
 
 
-class ShardWriter:
-  """Writes one split's rows into ``<split>-NNNNN.tfrecord`` files of ``shard_rows`` rows."""
+def _rows(arrays: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+  return {k: arrays[k][start:stop] for k in FEATURE_KEYS}
 
-  def __init__(self, directory: str | os.PathLike, split: str, shard_rows: int):
+
+def serialize_records(arrays: Mapping[str, np.ndarray], record_rows: int = RECORD_ROWS
+                      ) -> np.ndarray:
+  """``arrays`` (:data:`FEATURE_KEYS`, ``n >= 1`` rows aligned) as framed TFRecord records of
+  ``record_rows`` rows each, the last one the rest: ``bytes uint8``, ready to be written."""
+  n = len(arrays["weight"])
+  whole = n // record_rows * record_rows
+  parts = []
+  for start, stop, records in ((0, whole, whole // record_rows), (whole, n, 1)):
+    if stop > start:
+      parts.append(frame_records(*serialize_examples(
+          *(np.asarray(arrays[k][start:stop]).reshape(records, -1) for k in FEATURE_KEYS)))[0])
+  return np.concatenate(parts)
+
+
+class RecordWriter:
+  """Rows appended to an open binary file as records of ``record_rows`` rows: a record is
+  written once it is full; :meth:`close` writes the last, shorter one (and leaves the file
+  open)."""
+
+  def __init__(self, file, record_rows: int = RECORD_ROWS):
+    self.file = file
+    self.record_rows = int(record_rows)
+    self._pending: dict[str, np.ndarray] | None = None  # fewer than record_rows rows
+
+  def write(self, arrays: Mapping[str, np.ndarray]) -> None:
+    rows = arrays if self._pending is None else {
+        k: np.concatenate([self._pending[k], arrays[k]]) for k in FEATURE_KEYS}
+    n = len(rows["weight"])
+    whole = n // self.record_rows * self.record_rows
+    if whole:
+      self.file.write(memoryview(serialize_records(_rows(rows, 0, whole), self.record_rows)))
+    self._pending = _rows(rows, whole, n) if whole < n else None
+
+  def close(self) -> None:
+    if self._pending is not None:
+      self.file.write(memoryview(serialize_records(self._pending, self.record_rows)))
+      self._pending = None
+
+
+class ShardWriter:
+  """Writes one split's rows into ``<split>-NNNNN.tfrecord`` files of ``shard_rows`` rows, in
+  records of ``record_rows`` rows (:class:`RecordWriter`; a shard's last record fewer)."""
+
+  def __init__(self, directory: str | os.PathLike, split: str, shard_rows: int,
+               record_rows: int = RECORD_ROWS):
     if shard_rows < 1:
       raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     self.directory = pathlib.Path(directory)
     self.split = split
     self.shard_rows = int(shard_rows)
+    self.record_rows = int(record_rows)
     self.shards: list[dict[str, Any]] = []  # {"file", "rows"}
     self._file = None
+    self._records: RecordWriter | None = None
     self.rows = 0
-
-  def _current(self):
-    if self._file is None or self.shards[-1]["rows"] >= self.shard_rows:
-      self._close_file()
-      name = shard_name(self.split, len(self.shards))
-      self._file = open(self.directory / name, "wb")  # pylint: disable=consider-using-with
-      self.shards.append({"file": name, "rows": 0})
-    return self._file
 
   def _close_file(self):
     if self._file is not None:
+      self._records.close()
       self._file.close()
-      self._file = None
+      self._file = self._records = None
 
   def write(self, arrays: Mapping[str, np.ndarray]) -> None:
     """Appends rows: ``arrays`` holds :data:`FEATURE_KEYS`, rows aligned."""
     n = len(arrays["weight"])
-    if n == 0:
-      return
-    framed, sizes = frame_records(*serialize_examples(*(arrays[k] for k in FEATURE_KEYS)))
-    ends = np.cumsum(sizes)
     done = 0
     while done < n:
-      f = self._current()
+      if self._file is None:
+        name = shard_name(self.split, len(self.shards))
+        self._file = open(self.directory / name, "wb")  # pylint: disable=consider-using-with
+        self._records = RecordWriter(self._file, self.record_rows)
+        self.shards.append({"file": name, "rows": 0})
       take = min(n - done, self.shard_rows - self.shards[-1]["rows"])
-      start = int(ends[done - 1]) if done else 0
-      f.write(memoryview(framed[start:int(ends[done + take - 1])]))
+      self._records.write(_rows(arrays, done, done + take))
       self.shards[-1]["rows"] += take
       done += take
+      if self.shards[-1]["rows"] == self.shard_rows:
+        self._close_file()
     self.rows += n
 
   def close(self) -> list[dict[str, Any]]:
@@ -374,32 +452,25 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 def read_split(directory: str | os.PathLike, split: str, metadata: Mapping[str, Any] | None = None
                ) -> dict[str, np.ndarray]:
   """One split's shards -> ``{'categorical' int32, 'numeric', 'labels', 'label_mask',
-  'weight'}`` arrays, read with ``tf.data.TFRecordDataset`` + ``tf.io.parse_example``."""
+  'weight'}`` arrays (:func:`read_rows`)."""
   from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tf = pipeline._import_tf()  # pylint: disable=protected-access
   directory = pathlib.Path(directory)
   metadata = metadata or read_metadata(directory)
-  dims = metadata["dims"]
-  spec = feature_spec(dims["categorical"], dims["numeric"], dims["tasks"], tf)
   files = [os.fspath(directory / s["file"]) for s in metadata["splits"][split]["shards"]]
-  ds = (tf.data.TFRecordDataset(files)
-        .batch(READ_BATCH_ROWS)
-        .map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE,
-             deterministic=True)
-        .prefetch(1))
+  ds = read_rows(files, metadata["dims"], tf).rebatch(READ_BATCH_ROWS).prefetch(1)
   parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
   for batch in ds.as_numpy_iterator():
     for k in FEATURE_KEYS:
       parts[k].append(batch[k])
-  widths = {"categorical": dims["categorical"], "numeric": dims["numeric"],
-            "labels": dims["tasks"], "label_mask": dims["tasks"]}
+  width = widths(metadata["dims"])
   out = {}
   for k in FEATURE_KEYS:
     if parts[k]:
       out[k] = np.concatenate(parts[k])
     else:
-      out[k] = np.zeros((0, widths[k]) if k in widths else (0,), np.float32)
-  out["categorical"] = out["categorical"].astype(np.int32)
+      out[k] = np.zeros((0,) if k == "weight" else (0, width[k]),
+                        np.int32 if k == "categorical" else np.float32)
   expected = metadata["splits"][split]["rows"]
   if len(out["weight"]) != expected:
     raise ValueError(f"{directory}: split {split!r} holds {len(out['weight'])} rows, its "

@@ -4,9 +4,8 @@ The in-memory :class:`apem_jax.data.pipeline.DatasetSplits` holds every split's 
 host memory. ``StreamedSplits`` has the same interface (the trainer takes either) but reads the
 TFRecord shards of a prepared directory (:mod:`apem_jax.data.prepared`) with tf.data as it goes:
 no split is ever held whole in host memory. What it holds: the metadata, the schema and the
-preprocessing; per file group, a shuffle window of ``shuffle_buffer`` serialised records (and
-its permuted copy);
-a few parsed batches in flight (prefetch). Nothing grows with the number of rows.
+preprocessing; per file group, a shuffle window of ``shuffle_buffer`` parsed rows (and its
+permuted copy); a few batches in flight (prefetch). Nothing grows with the number of rows.
 
 **Training order** (``train_batches``). The training shards are divided into ``groups`` *file
 groups* (``data.stream_groups``; default: one per process). A global batch of ``batch_size`` rows
@@ -21,13 +20,13 @@ Epoch ``e`` of the sequence of ``seed``:
 1. the training files are permuted with ``SeedSequence([seed, e])`` (the same on every process)
    and file ``j`` of the permutation goes to group ``j % groups``;
 2. each group reads its files with ``interleave`` (``interleave_cycle`` files at a time, one
-   record from each in turn), cuts the records into windows of ``shuffle_buffer`` rows, permutes
-   each window (seeded with ``SeedSequence([seed, e, group])`` and the window's index), cuts
-   them into sub-batches (remainder dropped) and takes ``num_examples('train') // batch_size`` of
-   them (:func:`shuffled_batches`): every group, so every process, yields the same number of
-   batches per epoch (what the trainer takes);
-3. the groups' serialised sub-batches are concatenated and parsed with one vectorised
-   ``tf.io.parse_example`` per batch, then prefetched.
+   record of up to ``prepared.RECORD_ROWS`` rows from each in turn, parsed as it is read), cuts
+   the rows into windows of ``shuffle_buffer`` rows, permutes each window's rows (seeded with
+   ``SeedSequence([seed, e, group])`` and the window's index), cuts them into sub-batches
+   (remainder dropped) and takes ``num_examples('train') // batch_size`` of them
+   (:func:`shuffled_batches`): every group, so every process, yields the same number of batches
+   per epoch (what the trainer takes);
+3. the groups' sub-batches are concatenated, then prefetched.
 
 *Unequal groups.* A group needs ``steps * batch_size / groups`` rows per epoch. When its files
 hold fewer (shards are of ``shard_rows`` rows except each split's last, and the files do not
@@ -41,13 +40,12 @@ that each window of ``shuffle_buffer`` rows (across ``interleave_cycle`` files) 
 uniformly, the bounded approximation of a shuffle buffer.
 
 *Skip* (a resumed run's position): whole epochs are skipped without reading anything; within an
-epoch, the first ``skip`` batches' records are read and permuted but are not parsed, so a
-resume costs reading up to one epoch's records (I/O and the shuffle, not the parse) before its
-first batch.
+epoch, the first ``skip`` batches are read and permuted and dropped, so a resume costs reading
+up to one epoch's rows before its first batch.
 
 **Evaluation** (``eval_batches``) reads a split's shards in file order, process ``i`` of ``k``
-keeping records ``i, i + k, ...`` (``Dataset.shard``; every process reads the whole split's
-bytes and parses only its rows), in batches of ``batch_size // k`` padded exactly as
+keeping rows ``i, i + k, ...`` (every process reads and parses the whole split and keeps its
+rows of each ``k * batch_size // k`` rows), in batches of ``batch_size // k`` padded exactly as
 ``DatasetSplits.eval_batches``: every process yields ``ceil(ceil(n / k) / (batch_size // k))``
 batches, padding rows are zeros with ``weight = 0`` and ``label_mask = 0``. Real rows have weight 1
 (as in memory): the prepared example weight applies to the training loss only; the trainer's exact
@@ -82,7 +80,6 @@ from apem_jax.data import preprocessing as prep_lib
 
 DEFAULT_SHUFFLE_BUFFER = 100_000   # rows per file group
 DEFAULT_INTERLEAVE_CYCLE = 4       # files a group reads at a time
-READ_BUFFER_BYTES = 1 << 20        # TFRecordDataset's read buffer per open file
 BATCH_KEYS = ("categorical", "numeric", "labels", "label_mask", "weight")
 
 Batch = dict[str, np.ndarray]
@@ -95,10 +92,11 @@ def _seed(*entropy: int) -> int:
 
 
 def shuffled_batches(tf, records, batch_rows: int, window_rows: int, seed: int):
-  """``records`` (a dataset of serialised rows) cut into windows of ``window_rows`` rows (rounded
-  up to whole batches), each window's rows permuted (``stateless_shuffle`` seeded with ``[seed,
+  """``records`` (a dataset whose elements are dicts of tensors of a leading row dimension, e.g.
+  :func:`apem_jax.data.prepared.read_rows`) cut into windows of ``window_rows`` rows (rounded up
+  to whole batches), each window's rows permuted (``stateless_shuffle`` seeded with ``[seed,
   window index]``) and cut into batches of ``batch_rows`` (the last window's remainder dropped):
-  a dataset of [batch_rows] string tensors.
+  a dataset of dicts of ``[batch_rows, ...]`` tensors.
 
   A window is permuted as one tensor, so no row is an element of its own: the per-row cost of
   ``Dataset.shuffle`` (which kept the pipeline at half its reading rate) is gone. Within a window
@@ -107,13 +105,15 @@ def shuffled_batches(tf, records, batch_rows: int, window_rows: int, seed: int):
   window = max(1, -(-int(window_rows) // batch_rows)) * batch_rows
 
   def permute(index, rows):
+    n = tf.shape(next(iter(rows.values())))[0]
     order = tf.random.experimental.stateless_shuffle(
-        tf.range(tf.shape(rows)[0]), seed=tf.stack([tf.constant(seed, tf.int64), index]))
-    whole = tf.shape(rows)[0] // batch_rows * batch_rows
-    batches = tf.reshape(tf.gather(rows, order[:whole]), [-1, batch_rows])
-    return tf.data.Dataset.from_tensor_slices(batches)
+        tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), index]))
+    order = order[:n // batch_rows * batch_rows]
+    return tf.data.Dataset.from_tensor_slices({
+        k: tf.reshape(tf.gather(v, order), tf.concat([[-1, batch_rows], tf.shape(v)[1:]], 0))
+        for k, v in rows.items()})
 
-  return records.batch(window).enumerate().flat_map(permute)
+  return records.rebatch(window).enumerate().flat_map(permute)
 
 
 class StreamedSplits:
@@ -206,22 +206,15 @@ class StreamedSplits:
   def _options(self, tf):
     return pipeline._tf_options(tf)  # pylint: disable=protected-access
 
-  def _parse(self, tf):
-    spec = prepared_lib.feature_spec(*self._dims, tf)
-
-    def parse(serialized):
-      batch = tf.io.parse_example(serialized, spec)
-      batch["categorical"] = tf.cast(batch["categorical"], tf.int32)
-      return batch
-    return parse
+  def _rows(self, tf, files: list[str]):
+    return prepared_lib.read_rows(files, self.metadata["dims"], tf)
 
   def head(self, split: str, rows: int) -> Batch:
     """The model inputs (``categorical``, ``numeric``) of the first ``rows`` rows of ``split``;
-    reads only those rows."""
+    reads only those rows' records."""
     rows = min(int(rows), self.num_examples(split))
     tf = self._tf()
-    ds = (tf.data.TFRecordDataset(self._files(split)).take(rows).batch(max(rows, 1))
-          .map(self._parse(tf)).with_options(self._options(tf)))
+    ds = self._rows(tf, self._files(split)).rebatch(max(rows, 1)).with_options(self._options(tf))
     batch = next(iter(ds.as_numpy_iterator()))
     return {k: batch[k] for k in ("categorical", "numeric")}
 
@@ -255,7 +248,7 @@ class StreamedSplits:
     return [[files[j] for j in order[g::groups]] for g in range(groups)]
 
   def _epoch(self, tf, batch_size: int, seed: int, epoch: int, skip: int):
-    """This process's batches of one epoch, serialised (parsed by the caller)."""
+    """This process's batches of one epoch."""
     groups, mine = self._groups(batch_size)
     sub = batch_size // groups
     steps = self.num_examples("train") // batch_size
@@ -270,13 +263,13 @@ class StreamedSplits:
       ds = tf.data.Dataset.from_tensor_slices(files)
       if reps > 1:
         ds = ds.repeat(reps)
-      ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=READ_BUFFER_BYTES),
+      ds = ds.interleave(lambda f: self._rows(tf, [f]),
                          cycle_length=min(self.interleave_cycle, len(files) * reps),
                          block_length=1)
       parts.append(shuffled_batches(tf, ds, sub, self.shuffle_buffer, _seed(seed, epoch, g))
                    .take(steps))
     ds = parts[0] if len(parts) == 1 else tf.data.Dataset.zip(tuple(parts)).map(
-        lambda *xs: tf.concat(xs, axis=0))
+        lambda *xs: {k: tf.concat([x[k] for x in xs], axis=0) for k in xs[0]})
     return ds.skip(skip) if skip else ds
 
   def train_batches(self, batch_size: int, seed: int, skip: int = 0) -> Iterator[Batch]:
@@ -296,11 +289,9 @@ class StreamedSplits:
 
   def _train_iterator(self, batch_size: int, seed: int, skip: int, steps: int) -> Iterator[Batch]:
     tf = self._tf()
-    parse = self._parse(tf)
     epoch, skip = divmod(skip, steps)
     while True:
       ds = (self._epoch(tf, batch_size, seed, epoch, skip)
-            .map(parse)
             .prefetch(2)
             .with_options(self._options(tf)))
       yield from ds.as_numpy_iterator()
@@ -318,11 +309,10 @@ class StreamedSplits:
     num_batches = -(-(-(-n // count)) // per_process)
     mine = len(range(index, n, count))
     tf = self._tf()
-    ds = tf.data.TFRecordDataset(self._files(split), buffer_size=READ_BUFFER_BYTES)
-    if count > 1:
-      ds = ds.shard(count, index)
-    ds = (ds.batch(per_process).map(self._parse(tf)).prefetch(2)
-          .with_options(self._options(tf)))
+    ds = self._rows(tf, self._files(split)).rebatch(count * per_process)
+    if count > 1:  # rows index, index + count, ... of each count * per_process
+      ds = ds.map(lambda rows: {k: v[index::count] for k, v in rows.items()})
+    ds = ds.prefetch(2).with_options(self._options(tf))
     fc, fn, t = self._dims
     widths = {"categorical": (fc, np.int32), "numeric": (fn, np.float32),
               "labels": (t, np.float32), "label_mask": (t, np.float32)}
