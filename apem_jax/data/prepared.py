@@ -64,6 +64,7 @@ from apem_jax.data import preprocessing as prep_lib
 # directory of an older version is prepared again.
 FORMAT_VERSION = 3
 RECORD_ROWS = 128
+WRITE_ROWS = 65_536  # rows a RecordWriter serialises at a time
 METADATA_FILE = "metadata.json"
 SCHEMA_FILE = "schema.json"
 STATISTICS_FILE = "statistics.json"
@@ -370,28 +371,36 @@ def serialize_records(arrays: Mapping[str, np.ndarray], record_rows: int = RECOR
 
 
 class RecordWriter:
-  """Rows appended to an open binary file as records of ``record_rows`` rows: a record is
-  written once it is full; :meth:`close` writes the last, shorter one (and leaves the file
-  open)."""
+  """Rows appended to an open binary file as records of ``record_rows`` rows: rows are kept
+  until :data:`WRITE_ROWS` have come (the framing's cost per call grows with the record's width,
+  not the rows), then the whole records among them are written; :meth:`close` writes the rest,
+  the last record shorter (and leaves the file open)."""
 
   def __init__(self, file, record_rows: int = RECORD_ROWS):
     self.file = file
     self.record_rows = int(record_rows)
-    self._pending: dict[str, np.ndarray] | None = None  # fewer than record_rows rows
+    self._pending: list[Mapping[str, np.ndarray]] = []
+    self._pending_rows = 0
 
   def write(self, arrays: Mapping[str, np.ndarray]) -> None:
-    rows = arrays if self._pending is None else {
-        k: np.concatenate([self._pending[k], arrays[k]]) for k in FEATURE_KEYS}
-    n = len(rows["weight"])
-    whole = n // self.record_rows * self.record_rows
-    if whole:
-      self.file.write(memoryview(serialize_records(_rows(rows, 0, whole), self.record_rows)))
-    self._pending = _rows(rows, whole, n) if whole < n else None
+    self._pending.append(arrays)
+    self._pending_rows += len(arrays["weight"])
+    if self._pending_rows >= WRITE_ROWS:
+      self._flush(whole_records_only=True)
+
+  def _flush(self, whole_records_only: bool) -> None:
+    if not self._pending_rows:
+      return
+    rows = {k: np.concatenate([a[k] for a in self._pending]) for k in FEATURE_KEYS}
+    n = self._pending_rows
+    end = n // self.record_rows * self.record_rows if whole_records_only else n
+    if end:
+      self.file.write(memoryview(serialize_records(_rows(rows, 0, end), self.record_rows)))
+    self._pending = [_rows(rows, end, n)] if end < n else []
+    self._pending_rows = n - end
 
   def close(self) -> None:
-    if self._pending is not None:
-      self.file.write(memoryview(serialize_records(self._pending, self.record_rows)))
-      self._pending = None
+    self._flush(whole_records_only=False)
 
 
 class ShardWriter:
