@@ -59,9 +59,11 @@ def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int 
       examples += list(out["pattern_weights"][weight > 0][:num_examples - len(examples)])
   schema = exp.schema
   fields = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-  num_groups = sums["pattern_weights"].shape[-1] - len(fields)
+  groups = [f"group {g}" for g in range(sums["group_weights"].shape[-2])]
+  if exp.config.model.get("pair_patterns"):
+    groups += [f"group {i} x {j}" for i, j in zip(*np.triu_indices(len(groups), k=1))]
   return {"split": split, "examples_averaged": int(count), "tasks": list(schema.task_names),
-          "fields": fields, "patterns": fields + [f"group {g}" for g in range(num_groups)],
+          "fields": fields, "patterns": fields + groups,
           **{k: v / count for k, v in sums.items()}, "examples": np.stack(examples)}
 
 

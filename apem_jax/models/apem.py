@@ -19,6 +19,9 @@ fields) as the "modification" of set attention; seeds, heads, LN/FFN placement, 
 SE over fields with a grouped mean/max squeeze (FiBiNet++); the pattern bank of field + group
 tokens; indicators ``tau_t + g_t(mean_f E_L)``; dot-product selection with optional top-k; towers on
 ``[h_t ; mean_f E_L]``. Funnel chaining of the logits is done by the losses module, not here.
+Candidate designs, each a switch (docs/apem_designs.md): ``pair_patterns`` adds the pairwise
+interactions of the group tokens to the pattern bank; ``task_embeddings`` gives each task's tower
+embeddings of its own for the small-vocabulary fields (STEM).
 
 Pipeline: FieldEmbedding -> DeepAutoGroupTransformer -> PatternSelector -> per-task towers.
 """
@@ -30,6 +33,7 @@ from typing import Any, ClassVar, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apem_jax.models import layers
 from apem_jax.models.embedding import FieldEmbedding
@@ -55,8 +59,9 @@ class APEM(nn.Module):
 
   ``__call__(batch, train)`` returns:
     * ``logits``: float32 [B, T], one per task in schema order;
-    * ``pattern_weights``: float32 [B, T, F+G], the Pattern Selector's alpha (``selection='gates'``:
-      each pattern's gate / 2, in [0, 1]);
+    * ``pattern_weights``: float32 [B, T, F+G(+P)], the Pattern Selector's alpha
+      (``selection='gates'``: each pattern's gate / 2, in [0, 1]); with ``pair_patterns`` the
+      ``P = G(G-1)/2`` pair patterns follow the groups, pairs (0,1), (0,2), ..., (G-2,G-1);
     * ``group_weights``: float32 [B, H, G, F], last DAGT block's pooling weights (sum to 1 over F);
     * ``group_assignment`` (grouping='competitive' only): float32 [B, H, G, F], softmax over G.
   """
@@ -85,6 +90,8 @@ class APEM(nn.Module):
   pattern_selector: bool = True
   selection: str = "softmax"
   funnel_indicators: bool = False
+  pair_patterns: bool = False
+  task_embeddings: int = 0
   selector_top_k: int = 0
   adaptive_indicators: bool = True
   indicator_hidden: int = 32
@@ -112,6 +119,8 @@ class APEM(nn.Module):
         pattern_selector=layers.require_bool(cfg, "pattern_selector"),
         selection=layers.require_choice(cfg, "selection", SELECTIONS),
         funnel_indicators=layers.require_bool(cfg, "funnel_indicators"),
+        pair_patterns=layers.require_bool(cfg, "pair_patterns"),
+        task_embeddings=layers.require_int(cfg, "task_embeddings", 0),
         selector_top_k=layers.require_int(cfg, "selector_top_k", 0),
         adaptive_indicators=layers.require_bool(cfg, "adaptive_indicators"),
         indicator_hidden=layers.require_int(cfg, "indicator_hidden", 1),
@@ -127,6 +136,13 @@ class APEM(nn.Module):
                        f"'embed_dim'={kw['embed_dim']}")
     if schema.num_fields == 0:
       raise ValueError("APEM: the schema has no feature fields")
+    if kw["pair_patterns"] and kw["num_groups"] < 2:
+      raise ValueError("model config 'pair_patterns'=True needs 'num_groups' >= 2 (it pairs the "
+                       "group tokens)")
+    if kw["task_embeddings"] and not task_embedding_fields(schema, kw["task_embeddings"]):
+      raise ValueError(f"model config 'task_embeddings'={kw['task_embeddings']}: no categorical "
+                       f"field has at most that many values (vocabulary sizes "
+                       f"{[f.vocab_size for f in schema.categorical]})")
     if kw["funnel_indicators"] and kw["selection"] != "softmax":
       raise ValueError("model config 'funnel_indicators'=True needs 'selection'='softmax'")
     return cls(schema=schema, **kw)
@@ -146,11 +162,16 @@ class APEM(nn.Module):
     # Funnel steps' indicators read their parent step's selection (only passed when asked for,
     # so that a selector of one's own need not take it).
     funnel = {"parents": self.schema.parents} if self.funnel_indicators else {}
+    groups = dagt.groups
+    if self.pair_patterns:
+      groups = jnp.concatenate([groups, pair_interactions(groups)], axis=1)  # [B, G + P, d]
     h, alpha = selector(
         num_tasks=self.schema.num_tasks, top_k=self.selector_top_k,
         adaptive=self.adaptive_indicators, indicator_hidden=self.indicator_hidden,
         enabled=self.pattern_selector, dtype=self.dtype, name="pattern_selector", **funnel)(
-            dagt.fields, dagt.groups)
+            dagt.fields, groups)
+    if self.task_embeddings:  # each tower also reads its task's own embeddings
+      h = jnp.concatenate([h, self._task_embeddings(batch).astype(h.dtype)], axis=-1)
     if self.tower_input == "pooled":
       shared = jnp.mean(dagt.fields, axis=1)  # [B, d]
     else:
@@ -170,3 +191,31 @@ class APEM(nn.Module):
     if dagt.group_assignment is not None:
       out["group_assignment"] = dagt.group_assignment.astype(jnp.float32)
     return out
+
+  def _task_embeddings(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """Per task, its own embeddings of the fields of at most ``task_embeddings`` values (STEM,
+    Su et al. 2024): [B, T, Fs*d]. One table of width T*d per field, so one gather for all
+    tasks; its parameters are ``task_embedding/categorical_table`` [rows, T*d], an embedding
+    table like the shared one (the embedding optimizer and the sharding rule apply)."""
+    fields = task_embedding_fields(self.schema, self.task_embeddings)
+    small = Schema(tuple(self.schema.categorical[i] for i in fields), (), self.schema.tasks)
+    tasks, width = self.schema.num_tasks, self.embed_dim
+    own = FieldEmbedding(small, tasks * width, self.dtype, name="task_embedding")(
+        {"categorical": jnp.asarray(batch["categorical"])[:, jnp.asarray(fields)]})  # [B, Fs, T*d]
+    batch_size = own.shape[0]
+    return own.reshape(batch_size, len(fields), tasks, width).transpose(0, 2, 1, 3).reshape(
+        batch_size, tasks, len(fields) * width)
+
+
+def task_embedding_fields(schema: Schema, max_values: int) -> list[int]:
+  """Indices of the categorical fields with at most ``max_values`` values (their vocabulary or
+  hash buckets)."""
+  return [i for i, f in enumerate(schema.categorical) if f.vocab_size <= max_values]
+
+
+def pair_interactions(groups: jax.Array) -> jax.Array:
+  """groups [B, G, d] -> their pairwise element-wise products [B, G(G-1)/2, d], pairs (i, j),
+  i < j, in row-major order: explicit second-order interactions of the field groups (the
+  Hadamard interaction of FiBiNet and NFM, taken over groups, not all F(F-1)/2 field pairs)."""
+  first, second = np.triu_indices(groups.shape[1], k=1)
+  return groups[:, first] * groups[:, second]

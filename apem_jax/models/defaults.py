@@ -28,6 +28,8 @@ _DEFAULTS: dict[str, dict] = {
         pattern_selector=True,  # False: mean pooling of patterns
         selection="softmax",  # 'softmax' (one average per task) | 'gates' (per-task pattern gates)
         funnel_indicators=False,  # a funnel step's indicator reads its parent step's selection
+        pair_patterns=False,  # the group tokens' pairwise products as extra patterns
+        task_embeddings=0,  # V > 0: per-task embeddings of the fields of <= V values (STEM)
         selector_top_k=0,  # 0 = dense selection; k > 0 = top-k patterns
         adaptive_indicators=True,  # False: static task indicators
         indicator_hidden=32,  # hidden width of g_t
