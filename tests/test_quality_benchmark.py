@@ -117,3 +117,21 @@ def test_balancing_sweep_rows_and_partial_table(tmp_path):
                            "config.json").read_text())
       assert config["train"]["balancing"] == method
   assert "One seed (0), so no spread" in (tmp_path / "out" / "synthetic.md").read_text()
+
+
+def test_validation_table_reads_finished_runs_only(tmp_path):
+  """benchmarks/validation_table.py: mean and sample std of each finished run's validation score
+  and AUCs; a run without eval/test.json is counted as unfinished, not averaged."""
+  scores = {"seed0": 0.9, "seed1": 0.8, "seed2": 0.1}
+  for seed, score in scores.items():
+    run = tmp_path / "v" / seed
+    (run / "eval").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(
+        {"best_validation_score": score, "best_validation": {"a": {"auc": score}}}))
+    if seed != "seed2":
+      (run / "eval" / "test.json").write_text("{}")
+  out = subprocess.run([sys.executable, "benchmarks/validation_table.py", f"x={tmp_path / 'v'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  row = out.stdout.strip().splitlines()[-1]
+  assert row == "| x | 2 (+1 unfinished) | 0.85000 ± 0.07071 | 0.85000 ± 0.07071 |"
