@@ -218,6 +218,22 @@ def matmul_ceiling(n: int = 2048, reps: int = 5) -> float:
 
 def profile_apem(batch_size: int, reps: int, target_s: float, ablations: list[str]) -> list[dict]:
   """Forward / forward+backward / full step of APEM, then full-step ablations."""
+  rows = _profile_parts(batch_size, reps, target_s)
+  for spec in ["full step (census_apem config)"] + ablations:
+    overrides = {}
+    if "=" in spec:
+      for part in spec.split(";"):
+        k, v = part.split("=")
+        overrides[k] = json.loads(v) if v not in ("none", "standard", "competitive", "pooled", "flat") else v
+    exp = Experiment(model_config("apem", batch_size, overrides))
+    r = bench_step(exp, batch_size, reps, target_s)
+    rows.append({"what": spec, "step_s": r["step_s"], "flops_per_step": r["flops_per_step"]})
+    del exp, r
+  return rows
+
+
+def _profile_parts(batch_size: int, reps: int, target_s: float) -> list[dict]:
+  """Forward / forward + loss / forward + backward of APEM's default config."""
   rows = []
   exp = Experiment(model_config("apem", batch_size))
   state = exp.init_state()
@@ -246,17 +262,6 @@ def profile_apem(batch_size: int, reps: int, target_s: float, ablations: list[st
       _block(r)
     sec, _ = timed_reps(run_k, first, reps, target_s)
     rows.append({"what": label, "step_s": sec, "flops_per_step": flops_of(fn, state.params, batch)})
-  del exp, state
-  for spec in ["full step (census_apem config)"] + ablations:
-    overrides = {}
-    if "=" in spec:
-      for part in spec.split(";"):
-        k, v = part.split("=")
-        overrides[k] = json.loads(v) if v not in ("none", "standard", "competitive", "pooled", "flat") else v
-    exp = Experiment(model_config("apem", batch_size, overrides))
-    r = bench_step(exp, batch_size, reps, target_s)
-    rows.append({"what": spec, "step_s": r["step_s"], "flops_per_step": r["flops_per_step"]})
-    del exp, r
   return rows
 
 

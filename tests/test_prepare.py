@@ -409,7 +409,7 @@ def test_quantile_sample_is_exact_below_its_size_and_close_above(monkeypatch):
 # Shards
 # ---------------------------------------------------------------------------------------------
 
-def _example(tf, rows: dict) -> "tf.train.Example":
+def _example(tf, rows: dict):
   """What TensorFlow's own protos make of ``rows`` (one record): each feature's values, row after
   row."""
   return tf.train.Example(features=tf.train.Features(feature={
