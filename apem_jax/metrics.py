@@ -132,7 +132,9 @@ def entire_space_probabilities(conditional: np.ndarray, parents: Sequence[int]) 
 
 def funnel_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
                    predictions: np.ndarray, conditional: np.ndarray,
-                   true_conditional: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+                   true_conditional: np.ndarray | None = None,
+                   entire_space: Mapping[str, Mapping[str, float]] | None = None
+                   ) -> dict[str, dict[str, float]]:
   """Per-step metrics of a conversion funnel (schema tasks with ``depends_on``).
 
   Args:
@@ -142,6 +144,8 @@ def funnel_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
     predictions: [N, T] entire-space probabilities ``p_t``.
     conditional: [N, T] conditional probabilities ``q_t`` (step t given its parent step).
     true_conditional: optional [N, T] true ``q_t`` of synthetic data (the generating model).
+    entire_space: optional :func:`task_metrics` of the same arrays: its ``auc`` and ``logloss``
+      are taken instead of computed again (each an exact pass over the split).
 
   Returns:
     ``{task: metrics}`` with, on the entire space (every example whose label is present):
@@ -163,8 +167,11 @@ def funnel_metrics(schema: Schema, labels: np.ndarray, label_mask: np.ndarray,
     present = label_mask[:, t] > 0
     y, p = _rows(labels, present, t), _rows(predictions, present, t)
     rate = float(np.mean(y)) if len(y) else float("nan")
-    m = {"auc": auc(y, p), "logloss": logloss(y, p),
-         "calibration": float(np.mean(p)) / rate if rate > 0 else float("nan")}
+    if entire_space is None:
+      m = {"auc": auc(y, p), "logloss": logloss(y, p)}
+    else:
+      m = {k: entire_space[task.name][k] for k in ("auc", "logloss")}
+    m["calibration"] = float(np.mean(p)) / rate if rate > 0 else float("nan")
     parent = parents[t]
     reached = present if parent < 0 else present & (label_mask[:, parent] > 0) & (
         labels[:, parent] > 0)

@@ -177,7 +177,8 @@ class Experiment:
                                       out["predictions"])
     if self.schema.has_funnel:
       funnel = metrics_lib.funnel_metrics(self.schema, out["labels"], out["label_mask"],
-                                          out["predictions"], out["conditional"], out.get("true_q"))
+                                          out["predictions"], out["conditional"], out.get("true_q"),
+                                          entire_space=result)
       for task, m in funnel.items():
         result[task].update(m)
     return result

@@ -383,6 +383,13 @@ def test_funnel_metrics_oracle_auc_and_shapes():
   np.testing.assert_allclose(metrics.entire_space_probabilities(true_q, schema.parents), true_p)
   without_truth = metrics.funnel_metrics(schema, labels, mask, p, q)
   assert "oracle_auc" not in without_truth["cart"] and "auc_conditional" in without_truth["cart"]
+  # The trainer hands over task_metrics' result: the same metrics, its AUC and logloss taken as
+  # they are, not computed a second time.
+  entire = metrics.task_metrics(schema, labels, mask, p)
+  assert metrics.funnel_metrics(schema, labels, mask, p, q, true_q, entire_space=entire) == out
+  entire["cart"]["auc"] = 0.125
+  reused = metrics.funnel_metrics(schema, labels, mask, p, q, entire_space=entire)
+  assert reused["cart"]["auc"] == 0.125
 
 
 def test_train_and_evaluate_reports_funnel_metrics(tmp_path):
