@@ -34,8 +34,9 @@ Why many rows a record (format 3; format 2 held one row a record): tf.data's cos
 and one element per row held the streamed input to about 440-480k rows/s on the 2-core
 development machine (reading alone ran at 810k), not the 2x of a small model's train step that
 the input must deliver. With 128 rows a record the same pipeline (read, parse, permute windows,
-batch) runs at 1.1-1.5M rows/s, 3-4x that step (docs/data_scale.md, last section). Rows still shuffle one by one: the
-streamed input permutes windows of parsed rows, not records (:mod:`apem_jax.data.stream`).
+batch) runs at 1.1-1.5M rows/s, 3-4x that step (docs/data_scale.md, last section). Rows still
+shuffle one by one: the streamed input permutes windows of parsed rows, not records
+(:mod:`apem_jax.data.stream`).
 
 The records are serialised and framed (length, masked CRC-32C) here with NumPy, many records at a
 time; building ``tf.train.Example`` protos in Python costs more than everything else the
