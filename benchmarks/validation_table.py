@@ -11,10 +11,10 @@ counted. The test split is not read: this is the table that chooses defaults. Pr
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -51,18 +51,20 @@ def table(variants: list[tuple[str, str]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  variants = []
-  for arg in argv:
-    name, sep, directory = arg.partition("=")
-    if not sep or not name or not os.path.isdir(directory):
-      raise SystemExit(f"validation_table.py: {arg!r}: expected NAME=DIR with DIR an existing "
-                       f"directory of seed*/ runs")
-    variants.append((name, directory))
-  if not variants:
-    raise SystemExit(__doc__)
-  print(table(variants))
+def variant(arg: str) -> tuple[str, str]:
+  """``NAME=DIR`` -> (name, directory)."""
+  name, sep, directory = arg.partition("=")
+  if not sep or not name or not os.path.isdir(directory):
+    raise argparse.ArgumentTypeError(f"{arg!r}: expected NAME=DIR with DIR an existing directory "
+                                     f"of seed*/ runs")
+  return name, directory
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("variants", nargs="+", type=variant, metavar="NAME=DIR")
+  print(table(parser.parse_args().variants))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()
