@@ -17,9 +17,13 @@ step, logloss, calibration, the oracle AUC of the true probabilities and the mod
 Every run (model, seed, and correlation, funnel mode or balancing method where the sweep has them)
 trains in its own workdir under --runs (checkpoint chosen on validation by the trainer), then its
 best checkpoint is evaluated on test. Runs go seed-major (every model's seed 0 first; the table is
-rewritten after each round of seeds, saying how many it holds), a run whose ``eval/test.json`` exists is not repeated, and a
-half-trained one resumes from its latest checkpoint, so an interrupted sweep picks up where it
-stopped; a workdir made with another config is refused. ``--set key=value`` overrides a config key
+rewritten after every run, saying how many seeds each row holds), a run whose ``eval/test.json``
+exists is not repeated, and a half-trained one resumes from its latest checkpoint, so an
+interrupted sweep picks up where it stopped; a workdir made with another config is refused. Every
+finished run's result is also kept, with its config, in ``<out>/<dataset>_runs.json``: committed
+beside the table, it lets the same command resume the sweep on another machine or from a fresh
+clone (a run recorded there with the same config is not trained again; one recorded with another
+config is refused). ``--set key=value`` overrides a config key
 for every run. Writes a markdown table (the command that made it at the top), its JSON and a PNG
 plot under --out. Results and their reading: docs/results/README.md.
 """
@@ -145,14 +149,21 @@ def tune_cells(cells: list[Cell]) -> dict:
   return chosen
 
 
-def run_one(cell: Cell, seed: int) -> dict:
-  """Trains (or resumes) one run and evaluates its best checkpoint on test; cached on disk."""
+def run_one(cell: Cell, seed: int, record: dict) -> dict:
+  """Trains (or resumes) one run and evaluates its best checkpoint on test, unless ``record``
+  (the --out record of finished runs) holds it with the same config; adds it to the record."""
   name = _run_name(cell, seed)
+  config = _config(cell, seed)
+  if name in record:
+    check_same_config(config, record[name]["config"], f"{_record_path()} [{name!r}]")
+    return {k: v for k, v in record[name].items() if k != "config"}
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
-  config = _config(cell, seed)
-  check_same_config(config, workdir)
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      check_same_config(config, json.load(f), config_path)
   if not os.path.exists(result_path):
     t0 = time.time()
     if not _trained_vmapped(summary_path):  # --vmap_seeds: trained already, evaluate only
@@ -162,9 +173,24 @@ def run_one(cell: Cell, seed: int) -> dict:
     print(f"{name}: {time.time() - t0:.0f}s  " + json.dumps(test), flush=True)
   with open(result_path) as f, open(summary_path) as g:
     summary = json.load(g)
-    train_seconds = sum(h["train_seconds"] for h in summary["history"])
-    return {"test": json.load(f), "num_params": summary["num_params"],
-            "train_seconds": train_seconds, "epochs": summary["epochs"]}
+    result = {"test": json.load(f), "num_params": summary["num_params"],
+              "train_seconds": sum(h["train_seconds"] for h in summary["history"]),
+              "epochs": summary["epochs"]}
+  record[name] = {"config": config.to_dict(), **result}
+  reporting.write_json_atomic(_record_path(), record)
+  return result
+
+
+def _record_path() -> str:
+  return os.path.join(_OUT.value, f"{_DATASET.value}_runs.json")
+
+
+def read_record() -> dict:
+  """The finished runs kept under --out: {run name: {config, test, num_params, ...}}."""
+  if not os.path.exists(_record_path()):
+    return {}
+  with open(_record_path()) as f:
+    return json.load(f)
 
 
 def _trained_vmapped(summary_path: str) -> bool:
@@ -177,7 +203,7 @@ def _trained_vmapped(summary_path: str) -> bool:
   return "vmapped" in summary and "error" not in summary
 
 
-def train_seeds_vmapped(cell: Cell, seeds: list[int]) -> None:
+def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
   """--vmap_seeds: the seeds of one cell whose workdirs hold no run yet, trained as one vmapped
   program into the workdirs ``run_one`` reads (which then evaluates them on test as it does a
   sequential run)."""
@@ -185,7 +211,12 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int]) -> None:
   for seed in seeds:
     workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, seed))
     config = _config(cell, seed)
-    check_same_config(config, workdir)
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        check_same_config(config, json.load(f), config_path)
+    if _run_name(cell, seed) in record:
+      continue  # finished, as run_one will read it from the record
     if not any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.json", "checkpoints")):
       todo.append((config, workdir))
   if not todo:
@@ -197,15 +228,14 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int]) -> None:
         f"in one program, {time.time() - t0:.0f}s", flush=True)
 
 
-def check_same_config(config, workdir: str) -> None:
-  """A run already in ``workdir`` is reused only if it was made with exactly this config."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      differ = config_validation.saved_config_differences(json.load(f), config.to_dict())
-    if differ:
-      raise ValueError(f"{path}: the run there was made with another config (keys {differ}); "
-                       "give this sweep its own --runs directory")
+def check_same_config(config, saved: dict, where: str) -> None:
+  """A run already made (its workdir's config.json, or the --out record) is reused only if it
+  was made with exactly this config, where its data lives aside."""
+  differ = [k for k in config_validation.saved_config_differences(saved, config.to_dict())
+            if k not in config_validation.LOCATION_KEYS]
+  if differ:
+    raise ValueError(f"{where}: the run there was made with another config (keys {differ}); "
+                     "give this sweep its own --runs and --out directories")
 
 
 def _metric_names(task_metrics: dict) -> list[str]:
@@ -342,15 +372,16 @@ def main(argv):
                                 {"trials_per_model": _TUNE.value, "fixed": _TUNE_FIXED.value,
                                  "selection": "best validation score (test never read)",
                                  "models": chosen})
+  record = read_record()
   if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major
     for cell in cells:
-      train_seeds_vmapped(cell, list(range(_SEEDS.value)))
+      train_seeds_vmapped(cell, list(range(_SEEDS.value)), record)
   # Seed-major: every cell's seed 0 before any seed 1, so a sweep cut short has every cell, and
   # the table is rewritten after every round.
   runs = {}
   for seed in range(_SEEDS.value):
     for cell in cells:
-      runs[cell, seed] = run_one(cell, seed)
+      runs[cell, seed] = run_one(cell, seed, record)
       text = write_report(cells, runs, labels)
   print(text)
 

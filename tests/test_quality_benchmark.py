@@ -4,6 +4,7 @@ run made with another config is refused rather than reused."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,18 +54,42 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert "Regenerate with `python benchmarks/quality.py --dataset synthetic" in text
   assert (tmp_path / "out" / "synthetic.png").stat().st_size > 0
 
-  # An interrupted sweep: one run lost its test result; only that run is redone.
+  # An interrupted sweep: one run lost its test result and is not in the record yet; only that
+  # run is redone.
   lost = tmp_path / "runs" / "synthetic" / "mmoe" / "seed1" / "p1.0" / "eval" / "test.json"
   lost.unlink()
+  record_path = tmp_path / "out" / "synthetic_runs.json"
+  record = json.loads(record_path.read_text())
+  assert sorted(record) == sorted(f"{m}/seed{s}/p1.0" for m in MODELS for s in (0, 1))
+  del record["mmoe/seed1/p1.0"]
+  record_path.write_text(json.dumps(record))
   second = _sweep(tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert _trained(second.stdout) == ["mmoe/seed1/p1.0"]
   assert lost.exists()
 
-  # The same workdirs with another config are refused, naming the file and the differing key.
-  third = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
-  assert third.returncode != 0
-  assert "seed0/p1.0/config.json" in third.stderr and "optimizer.learning_rate" in third.stderr
+  # Without the workdirs (another machine, a fresh clone with the committed --out): nothing is
+  # trained again and the table is the same.
+  shutil.rmtree(tmp_path / "runs")
+  third = _sweep(tmp_path)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert _trained(third.stdout) == [] and not (tmp_path / "runs" / "synthetic").exists()
+  assert json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"] == table
+
+  # Another config is refused, naming where the run was recorded and the differing key.
+  fourth = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
+  assert fourth.returncode != 0
+  assert "synthetic_runs.json ['shared_bottom/seed0/p1.0']" in fourth.stderr
+  assert "optimizer.learning_rate" in fourth.stderr
+
+  # ... as is a workdir made with another config.
+  other = ("--models", "mmoe", "--seeds", "1", "--runs", str(tmp_path / "runs2"))
+  fifth = _sweep(tmp_path, *other, "--set", "optimizer.learning_rate=0.01", "--out",
+                 str(tmp_path / "out2"))
+  assert fifth.returncode == 0, fifth.stderr[-3000:]
+  sixth = _sweep(tmp_path, *other, "--out", str(tmp_path / "out3"))
+  assert sixth.returncode != 0
+  assert "seed0/p1.0/config.json" in sixth.stderr and "optimizer.learning_rate" in sixth.stderr
 
 
 def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path):
