@@ -5,9 +5,13 @@ same shared search space (:data:`SHARED_SPACE`: learning rate, weight decay, dro
 width, batch size) plus its own size knobs (:data:`MODEL_SPACES`). A trial trains a config with
 :func:`apem_jax.trainer.train_and_evaluate` (early stopping on validation) and scores it by its
 best validation selection score; the test split is never read. A trial whose training diverges
-(NaN loss) counts against the budget, unscored. Studies are stored in SQLite under the tuning
-directory, each trial in a workdir named by its parameters, so a killed tuning run resumes where
-it stopped (the trial cut short is tried again and resumes from its checkpoints).
+(NaN loss) counts against the budget, unscored. A study is an Optuna journal, a text file of one
+JSON line per event (``study_path``; by default ``study.jsonl`` in the tuning directory, and
+``benchmarks/quality.py`` keeps it beside its tables so that it can be committed), each trial in
+a workdir named by its parameters, so a killed tuning run resumes where it stopped (the trial cut
+short is tried again, and resumes from its checkpoints where its workdir is still there), on the
+same machine or, from the journal alone, on another. A study records the base config it was made
+with and refuses to go on with another one.
 
 ``tune(make_config, model, num_trials, directory, seed)`` returns the best trial's parameters
 and score; :func:`apply` turns parameters into a config (the benchmark then trains the chosen
@@ -23,6 +27,8 @@ import os
 from typing import Any, Callable, Collection
 
 import ml_collections
+
+from apem_jax import config_validation
 
 # name -> (kind, arguments): 'log' (low, high) float on a log scale, 'float' (low, high),
 # 'choice' (values). Keys are config paths.
@@ -112,29 +118,38 @@ def apply(config: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_colle
 
 def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_trials: int,
          directory: str, seed: int = 0, fixed: Collection[str] = (),
-         train: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> Result:
+         train: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+         study_path: str | None = None) -> Result:
   """Runs (or resumes) the study of ``model`` until it has ``num_trials`` finished trials.
 
   Args:
     make_config: the model's base config (dataset, epochs, seed of the runs).
     model: a model with a search space.
     num_trials: the budget, the same for every model.
-    directory: where the study (``study.db``) and the trials' workdirs go.
+    directory: where the trials' workdirs (and, by default, the study) go.
     seed: the sampler's seed.
     fixed: search-space keys not tuned (left as ``make_config`` sets them), the same for every
       model (e.g. ``train.batch_size`` for a dataset too small for the largest one).
     train: ``train(config, workdir) -> summary`` (default: ``trainer.train_and_evaluate``).
+    study_path: the study's journal file (default ``<directory>/study.jsonl``).
+
+  Raises:
+    ValueError: the study at ``study_path`` was made with another base config (naming the keys).
   """
   import optuna  # pylint: disable=g-import-not-at-top
   from apem_jax import trainer  # pylint: disable=g-import-not-at-top
   train = train or trainer.train_and_evaluate
   optuna.logging.set_verbosity(optuna.logging.WARNING)
+  from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
+  study_path = study_path or os.path.join(directory, "study.jsonl")
+  os.makedirs(os.path.dirname(os.path.abspath(study_path)), exist_ok=True)
   study = optuna.create_study(
       study_name=model, direction="maximize", load_if_exists=True,
-      storage=f"sqlite:///{os.path.abspath(os.path.join(directory, 'study.db'))}",
+      storage=optuna.storages.JournalStorage(JournalFileBackend(study_path)),
       sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, num_trials)))
   model_space = space(model, fixed)
+  _check_base_config(study, make_config().to_dict(), study_path)
 
   state = optuna.trial.TrialState
   # A trial cut short by a kill is left RUNNING in the study: it is closed (not counted) and its
@@ -168,6 +183,20 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   best = max(finished(), key=lambda t: (t.value, -t.number))
   return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
                 trials)
+
+
+def _check_base_config(study: Any, base: dict, study_path: str) -> None:
+  """Records ``base`` in a new study; refuses a study made with another base config (where the
+  data lives aside), whose trials would not be comparable with the ones to come."""
+  saved = study.user_attrs.get("base_config")
+  if saved is None:
+    study.set_user_attr("base_config", json.loads(json.dumps(base)))
+    return
+  differ = [k for k in config_validation.saved_config_differences(saved, base)
+            if k not in config_validation.LOCATION_KEYS]
+  if differ:
+    raise ValueError(f"{study_path}: the study there was made with another base config (keys "
+                     f"{differ}); give this tuning its own study")
 
 
 def _digest(params: dict[str, Any]) -> str:

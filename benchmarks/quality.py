@@ -74,7 +74,8 @@ _TUNE = flags.DEFINE_integer(
     "tune", 0, "Before the seeds, tune every model with this many Optuna trials (the same budget "
     "for each; apem_jax/tuning.py: the shared search space plus the model's size knobs, scored "
     "on validation only), then train the seeds with each model's best parameters (runs under "
-    "<runs>/<dataset>/<model>/tuned/; the chosen parameters in <out>/<dataset>_tuned.json).")
+    "<runs>/<dataset>/<model>/tuned/; the chosen parameters in <out>/<dataset>_tuned.json; each "
+    "model's study, which a rerun resumes, in <out>/<dataset>_tuning/).")
 _TUNE_FIXED = flags.DEFINE_list(
     "tune_fixed", [], "Search-space keys not tuned (e.g. train.batch_size on a small dataset).")
 _BALANCINGS = flags.DEFINE_list(
@@ -139,7 +140,9 @@ def tune_cells(cells: list[Cell]) -> dict:
     name = cell.name() + cell.suffix()
     result = tuning.tune(lambda cell=cell: _config(cell, 0), cell.model, _TUNE.value,
                          os.path.join(_RUNS.value, _DATASET.value, "tune", name), seed=0,
-                         fixed=_TUNE_FIXED.value)
+                         fixed=_TUNE_FIXED.value,
+                         study_path=os.path.join(_OUT.value, f"{_DATASET.value}_tuning",
+                                                 name.replace("/", "_") + ".jsonl"))
     _TUNED[cell] = result.params
     chosen[name] = {"params": {k: list(v) if isinstance(v, tuple) else v
                                for k, v in result.params.items()},

@@ -118,6 +118,9 @@ def test_tuned_sweep_gives_every_model_the_same_budget(tmp_path):
   tuned = json.loads((tmp_path / "out" / "synthetic_tuned.json").read_text())
   assert tuned["trials_per_model"] == 2 and tuned["fixed"] == ["train.batch_size"]
   assert {m: tuned["models"][f"{m}/p1.0"]["trials"] for m in MODELS} == {m: 2 for m in MODELS}
+  # Each model's study is kept with the tables (a rerun from them alone trains no trial again).
+  assert sorted(p.name for p in (tmp_path / "out" / "synthetic_tuning").iterdir()) == [
+      f"{m}_p1.0.jsonl" for m in sorted(MODELS)]
   # The seed runs use the chosen parameters, in workdirs of their own.
   for model in MODELS:
     config = json.loads((tmp_path / "runs" / "synthetic" / model / "tuned" / "seed0" / "p1.0" /

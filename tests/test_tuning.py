@@ -49,8 +49,9 @@ def test_a_trial_cut_short_is_tried_again_in_its_workdir_and_not_counted(tmp_pat
   import optuna
   calls = []
   tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=_fake_train(calls))
-  study = optuna.load_study(study_name="mmoe",
-                            storage=f"sqlite:///{tmp_path / 'study.db'}")
+  from optuna.storages.journal import JournalFileBackend
+  study = optuna.load_study(study_name="mmoe", storage=optuna.storages.JournalStorage(
+      JournalFileBackend(str(tmp_path / "study.jsonl"))))
   killed = study.ask()  # a trial a killed process left RUNNING
   killed.suggest_float("optimizer.learning_rate", 3e-4, 1e-2, log=True)
   result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
@@ -95,3 +96,29 @@ def test_a_trial_stopped_by_a_signal_stops_the_tuning_and_is_not_scored(tmp_path
   assert result.num_trials == 2 and len(calls) == 3
   assert calls[1][1] == calls[0][1]  # the stopped trial, again in its workdir
   assert max(t["validation_score"] for t in result.trials) < 1e9
+
+
+def test_a_study_resumes_from_its_journal_alone_and_refuses_another_base_config(tmp_path):
+  """The study is a text journal that can live apart from the trials' workdirs (quality.py keeps
+  it with its tables): with the workdirs gone (another machine), finished trials are not trained
+  again; a study made with another base config is refused, naming the file and the key."""
+  journal = str(tmp_path / "kept" / "mmoe.jsonl")
+  calls = []
+  first = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path / "w1"),
+                      train=_fake_train(calls), study_path=journal)
+  assert len(calls) == 3 and os.path.exists(journal)
+  again = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path / "w2"),
+                      train=_fake_train(calls), study_path=journal)
+  assert len(calls) == 3 and again.params == first.params
+  more = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 4, str(tmp_path / "w2"),
+                     train=_fake_train(calls), study_path=journal)
+  assert len(calls) == 4 and more.num_trials == 4
+
+  def other():
+    config = tiny_config("mmoe")
+    config.train.num_epochs += 1
+    return config
+
+  with pytest.raises(ValueError, match=r"mmoe\.jsonl: .*another base config.*train\.num_epochs"):
+    tuning.tune(other, "mmoe", 4, str(tmp_path / "w3"), train=_fake_train(calls),
+                study_path=journal)
