@@ -137,6 +137,12 @@ def saved_config_differences(saved: Mapping, current: Mapping) -> list[str]:
                   and same(_value_at(current, k), _default_of(k, current)))]
 
 
+def result_config_differences(saved: Mapping, current: Mapping) -> list[str]:
+  """:func:`saved_config_differences` less where the data lives (:data:`LOCATION_KEYS`): the keys
+  that make a finished result (a run's, a tuning trial's) not one of ``current``."""
+  return [k for k in saved_config_differences(saved, current) if k not in LOCATION_KEYS]
+
+
 def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
   """Keys that define a trained model and differ between a checkpoint's config and another:
   every ``model.*`` and ``data.*`` key but locations, and ``train.funnel`` (it changes what the

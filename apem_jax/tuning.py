@@ -192,8 +192,7 @@ def _check_base_config(study: Any, base: dict, study_path: str) -> None:
   if saved is None:
     study.set_user_attr("base_config", json.loads(json.dumps(base)))
     return
-  differ = [k for k in config_validation.saved_config_differences(saved, base)
-            if k not in config_validation.LOCATION_KEYS]
+  differ = config_validation.result_config_differences(saved, base)
   if differ:
     raise ValueError(f"{study_path}: the study there was made with another base config (keys "
                      f"{differ}); give this tuning its own study")

@@ -163,10 +163,7 @@ def run_one(cell: Cell, seed: int, record: dict) -> dict:
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
-  config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      check_same_config(config, json.load(f), config_path)
+  check_workdir_config(config, workdir)
   if not os.path.exists(result_path):
     t0 = time.time()
     if not _trained_vmapped(summary_path):  # --vmap_seeds: trained already, evaluate only
@@ -214,10 +211,7 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
   for seed in seeds:
     workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, seed))
     config = _config(cell, seed)
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        check_same_config(config, json.load(f), config_path)
+    check_workdir_config(config, workdir)
     if _run_name(cell, seed) in record:
       continue  # finished, as run_one will read it from the record
     if not any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.json", "checkpoints")):
@@ -231,11 +225,18 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
         f"in one program, {time.time() - t0:.0f}s", flush=True)
 
 
+def check_workdir_config(config, workdir: str) -> None:
+  """A run already in ``workdir`` is reused only if it was made with this config."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      check_same_config(config, json.load(f), path)
+
+
 def check_same_config(config, saved: dict, where: str) -> None:
   """A run already made (its workdir's config.json, or the --out record) is reused only if it
   was made with exactly this config, where its data lives aside."""
-  differ = [k for k in config_validation.saved_config_differences(saved, config.to_dict())
-            if k not in config_validation.LOCATION_KEYS]
+  differ = config_validation.result_config_differences(saved, config.to_dict())
   if differ:
     raise ValueError(f"{where}: the run there was made with another config (keys {differ}); "
                      "give this sweep its own --runs and --out directories")
