@@ -141,7 +141,6 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   train = train or trainer.train_and_evaluate
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
   study_path = study_path or os.path.join(directory, "study.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(study_path)), exist_ok=True)
   study = optuna.create_study(
@@ -150,6 +149,7 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
       sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, num_trials)))
   model_space = space(model, fixed)
   _check_base_config(study, make_config().to_dict(), study_path)
+  os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
 
   state = optuna.trial.TrialState
   # A trial cut short by a kill is left RUNNING in the study: it is closed (not counted) and its

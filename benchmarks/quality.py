@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from apem_jax import config_validation, reporting, trainer, tuning, vmap_runs
+from apem_jax import cli, config_validation, reporting, trainer, tuning, vmap_runs
 from apem_jax.configs import census as census_configs
 from apem_jax.configs import funnel as funnel_configs
 from apem_jax.configs import synthetic as synthetic_configs
@@ -358,6 +358,12 @@ def write_report(cells: list[Cell], runs: dict, labels: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  with cli.user_errors_in_one_line("benchmarks/quality.py"):  # a refused run or config: one line
+    sweep()
+
+
+def sweep() -> None:
+  """The sweep the flags describe: tuning (--tune), the runs, the table after each run."""
   models = _MODELS.value.split(",")
   correlations = ([None] if _DATASET.value != "synthetic"
                   else [float(p) for p in _CORRELATIONS.value.split(",")])
@@ -391,4 +397,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("benchmarks/quality.py"))

@@ -81,6 +81,8 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert fourth.returncode != 0
   assert "synthetic_runs.json ['shared_bottom/seed0/p1.0']" in fourth.stderr
   assert "optimizer.learning_rate" in fourth.stderr
+  assert fourth.stderr.strip().splitlines()[-1].startswith("benchmarks/quality.py: error: ")
+  assert "Traceback" not in fourth.stderr
 
   # ... as is a workdir made with another config.
   other = ("--models", "mmoe", "--seeds", "1", "--runs", str(tmp_path / "runs2"))

@@ -122,3 +122,4 @@ def test_a_study_resumes_from_its_journal_alone_and_refuses_another_base_config(
   with pytest.raises(ValueError, match=r"mmoe\.jsonl: .*another base config.*train\.num_epochs"):
     tuning.tune(other, "mmoe", 4, str(tmp_path / "w3"), train=_fake_train(calls),
                 study_path=journal)
+  assert not (tmp_path / "w3").exists()  # refused before anything is written
