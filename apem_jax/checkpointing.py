@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 LATEST = "latest"
 BEST = "best"
@@ -118,6 +119,22 @@ def _rank(metrics: dict) -> tuple[float, int]:
   return metrics["score"], -metrics["step"]
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler, without Orbax's replica-parallel saving (each replica of a
+  replicated array copies a slice) for one process on CPU devices. They share the host's memory:
+  slicing each of hundreds of small replicated leaves into one piece a device (a compiled slice
+  per shape, eight copies a leaf) took about 0.5 s a save of a test model's state on 8 simulated
+  devices, where copying replica 0's whole array takes milliseconds. Accelerators, and several
+  processes (each writes its part of a replicated array), keep Orbax's default."""
+  array_handler = ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=jax.default_backend() != "cpu" or jax.process_count() > 1,
+      array_metadata_store=array_metadata_store.Store())  # as Orbax's default handler's
+  registry = ocp.type_handlers.create_type_handler_registry(*[
+      (kind, array_handler if kind is jax.Array else ocp.type_handlers.get_type_handler(kind))
+      for kind in ocp.type_handlers.supported_types()])
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def _manager(directory: str, keep_latest: int, async_save: bool,
              read_only: bool) -> ocp.CheckpointManager:
   policy = checkpoint_managers.AnyPreservationPolicy([
@@ -128,7 +145,8 @@ def _manager(directory: str, keep_latest: int, async_save: bool,
       preservation_policy=policy, best_fn=_rank, best_mode="max", create=not read_only,
       read_only=read_only, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta"))
+                               item_handlers={"state": _state_handler(),
+                                              "meta": ocp.JsonCheckpointHandler()})
 
 
 def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
