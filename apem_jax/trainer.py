@@ -300,21 +300,29 @@ class _TrainLoss:
   def __init__(self, task_names: tuple[str, ...]):
     self.task_names = task_names
     self.first_non_finite = jnp.full((len(task_names),), -1, jnp.int32)
-    self.sum, self.count = None, 0
+    self.sum, self.count = jnp.zeros((), jnp.float32), 0
 
   def add(self, step_metrics: Mapping[str, jax.Array], state_step: jax.Array) -> None:
-    self.sum = step_metrics["loss"] if self.sum is None else self.sum + step_metrics["loss"]
+    self.sum, self.first_non_finite = _add_step_loss(
+        self.sum, self.first_non_finite, step_metrics["loss"], step_metrics["loss_sum"],
+        state_step)
     self.count += 1
-    self.first_non_finite = update_first_non_finite(self.first_non_finite, step_metrics["loss_sum"],
-                                              state_step)
 
   def mean(self, step: int) -> float:
     """The mean since the last call; raises ``FloatingPointError`` naming the tasks if not
     finite."""
     mean = float(self.sum) / self.count
     check_finite_loss(mean, step, np.asarray(self.first_non_finite), self.task_names)
-    self.sum, self.count = None, 0
+    self.sum, self.count = jnp.zeros((), jnp.float32), 0
     return mean
+
+
+@jax.jit
+def _add_step_loss(total: jax.Array, first: jax.Array, loss: jax.Array,
+                   task_loss_sums: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(total + loss, update_first_non_finite(first, task_loss_sums, step)): one dispatch a step
+  (an eager add on an array replicated over 8 CPU devices took about 12 ms)."""
+  return total + loss, update_first_non_finite(first, task_loss_sums, step)
 
 
 @jax.jit
