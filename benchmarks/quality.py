@@ -30,6 +30,7 @@ plot under --out. Results and their reading: docs/results/README.md.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shlex
@@ -175,7 +176,7 @@ def run_one(cell: Cell, seed: int, record: dict) -> dict:
     summary = json.load(g)
     result = {"test": json.load(f), "num_params": summary["num_params"],
               "train_seconds": sum(h["train_seconds"] for h in summary["history"]),
-              "epochs": summary["epochs"]}
+              "epochs": summary["epochs"], "machine": machine.describe()}
   record[name] = {"config": config.to_dict(), **result}
   reporting.write_json_atomic(_record_path(), record)
   return result
@@ -317,6 +318,19 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
   fig.savefig(path, dpi=120)
 
 
+def machines_sentence(runs: list[dict]) -> str:
+  """Where the runs' training seconds were measured: the machine in each run's record entry
+  (a sweep resumed on another machine holds runs of both; entries from before the record kept
+  the machine have none)."""
+  counts = collections.Counter(r.get("machine", "not recorded") for r in runs)
+  digits = "(metrics move in their last digits from one CPU to another)"
+  if len(counts) == 1:
+    return f"Training seconds measured on the machine that ran them: {next(iter(counts))} {digits}."
+  listed = "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in counts.most_common())
+  return (f"The runs were trained on several machines ({listed}), so training seconds compare "
+          f"only between runs of one machine {digits}.")
+
+
 def write_report(cells: list[Cell], runs: dict, labels: dict) -> str:
   """The table, its JSON and plot under --out from the runs finished so far (rewritten after
   every run, so a sweep still running has a table of what it measured: each row the mean over
@@ -336,9 +350,8 @@ def write_report(cells: list[Cell], runs: dict, labels: dict) -> str:
   parts = [f"# Quality benchmark: {_DATASET.value}", "", f"Regenerate with `{command}`", "",
            (f"Mean ± sample std over the seeds{still}" if _SEEDS.value > 1 else
             f"One seed (0){still}, so no spread is measured,")
-           + " of each run's best-on-validation checkpoint, evaluated on the test split. Training "
-           f"seconds measured on the machine that ran it: {machine.describe()} (metrics move in "
-           "their last digits from one CPU to another)."]
+           + " of each run's best-on-validation checkpoint, evaluated on the test split. "
+           + machines_sentence([runs[key] for key in runs])]
   if _TUNE.value:
     parts += ["", f"Every model's config was tuned first with the same budget: {_TUNE.value} "
               f"Optuna trials on the validation split (apem_jax/tuning.py; fixed: "

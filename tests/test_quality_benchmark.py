@@ -69,12 +69,21 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert lost.exists()
 
   # Without the workdirs (another machine, a fresh clone with the committed --out): nothing is
-  # trained again and the table is the same.
+  # trained again and the table is the same. Each run's record names the machine it ran on, and
+  # the table says when its training seconds come from several.
+  record = json.loads(record_path.read_text())
+  here = {entry["machine"] for entry in record.values()}
+  assert len(here) == 1 and "cores" in here.pop()
+  assert "on the machine that ran them" in (tmp_path / "out" / "synthetic.md").read_text()
+  record["mmoe/seed0/p1.0"]["machine"] = "Another CPU, 64 cores, AVX-512"
+  record_path.write_text(json.dumps(record))
   shutil.rmtree(tmp_path / "runs")
   third = _sweep(tmp_path)
   assert third.returncode == 0, third.stderr[-3000:]
   assert _trained(third.stdout) == [] and not (tmp_path / "runs" / "synthetic").exists()
   assert json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"] == table
+  assert "trained on several machines" in (tmp_path / "out" / "synthetic.md").read_text()
+  assert "Another CPU, 64 cores, AVX-512 (1 run)" in (tmp_path / "out" / "synthetic.md").read_text()
 
   # Another config is refused, naming where the run was recorded and the differing key.
   fourth = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
