@@ -351,7 +351,7 @@ def write_report(cells: list[Cell], runs: dict, labels: dict) -> str:
            (f"Mean ± sample std over the seeds{still}" if _SEEDS.value > 1 else
             f"One seed (0){still}, so no spread is measured,")
            + " of each run's best-on-validation checkpoint, evaluated on the test split. "
-           + machines_sentence([runs[key] for key in runs])]
+           + machines_sentence(list(runs.values()))]
   if _TUNE.value:
     parts += ["", f"Every model's config was tuned first with the same budget: {_TUNE.value} "
               f"Optuna trials on the validation split (apem_jax/tuning.py; fixed: "
