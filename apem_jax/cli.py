@@ -38,11 +38,12 @@ def user_errors_in_one_line(program: str, debug: bool = False,
 def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
   """A ``flags_parser`` for ``absl.app.run`` that reports a flag that does not parse in one line
   (absl's own parser lets ml_collections' error for an unknown ``--config.<key>`` through as a
-  traceback)."""
+  traceback), and refuses arguments that are not flags (absl passes them on, and the programs
+  take none: ``--set a=1 b=2`` would drop ``b=2``)."""
 
   def parse(argv: Sequence[str]) -> list[str]:
     try:
-      return flags.FLAGS(list(argv))
+      left = flags.FLAGS(list(argv))
     except flags.Error as e:
       sys.exit(f"{program}: error: {e} (--helpfull lists the flags)")
     except (AttributeError, KeyError) as e:  # ml_collections: no such key in the config
@@ -50,5 +51,10 @@ def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
       given = next((a for a in argv if a.startswith("--config.") and key in a), key)
       sys.exit(f"{program}: error: {given}: the config has no key {key!r} (the config file and "
                f"apem_jax/models/defaults.py list the keys)")
+    if len(left) > 1:  # absl hands them to main, and no program here reads them
+      sys.exit(f"{program}: error: unexpected argument(s) {' '.join(left[1:])!r}: every setting "
+               f"is a flag (--name=value), and a repeatable flag takes one value per use "
+               f"(--set a=1 --set b=2)")
+    return left
 
   return parse

@@ -35,8 +35,7 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 
 def _run(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only (cli.flags_parser refuses anything else)
   logging.set_verbosity(logging.WARNING)
   with cli.user_errors_in_one_line("apem-export", _DEBUG.value,
                                    also=(export_lib.ExportCheckError,)):

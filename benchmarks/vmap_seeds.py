@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apem_jax import trainer, vmap_runs
+from apem_jax import cli, trainer, vmap_runs
 from configs import census as census_configs
 import machine  # benchmarks/machine.py
 
@@ -229,4 +229,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("benchmarks/vmap_seeds.py"))

@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN = [sys.executable, "train.py"]
 EVAL = [sys.executable, "eval.py"]
+QUALITY = [sys.executable, "benchmarks/quality.py"]
 EXPORT = [os.path.join(os.path.dirname(sys.executable), "apem-export")]
 
 # (name, command (with the places of the fixture filled in), text the error must hold)
@@ -40,6 +41,14 @@ CASES = [
     ("unknown config key", TRAIN + ["--config={tiny}", "--workdir={new}",
                                     "--config.train.no_such_key=3"],
      "train.py: error: --config.train.no_such_key=3: the config has no key 'no_such_key'"),
+    ("a second override without its flag (it would be dropped)",
+     TRAIN + ["--config={tiny}", "--workdir={new}", "--config.train.num_epochs=1",
+              "train.num_epochs=2"],
+     "train.py: error: unexpected argument(s) 'train.num_epochs=2'"),
+    ("two values after one --set", QUALITY + ["--models=apem", "--epochs=1", "--runs={new}",
+                                              "--out={new}",
+                                              "--set", "model.num_groups=4", "model.num_heads=1"],
+     "benchmarks/quality.py: error: unexpected argument(s) 'model.num_heads=1'"),
     ("vmapped runs that cannot share a program", TRAIN + ["--config={tiny}", "--workdir={new}",
                                                           "--vmap=train.batch_size=8,16"],
      "train.py: error: vmap_runs: configs[1] differs from configs[0] in 'train.batch_size'"),
