@@ -21,7 +21,8 @@ def get_config(arg: str = "apem"):
     # cheaper step); then SE gates starting at identity and towers that also read the raw
     # embeddings (5 seeds: 0.97404 +- 0.00028 against 0.97379 +- 0.00018); then four groups and
     # one head, a cheaper grouping that scores no lower (5 seeds: 0.97398 +- 0.00015 against
-    # 0.97397 +- 0.00030; APEM's train step 1.09x MMoE's examples/s instead of 0.88x).
+    # 0.97397 +- 0.00030; APEM's train step at 1.04x MMoE's examples/s instead of 0.87x on an
+    # AMD EPYC without AVX-512, docs/performance.md).
     config.model.num_blocks = 1
     config.model.num_groups = 4
     config.model.num_heads = 1
