@@ -1,6 +1,6 @@
-"""Two candidate APEM designs (docs/apem_designs.md): the group tokens' pairwise interactions as
-extra patterns (``model.pair_patterns``) and per-task embeddings of the small-vocabulary fields
-(``model.task_embeddings``, STEM)."""
+"""Candidate APEM designs (docs/apem_designs.md): the group tokens' pairwise interactions as
+extra patterns (``model.pair_patterns``), per-task embeddings of the small-vocabulary fields
+(``model.task_embeddings``, STEM) and a temperature on the grouping (``model.grouping_temperature``)."""
 
 import chex
 import jax
@@ -46,7 +46,22 @@ def test_task_embeddings_reach_their_own_tower_only(selection):
   np.testing.assert_array_equal(np.asarray(after[:, 1:]), np.asarray(before[:, 1:]))
 
 
+@pytest.mark.parametrize("grouping,output,axis", [("competitive", "group_assignment", 2),
+                                                   ("standard", "group_weights", 3)])
+def test_grouping_temperature_divides_the_grouping_logits(grouping, output, axis):
+  """With the same parameters, the softmax the grouping takes (over groups for 'competitive',
+  over fields for 'standard') at temperature T is softmax(log(p) / T) of its value p at T = 1."""
+  params, out, _ = _apem_out(num_blocks=1, grouping=grouping)
+  sharp_params, sharp, _ = _apem_out(num_blocks=1, grouping=grouping, grouping_temperature=0.25)
+  chex.assert_trees_all_equal(params, sharp_params)
+  expected = jax.nn.softmax(jnp.log(out[output]) / 0.25, axis=axis)
+  np.testing.assert_allclose(sharp[output], expected, atol=1e-5)
+  assert np.std(sharp[output]) > 2 * np.std(out[output])  # sharper
+
+
 def test_bad_candidate_settings_are_one_line_errors():
+  with pytest.raises(ValueError, match=r"'grouping_temperature' must be a number > 0, got 0"):
+    build_model(_config("apem", grouping_temperature=0), _schema())
   with pytest.raises(ValueError, match=r"'task_embeddings'=2: no categorical field has at most"):
     build_model(_config("apem", task_embeddings=2), _schema())
   with pytest.raises(ValueError, match=r"'pair_patterns'=True needs 'num_groups' >= 2"):

@@ -80,6 +80,7 @@ class APEM(nn.Module):
   num_heads: int = 2
   ffn_mult: int = 2
   grouping: str = "competitive"
+  grouping_temperature: float = 1.0
   se: bool = True
   se_reduction: int = 4
   se_squeeze: str = "grouped"
@@ -106,6 +107,7 @@ class APEM(nn.Module):
     kw.update(
         num_blocks=layers.require_int(cfg, "num_blocks", 1),
         grouping=layers.require_choice(cfg, "grouping", GROUPINGS),
+        grouping_temperature=layers.require_positive(cfg, "grouping_temperature"),
         num_heads=layers.require_int(cfg, "num_heads", 1),
         ffn_mult=layers.require_int(cfg, "ffn_mult", 1),
         se=layers.require_bool(cfg, "se"),
@@ -153,7 +155,8 @@ class APEM(nn.Module):
     tokens = FieldEmbedding(self.schema, self.embed_dim, self.dtype, name="embedding")(batch)
     dagt = DeepAutoGroupTransformer(
         num_blocks=self.num_blocks, num_groups=self.num_groups, num_heads=self.num_heads,
-        ffn_mult=self.ffn_mult, grouping=self.grouping, se=self.se,
+        ffn_mult=self.ffn_mult, grouping=self.grouping,
+        grouping_temperature=self.grouping_temperature, se=self.se,
         se_reduction=self.se_reduction, se_squeeze=self.se_squeeze,
         se_squeeze_groups=self.se_squeeze_groups, se_gate=self.se_gate,
         field_ffn=self.field_ffn, dropout=self.dropout, dtype=self.dtype,

@@ -18,6 +18,7 @@ _DEFAULTS: dict[str, dict] = {
         num_heads=2,  # H (must divide embed_dim)
         ffn_mult=2,  # FFN hidden = ffn_mult * embed_dim
         grouping="competitive",  # 'competitive' | 'standard' | 'none'
+        grouping_temperature=1.0,  # grouping logits / T: T < 1 sharpens which fields a group takes
         se=True,  # Squeeze-and-Excitation over fields
         se_reduction=4,  # SE reduction ratio r
         se_squeeze="grouped",  # 'grouped' (mean and max of K channel groups) | 'mean' (ablation)

@@ -11,6 +11,8 @@ the block below is **our reconstruction** of those words, specified in DESIGN.md
      takes ``sum_f w[..., g, f] * (E_f W_v)``.
    * ``grouping='standard'``: plain pooling, ``w = softmax_F(A)``.
    * ``grouping='none'``: no grouping at all; field tokens go straight to SE, no group tokens.
+   * ``grouping_temperature`` T divides the grouping logits (1 by default; T < 1 makes each field
+     commit to fewer groups, or each group to fewer fields, from initialisation on).
    Heads are projected back to d: ``Z = LN(S + W_o pool)``, then ``Z = LN(Z + FFN(Z))``.
 2. Broadcast back: field tokens attend to the group tokens (softmax over G), residual + LN, then a
    position-wise FFN, residual + LN. Cost O(B F G d) per block.
@@ -164,6 +166,7 @@ class GroupTransformerBlock(nn.Module):
     num_heads: H; must divide the token width d.
     ffn_mult: FFN hidden width = ffn_mult * d.
     grouping: 'competitive' | 'standard' | 'none'.
+    grouping_temperature: T, the grouping logits are divided by it.
     se: apply Squeeze-and-Excitation over fields.
     se_reduction: SE reduction ratio r.
     se_squeeze: 'grouped' | 'mean' (module docstring).
@@ -181,6 +184,7 @@ class GroupTransformerBlock(nn.Module):
   num_heads: int = 2
   ffn_mult: int = 2
   grouping: str = "competitive"
+  grouping_temperature: float = 1.0
   se: bool = True
   se_reduction: int = 4
   se_squeeze: str = "grouped"
@@ -244,11 +248,12 @@ class GroupTransformerBlock(nn.Module):
       w_v, b_v = self._projection((width,), head_shape, "group_value")
       w_o, b_o = self._projection(head_shape, (width,), "group_out")
       q = jnp.einsum("gd,dhc->ghc", seeds, w_q) + (0 if b_q is None else b_q)  # [G, H, dh]
-      seed_keys = jnp.einsum("dhc,ghc->dhg", w_k, q) * scale  # [d, H, G]
+      grouping_scale = scale / self.grouping_temperature
+      seed_keys = jnp.einsum("dhc,ghc->dhg", w_k, q) * grouping_scale  # [d, H, G]
       logits = jnp.einsum("bfd,dx->bfx", fields, seed_keys.reshape(width, -1))  # [B, F, H*G]
       logits = logits.reshape(batch, num_fields, heads, -1)
       if b_k is not None:
-        logits = logits + jnp.einsum("hc,ghc->hg", b_k, q) * scale
+        logits = logits + jnp.einsum("hc,ghc->hg", b_k, q) * grouping_scale
       logits = logits.astype(jnp.float32)  # [B, F, H, G]
       if competitive:
         # Each field over groups, then renormalised over fields after pooling:
@@ -320,6 +325,7 @@ class DeepAutoGroupTransformer(nn.Module):
   num_heads: int = 2
   ffn_mult: int = 2
   grouping: str = "competitive"
+  grouping_temperature: float = 1.0
   se: bool = True
   se_reduction: int = 4
   se_squeeze: str = "grouped"
@@ -335,7 +341,8 @@ class DeepAutoGroupTransformer(nn.Module):
     for i in range(self.num_blocks):
       out = GroupTransformerBlock(
           num_groups=self.num_groups, num_heads=self.num_heads, ffn_mult=self.ffn_mult,
-          grouping=self.grouping, se=self.se, se_reduction=self.se_reduction,
+          grouping=self.grouping, grouping_temperature=self.grouping_temperature, se=self.se,
+          se_reduction=self.se_reduction,
           se_squeeze=self.se_squeeze, se_squeeze_groups=self.se_squeeze_groups,
           se_gate=self.se_gate, field_ffn=self.field_ffn, dropout=self.dropout, dtype=self.dtype,
           name=f"block_{i}")(fields, train)

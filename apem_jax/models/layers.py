@@ -272,6 +272,13 @@ def require_rate(cfg, key: str) -> float:
   return float(value)
 
 
+def require_positive(cfg, key: str) -> float:
+  value = cfg[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0:
+    raise ValueError(f"model config {key!r} must be a number > 0, got {value!r}")
+  return float(value)
+
+
 def require_choice(cfg, key: str, choices: Sequence[str]) -> str:
   value = cfg[key]
   if value not in choices:
