@@ -23,6 +23,7 @@ from apem_jax.data import census_source, synthetic
 from apem_jax.configs import common
 from census_like import write_census_like
 from test_trainer import tiny_config
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
@@ -228,7 +229,7 @@ def test_census_saved_model_serves_the_raw_files_as_eval_scores_them(tmp_path, m
   expected = exp.predict(state, "test")["predictions"]  # eval.py's path
   moved = tmp_path / "data_moved"
   os.rename(data_dir, moved)
-  one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  one_device = xla_env.with_devices(1)
   result = subprocess.run(
       [sys.executable, "-m", "apem_jax.export_main", f"--workdir={workdir}", f"--output={output}"],
       capture_output=True, text=True, timeout=300, cwd=REPO, env=one_device)

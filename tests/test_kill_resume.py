@@ -21,6 +21,7 @@ import pytest
 
 from apem_jax import checkpointing, trainer
 from test_trainer import _metrics, tiny_config, write_config_file
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,8 +129,7 @@ def test_a_preemption_notice_to_one_of_two_processes_stops_both_at_the_same_step
   ``reached_preemption`` agrees on and exit 143. (Resuming is the one-process code: above.)"""
   workdir = str(places["root"] / "two_processes")
   port = _free_port()
-  env = dict(os.environ, PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_env.with_devices(2, PYTHONUNBUFFERED="1")
 
   def launch():
     return [subprocess.Popen(
@@ -147,9 +147,12 @@ def test_a_preemption_notice_to_one_of_two_processes_stops_both_at_the_same_step
       break
   outputs = ["".join(lines) + processes[0].communicate(timeout=600)[0],
              processes[1].communicate(timeout=600)[0]]
+  codes = [process.returncode for process in processes]
+  assert codes == [128 + signal.SIGTERM] * 2, "\n\n".join(
+      f"process {i} (exit {code}):\n{out[-3000:]}" for i, (code, out) in
+      enumerate(zip(codes, outputs)))  # both, since one's failure may be the other's exit
   stops = []
-  for process, out in zip(processes, outputs):
-    assert process.returncode == 128 + signal.SIGTERM, out[-3000:]
+  for out in outputs:
     stops += [int(l.split()[3]) for l in out.splitlines() if l.startswith("Stopped at step")]
   assert len(stops) == 2 and stops[0] == stops[1], outputs
   assert checkpointing.Checkpoints(workdir, read_only=True).step_of() == stops[0]

@@ -31,6 +31,7 @@ import pytest
 from apem_jax import checkpointing, parallel, step as step_lib, trainer
 from test_parallel import _fixed_batches
 from test_trainer import tiny_config
+import xla_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NUM_PROCESSES = 2
@@ -82,8 +83,7 @@ def _free_port() -> int:
 
 
 def _launch(outdir: str) -> list[subprocess.Popen]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+  env = xla_env.with_devices(DEVICES_PER_PROCESS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i), str(NUM_PROCESSES),

@@ -230,7 +230,10 @@ def test_trainer_shards_a_big_vocabulary_table(monkeypatch, tmp_path):
     ref, _ = step(ref, batch)
   got = jax.tree.map(lambda x: x, state.params)
   got["embedding"] = dict(got["embedding"], categorical_table=table[:1_000_001])
-  chex.assert_trees_all_close(got, ref.params, **PARAM_TOL)
+  # Adam at 3e-2 divides by each gradient's own magnitude, so the reduction-order round-off of
+  # near-zero gradients moves a parameter by up to a few 1e-5 (one kernel entry of 8,192 by
+  # 1.4e-5 when compiled at XLA's optimisation level 0).
+  chex.assert_trees_all_close(got, ref.params, atol=3e-5, rtol=1e-5)
 
 
 def test_state_shardings_rule():

@@ -63,6 +63,7 @@ def test_two_processes_stream_their_own_files_and_train_like_one(tmp_path):
   from apem_jax import checkpointing, trainer  # pylint: disable=g-import-not-at-top
   from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   import test_multiprocess  # pylint: disable=g-import-not-at-top
+  import xla_env  # pylint: disable=g-import-not-at-top
   from test_prepare import base_spec, make_rows, write_csv, write_spec  # pylint: disable=g-import-not-at-top
 
   rows = make_rows()
@@ -74,8 +75,7 @@ def test_two_processes_stream_their_own_files_and_train_like_one(tmp_path):
   cfg = config(str(tmp_path))
   prepare.load_spec_dataset(cfg.data)  # prepared once, before the workers start
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+  env = xla_env.with_devices(DEVICES_PER_PROCESS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   port = test_multiprocess._free_port()  # pylint: disable=protected-access
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port),
                              str(tmp_path)], env=env, stdout=subprocess.PIPE,
