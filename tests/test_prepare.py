@@ -464,6 +464,45 @@ def test_shards_are_what_tensorflow_writes_and_read_rows_reads(tmp_path):
     np.testing.assert_array_equal(parsed[key], arrays[key])
 
 
+def test_read_split_reads_in_numpy_what_tensorflow_reads_and_names_a_damaged_record(tmp_path):
+  """``read_split`` (in-memory loading, no TensorFlow) reads the records TensorFlow's reader
+  reads and the rows ``read_rows`` parses; a flipped byte or a cut file names the shard and the
+  record."""
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  rng = np.random.default_rng(2)
+  n, fc, fn, t = 23, 3, 2, 2
+  arrays = {"categorical": rng.integers(0, 1 << 30, (n, fc)),
+            "numeric": rng.normal(size=(n, fn)).astype(np.float32),
+            "labels": rng.integers(0, 2, (n, t)).astype(np.float32),
+            "label_mask": rng.integers(0, 2, (n, t)).astype(np.float32),
+            "weight": rng.random(n).astype(np.float32)}
+  arrays["categorical"][:5, 0] = [0, 127, 128, 16383, 16384]  # varint length edges
+  writer = prepared.ShardWriter(tmp_path, "train", shard_rows=10, record_rows=4)
+  writer.write(arrays)
+  shards = writer.close()
+  files = [str(tmp_path / s["file"]) for s in shards]
+  dims = {"categorical": fc, "numeric": fn, "tasks": t}
+  metadata = {"dims": dims, "splits": {"train": {"shards": shards, "rows": n}}}
+  assert [prepared.read_records(f) for f in files] == [
+      [r.numpy() for r in tf.data.TFRecordDataset([f])] for f in files]
+  got = prepared.read_split(tmp_path, "train", metadata)
+  want = next(prepared.read_rows(files, dims, tf).rebatch(100).as_numpy_iterator())
+  for key in prepared.FEATURE_KEYS:
+    assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+    np.testing.assert_array_equal(got[key], want[key])
+
+  second = pathlib.Path(files[1]).read_bytes()
+  start = 16 + len(prepared.read_records(files[1])[0])  # the second record's frame
+  flipped = bytearray(second)
+  flipped[start + 12 + 7] ^= 0x01
+  pathlib.Path(files[1]).write_bytes(bytes(flipped))
+  with pytest.raises(ValueError, match=f"{files[1]}: record 1 fails its CRC-32C checksum"):
+    prepared.read_split(tmp_path, "train", metadata)
+  pathlib.Path(files[1]).write_bytes(second[:start + 20])
+  with pytest.raises(ValueError, match=f"{files[1]}: record 1 is cut short"):
+    prepared.read_split(tmp_path, "train", metadata)
+
+
 def test_rows_without_numeric_features_read_back(tmp_path):
   """A feature of width 0 (no numeric columns) still reads back one row per row."""
   tf = pipeline._import_tf()  # pylint: disable=protected-access

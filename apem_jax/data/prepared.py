@@ -72,7 +72,6 @@ STATISTICS_FILE = "statistics.json"
 PREPROCESSING_FILE = "preprocessing.json"
 SPLITS = ("train", "validation", "test")
 FEATURE_KEYS = ("categorical", "numeric", "labels", "label_mask", "weight")
-READ_BATCH_ROWS = 65_536
 READ_BUFFER_BYTES = 1 << 20  # TFRecordDataset's read buffer per open file
 
 
@@ -459,28 +458,163 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     return json.load(f)
 
 
+def _varints(b: np.ndarray) -> np.ndarray:
+  """The values of packed varints ``b`` (uint8 [n]) as int64 [m]."""
+  last = b < 128  # the last byte of each value
+  if last.all():
+    return b.astype(np.int64)
+  ends = np.flatnonzero(last)
+  if not len(ends) or ends[-1] != len(b) - 1:
+    raise ValueError("a packed varint list ends inside a value")
+  starts = np.concatenate([[0], ends[:-1] + 1])
+  count = ends - starts + 1
+  values = np.zeros(len(ends), np.uint64)
+  for k in range(int(count.max())):
+    at = k < count
+    values[at] |= (b[starts[at] + k] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * k)
+  return values.view(np.int64)
+
+
+def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 128:
+      return value, pos
+    shift += 7
+
+
+def _fields(buf: bytes, pos: int, end: int):
+  """``(field number, wire type, value)`` of a protobuf message ``buf[pos:end]``; a
+  length-delimited value as its ``(start, end)``."""
+  while pos < end:
+    tag, pos = _varint_at(buf, pos)
+    wire = tag & 7
+    if wire == 0:
+      value, pos = _varint_at(buf, pos)
+    elif wire == 2:
+      size, pos = _varint_at(buf, pos)
+      value, pos = (pos, pos + size), pos + size
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+      value, pos = buf[pos:pos + size], pos + size
+    else:
+      raise ValueError(f"protobuf wire type {wire}")
+    if pos > end:
+      raise ValueError("a protobuf field runs past its message")
+    yield tag >> 3, wire, value
+
+
+def parse_example(record: bytes) -> dict[str, np.ndarray]:
+  """One serialised ``tf.train.Example`` of float and int64 lists -> ``{key: values}`` (float32
+  or int64 [n]), in NumPy (the protobuf wire format; packed or unpacked lists)."""
+  out = {}
+  for number, wire, (fs, fe) in _fields(record, 0, len(record)):
+    if number != 1 or wire != 2:
+      continue
+    for number, wire, (es, ee) in _fields(record, fs, fe):  # map<string, Feature> entries
+      if number != 1 or wire != 2:
+        continue
+      key, feature = None, None
+      for number, wire, value in _fields(record, es, ee):
+        if number == 1 and wire == 2:
+          key = record[value[0]:value[1]].decode()
+        elif number == 2 and wire == 2:
+          feature = value
+      if key is None or feature is None:
+        raise ValueError("a feature map entry without its key or value")
+      for kind, wire, (ls, le) in _fields(record, *feature):  # 2 float_list, 3 int64_list
+        parts = []
+        for number, wire, value in _fields(record, ls, le):
+          if number != 1:
+            continue
+          if kind == 2:
+            parts.append(np.frombuffer(record, "<f4", (value[1] - value[0]) // 4, value[0])
+                         if wire == 2 else np.frombuffer(value, "<f4"))
+          elif kind == 3:
+            parts.append(_varints(np.frombuffer(record, np.uint8, value[1] - value[0], value[0]))
+                         if wire == 2 else np.array([value], np.uint64).view(np.int64))
+          else:
+            raise ValueError(f"feature {key!r} is a bytes list; expected floats or integers")
+        out[key] = (np.concatenate(parts) if parts else
+                    np.zeros(0, np.float32 if kind == 2 else np.int64))
+  return out
+
+
+def read_records(path: str | os.PathLike) -> list[bytes]:
+  """The records of a TFRecord file, both CRC-32C checksums of each verified (as TensorFlow's
+  reader does), in NumPy.
+
+  Raises:
+    ValueError: naming the file and the record that is cut short or fails its checksum.
+  """
+  buf = pathlib.Path(path).read_bytes()
+  spans, pos = [], 0
+  while pos < len(buf):
+    if pos + 12 > len(buf):
+      raise ValueError(f"{path}: record {len(spans)} is cut short (its header)")
+    length = int.from_bytes(buf[pos:pos + 8], "little")
+    if pos + 16 + length > len(buf):
+      raise ValueError(f"{path}: record {len(spans)} is cut short ({length} bytes announced)")
+    spans.append((pos, length))
+    pos += 16 + length
+  if not spans:
+    return []
+  starts = np.array([s for s, _ in spans], np.int64)
+  lengths = np.array([n for _, n in spans], np.int64)
+  raw = np.frombuffer(buf, np.uint8)
+  headers = raw[starts[:, None] + np.arange(12)]
+  expected_length_crc = np.ascontiguousarray(headers[:, 8:]).view("<u4").ravel()
+  width = -(-int(lengths.max()) // 4) * 4
+  right_aligned = np.zeros((len(spans), width), np.uint8)
+  records = [buf[s + 12:s + 12 + n] for s, n in spans]
+  for i, record in enumerate(records):
+    right_aligned[i, width - len(record):] = np.frombuffer(record, np.uint8)
+  data_crc = np.array([int.from_bytes(buf[s + 12 + n:s + 16 + n], "little") for s, n in spans],
+                      np.uint32)
+  bad = np.flatnonzero((_masked(crc32c_rows(headers[:, :8], np.full(len(spans), 8)))
+                        != expected_length_crc) |
+                       (_masked(crc32c_rows(right_aligned, lengths)) != data_crc))
+  if len(bad):
+    raise ValueError(f"{path}: record {int(bad[0])} fails its CRC-32C checksum")
+  return records
+
+
 def read_split(directory: str | os.PathLike, split: str, metadata: Mapping[str, Any] | None = None
                ) -> dict[str, np.ndarray]:
   """One split's shards -> ``{'categorical' int32, 'numeric', 'labels', 'label_mask',
-  'weight'}`` arrays (:func:`read_rows`)."""
-  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  'weight'}`` arrays, read in NumPy (:func:`read_records`, :func:`parse_example`; the same rows
+  as :func:`read_rows`, without importing TensorFlow).
+
+  Raises:
+    ValueError: a shard that is damaged (naming the file and record) or holds another number of
+      rows than the metadata says.
+  """
   directory = pathlib.Path(directory)
   metadata = metadata or read_metadata(directory)
-  files = [os.fspath(directory / s["file"]) for s in metadata["splits"][split]["shards"]]
-  ds = read_rows(files, metadata["dims"], tf).rebatch(READ_BATCH_ROWS).prefetch(1)
-  parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
-  for batch in ds.as_numpy_iterator():
-    for k in FEATURE_KEYS:
-      parts[k].append(batch[k])
   width = widths(metadata["dims"])
+  parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
+  for shard in metadata["splits"][split]["shards"]:
+    path = directory / shard["file"]
+    for i, record in enumerate(read_records(path)):
+      try:
+        example = parse_example(record)
+      except (ValueError, IndexError) as e:
+        raise ValueError(f"{path}: record {i} is no tf.train.Example of this format: {e}") from e
+      rows = len(example.get("weight", ()))
+      for k in FEATURE_KEYS:
+        values = example.get(k, np.zeros(0, np.float32))
+        if values.size != rows * width[k]:
+          raise ValueError(f"{path}: record {i} holds {values.size} {k} values for {rows} "
+                           f"rows; expected {width[k]} a row")
+        parts[k].append(values.reshape((rows,) if k == "weight" else (rows, width[k])))
   out = {}
   for k in FEATURE_KEYS:
-    if parts[k]:
-      out[k] = np.concatenate(parts[k])
-    else:
-      out[k] = np.zeros((0,) if k == "weight" else (0, width[k]),
-                        np.int32 if k == "categorical" else np.float32)
+    dtype = np.int32 if k == "categorical" else np.float32
+    out[k] = (np.concatenate(parts[k]).astype(dtype, copy=False) if parts[k] else
+              np.zeros((0,) if k == "weight" else (0, width[k]), dtype))
   expected = metadata["splits"][split]["rows"]
   if len(out["weight"]) != expected:
     raise ValueError(f"{directory}: split {split!r} holds {len(out['weight'])} rows, its "
