@@ -219,21 +219,25 @@ def test_trainer_shards_a_big_vocabulary_table(monkeypatch, tmp_path):
   assert restored_table.sharding.is_equivalent_to(table.sharding, 2)
   chex.assert_trees_all_equal(restored.params, state.params)
 
-  # The same steps on one device, without padding, give the same parameters.
+  # The same steps on one device, without padding, give the same parameters: compared under plain
+  # SGD (as in the jit/pmap test above), whose update is proportional to the gradient, so the
+  # different reduction order stays round-off (PARAM_TOL); under Adam a near-zero gradient's
+  # round-off moves its parameter by up to the learning rate, which bounds nothing.
+  monkeypatch.setattr(step_lib, "make_optimizer", lambda config, total_steps: optax.sgd(0.5))
+  exp = trainer.Experiment(config)
+  state, _, _ = _train(exp, exp.init_state(), batches[:3])
+  table = state.params["embedding"]["categorical_table"]
   model = trainer.build_model(config.model, data.schema)
   train_step, _ = step_lib.bind_steps(model, exp.tx, data.schema, (1.0, 1.0))
   example = {"categorical": np.zeros((1, 1), np.int32), "numeric": np.zeros((1, 2), np.float32)}
   ref = jax.jit(lambda k: step_lib.init_state(model, exp.tx, k, example))(
       jax.random.key(config.seed))
   step = jax.jit(train_step)
-  for batch in batches:
+  for batch in batches[:3]:
     ref, _ = step(ref, batch)
   got = jax.tree.map(lambda x: x, state.params)
   got["embedding"] = dict(got["embedding"], categorical_table=table[:1_000_001])
-  # Adam at 3e-2 divides by each gradient's own magnitude, so the reduction-order round-off of
-  # near-zero gradients moves a parameter by up to a few 1e-5 (one kernel entry of 8,192 by
-  # 1.4e-5 when compiled at XLA's optimisation level 0).
-  chex.assert_trees_all_close(got, ref.params, atol=3e-5, rtol=1e-5)
+  chex.assert_trees_all_close(got, ref.params, **PARAM_TOL)
 
 
 def test_state_shardings_rule():
