@@ -22,7 +22,7 @@ train: $(VENV)/.installed
 	$(PY) eval.py --config $(CONFIG) --workdir $(WORKDIR) --split test
 
 test: $(VENV)/.installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) runs

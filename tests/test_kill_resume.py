@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  config = tiny_config()
+  config = tiny_config("shared_bottom")  # an MLP, quick to compile: what is tested is the loop
   config.train.checkpoint_every_steps = 7  # 3 epochs of 30 steps: saves at 7, 14, ..., 30, ...
   return config
 

@@ -266,7 +266,7 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
 
 
 def test_a_deleted_newest_checkpoint_resumes_from_the_one_before_never_from_scratch(tmp_path):
-  config = tiny_config()
+  config = tiny_config("shared_bottom")  # quick to compile; any model
   config.train.update(num_epochs=1, checkpoint_every_steps=10)
   workdir = str(tmp_path / "run")
   straight = trainer.train_and_evaluate(config, workdir)
@@ -324,7 +324,7 @@ def _scramble_data_files(checkpoint_dir: str) -> None:
 
 def test_a_corrupt_checkpoint_is_named_and_the_run_falls_back_to_one_that_restores(tmp_path,
                                                                                   capsys):
-  config = tiny_config()
+  config = tiny_config("shared_bottom")  # quick to compile; any model
   config.train.update(num_epochs=1, checkpoint_every_steps=10)
   workdir = str(tmp_path / "run")
   straight = trainer.train_and_evaluate(config, workdir)
