@@ -419,6 +419,17 @@ def _example(tf, rows: dict):
          for k in ("numeric", "labels", "label_mask", "weight")}}))
 
 
+def _random_rows(rng, n: int, fc: int, fn: int, t: int, max_id: int) -> dict[str, np.ndarray]:
+  """``n`` rows of every feature key, the first ids of field 0 at varint length edges."""
+  arrays = {"categorical": rng.integers(0, max_id, (n, fc)),
+            "numeric": rng.normal(size=(n, fn)).astype(np.float32),
+            "labels": rng.integers(0, 2, (n, t)).astype(np.float32),
+            "label_mask": rng.integers(0, 2, (n, t)).astype(np.float32),
+            "weight": rng.random(n).astype(np.float32)}
+  arrays["categorical"][:5, 0] = [0, 127, 128, 16383, 16384]
+  return arrays
+
+
 def test_shards_are_what_tensorflow_writes_and_read_rows_reads(tmp_path):
   """23 rows in shards of 10 and records of 4 rows, written in two calls that cut a record:
   shards of 10, 10, 3 rows, records of 4, 4, 2 | 4, 4, 2 | 3 rows, each record TensorFlow's own
@@ -426,14 +437,9 @@ def test_shards_are_what_tensorflow_writes_and_read_rows_reads(tmp_path):
   are compared as protos), framed byte for byte as ``tf.io.TFRecordWriter`` frames it, and
   ``read_rows`` gives the rows back."""
   tf = pipeline._import_tf()  # pylint: disable=protected-access
-  rng = np.random.default_rng(1)
   n, fc, fn, t = 23, 3, 2, 2
-  arrays = {"categorical": rng.integers(0, 1 << 33, (n, fc)),
-            "numeric": rng.normal(size=(n, fn)).astype(np.float32),
-            "labels": rng.integers(0, 2, (n, t)).astype(np.float32),
-            "label_mask": np.ones((n, t), np.float32),
-            "weight": rng.random(n).astype(np.float32)}
-  arrays["categorical"][:4, 0] = [0, 127, 128, 16383]  # varint length edges
+  arrays = _random_rows(np.random.default_rng(1), n, fc, fn, t, max_id=1 << 33)
+  arrays["label_mask"][:] = 1.0
   records = prepared.records_of(*prepared.serialize_examples(
       *(arrays[k] for k in prepared.FEATURE_KEYS)))
   for i, record in enumerate(records):  # one row a record
@@ -469,14 +475,8 @@ def test_read_split_reads_in_numpy_what_tensorflow_reads_and_names_a_damaged_rec
   reads and the rows ``read_rows`` parses; a flipped byte or a cut file names the shard and the
   record."""
   tf = pipeline._import_tf()  # pylint: disable=protected-access
-  rng = np.random.default_rng(2)
   n, fc, fn, t = 23, 3, 2, 2
-  arrays = {"categorical": rng.integers(0, 1 << 30, (n, fc)),
-            "numeric": rng.normal(size=(n, fn)).astype(np.float32),
-            "labels": rng.integers(0, 2, (n, t)).astype(np.float32),
-            "label_mask": rng.integers(0, 2, (n, t)).astype(np.float32),
-            "weight": rng.random(n).astype(np.float32)}
-  arrays["categorical"][:5, 0] = [0, 127, 128, 16383, 16384]  # varint length edges
+  arrays = _random_rows(np.random.default_rng(2), n, fc, fn, t, max_id=1 << 30)
   writer = prepared.ShardWriter(tmp_path, "train", shard_rows=10, record_rows=4)
   writer.write(arrays)
   shards = writer.close()
