@@ -20,14 +20,14 @@ import chex
 import pytest
 
 from apem_jax import checkpointing, trainer
-from test_trainer import _metrics, tiny_config, write_config_file
+from test_trainer import _metrics, tiny_mlp_config, write_config_file
 import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  config = tiny_config("shared_bottom")  # an MLP, quick to compile: what is tested is the loop
+  config = tiny_mlp_config()
   config.train.checkpoint_every_steps = 7  # 3 epochs of 30 steps: saves at 7, 14, ..., 30, ...
   return config
 

@@ -35,6 +35,12 @@ def tiny_config(model: str = "apem", **data_overrides) -> ml_collections.ConfigD
   return config
 
 
+def tiny_mlp_config() -> ml_collections.ConfigDict:
+  """The tiny config with the shared-bottom MLP: quick to compile and to step, for the tests of
+  what does not depend on the model (workdirs, resumes, command lines)."""
+  return tiny_config("shared_bottom")
+
+
 def write_config_file(path, module: str, function: str) -> str:
   """A config file for the command lines whose ``get_config()`` returns
   ``<module>.<function>()``, a module of tests/; returns its path."""
@@ -221,13 +227,13 @@ def _tree(directory) -> dict[str, bytes]:
 
 
 def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
-  config = tiny_config()
+  config = tiny_mlp_config()
   config.train.num_epochs = 1
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
   before = _tree(workdir)
 
-  changed = tiny_config()
+  changed = tiny_mlp_config()
   changed.train.num_epochs = 2
   changed.seed = 1
   changed.optimizer.learning_rate = 1e-2
@@ -235,10 +241,10 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
   with pytest.raises(ValueError, match=r"change the run's trajectory: \['optimizer.learning_rate', "
                                        r"'seed', 'train.batch_size'\]"):
     trainer.train_and_evaluate(changed, workdir)
-  shorter = tiny_config()
+  shorter = tiny_mlp_config()
   shorter.train.num_epochs = 1
-  shorter.model.num_groups = 2
-  with pytest.raises(ValueError, match=r"\['model.num_groups'\]"):
+  shorter.model.tower_hidden = (8,)
+  with pytest.raises(ValueError, match=r"\['model.tower_hidden'\]"):
     trainer.train_and_evaluate(shorter, workdir)
   assert _tree(workdir) == before  # config.json and preprocessing.json included
 
@@ -253,11 +259,11 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, "load_dataset", one_label_changed)
     with pytest.raises(ValueError, match="the data changed since the checkpoint was trained"):
-      trainer.train_and_evaluate(tiny_config(), workdir)
+      trainer.train_and_evaluate(tiny_mlp_config(), workdir)
   assert _tree(workdir) == before
 
   # num_epochs may grow and patience change; the run records it.
-  longer = tiny_config()
+  longer = tiny_mlp_config()
   longer.train.update(num_epochs=2, patience=7)
   summary = trainer.train_and_evaluate(longer, workdir)
   assert [h["epoch"] for h in summary["history"]] == [1, 2]
@@ -266,7 +272,7 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
 
 
 def test_a_deleted_newest_checkpoint_resumes_from_the_one_before_never_from_scratch(tmp_path):
-  config = tiny_config("shared_bottom")  # quick to compile; any model
+  config = tiny_mlp_config()
   config.train.update(num_epochs=1, checkpoint_every_steps=10)
   workdir = str(tmp_path / "run")
   straight = trainer.train_and_evaluate(config, workdir)
@@ -324,7 +330,7 @@ def _scramble_data_files(checkpoint_dir: str) -> None:
 
 def test_a_corrupt_checkpoint_is_named_and_the_run_falls_back_to_one_that_restores(tmp_path,
                                                                                   capsys):
-  config = tiny_config("shared_bottom")  # quick to compile; any model
+  config = tiny_mlp_config()
   config.train.update(num_epochs=1, checkpoint_every_steps=10)
   workdir = str(tmp_path / "run")
   straight = trainer.train_and_evaluate(config, workdir)
@@ -368,7 +374,7 @@ def test_a_balancing_method_trains_and_its_state_resumes_exactly(tmp_path, monke
 def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_path):
   """A run checkpointed before a config key existed resumes when the key is at its default; at
   another value, the key is a change of the trajectory."""
-  config = tiny_config()
+  config = tiny_mlp_config()
   config.train.num_epochs = 1
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
@@ -376,13 +382,13 @@ def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_p
   ckpt = checkpointing.Checkpoints(workdir)
   exp = trainer.Experiment(config)
   state, meta = ckpt.restore(exp.abstract_state)
-  del meta["config"]["optimizer"]["embedding_l2"], meta["config"]["model"]["selector_top_k"]
+  del meta["config"]["optimizer"]["embedding_l2"], meta["config"]["model"]["dropout"]
   ckpt.save(30, state, meta, score=meta["score"])
   ckpt.close()
-  longer = tiny_config()
+  longer = tiny_mlp_config()
   longer.train.num_epochs = 2
   assert trainer.train_and_evaluate(longer, workdir)["steps"] == 60
-  other = tiny_config()
+  other = tiny_mlp_config()
   other.train.num_epochs = 3
   other.optimizer.embedding_l2 = 0.1
   with pytest.raises(ValueError, match=r"trajectory: \['optimizer.embedding_l2'\]"):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from apem_jax import trainer
-from test_trainer import _scramble_data_files, _tree, tiny_config, write_config_file
+from test_trainer import _scramble_data_files, _tree, tiny_mlp_config, write_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,9 +60,9 @@ CASES = [
     ("eval of an unknown split", EVAL + ["--config={tiny}", "--workdir={run}", "--split=dev"],
      "eval.py: error: flag --split=dev: value should be one of <train|validation|test>"),
     ("eval with another model config", EVAL + ["--config={tiny}", "--workdir={run}",
-                                               "--config.model.num_groups=2"],
+                                               "--config.model.dropout=0.5"],
      "eval.py: error: {run}: its checkpoint was trained with a different config; differing keys: "
-     "['model.num_groups']"),
+     "['model.dropout']"),
     ("export of a workdir without checkpoints", EXPORT + ["--workdir={other}", "--output={new}"],
      "apem-export: error: {other}: no best checkpoint"),
     ("export over a directory that is no export", EXPORT + ["--workdir={run}", "--output={other}",
@@ -90,8 +90,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
   root = tmp_path_factory.mktemp("user_errors")
-  tiny = write_config_file(root / "tiny.py", "test_trainer", "tiny_config")
-  config = tiny_config()
+  tiny = write_config_file(root / "tiny.py", "test_trainer", "tiny_mlp_config")
+  config = tiny_mlp_config()
   config.train.update(num_epochs=1, checkpoint_every_steps=10)  # keeps steps 20 and 30 (best)
   run = str(root / "run")
   trainer.train_and_evaluate(config, run)

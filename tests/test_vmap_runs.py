@@ -143,17 +143,11 @@ def test_configs_over_values_of_one_key():
     vmap_runs.varied_keys(vmap_runs.configs_over(tiny_config(), "train.batch_size=8,16")[0])
 
 
-def mlp_config():
-  """The tiny config with a shared-bottom MLP, quick to compile (the command line does not
-  depend on the model)."""
-  return tiny_config("shared_bottom")
-
-
 def test_train_command_line_vmap(tmp_path):
   """train.py --vmap seed=0,1: one vmapped program, each run in <workdir>/seed=<s> with the
   trainer's files (a bad --vmap: test_configs_over_values_of_one_key, and the command line's
   one-line errors: test_user_errors)."""
-  config_file = write_config_file(tmp_path / "config.py", "test_vmap_runs", "mlp_config")
+  config_file = write_config_file(tmp_path / "config.py", "test_trainer", "tiny_mlp_config")
   workdir = tmp_path / "w"
   cmd = [sys.executable, "train.py", "--config", config_file, "--workdir", str(workdir),
          "--config.train.num_epochs=1"]
