@@ -565,18 +565,17 @@ def read_records(path: str | os.PathLike) -> list[bytes]:
   starts = np.array([s for s, _ in spans], np.int64)
   lengths = np.array([n for _, n in spans], np.int64)
   raw = np.frombuffer(buf, np.uint8)
-  headers = raw[starts[:, None] + np.arange(12)]
-  expected_length_crc = np.ascontiguousarray(headers[:, 8:]).view("<u4").ravel()
+  headers = raw[starts[:, None] + np.arange(12)]  # length, masked CRC of the length
+  footers = raw[(starts + 12 + lengths)[:, None] + np.arange(4)]  # masked CRC of the data
   width = -(-int(lengths.max()) // 4) * 4
   right_aligned = np.zeros((len(spans), width), np.uint8)
   records = [buf[s + 12:s + 12 + n] for s, n in spans]
   for i, record in enumerate(records):
     right_aligned[i, width - len(record):] = np.frombuffer(record, np.uint8)
-  data_crc = np.array([int.from_bytes(buf[s + 12 + n:s + 16 + n], "little") for s, n in spans],
-                      np.uint32)
-  bad = np.flatnonzero((_masked(crc32c_rows(headers[:, :8], np.full(len(spans), 8)))
-                        != expected_length_crc) |
-                       (_masked(crc32c_rows(right_aligned, lengths)) != data_crc))
+  bad = np.flatnonzero(
+      (_masked(crc32c_rows(headers[:, :8], np.full(len(spans), 8)))
+       != np.ascontiguousarray(headers[:, 8:]).view("<u4").ravel()) |
+      (_masked(crc32c_rows(right_aligned, lengths)) != footers.view("<u4").ravel()))
   if len(bad):
     raise ValueError(f"{path}: record {int(bad[0])} fails its CRC-32C checksum")
   return records
