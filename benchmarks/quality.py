@@ -282,16 +282,17 @@ def markdown_table(rows: dict[str, dict], title: str) -> str:
 
 
 def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure of its own, not pyplot's: pyplot keeps every figure it makes until closed, and the
+  # sweep plots after every run.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   if census:
     rows = rows_by_p[None]
     first_tasks = next(iter(rows.values()))["tasks"]
     tasks = list(first_tasks)
     # Funnel: each step's gap to the oracle AUC (lower is better); otherwise test AUC.
     metric = "oracle_gap" if "oracle_gap" in first_tasks[tasks[0]] else "auc"
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5))
+    fig = Figure(figsize=(5 * len(tasks), 3.5))
+    axes = fig.subplots(1, len(tasks))
     for ax, task in zip(np.atleast_1d(axes), tasks):
       labels = list(rows)
       means = [rows[m]["tasks"][task][metric][0] for m in labels]
@@ -302,7 +303,8 @@ def plot(rows_by_p: dict[float, dict[str, dict]], path: str, census: bool) -> No
       ax.set_title(f"test {'AUC' if metric == 'auc' else 'oracle AUC - AUC'}: {task}")
       ax.tick_params(axis="x", rotation=45)
   else:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
     models = list(dict.fromkeys(m for rows in rows_by_p.values() for m in rows))
     for t_index, ax in enumerate(axes):
       for m in models:
