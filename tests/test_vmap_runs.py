@@ -9,6 +9,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from apem_jax import checkpointing, trainer, vmap_runs
@@ -36,6 +37,22 @@ def _validation(summary):
   return [(h["step"], h["score"], h["validation"]) for h in summary["history"]]
 
 
+def _assert_params_match(vmapped, sequential, learning_rate: float) -> None:
+  """Every parameter element within 1e-6 of the sequential run's, save at most one in 10^4
+  within one learning rate (one Adam step's reach). XLA may round the batched step's arithmetic
+  differently from the single run's (with the suite's older CPU emitters, tests/conftest.py, one
+  element of MMoE's 65,536 expert weights ended 1.3e-6 apart after 60 steps), and Adam's
+  normalised update turns a rounding-level change in a near-zero gradient into up to a step; a
+  wrong run's state, a lost update or a stopped run that kept training moves far more elements
+  by more."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(vmapped)[0],
+                          jax.tree.leaves(sequential)):
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    name = jax.tree_util.keystr(path)
+    assert diff.max() <= learning_rate, (name, diff.max())
+    assert np.count_nonzero(diff > 1e-6) <= diff.size // 10_000, (name, np.sort(diff.ravel())[-5:])
+
+
 def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
   configs = _configs()
   summaries = vmap_runs.train_runs(configs, str(tmp_path / "vmapped"))
@@ -57,7 +74,7 @@ def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
       assert json.load(f)["best_step"] == summary["best_step"]
     for key in ("best_step", "steps", "stopped_early"):
       assert summary[key] == sequential[key], key
-    # Every evaluation: the same steps, scores and metrics (to 1e-6; here they are identical).
+    # Every evaluation: the same steps, scores and metrics (to 1e-6).
     got, want = _validation(summary), _validation(sequential)
     assert [g[0] for g in got] == [w[0] for w in want]
     for (_, score, metrics), (_, want_score, want_metrics) in zip(got, want):
@@ -73,7 +90,7 @@ def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
       ckpt = checkpointing.Checkpoints(d, read_only=True)
       states.append(ckpt.restore(exp.abstract_state, checkpointing.BEST)[0])
       ckpt.close()
-    chex.assert_trees_all_close(states[0].params, states[1].params, atol=1e-6, rtol=0)
+    _assert_params_match(states[0].params, states[1].params, config.optimizer.learning_rate)
     if i == 1:
       result = trainer.evaluate_checkpoint(config, run_dir, "test")
       expected = trainer.evaluate_checkpoint(config, sequential_dir, "test")

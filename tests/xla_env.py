@@ -8,7 +8,7 @@ _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 def with_devices(count: int, **extra: str) -> dict[str, str]:
   """``os.environ`` (plus ``extra``) whose XLA_FLAGS give ``count`` CPU devices; its other XLA
-  flags (the optimisation level tests/conftest.py sets) are kept."""
+  flags (the compiler settings tests/conftest.py sets) are kept."""
   flags = _DEVICE_COUNT.sub("", os.environ.get("XLA_FLAGS", "")).split()
   flags.append(f"--xla_force_host_platform_device_count={count}")
   return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
