@@ -1,5 +1,6 @@
-"""What the test suite's XLA flags (tests/conftest.py) change: compile time and step time of the
-trainer's train step, for the tests' tiny APEM and shared-bottom configs, on 8 simulated CPU devices.
+"""What the test suite's XLA flags (tests/conftest.py) change: compile time and step time of
+the trainer's train step, for the tests' tiny APEM and shared-bottom configs, on 8 simulated CPU
+devices.
 
   python benchmarks/compile_flags.py                  # 3 rounds: about 3 minutes on 2 cores
   python benchmarks/compile_flags.py --reps 1         # a smoke run

@@ -103,7 +103,6 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert "Traceback" not in fourth.stderr
 
 
-
 def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path):
   """SIGTERM during a run: the sweep saves it and exits 143 (as train.py), without evaluating
   the half-trained run on test or putting it in the table; a rerun resumes it."""
@@ -177,13 +176,14 @@ def test_validation_table_reads_finished_runs_only(tmp_path):
   assert row == "| x | 2 (+1 unfinished) | 0.85000 ± 0.07071 | 0.85000 ± 0.07071 |"
 
 
-def test_plotting_after_every_run_keeps_no_figure_open(tmp_path):
+def test_plotting_after_every_run_keeps_no_figure_open(tmp_path, monkeypatch):
   """The sweep plots after every run: pyplot's figures, never closed, piled up (matplotlib
   warned past 20 in a 70-run sweep); the plot now leaves no figure behind."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # quality.py imports benchmarks/machine.py
-  spec = importlib.util.spec_from_file_location("quality", os.path.join(REPO, "benchmarks", "quality.py"))
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))  # for benchmarks/machine.py
+  spec = importlib.util.spec_from_file_location("quality",
+                                                os.path.join(REPO, "benchmarks", "quality.py"))
   quality = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(quality)
   row = {"tasks": {"income": {"auc": [0.95, 0.001]}, "marital": {"auc": [0.99, 0.001]}}}
