@@ -24,12 +24,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import xla_env  # tests/xla_env.py: the flags the suite compiles with  # noqa: E402
+
 DEVICES = "--xla_force_host_platform_device_count=8"
 FLAG_SETS = {
     "XLA defaults": "",
     "level 0": "--xla_backend_optimization_level=0",
-    "level 0, no fusion emitters (tests)": ("--xla_backend_optimization_level=0 "
-                                            "--xla_cpu_use_fusion_emitters=false"),
+    "level 0, no fusion emitters (tests)": " ".join(xla_env.COMPILER_FLAGS),
 }
 MODELS = ("apem", "shared_bottom")
 
@@ -37,7 +40,6 @@ MODELS = ("apem", "shared_bottom")
 def measure(models: list[str]) -> dict:
   """In this process: ``{model: {"compile_s": least of 3, "step_ms": median of 30}}``."""
   sys.path.insert(0, ROOT)
-  sys.path.insert(0, os.path.join(ROOT, "tests"))
   import jax  # pylint: disable=g-import-not-at-top
   from apem_jax import trainer  # pylint: disable=g-import-not-at-top
   from test_trainer import tiny_config  # the tests' configs  # pylint: disable=g-import-not-at-top

@@ -2,6 +2,8 @@
 
 import os
 
+import xla_env
+
 # The tests' programs are small and most are compiled once, so compiling is much of a cold run
 # (CI starts with an empty compilation cache). XLA's backend optimisation level 0 and XLA:CPU's
 # older LLVM emitters instead of its MLIR fusion emitters compile them 5x faster than XLA's
@@ -10,8 +12,7 @@ import os
 # (`python benchmarks/compile_flags.py`, medians of 3 rounds). The tests check results, not
 # speed (benchmarks/ measure speed at XLA's defaults). The processes the tests start inherit the
 # flags (tests/xla_env.py for those with other devices).
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
-              "--xla_cpu_use_fusion_emitters=false"):
+for _flag in ("--xla_force_host_platform_device_count=8", *xla_env.COMPILER_FLAGS):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -1,8 +1,12 @@
-"""The environment of a process that a test starts with its own number of simulated CPU devices."""
+"""The tests' XLA compiler settings, and the environment of a process that a test starts with its
+own number of simulated CPU devices."""
 
 import os
 import re
 
+# What tests/conftest.py adds to XLA_FLAGS for every test process (why: there; measured by
+# benchmarks/compile_flags.py).
+COMPILER_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
