@@ -38,6 +38,10 @@ DENSE = "dense"
 
 
 def _leaf_name(path: tuple) -> str:
+  """The leaf's own key; ``""`` for a bare array (the balancing methods' task-weight parameters,
+  whose optimizer state comes from the same transformation)."""
+  if not path:
+    return ""
   key = path[-1]
   return str(getattr(key, "key", getattr(key, "name", key)))
 

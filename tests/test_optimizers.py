@@ -95,6 +95,30 @@ def test_in_a_train_step_rows_not_in_the_batch_do_not_move(name):
   assert np.all(np.any(after[[2, 3]] != before[[2, 3]], axis=1))
 
 
+@pytest.mark.parametrize("method", ["uncertainty", "gradnorm"])
+def test_a_balancing_method_with_its_own_weights_trains_with_a_table_optimizer(method):
+  """The weights of uncertainty weighting and GradNorm, a bare [T] array, get their optimizer
+  state from the same transformation as the model (a bare array has no leaf name)."""
+  from apem_jax import balancing as balancing_lib
+  schema = make_schema(vocab_sizes=(6,), num_numeric=1, task_names=("a", "b"))
+  config = common.base_config("shared_bottom")
+  config.optimizer.embedding_optimizer = "adagrad"
+  config.train.balancing = method
+  model = build_model(config.model, schema)
+  tx = step_lib.make_optimizer(config, total_steps=10)
+  balancing = balancing_lib.balancing_from_config(config.train)
+  ids = np.array([[0], [1], [2], [3]], np.int32)
+  batch = {"categorical": ids, "numeric": np.zeros((4, 1), np.float32),
+           "labels": np.concatenate([ids % 2, ids // 2], axis=1).astype(np.float32),
+           "label_mask": np.ones((4, 2), np.float32), "weight": np.ones(4, np.float32)}
+  state = step_lib.init_state(model, tx, jax.random.key(0), batch, balancing)
+  train_step = jax.jit(step_lib.bind_steps(model, tx, schema, (1.0, 1.0),
+                                           balancing=balancing)[0])
+  state, metrics = train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 1
+
+
 def test_an_unknown_embedding_optimizer_is_named():
   from apem_jax import config_validation
   config = common.base_config("mmoe")
