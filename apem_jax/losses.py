@@ -12,8 +12,9 @@ parent step did. A :class:`TaskHead` says how the logits are read:
   ``output_space`` is ``'conditional'``): ``logit_t`` is the conditional logit of step t given its
   parent, ``q_t = sigmoid(logit_t)``, and the entire-space probability is the product along the
   chain, ``p_t = q_t * p_parent(t)`` (``p_t = q_1 ... q_t`` for a chain). ``log p_t`` is a sum of
-  log-sigmoids, and ``log(1 - p_t) = log1p(-exp(log p_t))`` (computed stably, ``log p_t`` clipped
-  to ``<= -1e-7``), so the loss is exact and finite for any logits;
+  log-sigmoids, and ``1 - p_t = (1 - p_parent) + p_parent (1 - q_t)`` makes ``log(1 - p_t)`` a
+  ``logaddexp`` of them: the loss and its gradient are exact and finite for any logits (nothing
+  is clipped, so no gradient is cut off where the model is confidently wrong);
 * *direct* (``train.funnel='off'``, and always for AITM, whose ``output_space`` is ``'entire'``):
   ``logit_t`` is already the entire-space logit, ``p_t = sigmoid(logit_t)``, and the conditional
   probability is reported as ``q_t = min(p_t / p_parent(t), 1)``. Nothing makes ``p_t <= p_parent``
@@ -47,7 +48,7 @@ OUTPUT_SPACES = (None, "conditional", "entire")
 # AITM's published calibrator weight (Xi et al. 2021): the default for models that emit
 # entire-space probabilities directly.
 AITM_CALIBRATION_WEIGHT = 0.6
-_LOG_P_MAX = -1e-7  # log p is clipped to this before log(1 - p): p <= 1 - 1e-7
+_LOG_Q_MAX = -1e-7  # the direct head's log q is clipped to this before log(1 - q): q <= 1 - 1e-7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ def make_head(schema: Schema, output_space: str | None = None, funnel: str = "en
 
 def _log1mexp(x: jax.Array) -> jax.Array:
   """``log(1 - exp(x))`` for ``x <= 0``, stable on both ends (x clipped to <= -1e-7)."""
-  x = jnp.minimum(x, _LOG_P_MAX)
+  x = jnp.minimum(x, _LOG_Q_MAX)
   return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
@@ -139,7 +140,7 @@ def log_probabilities(logits: jax.Array, head: TaskHead) -> dict[str, jax.Array]
       log_q.append(own[:, t]), log_1mq.append(own_not[:, t])
     elif head.chained:  # conditional logit; p_t = q_t * p_parent, a sum of log-sigmoids
       log_p.append(own[:, t] + log_p[parent])
-      log_1mp.append(_log1mexp(log_p[-1]))
+      log_1mp.append(jnp.logaddexp(log_1mp[parent], log_p[parent] + own_not[:, t]))
       log_q.append(own[:, t]), log_1mq.append(own_not[:, t])
     else:  # entire-space logit; q_t = min(p_t / p_parent, 1)
       log_p.append(own[:, t]), log_1mp.append(own_not[:, t])
@@ -219,12 +220,14 @@ def multitask_loss(logits: jax.Array, batch: Mapping[str, jax.Array], schema: Sc
   head = make_head(schema) if head is None else head
   weight = batch["weight"]
   mask = batch["label_mask"] * weight[:, None]
+  # A label whose mask is 0 may hold anything (NaN for a missing one): it is read as 0, so that
+  # neither the loss nor its gradient sees it (a masked NaN would still be NaN * 0 = NaN).
+  labels = jnp.where(batch["label_mask"] > 0, batch["labels"], 0.0)
   if head.conditional_loss:
-    labels = batch["labels"]
     mask = jnp.stack([mask[:, t] if parent < 0 else
                       mask[:, t] * labels[:, parent] * batch["label_mask"][:, parent]
                       for t, parent in enumerate(head.parents)], axis=1)
-  losses = per_example_losses(logits, batch["labels"], schema, head)
+  losses = per_example_losses(logits, labels, schema, head)
   sums = {"loss_sum": jnp.sum(losses * mask, axis=0), "count": jnp.sum(mask, axis=0),
           "penalty_sum": jnp.zeros((), jnp.float32), "examples": jnp.sum(weight)}
   if head.calibration_weight > 0 and head.dependent:

@@ -80,13 +80,51 @@ def test_chained_head_is_the_product_in_log_space_and_stable():
   np.testing.assert_allclose(sums["loss_sum"] / 64, bce, rtol=1e-4)
   assert float(total) == pytest.approx(float(bce @ np.array([1.0, 2.0, 0.5])), rel=1e-4)
 
-  # Extreme logits: finite loss and gradients (log p is a sum of log-sigmoids, log(1 - p) clipped).
+  # Extreme logits: finite loss and gradients (log p and log(1 - p) from log-sigmoids).
   extreme = jnp.array([[60.0, 60.0, 60.0], [-60.0, -60.0, -60.0], [60.0, -60.0, 60.0]])
   batch3 = {"labels": jnp.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]),
             "label_mask": jnp.ones((3, 3)), "weight": jnp.ones((3,))}
   value, grad = jax.value_and_grad(
       lambda l: losses.multitask_loss(l, batch3, schema, (1.0, 1.0, 1.0), head)[0])(extreme)
   assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_a_confidently_wrong_chained_step_keeps_its_exact_loss_and_gradient():
+  """Both logits 20, the second step did not happen: 1 - p = 1 - sigmoid(20)^2 = 2e^-20 to
+  float64, so its loss is 20 - log 2 and d loss / d logit is sigmoid(20)^2 (1 - sigmoid(20)) /
+  (1 - p), about 1/2 for each logit (a clipped log p gave 16.12 with no gradient at all)."""
+  schema = _funnel_schema(num_steps=2)
+  head = losses.make_head(schema)
+  batch = {"labels": jnp.array([[1.0, 0.0]]), "label_mask": jnp.ones((1, 2)),
+           "weight": jnp.ones((1,))}
+  step_loss = lambda logits: losses.multitask_loss(logits, batch, schema, (0.0, 1.0), head)[0]
+  for a, b in ((20.0, 20.0), (30.0, 25.0)):
+    sa, sb, not_a, not_b = _sigmoid(a), _sigmoid(b), _sigmoid(-a), _sigmoid(-b)
+    one_minus_p = not_a + sa * not_b  # 1 - sa * sb without cancellation (float64)
+    value, grad = jax.value_and_grad(step_loss)(jnp.array([[a, b]]))
+    assert float(value) == pytest.approx(-np.log(one_minus_p), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(grad)[0], [sa * sb * not_a / one_minus_p,
+                                                     sa * sb * not_b / one_minus_p], rtol=1e-5)
+
+
+@pytest.mark.parametrize("funnel", ["entire_space", "conditional", "off"])
+def test_a_missing_label_may_be_nan(funnel):
+  """A label under label_mask 0 is not read: NaN there gives the loss and gradient of any other
+  value (the data pipeline accepts NaN for a missing label)."""
+  schema = _funnel_schema(num_steps=2)
+  head = losses.make_head(schema, funnel=funnel)
+  logits = jnp.array([[0.5, -1.0], [2.0, 1.0], [-0.3, 0.7]])
+  mask = jnp.array([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+
+  def loss_and_grad(missing):
+    labels = jnp.array([[1.0, 0.0], [1.0, missing], [missing, missing]])
+    batch = {"labels": labels, "label_mask": mask, "weight": jnp.ones((3,))}
+    return jax.value_and_grad(
+        lambda l: losses.multitask_loss(l, batch, schema, (1.0, 1.0), head)[0])(logits)
+
+  (value, grad), (want, want_grad) = loss_and_grad(jnp.nan), loss_and_grad(0.0)
+  assert np.isfinite(float(value)) and float(value) == float(want)
+  np.testing.assert_array_equal(grad, want_grad)
 
 
 def test_conditional_switch_trains_a_step_only_where_its_parent_happened():

@@ -84,6 +84,16 @@ def test_multitask_loss_masks_and_weights():
   assert float(total) == pytest.approx(task_a + 3.0 * task_b, rel=1e-6)
 
 
+def test_a_missing_regression_label_may_be_nan():
+  schema = make_schema([], 1, ["r"], kind="regression")
+  batch = {"labels": jnp.array([[1.0], [jnp.nan]]), "label_mask": jnp.array([[1.0], [0.0]]),
+           "weight": jnp.ones(2)}
+  value, grad = jax.value_and_grad(
+      lambda l: losses.multitask_loss(l, batch, schema, (1.0,))[0])(jnp.array([[0.0], [4.0]]))
+  assert float(value) == pytest.approx(1.0)
+  np.testing.assert_allclose(grad, [[-2.0], [0.0]])
+
+
 def test_regression_loss_is_squared_error():
   schema = make_schema([], 1, ["r"], kind="regression")
   batch = {"labels": jnp.array([[1.0], [2.0]]), "label_mask": jnp.ones((2, 1)), "weight": jnp.ones(2)}
