@@ -31,7 +31,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     scores: [N] real scores (higher means more likely positive).
 
   Returns:
-    The AUC, or NaN when only one class is present.
+    The AUC, or NaN when only one class is present or a score is NaN (NumPy sorts NaN last, so
+    it would otherwise rank as the highest score).
   """
   labels = np.asarray(labels, dtype=bool)
   scores = np.asarray(scores)
@@ -41,7 +42,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   positives.sort()
   negatives.sort()
   num_pos, num_neg = len(positives), len(negatives)
-  if num_pos == 0 or num_neg == 0:
+  if num_pos == 0 or num_neg == 0 or np.isnan(positives[-1]) or np.isnan(negatives[-1]):
     return float("nan")
   below = ties = 0
   for start in range(0, num_pos, _CHUNK_ROWS):
@@ -108,6 +109,8 @@ def selection_score(metrics: Mapping[str, Mapping[str, float]], tasks: Sequence)
   of a valid one.
   """
   binary = [metrics[t.name] for t in tasks if t.kind == "binary"]
+  if any(np.isnan(m["logloss"]) for m in binary if m.get("examples", 1)):
+    return float("nan")  # some predictions are NaN (an AUC alone would leave them out)
   if binary:
     aucs = [m["auc"] for m in binary if np.isfinite(m["auc"])]
     if aucs:

@@ -45,6 +45,18 @@ def test_auc_single_class_is_nan():
   assert np.isnan(metrics.auc(np.ones(5), np.arange(5.0)))
 
 
+def test_nan_scores_give_nan_auc_and_a_nan_selection_score():
+  y = np.array([0, 1, 0, 1])
+  assert np.isnan(metrics.auc(y, np.array([0.1, np.nan, 0.2, 0.3])))
+  assert np.isnan(metrics.auc(y, np.full(4, np.nan)))
+  schema = make_schema((), 1, ["a", "b"])
+  labels = np.array([[0, 0], [1, 1], [0, 0], [1, 1]], np.float32)
+  predictions = np.array([[0.1, 0.2], [0.9, np.nan], [0.2, 0.3], [0.8, 0.7]], np.float32)
+  out = metrics.task_metrics(schema, labels, np.ones_like(labels), predictions)
+  assert out["a"]["auc"] == 1.0 and np.isnan(out["b"]["auc"])
+  assert np.isnan(metrics.selection_score(out, schema.tasks))
+
+
 def test_logloss_matches_sklearn():
   rng = np.random.default_rng(1)
   y = rng.random(300) < 0.4
