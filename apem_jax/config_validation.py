@@ -69,6 +69,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = opt.get(key, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
       raise ValueError(f"config: optimizer.{key}={value!r}; expected a number >= 0")
+    if value and opt.get("embedding_optimizer", "same") == "same":
+      raise ValueError(f"config: optimizer.{key}={value!r} applies only to the tables' own "
+                       f"optimizer; set optimizer.embedding_optimizer to one of "
+                       f"{optimizers.EMBEDDING_OPTIMIZERS[1:]} (it is 'same')")
   if config.parallel.mode not in ("jit", "pmap"):
     raise ValueError(f"config: parallel.mode={config.parallel.mode!r}; supported: 'jit', 'pmap'")
   if config.parallel.shard_embeddings_min_rows < 0:

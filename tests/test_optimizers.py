@@ -126,3 +126,16 @@ def test_an_unknown_embedding_optimizer_is_named():
   config.optimizer.embedding_optimizer = "sgd"
   with pytest.raises(ValueError, match=r"optimizer.embedding_optimizer='sgd'; expected one of"):
     config_validation.validate(config)
+
+
+@pytest.mark.parametrize("key", ["embedding_l2", "embedding_learning_rate"])
+def test_a_table_optimizer_setting_without_a_table_optimizer_is_named(key):
+  from apem_jax import config_validation
+  config = common.base_config("mmoe")
+  config.data = ml_collections.ConfigDict({"name": "synthetic_mmoe"})
+  config.optimizer[key] = 0.1
+  with pytest.raises(ValueError, match=rf"optimizer.{key}=0.1 applies only to the tables' own "
+                                       rf"optimizer; set optimizer.embedding_optimizer"):
+    config_validation.validate(config)
+  config.optimizer.embedding_optimizer = "lazy_adam"
+  config_validation.validate(config)

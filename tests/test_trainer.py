@@ -376,6 +376,7 @@ def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_p
   another value, the key is a change of the trajectory."""
   config = tiny_mlp_config()
   config.train.num_epochs = 1
+  config.optimizer.embedding_optimizer = "adagrad"  # embedding_l2 is the table optimizer's
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
   # The checkpoint as an older version of the library wrote it: without two keys.
@@ -387,10 +388,11 @@ def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_p
   ckpt.close()
   longer = tiny_mlp_config()
   longer.train.num_epochs = 2
+  longer.optimizer.embedding_optimizer = "adagrad"
   assert trainer.train_and_evaluate(longer, workdir)["steps"] == 60
   other = tiny_mlp_config()
   other.train.num_epochs = 3
-  other.optimizer.embedding_l2 = 0.1
+  other.optimizer.update(embedding_optimizer="adagrad", embedding_l2=0.1)
   with pytest.raises(ValueError, match=r"trajectory: \['optimizer.embedding_l2'\]"):
     trainer.train_and_evaluate(other, workdir)
 

@@ -44,7 +44,8 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=0.0,
       grad_clip_norm=1.0,     # 0 disables clipping
       # The embedding tables' own optimizer (apem_jax/optimizers.py): 'same' (the Adam above) |
-      # 'adagrad' (row-wise) | 'lazy_adam' (only the rows in the batch move).
+      # 'adagrad' (row-wise) | 'lazy_adam' (only the rows in the batch move). The two keys after
+      # it are that optimizer's (an error with 'same').
       embedding_optimizer="same",
       embedding_learning_rate=0.0,  # 0: learning_rate
       embedding_l2=0.0,       # L2 on the table rows present in each batch
