@@ -3,8 +3,10 @@
 Industrial recommenders do not train their id tables with the dense layers' Adam: a table row is
 seen only in the batches that hold its id, and a dense Adam update moves every row every step
 (its moments decay, and the update ``m / sqrt(v)`` of a row last seen long ago keeps moving it).
-``optimizer.embedding_optimizer`` picks what the tables (parameters named ``*_table``) get, through
-``optax.multi_transform``; the dense layers keep the run's Adam(W):
+``optimizer.embedding_optimizer`` picks what the id tables (2-D parameters named ``*_table``)
+get, through ``optax.multi_transform``; the dense layers keep the run's Adam(W), and so does the
+small ``numeric_bucket_table`` ``[Fn, K, d]`` of the numeric fields' buckets, whose rows are not
+ids:
 
 * ``same`` (default): the tables get the dense layers' Adam(W), as every model always had;
 * ``adagrad``: row-wise Adagrad (DLRM, TorchRec's ``ROWWISE_ADAGRAD``): one accumulator per row,
