@@ -3,8 +3,13 @@
 Selected by ``train.balancing`` (:func:`balancing_from_config`); the train step
 (:mod:`apem_jax.step`) calls the pieces here. Notation: ``L_t`` is task t's masked mean loss of the
 batch (:func:`apem_jax.losses.multitask_loss`), ``c_t`` its fixed ``train.task_weights`` entry and
-``l_t = c_t L_t`` what every method below sees as "the loss of task t" (so a task weight still
-scales a task, and the default all-ones weights leave it alone). ``g_t = grad l_t`` is the
+``l_t = c_t L_t`` what every method below sees as "the loss of task t" (the default all-ones
+weights leave it alone; a weight scales a task under ``fixed``, ``dwa``, PCGrad, CAGrad and MGDA,
+but uncertainty weighting and GradNorm learn weights that cancel a constant factor at their
+equilibrium: ``lambda_t l_t`` tends to 1/2, ``w_t ||g_t||`` to the common target). A task whose
+``c_t`` is 0 is *inactive*: every method leaves it out (its loss and gradient are 0; uncertainty
+weighting would otherwise drive its ``s_t`` down without bound, GradNorm would count it in its
+means and hand it the other tasks' weight, MGDA would always return 0). ``g_t = grad l_t`` is the
 gradient of one task's loss; ``K = [<g_s, g_t>]`` the ``[T, T]`` Gram matrix of those gradients
 restricted to the shared parameters (see *Shared parameters*). The AITM/funnel calibration penalty
 (``losses.total_loss``) is never balanced: its gradient is added to every method's update as is.
@@ -20,20 +25,23 @@ Loss weighting (one backward pass of ``sum_t lambda_t l_t``, ``lambda`` held con
   ``sum_t lambda_t g_t``; ``s`` gets ``dJ/ds_t = 1/2 - lambda_t l_t`` and is updated by its own
   instance of the run's optimizer (``tx``: the same schedule, clipping applied to ``s``'s gradient
   alone), kept in the state. For constant losses ``s`` converges to ``lambda_t = 1 / (2 l_t)``
-  (both kinds).
+  (both kinds; with ``optimizer.weight_decay`` 0, the default: AdamW's decay also pulls ``s``, and
+  GradNorm's ``omega``, towards 0).
 * ``dwa`` (Dynamic Weight Average; Liu, Johns & Davison, CVPR 2019):
   ``lambda_t = T exp(r_t / temperature) / sum_s exp(r_s / temperature)`` with
   ``r_t = lbar_t(k-1) / lbar_t(k-2)``, the ratio of task t's mean loss over the last two complete
   windows of ``train.balancing_window`` steps (the paper: epochs; here a fixed number of steps,
-  because the step does not know the epoch). ``lambda_t = 1`` until two windows are complete;
+  because the step does not know the epoch; the softmax over the active tasks, T of them).
+  ``lambda_t = 1`` until two windows are complete;
   temperature ``train.balancing_temperature`` (paper: 2). A task whose previous window's loss is
   0 gets ``r_t = 1``.
 
 Per-task gradients (computed from ONE forward pass and one ``jax.vjp``, whose backward pass is
 vmapped over the T one-hot cotangents: :func:`task_gradients`; never T separate backward passes):
 
-* ``gradnorm`` (Chen et al., ICML 2018): weights ``w = T softmax(omega)`` (positive, summing to T as
-  the paper renormalises them; ``omega = 0`` at the start, so ``w = 1``). The parameters get
+* ``gradnorm`` (Chen et al., ICML 2018): weights ``w = T softmax(omega)`` over the T active tasks
+  (positive, summing to T as the paper renormalises them; ``omega = 0`` at the start, so
+  ``w = 1``). The parameters get
   ``sum_t w_t g_t``. Then ``omega`` takes one step of the run's optimizer on
   ``L_grad = sum_t |w_t n_t - stop_grad(mean_s(w_s n_s) * r_t^alpha)|`` with
   ``n_t = ||g_t||`` over **all shared parameters** (the simpler variant the paper allows in place of
@@ -56,19 +64,23 @@ parameters get ``sum_t a_t g_t``:
   (the code's ``rescale=1``). The objective is convex on the simplex: for two tasks it is
   minimised exactly along the simplex's one edge (the minimum of ``a + b y + k sqrt(q(y))`` over
   ``y in [0, 1]``, in closed form); for more, by Frank-Wolfe with that exact line search
-  (``SOLVER_ITERATIONS`` iterations: approximate). ``d`` maximises
-  ``min_t <g_t, d>`` over the ball ``||d - g0|| <= c ||g0||`` (before the rescale).
+  (``SOLVER_ITERATIONS`` iterations: approximate; on random problems of 3 to 6 tasks its ``d``
+  can be far from the exact one, and can conflict with a task where the exact ``d`` does not, so
+  CAGrad beyond two tasks is weaker here than in its paper). ``||g0||`` and ``||g_w||`` are norms
+  of the combined gradients themselves, not ``sqrt(w^T K w)``, which cancels in float32 when they
+  are small beside the ``g_t`` (the case CAGrad is for). ``d`` maximises ``min_t <g_t, d>`` over
+  the ball ``||d - g0|| <= c ||g0||`` (before the rescale).
 * ``mgda`` (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the shared
   gradients, ``a = argmin_{a in simplex} ||sum_t a_t g_t||^2``: in closed form for two tasks
   (``a_1 = clip(<g_2 - g_1, g_2> / ||g_1 - g_2||^2, 0, 1)``), exactly up to 8 tasks (the KKT
   system of every support, solved as one batch; the feasible one of least norm), by Frank-Wolfe
-  with the exact two-point line search (their solver) beyond. It is the problem that MGDA-UB
+  with the exact two-point line search beyond (their solver's iteration, started from the
+  uniform point rather than their best pair). It is the problem that MGDA-UB
   upper-bounds, solved directly on the shared-parameter gradients that are computed anyway, not
   the UB approximation on the shared representation's gradients; no gradient normalisation.
   Known property of MGDA: a task whose gradient is 0 in a batch (no labels there) makes the
   min-norm point 0, and the shared parameters do not move in that step.
 
-Tasks whose ``c_t`` is 0 are left out of the three surgeries (else MGDA would always return 0).
 The scale of the update follows each paper (PCGrad: a sum, like ``fixed``; CAGrad and MGDA: a mean,
 convex combination); Adam is insensitive to it, global-norm clipping is not.
 
@@ -167,26 +179,32 @@ class Balancing:
               "steps": jnp.zeros((), jnp.int32)}
     return {}
 
-  def loss_weights(self, state: Mapping[str, Any], is_binary: Sequence[bool]) -> jax.Array:
-    """``lambda`` [T] of this step, from the state before it (constants of the backward pass)."""
+  def loss_weights(self, state: Mapping[str, Any], is_binary: Sequence[bool],
+                   active: Sequence[bool] | None = None) -> jax.Array:
+    """``lambda`` [T] of this step, from the state before it (constants of the backward pass);
+    ``active``: per task, whether its weight ``c_t`` is not 0 (default: all)."""
     num_tasks = len(is_binary)
     if self.method == "uncertainty":
       return uncertainty_weights(state["log_var"], is_binary)
     if self.method == "dwa":
       return jnp.where(state["windows"] >= 2,
-                       dwa_weights(state["history"][0], state["history"][1], self.temperature),
+                       dwa_weights(state["history"][0], state["history"][1], self.temperature,
+                                   active),
                        jnp.ones((num_tasks,), jnp.float32))
     if self.method == "gradnorm":
-      return gradnorm_weights(state["logits"])
+      return gradnorm_weights(state["logits"], active)
     return jnp.ones((num_tasks,), jnp.float32)
 
   def update(self, state: Mapping[str, Any], task_losses: jax.Array, *,
              tx: optax.GradientTransformation, is_binary: Sequence[bool],
-             gram_matrix: jax.Array | None = None) -> dict[str, Any]:
+             gram_matrix: jax.Array | None = None,
+             active: Sequence[bool] | None = None) -> dict[str, Any]:
     """The state after a step whose (globally reduced) task losses ``l`` [T] were
-    ``task_losses`` (and shared-gradient Gram matrix ``gram_matrix``, for GradNorm)."""
+    ``task_losses`` (and shared-gradient Gram matrix ``gram_matrix``, for GradNorm); inactive
+    tasks (``active``, default all active) keep their ``s_t`` / ``omega_t``."""
+    on = jnp.asarray(_active(active, len(is_binary)))
     if self.method == "uncertainty":
-      grad = uncertainty_log_var_grad(state["log_var"], task_losses, is_binary)
+      grad = jnp.where(on, uncertainty_log_var_grad(state["log_var"], task_losses, is_binary), 0.0)
       updates, opt_state = tx.update(grad, state["opt_state"], state["log_var"])
       return {"log_var": optax.apply_updates(state["log_var"], updates), "opt_state": opt_state}
     if self.method == "dwa":
@@ -194,29 +212,38 @@ class Balancing:
     if self.method == "gradnorm":
       initial = jnp.where(state["steps"] == 0, task_losses, state["initial_loss"])
       norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_matrix), 0.0))
-      grad = gradnorm_logits_grad(state["logits"], norms, task_losses, initial, self.alpha)
+      grad = gradnorm_logits_grad(state["logits"], norms, task_losses, initial, self.alpha,
+                                  active)
       updates, opt_state = tx.update(grad, state["opt_state"], state["logits"])
       return {"logits": optax.apply_updates(state["logits"], updates), "opt_state": opt_state,
               "initial_loss": initial, "steps": state["steps"] + 1}
     return dict(state)
 
   def shared_coefficients(self, gram_matrix: jax.Array, active: Sequence[bool],
-                          rng: jax.Array) -> jax.Array:
+                          rng: jax.Array,
+                          norm_of: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Surgery coefficients ``a`` [T] (``sum_t a_t g_t`` on the shared parameters); tasks not
-    ``active`` (task weight 0) get 0 and are left out of the problem."""
+    ``active`` (task weight 0) get 0 and are left out of the problem. ``norm_of(w)``:
+    ``||sum_t w_t g_t||`` on the shared parameters for ``w`` [T] (CAGrad's ``||g_w||``; default
+    from the Gram matrix)."""
     index = [t for t, on in enumerate(active) if on]
     out = jnp.zeros((len(active),), jnp.float32)
     if not index:
       return out
     k = gram_matrix[np.ix_(index, index)]
-    if self.method == "pcgrad":
-      a = pcgrad_coefficients(k, rng)
-    elif self.method == "cagrad":
-      a = cagrad_coefficients(k, self.cagrad_c)
-    elif self.method == "mgda":
-      a = min_norm_weights(k)
-    else:
-      raise ValueError(f"train.balancing={self.method!r} is not a gradient surgery")
+    # The solvers' small products in full float32 (a platform's default may be TF32 or bfloat16
+    # passes, which would flip PCGrad's sign tests and cancel in CAGrad's quadratic forms).
+    with jax.default_matmul_precision("highest"):
+      if self.method == "pcgrad":
+        a = pcgrad_coefficients(k, rng)
+      elif self.method == "cagrad":
+        sub_norm = None if norm_of is None else (
+            lambda w: norm_of(out.at[np.array(index)].set(w)))
+        a = cagrad_coefficients(k, self.cagrad_c, norm_of=sub_norm)
+      elif self.method == "mgda":
+        a = min_norm_weights(k)
+      else:
+        raise ValueError(f"train.balancing={self.method!r} is not a gradient surgery")
     return out.at[np.array(index)].set(a)
 
 
@@ -247,10 +274,12 @@ def uncertainty_log_var_grad(log_var: jax.Array, task_losses: jax.Array,
   return 0.5 - uncertainty_weights(log_var, is_binary) * task_losses
 
 
-def dwa_weights(previous: jax.Array, before: jax.Array, temperature: float) -> jax.Array:
-  """``T softmax(r / temperature)``, ``r = previous / before`` (1 where ``before`` is 0)."""
+def dwa_weights(previous: jax.Array, before: jax.Array, temperature: float,
+                active: Sequence[bool] | None = None) -> jax.Array:
+  """``T_a softmax(r / temperature)`` over the ``T_a`` active tasks (default all; 0 for the
+  others), ``r = previous / before`` (1 where ``before`` is 0)."""
   ratio = jnp.where(before > 0, previous / jnp.where(before > 0, before, 1.0), 1.0)
-  return previous.shape[0] * jax.nn.softmax(ratio / temperature)
+  return _active_softmax(ratio / temperature, active)
 
 
 def dwa_update(state: Mapping[str, Any], task_losses: jax.Array, window: int) -> dict[str, Any]:
@@ -264,24 +293,40 @@ def dwa_update(state: Mapping[str, Any], task_losses: jax.Array, window: int) ->
           "history": history, "windows": jnp.minimum(state["windows"] + full, 2)}
 
 
-def gradnorm_weights(logits: jax.Array) -> jax.Array:
-  """``w = T softmax(omega)``."""
-  return logits.shape[0] * jax.nn.softmax(logits)
+def _active(active: Sequence[bool] | None, num_tasks: int) -> tuple[bool, ...]:
+  return (True,) * num_tasks if active is None else tuple(bool(a) for a in active)
+
+
+def _active_softmax(x: jax.Array, active: Sequence[bool] | None) -> jax.Array:
+  """``T_a softmax(x)`` over the ``T_a`` active entries of x [T] (default all); 0 elsewhere."""
+  index = np.flatnonzero(_active(active, x.shape[0]))
+  return jnp.zeros_like(x).at[index].set(len(index) * jax.nn.softmax(x[index]))
+
+
+def gradnorm_weights(logits: jax.Array, active: Sequence[bool] | None = None) -> jax.Array:
+  """``w = T_a softmax(omega)`` over the ``T_a`` active tasks (default all); 0 for the others."""
+  return _active_softmax(logits, active)
 
 
 def gradnorm_logits_grad(logits: jax.Array, norms: jax.Array, task_losses: jax.Array,
-                         initial_losses: jax.Array, alpha: float) -> jax.Array:
-  """The gradient w.r.t. ``omega`` of ``L_grad = sum_t |w_t n_t - target_t|`` (module doc).
+                         initial_losses: jax.Array, alpha: float,
+                         active: Sequence[bool] | None = None) -> jax.Array:
+  """The gradient w.r.t. ``omega`` of ``L_grad = sum_t |w_t n_t - target_t|`` (module doc), its
+  sum and means over the active tasks only (0 for the others).
 
   Args:
     logits: ``omega`` [T]; norms: ``n_t = ||g_t||`` on the shared parameters [T];
-    task_losses: ``l_t`` [T]; initial_losses: ``l_t(0)`` [T]; alpha: the asymmetry.
+    task_losses: ``l_t`` [T]; initial_losses: ``l_t(0)`` [T]; alpha: the asymmetry;
+    active: per task, whether its weight ``c_t`` is not 0 (default: all).
   """
+  index = np.flatnonzero(_active(active, logits.shape[0]))
+  norms, task_losses, initial_losses = norms[index], task_losses[index], initial_losses[index]
   ratio = jnp.where(initial_losses > 0, task_losses / jnp.where(initial_losses > 0,
                                                                 initial_losses, 1.0), 1.0)
   relative = ratio / jnp.maximum(jnp.mean(ratio), 1e-12)
-  target = jax.lax.stop_gradient(jnp.mean(gradnorm_weights(logits) * norms) * relative ** alpha)
-  return jax.grad(lambda w: jnp.sum(jnp.abs(gradnorm_weights(w) * norms - target)))(logits)
+  weights = lambda w: gradnorm_weights(w, active)[index]
+  target = jax.lax.stop_gradient(jnp.mean(weights(logits) * norms) * relative ** alpha)
+  return jax.grad(lambda w: jnp.sum(jnp.abs(weights(w) * norms - target)))(logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,6 +398,14 @@ def combine(task_grads: Any, shared: Any, shared_coefs: jax.Array,
     coefs = (shared_coefs if is_shared else specific_coefs).astype(g.dtype)
     return jnp.tensordot(coefs, g, axes=1, precision=_HIGHEST)
   return jax.tree.map(one, task_grads, shared)
+
+
+def shared_norm(task_grads: Any, shared: Any, w: jax.Array) -> jax.Array:
+  """``||sum_t w_t g_t||`` over the shared leaves of per-task gradients [T, ...]."""
+  squares = [jnp.sum(jnp.square(jnp.tensordot(w.astype(g.dtype), g, axes=1, precision=_HIGHEST)
+                                .astype(jnp.float32)))
+             for g, s in zip(jax.tree.leaves(task_grads), jax.tree.leaves(shared)) if s]
+  return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,12 +518,16 @@ def _cagrad_segment(k: jax.Array, b: jax.Array, kappa: jax.Array, w: jax.Array,
   return candidates[jnp.argmin(values)]
 
 
-def cagrad_weights(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS) -> jax.Array:
+def cagrad_weights(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS,
+                   g0_norm: jax.Array | None = None) -> jax.Array:
   """``w = argmin_{w in simplex} w^T K b + c ||g0|| sqrt(w^T K w)`` (``b = 1/T``): exact line
-  search along the simplex edge for 2 tasks, Frank-Wolfe from the uniform point else."""
+  search along the simplex edge for 2 tasks, Frank-Wolfe from the uniform point else.
+  ``g0_norm``: ``sqrt(||g0||^2 + eps)`` (default from ``K``)."""
   num_tasks = k.shape[0]
   b = jnp.full((num_tasks,), 1.0 / num_tasks, k.dtype)
-  kappa = c * jnp.sqrt(jnp.maximum(b @ k @ b, 0.0) + _EPS)
+  if g0_norm is None:
+    g0_norm = jnp.sqrt(jnp.maximum(b @ k @ b, 0.0) + _EPS)
+  kappa = c * g0_norm
   if num_tasks == 1:
     return jnp.ones((1,), k.dtype)
   if num_tasks == 2:
@@ -485,11 +542,16 @@ def cagrad_weights(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS) 
   return jax.lax.fori_loop(0, iterations, body, b)
 
 
-def cagrad_coefficients(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS) -> jax.Array:
-  """``a`` [T] with ``d = sum_t a_t g_t = (g0 + c ||g0|| / ||g_w|| g_w) / (1 + c^2)``."""
+def cagrad_coefficients(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS,
+                        norm_of: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """``a`` [T] with ``d = sum_t a_t g_t = (g0 + c ||g0|| / ||g_w|| g_w) / (1 + c^2)``;
+  ``norm_of(w)`` gives ``||g_w||`` (and ``||g0||``) from the gradients (default
+  ``sqrt(w^T K w)``, which loses its digits when ``g_w`` is small beside the ``g_t``)."""
   num_tasks = k.shape[0]
   b = jnp.full((num_tasks,), 1.0 / num_tasks, k.dtype)
-  w = cagrad_weights(k, c, iterations)
-  g0_norm = jnp.sqrt(jnp.maximum(b @ k @ b, 0.0) + _EPS)
-  gw_norm = jnp.sqrt(jnp.maximum(w @ k @ w, 0.0))
+  if norm_of is None:
+    norm_of = lambda v: jnp.sqrt(jnp.maximum(v @ k @ v, 0.0))
+  g0_norm = jnp.sqrt(jnp.square(norm_of(b).astype(k.dtype)) + _EPS)
+  w = cagrad_weights(k, c, iterations, g0_norm)
+  gw_norm = norm_of(w).astype(k.dtype)
   return (b + c * g0_norm / (gw_norm + _EPS) * w) / (1.0 + c * c)

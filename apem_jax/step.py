@@ -162,6 +162,7 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
   head = default_head(model, schema) if head is None else head
   num_tasks = len(task_weights)
   weights = jnp.asarray(task_weights, jnp.float32)
+  active = tuple(w > 0 for w in task_weights)  # a task of weight 0 is left out of balancing
   with_penalty = head.calibration_weight > 0 and bool(head.dependent)
   dropout_rng = _dropout_rng(state, axis_name)
 
@@ -189,18 +190,19 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
     shared = balancing_lib.shared_mask(state.params, chained=head.chained)
     k = balancing_lib.gram(task_grads, shared)
     if balancing.method == "gradnorm":
-      used = balancing.loss_weights(state.balance, head.is_binary)
+      used = balancing.loss_weights(state.balance, head.is_binary, active)
       grads = balancing_lib.combine(task_grads, shared, used, used)
     else:
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-      used = balancing.shared_coefficients(k, tuple(w > 0 for w in task_weights), rng)
+      used = balancing.shared_coefficients(
+          k, active, rng, norm_of=lambda w: balancing_lib.shared_norm(task_grads, shared, w))
       grads = balancing_lib.combine(task_grads, shared, used, jnp.ones((num_tasks,), jnp.float32))
     if with_penalty:
       grads = jax.tree.map(jnp.add, grads, penalty_grads)
     balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary,
-                               gram_matrix=k)
+                               gram_matrix=k, active=active)
   else:
-    used = balancing.loss_weights(state.balance, head.is_binary)
+    used = balancing.loss_weights(state.balance, head.is_binary, active)
 
     def objective(params):
       values, sums = task_losses_fn(params)
@@ -211,7 +213,8 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
     if axis_name is not None:
       grads, values, sums = jax.lax.psum((grads, values, sums), axis_name)
     task_values = values[:num_tasks]
-    balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary)
+    balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary,
+                               active=active)
 
   loss = jnp.sum(values)  # sum_t l_t (+ penalty): what `fixed` reports
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -86,9 +86,13 @@ def test_pcgrad_removes_exactly_the_conflicting_component():
   # (g1 + g2/2) + (g2 + g1) = 2 g1 + 1.5 g2.
   np.testing.assert_allclose(coefs, [2.0, 1.5], atol=1e-6)
   np.testing.assert_allclose(update["shared"], [0.5, 1.5], atol=1e-6)
-  g1, g2 = np.array([1.0, 0.0]), np.array([-1.0, 1.0])
-  g1_pc, g2_pc = np.array([0.5, 0.5]), np.array([0.0, 1.0])
-  assert abs(g1_pc @ g2) < 1e-7 and abs(g2_pc @ g1) < 1e-7  # the conflict is gone
+  # The update is the sum of the two projections of the computed task gradients, each orthogonal
+  # to the gradient it conflicted with: the conflict is gone.
+  g = np.asarray(grads["shared"], np.float64)
+  g1_pc = g[0] - (g[0] @ g[1]) / (g[1] @ g[1]) * g[1]
+  g2_pc = g[1] - (g[1] @ g[0]) / (g[0] @ g[0]) * g[0]
+  np.testing.assert_allclose(g1_pc + g2_pc, np.asarray(update["shared"]), atol=1e-6)
+  assert abs(g1_pc @ g[1]) < 1e-7 and abs(g2_pc @ g[0]) < 1e-7
   # Gradients that do not conflict are left alone: the update is their sum.
   theta = {"shared": jnp.zeros((2,), jnp.float32)}
   agreeing = lambda p: (0.5 * jnp.sum((p["shared"][None] - jnp.array([[-1.0, 0.0], [-1.0, -1.0]]))
@@ -293,6 +297,59 @@ def test_gradnorm_moves_weights_toward_equal_gradient_norms():
   assert after[0] > 1.0 > after[1]
 
 
+def test_a_task_of_weight_zero_is_left_out_of_the_loss_weights():
+  """Task 2's weight c_2 is 0, so its loss l_2 and gradient are 0. Uncertainty weighting keeps
+  its s_2 at 0 (dJ/ds_2 = 1/2 would drive it down without bound: exp(-s_2) overflows float32
+  after 89 units and the step turns NaN); GradNorm gives it weight 0 and balances the two active
+  tasks as it would without it (counted in its means, it took the active tasks' weight)."""
+  active, is_binary = (True, True, False), (True, True, True)
+  task_losses = jnp.array([0.3, 0.8, 0.0])
+  uncertainty = bl.Balancing("uncertainty")
+  tx = optax.sgd(0.05)
+  state = uncertainty.init(3, tx)
+  for _ in range(200):
+    state = uncertainty.update(state, task_losses, tx=tx, is_binary=is_binary, active=active)
+  assert float(state["log_var"][2]) == 0.0 and float(state["log_var"][0]) < 0.0
+
+  gradnorm = bl.Balancing("gradnorm", alpha=1.5)
+  norms = jnp.array([2.0, 1.0, 0.0])
+  with_zero, without = gradnorm.init(3, tx), gradnorm.init(2, tx)
+  for _ in range(50):
+    with_zero = gradnorm.update(with_zero, task_losses, tx=tx, is_binary=is_binary,
+                                gram_matrix=jnp.diag(norms ** 2), active=active)
+    without = gradnorm.update(without, task_losses[:2], tx=tx, is_binary=is_binary[:2],
+                              gram_matrix=jnp.diag(norms[:2] ** 2))
+  # DWA: the softmax over the two active tasks, as if the third were not there.
+  np.testing.assert_allclose(
+      bl.dwa_weights(jnp.array([0.5, 0.9, 0.0]), jnp.array([1.0, 1.0, 0.0]), 2.0, active),
+      [0.900332, 1.099668, 0.0], atol=1e-6)
+  w = np.asarray(gradnorm.loss_weights(with_zero, is_binary, active))
+  assert w[2] == 0.0 and w.sum() == pytest.approx(2.0)
+  np.testing.assert_allclose(w[:2], gradnorm.loss_weights(without, is_binary[:2]), rtol=1e-6)
+  assert w[0] < 1.0 < w[1]  # it equalised w_t ||g_t|| of the active tasks
+
+
+def test_cagrad_reads_the_norm_of_the_combined_gradient_from_the_gradients():
+  """Three unit gradients at 120 degrees plus a small common part e: g_w for the uniform w is
+  e alone, ||e|| = 1e-4, while the Gram matrix's entries are about 1, so sqrt(w^T K w) loses
+  every digit of it in float32. With the norm taken from the gradients, d is the exact one."""
+  angles = np.deg2rad([90.0, 210.0, 330.0])
+  common = np.array([0.0, 0.0, 1e-4])
+  g = np.stack([[np.cos(a), np.sin(a), 0.0] for a in angles]) + common  # [3, 3]
+  grads = {"shared": jnp.asarray(g, jnp.float32)}
+  shared = {"shared": True}
+  k = bl.gram(grads, shared)
+  balancing = bl.Balancing("cagrad", cagrad_c=0.5)
+  coefs = balancing.shared_coefficients(
+      k, (True,) * 3, jax.random.key(0), norm_of=lambda w: bl.shared_norm(grads, shared, w))
+  ref_w, ref_d = _cagrad_reference(g, 0.5)
+  d = np.asarray(coefs, np.float64) @ g * (1 + 0.25)
+  np.testing.assert_allclose(d, ref_d, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(d), np.linalg.norm(ref_d), rtol=1e-3)
+  np.testing.assert_allclose(bl.shared_norm(grads, shared, jnp.full((3,), 1 / 3)), 1e-4,
+                             rtol=1e-3)
+
+
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
@@ -473,6 +530,23 @@ def test_uncertainty_step_is_the_gradient_of_its_objective():
                                                        g_params), atol=1e-6)
   np.testing.assert_allclose(new.balance["log_var"], s - lr * g_s, atol=1e-6)
   np.testing.assert_allclose(metrics["balance_weights"], np.exp(-s), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "gradnorm", "dwa"])
+def test_the_train_step_leaves_a_task_of_weight_zero_out(method):
+  model = build_model(_tiny("shared_bottom"), SCHEMA)
+  tx = optax.sgd(0.5)
+  balancing = bl.Balancing(method, window=1)
+  batch = _random_batch(SCHEMA, seed=4)
+  state = step_lib.init_state(model, tx, jax.random.key(0), batch, balancing=balancing)
+  step = jax.jit(step_lib.bind_steps(model, tx, SCHEMA, (1.0, 0.0), balancing=balancing)[0])
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert float(metrics["balance_weights"][1]) == (1.0 if method == "uncertainty" else 0.0)
+  if method == "uncertainty":
+    assert float(state.balance["log_var"][1]) == 0.0 and float(state.balance["log_var"][0]) != 0
+  if method == "gradnorm":
+    assert float(metrics["balance_weights"][0]) == 1.0
 
 
 def test_at_their_start_uncertainty_and_gradnorm_take_fixeds_step_on_a_funnel():
