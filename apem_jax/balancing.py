@@ -63,13 +63,13 @@ parameters get ``sum_t a_t g_t``:
   ``c = train.cagrad_c``, paper 0.5), and ``d = (g0 + c ||g0|| / ||g_w|| g_w) / (1 + c^2)``
   (the code's ``rescale=1``). The objective is convex on the simplex: for two tasks it is
   minimised exactly along the simplex's one edge (the minimum of ``a + b y + k sqrt(q(y))`` over
-  ``y in [0, 1]``, in closed form); for more, by Frank-Wolfe with that exact line search
-  (``SOLVER_ITERATIONS`` iterations: approximate; on random problems of 3 to 6 tasks its ``d``
-  can be far from the exact one, and can conflict with a task where the exact ``d`` does not, so
-  CAGrad beyond two tasks is weaker here than in its paper). ``||g0||`` and ``||g_w||`` are norms
-  of the combined gradients themselves, not ``sqrt(w^T K w)``, which cancels in float32 when they
-  are small beside the ``g_t`` (the case CAGrad is for). ``d`` maximises ``min_t <g_t, d>`` over
-  the ball ``||d - g0|| <= c ||g0||`` (before the rescale).
+  ``y in [0, 1]``, in closed form); up to 8 tasks exactly too, as a one-dimensional convex search
+  over ``||g_w||`` around quadratic programs solved over every support (:func:`cagrad_weights`);
+  beyond, by Frank-Wolfe with the exact line search (``SOLVER_ITERATIONS`` iterations:
+  approximate, at times far from the optimum). ``||g0||`` and ``||g_w||`` are norms of the
+  combined gradients themselves, not ``sqrt(w^T K w)``, which cancels in float32 when they are
+  small beside the ``g_t`` (the case CAGrad is for). ``d`` maximises ``min_t <g_t, d>`` over the
+  ball ``||d - g0|| <= c ||g0||`` (before the rescale).
 * ``mgda`` (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the shared
   gradients, ``a = argmin_{a in simplex} ||sum_t a_t g_t||^2``: in closed form for two tasks
   (``a_1 = clip(<g_2 - g_1, g_2> / ||g_1 - g_2||^2, 0, 1)``), exactly up to 8 tasks (the KKT
@@ -107,6 +107,7 @@ runs on the reduced values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -119,10 +120,12 @@ METHODS = ("fixed", "uncertainty", "dwa", "gradnorm", "pcgrad", "cagrad", "mgda"
 LOSS_WEIGHTING = ("fixed", "uncertainty", "dwa")  # one backward pass of a weighted loss
 TASK_GRADIENTS = ("gradnorm", "pcgrad", "cagrad", "mgda")  # per-task gradients (vjp + vmap)
 SURGERY = ("pcgrad", "cagrad", "mgda")  # shared parameters get sum_t a_t g_t
-# Frank-Wolfe iterations: CAGrad with three or more tasks (two: exact), MGDA beyond
-# ENUMERATE_MAX_TASKS tasks (up to it, MGDA is solved exactly over all 2^T - 1 supports at once).
+# Frank-Wolfe iterations: CAGrad and MGDA beyond ENUMERATE_MAX_TASKS tasks (up to it, both are
+# solved exactly: every one of the 2^T - 1 supports at once, CAGrad inside a golden-section
+# search of GOLDEN_SECTION_ITERATIONS steps).
 SOLVER_ITERATIONS = 100
 ENUMERATE_MAX_TASKS = 8
+GOLDEN_SECTION_ITERATIONS = 48
 _EPS = 1e-8  # as in the CAGrad authors' code
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -439,30 +442,41 @@ def _mgda_segment(k: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
                    0.0)
 
 
-def _min_norm_by_support(k: jax.Array) -> jax.Array:
-  """The exact min-norm point for a few tasks: for every support S (``2^T - 1`` of them, solved
-  as one batch) the KKT system ``2 K_S a_S + mu 1 = 0, 1^T a_S = 1``; the feasible solution
-  (``a >= 0``) of smallest ``a^T K a`` wins. An optimal support whose gradients are affinely
-  independent always exists (Caratheodory), and its system is nonsingular."""
-  num_tasks = k.shape[0]
+def _simplex_qp_by_support(quad: jax.Array, lin: jax.Array) -> jax.Array:
+  """The exact ``argmin_{a in simplex} lin^T a + a^T quad a / 2`` (``quad`` [T, T] positive
+  semi-definite) for a few tasks: for every support S (``2^T - 1`` of them, solved as one batch)
+  the KKT system ``quad_S a_S + lin_S + mu 1 = 0, 1^T a_S = 1``; the feasible solution
+  (``a >= 0``) of smallest objective wins. With ``quad = 2K`` and ``lin = 0`` (MGDA's min-norm
+  point; CAGrad's inner problem adds ``lin``), the objective reads the gradients only through
+  ``g_a = sum_t a_t g_t``, so an optimal support whose gradients are affinely independent exists
+  (Caratheodory), and its system is nonsingular."""
+  num_tasks = quad.shape[0]
   masks = jnp.asarray([[(s >> t) & 1 for t in range(num_tasks)]
-                       for s in range(1, 2 ** num_tasks)], k.dtype)  # [S, T]
-  scaled = k / jnp.maximum(jnp.max(jnp.diagonal(k)), 1e-30)  # the argmin does not change
-  top = (2.0 * scaled[None] * masks[:, :, None] * masks[:, None, :]
-         + jnp.eye(num_tasks, dtype=k.dtype)[None] * (1.0 - masks)[:, :, None])
+                       for s in range(1, 2 ** num_tasks)], quad.dtype)  # [S, T]
+  top = (quad[None] * masks[:, :, None] * masks[:, None, :]
+         + jnp.eye(num_tasks, dtype=quad.dtype)[None] * (1.0 - masks)[:, :, None])
   mat = jnp.concatenate([jnp.concatenate([top, masks[:, :, None]], axis=2),
                          jnp.concatenate([masks[:, None, :],
-                                          jnp.zeros((masks.shape[0], 1, 1), k.dtype)], axis=2)],
+                                          jnp.zeros((masks.shape[0], 1, 1), quad.dtype)],
+                                         axis=2)],
                         axis=1)  # [S, T+1, T+1]
-  rhs = jnp.zeros((masks.shape[0], num_tasks + 1, 1), k.dtype).at[:, -1].set(1.0)
+  rhs = jnp.concatenate([-lin[None] * masks, jnp.ones((masks.shape[0], 1), quad.dtype)],
+                        axis=1)[:, :, None]
   a = jnp.linalg.solve(mat, rhs)[:, :num_tasks, 0]
   ok = jnp.all(jnp.isfinite(a), axis=1) & jnp.all(a >= -1e-6, axis=1)
   a = jnp.clip(jnp.where(jnp.isfinite(a), a, 0.0), 0.0)
   total = jnp.sum(a, axis=1, keepdims=True)
   ok = ok & (total[:, 0] > 0)
   a = a / jnp.where(total > 0, total, 1.0)
-  values = jnp.einsum("si,ij,sj->s", a, k, a, precision=_HIGHEST)
+  values = a @ lin + 0.5 * jnp.einsum("si,ij,sj->s", a, quad, a, precision=_HIGHEST)
   return a[jnp.argmin(jnp.where(ok, values, jnp.inf))]
+
+
+def _min_norm_by_support(k: jax.Array) -> jax.Array:
+  """The exact min-norm point ``argmin a^T K a`` for a few tasks (:func:`_simplex_qp_by_support`,
+  ``K`` scaled to a unit diagonal maximum: the argmin does not change)."""
+  scaled = k / jnp.maximum(jnp.max(jnp.diagonal(k)), 1e-30)
+  return _simplex_qp_by_support(2.0 * scaled, jnp.zeros((k.shape[0],), k.dtype))
 
 
 def min_norm_weights(k: jax.Array, iterations: int = SOLVER_ITERATIONS) -> jax.Array:
@@ -518,10 +532,50 @@ def _cagrad_segment(k: jax.Array, b: jax.Array, kappa: jax.Array, w: jax.Array,
   return candidates[jnp.argmin(values)]
 
 
+def _cagrad_by_support(k: jax.Array, b: jax.Array, kappa: jax.Array) -> jax.Array:
+  """CAGrad's ``w`` for a few tasks, through ``sqrt(x) = min_{r > 0} x / (2r) + r / 2``: the
+  objective is ``min_r h(r)``, ``h(r) = min_w <g_w, g0> + kappa (||g_w||^2 / (2r) + r / 2)``,
+  jointly convex in (w, r), so ``h`` is convex in ``r`` (the optimum is at ``r = ||g_w||``,
+  between 0 and ``max_t ||g_t||``). The inner problem is a quadratic program on the simplex,
+  solved exactly (:func:`_simplex_qp_by_support`, scaled by ``r / kappa``); the outer by
+  golden-section search over ``r`` (:data:`GOLDEN_SECTION_ITERATIONS` steps: to about 1e-10 of
+  ``max_t ||g_t||``)."""
+  q = k @ b
+  scale = jnp.maximum(jnp.max(jnp.diagonal(k)), 1e-30)
+  top = jnp.sqrt(scale)
+  kappa = jnp.maximum(kappa, 1e-30)
+
+  def inner(r):
+    w = _simplex_qp_by_support(k / scale, (r / kappa) * q / scale)
+    value = w @ q + kappa * ((w @ k @ w) / (2.0 * jnp.maximum(r, 1e-30)) + r / 2.0)
+    return w, value
+
+  ratio = (math.sqrt(5.0) - 1.0) / 2.0
+
+  lo, hi = jnp.zeros((), k.dtype), top.astype(k.dtype)
+  left, right = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+  carry = (lo, hi, left, inner(left)[1], right, inner(right)[1])
+
+  def step(_, carry):
+    lo, hi, left, f_left, right, f_right = carry
+    keep_left = f_left <= f_right  # the minimum is in [lo, right]: left becomes the new right
+    new_lo, new_hi = jnp.where(keep_left, lo, left), jnp.where(keep_left, right, hi)
+    new = jnp.where(keep_left, new_hi - ratio * (new_hi - new_lo),
+                    new_lo + ratio * (new_hi - new_lo))
+    f_new = inner(new)[1]
+    return (new_lo, new_hi,
+            jnp.where(keep_left, new, right), jnp.where(keep_left, f_new, f_right),
+            jnp.where(keep_left, left, new), jnp.where(keep_left, f_left, f_new))
+
+  lo, hi, *_ = jax.lax.fori_loop(0, GOLDEN_SECTION_ITERATIONS, step, carry)
+  return inner((lo + hi) / 2.0)[0]
+
+
 def cagrad_weights(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS,
                    g0_norm: jax.Array | None = None) -> jax.Array:
   """``w = argmin_{w in simplex} w^T K b + c ||g0|| sqrt(w^T K w)`` (``b = 1/T``): exact line
-  search along the simplex edge for 2 tasks, Frank-Wolfe from the uniform point else.
+  search along the simplex edge for 2 tasks, exact (:func:`_cagrad_by_support`) up to
+  :data:`ENUMERATE_MAX_TASKS` tasks, Frank-Wolfe from the uniform point beyond.
   ``g0_norm``: ``sqrt(||g0||^2 + eps)`` (default from ``K``)."""
   num_tasks = k.shape[0]
   b = jnp.full((num_tasks,), 1.0 / num_tasks, k.dtype)
@@ -533,6 +587,8 @@ def cagrad_weights(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS,
   if num_tasks == 2:
     w, s = jnp.array([0.0, 1.0], k.dtype), jnp.array([1.0, 0.0], k.dtype)
     return w + _cagrad_segment(k, b, kappa, w, s) * (s - w)
+  if num_tasks <= ENUMERATE_MAX_TASKS:
+    return _cagrad_by_support(k, b, kappa)
 
   def body(_, w):
     grad = k @ b + kappa * (k @ w) / jnp.sqrt(jnp.maximum(w @ k @ w, 0.0) + _EPS)
