@@ -589,6 +589,15 @@ def cagrad_weights(k: jax.Array, c: float, iterations: int = SOLVER_ITERATIONS,
     return w + _cagrad_segment(k, b, kappa, w, s) * (s - w)
   if num_tasks <= ENUMERATE_MAX_TASKS:
     return _cagrad_by_support(k, b, kappa)
+  return cagrad_frank_wolfe(k, kappa, iterations)
+
+
+def cagrad_frank_wolfe(k: jax.Array, kappa: jax.Array,
+                       iterations: int = SOLVER_ITERATIONS) -> jax.Array:
+  """CAGrad's ``w`` (``kappa = c ||g0||``) by Frank-Wolfe from the uniform point, with the exact
+  line search (approximate; the solver beyond :data:`ENUMERATE_MAX_TASKS` tasks)."""
+  num_tasks = k.shape[0]
+  b = jnp.full((num_tasks,), 1.0 / num_tasks, k.dtype)
 
   def body(_, w):
     grad = k @ b + kappa * (k @ w) / jnp.sqrt(jnp.maximum(w @ k @ w, 0.0) + _EPS)
