@@ -628,7 +628,7 @@ def _parallel_runs(model, schema, tx, balancing, batches):
   return jit_state, parallel.unreplicate(pmap_state, sharding), jit_weights, pmap_weights
 
 
-@pytest.mark.parametrize("method", ["pcgrad", "uncertainty", "gradnorm"])
+@pytest.mark.parametrize("method", ["pcgrad", "cagrad", "uncertainty", "gradnorm"])
 def test_jit_on_a_mesh_and_pmap_take_the_same_balanced_step(method):
   model = build_model(_tiny("mmoe"), SCHEMA)
   tx = optax.sgd(0.5)  # an update proportional to the gradient (see tests/test_parallel.py)
