@@ -24,6 +24,7 @@ files Orbax cannot read.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -115,8 +116,11 @@ sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 def _rank(metrics: dict) -> tuple[float, int]:
   """Orders evaluated checkpoints: higher score first, then the earlier step (the trainer's
-  rule: a checkpoint is the best only if it beats every earlier score strictly)."""
-  return metrics["score"], -metrics["step"]
+  rule: a checkpoint is the best only if it beats every earlier score strictly). A score that is
+  not a number ranks below every other (NaN compares false with everything, so sorting on it
+  put it anywhere, the best included, and deleted the true best)."""
+  score = metrics["score"]
+  return (score if math.isfinite(score) else -math.inf), -metrics["step"]
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -216,7 +220,9 @@ class Checkpoints:
     if step in self._manager.all_steps():  # a resume from an older checkpoint redoes its steps
       self._manager.delete(step)
     meta = dict(meta, checksums=state_checksums(state))
-    metrics = None if score is None else {"score": float(score), "step": int(step)}
+    # A score that is not finite is no score: the checkpoint is never the best.
+    metrics = (None if score is None or not math.isfinite(score) else
+               {"score": float(score), "step": int(step)})
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                      meta=ocp.args.JsonSave(meta)),
                        metrics=metrics, force=True)

@@ -67,6 +67,18 @@ def test_one_manager_keeps_the_newest_and_the_best_evaluated_checkpoint(tmp_path
   reopened.close()
 
 
+def test_a_nan_score_is_never_the_best_and_never_costs_the_best(tmp_path):
+  ckpt = checkpointing.Checkpoints(str(tmp_path), keep_latest=2)
+  for step, score in {1: 0.8, 2: 0.7, 3: float("nan"), 4: 0.6, 5: 0.5}.items():
+    ckpt.save(step, _state(step), {"step": step}, score=score)
+  ckpt.wait()
+  assert ckpt.steps() == [1, 4, 5] and ckpt.step_of(checkpointing.BEST) == 1
+  ckpt.close()
+  # Scores written as NaN by an earlier version rank below every number.
+  assert checkpointing._rank({"score": float("nan"), "step": 3}) < \
+      checkpointing._rank({"score": -1e30, "step": 9})
+
+
 def test_an_async_save_holds_the_state_it_was_given_though_the_buffers_are_donated(tmp_path):
   ckpt = checkpointing.Checkpoints(str(tmp_path), async_save=True)
   state = _state(0)
