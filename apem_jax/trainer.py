@@ -343,7 +343,8 @@ def check_finite_loss(loss: float, step: int, first_non_finite: np.ndarray,
     raise FloatingPointError(
         f"training loss is {loss} at step {step} (not finite: {where}); the run stopped. Lower "
         f"optimizer.learning_rate or set optimizer.grad_clip_norm, or check the data for NaN "
-        f"labels, then restart (the workdir resumes from its last checkpoint, which is intact).")
+        f"labels, then train in a new --workdir (this one refuses another optimizer or other "
+        f"data; its checkpoints are kept).")
 
 
 def fresh_meta(exp: Experiment) -> dict:

@@ -173,7 +173,8 @@ def test_nan_label_names_the_task_and_step(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer, "train_batches_from", nan_labels)
   with pytest.raises(FloatingPointError, match=r"at step 10 \(not finite: task 'y2' from step 4, "
-                                               r"task 'y1' from step 5\)"):
+                                               r"task 'y1' from step 5\).*then train in a new "
+                                               r"--workdir"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
