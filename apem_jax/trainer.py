@@ -455,8 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   spe = exp.steps_per_epoch
   if resumed is not None:
     state, meta, changes = resumed
-    if changes:
+    if changes:  # recorded once; the next resume compares with the config now in force
       meta["resumes"].append({"step": meta["step"], "changed": changes})
+      meta["config"] = config.to_dict()
     print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['step'] / spe:.2f})"
           + (f"; changed: {changes}" if changes else "") + ".")
   else:

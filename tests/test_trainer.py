@@ -270,6 +270,8 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
   assert [h["epoch"] for h in summary["history"]] == [1, 2]
   assert summary["resumes"] == [{"step": 30, "changed": {"train.num_epochs": [1, 2],
                                                           "train.patience": [5, 7]}}]
+  # Rerunning the finished run changes nothing, and records no second change.
+  assert trainer.train_and_evaluate(longer, workdir)["resumes"] == summary["resumes"]
 
 
 def test_a_deleted_newest_checkpoint_resumes_from_the_one_before_never_from_scratch(tmp_path):
