@@ -29,7 +29,8 @@ writes ``output/``:
 Before the export is put in place, both artifacts are reloaded (the SavedModel in TensorFlow, the
 StableHLO artifact in JAX) and run on validation rows that training stored in
 ``<workdir>/validation_sample.npz`` (the first row made all-unseen); the export fails if either
-differs from the JAX model by more than ``TOLERANCE`` on any prediction.
+differs from the JAX model by more than ``TOLERANCE`` on any prediction (absolute up to 1, as
+probabilities are; relative beyond, as a regression value of 150 rounds by 1e-5 in float32).
 The SavedModel needs raw values: the data package keeps only encoded arrays, so they are
 rebuilt with :func:`apem_jax.data.serving.decode` (ids -> vocabulary strings, OOV ids -> a string
 in no vocabulary, hashed ids -> some string, numeric values un-normalised and un-transformed, an
@@ -74,7 +75,7 @@ STABLEHLO_FILE = "model.stablehlo"
 METADATA_FILE = "metadata.json"
 PREPROCESSING_FILE = "preprocessing.json"
 SIGNATURE = "serving_default"
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # of |a - b| / max(1, |b|)
 FORMAT_VERSION = 1
 
 
@@ -323,9 +324,12 @@ def check_examples(run: Run, num_examples: int) -> dict[str, np.ndarray]:
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+  """The largest ``|a - b| / max(1, |b|)``: the absolute difference of probabilities, the
+  relative one of regression values beyond 1 (float32 keeps about 7 digits of either)."""
   if a.shape != b.shape:
     raise ExportCheckError(f"output shape {a.shape} != expected {b.shape}")
-  return float(np.max(np.abs(a - b))) if a.size else 0.0
+  scale = np.maximum(1.0, np.abs(b))
+  return float(np.max(np.abs(a - b) / scale)) if a.size else 0.0
 
 
 def check_export(run: Run, directory: str, num_examples: int) -> dict:
@@ -372,7 +376,7 @@ def check_export(run: Run, directory: str, num_examples: int) -> dict:
   sm_diff = _max_diff(got, raw_reference)
 
   result = {"examples": n, "tolerance": TOLERANCE,
-            "max_abs_diff_stablehlo": hlo_diff, "max_abs_diff_saved_model": sm_diff,
+            "max_diff_stablehlo": hlo_diff, "max_diff_saved_model": sm_diff,
             "raw_values": "decoded from encoded validation rows (row 0: every categorical "
                           "vocabulary field unseen, every numeric field that accepts missing "
                           "values missing)" if run.preprocessing is not None else
@@ -474,8 +478,10 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
 
 
 def is_export(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, METADATA_FILE)) or os.path.exists(
-      os.path.join(directory, SAVED_MODEL_DIR))
+  """Whether ``directory`` holds an export: its SavedModel directory and its metadata (a
+  ``metadata.json`` alone is not one: a prepared dataset has one too)."""
+  return (os.path.isdir(os.path.join(directory, SAVED_MODEL_DIR))
+          and os.path.isfile(os.path.join(directory, METADATA_FILE)))
 
 
 def _check_output(output: str, overwrite: bool) -> None:

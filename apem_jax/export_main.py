@@ -56,9 +56,9 @@ def _run(argv: Sequence[str]) -> None:
         f"{meta['stablehlo']['inputs'][1]['shape'][1]}] -> predictions float32 [b, "
         f"{len(meta['tasks'])}])")
   print(f"  {export_lib.METADATA_FILE}")
-  print(f"Checked on a batch of {checks['examples']} validation examples: max |diff| vs JAX: "
-        f"SavedModel {checks['max_abs_diff_saved_model']:.2e}, "
-        f"StableHLO {checks['max_abs_diff_stablehlo']:.2e} (tolerance {checks['tolerance']:g}).")
+  print(f"Checked on a batch of {checks['examples']} validation examples: "
+        f"max |diff| / max(1, |value|) vs JAX: SavedModel {checks['max_diff_saved_model']:.2e}, "
+        f"StableHLO {checks['max_diff_stablehlo']:.2e} (tolerance {checks['tolerance']:g}).")
   if ckpt.get("validation"):
     print("Validation metrics of the checkpoint: " + json.dumps(ckpt["validation"]))
 

@@ -123,7 +123,7 @@ def test_saved_model_serves_raw_rows_with_missing_values_like_the_eval_path(spec
 
 def test_export_metadata_describes_encodings_and_missing_values(spec_run):
   meta = spec_run["meta"]
-  assert meta["checks"]["max_abs_diff_saved_model"] <= ATOL
+  assert meta["checks"]["max_diff_saved_model"] <= ATOL
   assert list(meta["saved_model"]["inputs"]) == list(CATEGORICAL + NUMERIC)  # no indicator
   assert meta["saved_model"]["missing_values"]["numeric"].startswith("send NaN")
   fields = {f["name"]: f for f in meta["fields"]}
