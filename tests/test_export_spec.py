@@ -266,3 +266,15 @@ def test_indicator_columns_may_sit_anywhere():
                          "y": np.array([np.nan, 5.0])}, prep)
   np.testing.assert_array_equal(got["categorical"], [[1, 1], [0, 2]])
   np.testing.assert_allclose(got["numeric"], [[0.0, 1.0], [2.0, 2.0]])
+
+
+@pytest.mark.parametrize("names,match", [
+    (("user", "unit price"), r"feature 'unit price' cannot name a SavedModel input"),
+    (("_id",), r"feature '_id' cannot name a SavedModel input"),
+    (("Price", "price"), r"features 'Price' and 'price' differ only in case"),
+])
+def test_a_feature_name_no_savedmodel_input_can_take_is_named(names, match):
+  from apem_jax.data import serving
+  with pytest.raises(ValueError, match=match):
+    serving.check_input_names(names)
+  serving.check_input_names(("user", "unit_price", "a.b", "x-1", "9lives"))

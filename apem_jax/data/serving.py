@@ -32,6 +32,7 @@ values when only encoded arrays are at hand.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -46,9 +47,31 @@ MISSING_NUMERIC = "NaN"
 MISSING_CATEGORICAL = ""
 
 
+# What TensorFlow accepts as the name of a SavedModel signature's input.
+_INPUT_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\-/]*")
+
+
+def check_input_names(names: Sequence[str]) -> None:
+  """Raises a one-line ``ValueError`` for a feature name that cannot name a SavedModel input
+  (TensorFlow's pattern; no spaces) or that equals another but for case (TensorFlow lowercases
+  the names of a signature's inputs)."""
+  seen: dict[str, str] = {}
+  for name in names:
+    if not _INPUT_NAME.fullmatch(name):
+      raise ValueError(f"feature {name!r} cannot name a SavedModel input (TensorFlow takes "
+                       f"names matching {_INPUT_NAME.pattern}); rename the column in the data "
+                       f"or the dataset spec")
+    if name.lower() in seen:
+      raise ValueError(f"features {seen[name.lower()]!r} and {name!r} differ only in case, "
+                       f"which a SavedModel's input names do not tell apart; rename one")
+    seen[name.lower()] = name
+
+
 def input_specs(categorical_fields: Sequence[str], numeric_fields: Sequence[str]
                 ) -> dict[str, tf.TensorSpec]:
-  """One ``[None]`` spec per raw feature, named by the feature: string (categorical) or float32."""
+  """One ``[None]`` spec per raw feature, named by the feature: string (categorical) or float32
+  (:func:`check_input_names` says which names can be)."""
+  check_input_names(tuple(categorical_fields) + tuple(numeric_fields))
   specs = {name: tf.TensorSpec([None], tf.string, name=name) for name in categorical_fields}
   specs.update({name: tf.TensorSpec([None], tf.float32, name=name) for name in numeric_fields})
   return specs
@@ -80,9 +103,10 @@ class RawFeatureEncoder(tf.Module):
             tf.lookup.KeyValueTensorInitializer(
                 tf.constant(list(vocab), tf.string),
                 tf.range(len(vocab), dtype=tf.int64)),
-            default_value=len(vocab), name=f"vocab_{field}")
-        for field, vocab, buckets in zip(preprocessing.categorical_fields,
-                                         preprocessing.vocabularies, preprocessing.num_buckets)]
+            default_value=len(vocab), name=f"vocab_{i}")  # (op names: no feature names,
+        # which may hold spaces or other characters TensorFlow refuses in one)
+        for i, (vocab, buckets) in enumerate(zip(preprocessing.vocabularies,
+                                                 preprocessing.num_buckets))]
 
   def input_specs(self) -> dict[str, tf.TensorSpec]:
     return input_specs(self.categorical_fields, self.numeric_fields)
@@ -127,12 +151,12 @@ class RawFeatureEncoder(tf.Module):
     checks = [tf.debugging.Assert(
         tf.logical_not(tf.reduce_any(tf.math.is_inf(x))),
         [f"feature {name}: a value is infinite; send a finite number (or NaN for a missing "
-         f"value where the feature accepts one)"], name=f"finite_{name}")]
+         f"value where the feature accepts one)"], name=f"finite_{j}")]
     if policy == "error":
       checks.append(tf.debugging.Assert(
           tf.logical_not(tf.reduce_any(is_missing)),
           [f"feature {name}: a value is missing (NaN), but the feature accepts none (its "
-           f"missing-value policy in the dataset spec is error)"], name=f"present_{name}"))
+           f"missing-value policy in the dataset spec is error)"], name=f"present_{j}"))
     with tf.control_dependencies(checks):
       x = tf.identity(x)
     if policy == "fill":
