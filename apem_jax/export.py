@@ -539,6 +539,10 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
     (without ``overwrite``) or something else. ValueError: configs disagree.
     ExportCheckError: a reloaded artifact does not reproduce the model.
   """
+  if isinstance(num_check_examples, bool) or not isinstance(num_check_examples, int) or \
+      num_check_examples < 1:
+    raise ValueError(f"--check_examples={num_check_examples}: the export checks need at least "
+                     f"1 validation example")
   output = os.path.abspath(output)
   _check_output(output, overwrite)
   run = restore_run(workdir, checkpoint, step, config)

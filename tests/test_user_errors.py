@@ -68,6 +68,10 @@ CASES = [
     ("export over a directory that is no export", EXPORT + ["--workdir={run}", "--output={other}",
                                                             "--overwrite"],
      "apem-export: error: --output {other} is a non-empty directory that holds no export"),
+    ("export checked on no example", EXPORT + ["--workdir={run}", "--output={new}",
+                                               "--check_examples=0"],
+     "apem-export: error: --check_examples=0: the export checks need at least 1 validation "
+     "example"),
     ("export over an export", EXPORT + ["--workdir={run}", "--output={exported}"],
      "apem-export: error: --output {exported} already holds an export; pass --overwrite"),
     ("resume of a workdir whose every checkpoint is corrupt",
@@ -101,6 +105,7 @@ def places(tmp_path_factory):
   exported = root / "exported"  # what apem-export recognises as an export
   exported.mkdir()
   (exported / "metadata.json").write_text("{}")
+  (exported / "saved_model").mkdir()
   damaged = {name: str(root / name) for name in ("corrupt", "deleted", "garbage")}
   for workdir in damaged.values():
     shutil.copytree(run, workdir)
