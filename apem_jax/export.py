@@ -12,8 +12,8 @@ writes ``output/``:
 
 * ``saved_model/``: a TensorFlow SavedModel (``jax2tf``, native serialization) whose
   ``serving_default`` signature takes every raw feature by name, ``tf.string [None]`` for
-  categorical fields and ``tf.float32 [None]`` for numeric ones, any batch size, and returns
-  ``float32 [None]`` per task by name: the probability of a binary task, the value of a
+  categorical fields and ``tf.float32 [None]`` for numeric ones, any batch size of at least 1,
+  and returns ``float32 [None]`` per task by name: the probability of a binary task, the value of a
   regression task. Vocabulary lookup (unseen values -> OOV id) or hashing, the numeric
   transforms, normalisation and missing-value policies (a missing numeric value is sent as NaN, a
   missing categorical one as ``""``; missing-value indicator fields are computed, not inputs) run
