@@ -286,9 +286,13 @@ class Runs:
 
 
 def _refuse_used(run_dirs: Sequence[str]) -> None:
+  """Refuses a run directory with results or a checkpoint (an empty ``checkpoints/``, which a
+  program stopped before its first save leaves, holds nothing)."""
   for d in run_dirs:
-    held = [name for name in ("metrics.json", "checkpoints")
-            if os.path.exists(os.path.join(d, name))]
+    ckpt = os.path.join(d, "checkpoints")
+    held = ((["metrics.json"] if os.path.exists(os.path.join(d, "metrics.json")) else []) +
+            (["checkpoints"] if os.path.exists(ckpt) and (not os.path.isdir(ckpt) or
+                                                          os.listdir(ckpt)) else []))
     if held:
       raise ValueError(f"vmap_runs: {d} already holds a run ({', '.join(held)}); runs trained in "
                        f"one program do not resume: train them in a new workdir")

@@ -104,6 +104,17 @@ def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
     vmap_runs.train_runs(configs, str(tmp_path / "vmapped"))
 
 
+def test_a_program_stopped_before_its_first_save_can_be_run_again(tmp_path):
+  """The checkpoint manager makes ``checkpoints/`` when the program starts: an empty one is no
+  run to protect; one with a checkpoint in it is."""
+  run_dir = tmp_path / "run_0"
+  (run_dir / "checkpoints").mkdir(parents=True)
+  vmap_runs._refuse_used([str(run_dir)])
+  (run_dir / "checkpoints" / "20").mkdir()
+  with pytest.raises(ValueError, match=r"run_0 already holds a run \(checkpoints\)"):
+    vmap_runs._refuse_used([str(run_dir)])
+
+
 def test_a_stopped_run_stays_frozen():
   configs = _configs()
   runs = vmap_runs.Runs(configs)
