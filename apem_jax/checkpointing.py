@@ -23,6 +23,7 @@ files Orbax cannot read.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -159,6 +160,20 @@ def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRest
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
+def _unreadable_metrics(directory: str) -> str | None:
+  """The first ``<step>/metrics/metrics`` file under ``directory`` that is not valid JSON."""
+  for step in sorted(os.listdir(directory)):
+    path = os.path.join(directory, step, "metrics", "metrics")
+    try:
+      with open(path) as f:
+        json.load(f)
+    except FileNotFoundError:
+      continue
+    except ValueError:
+      return path
+  return None
+
+
 class Checkpoints:
   """The checkpoints of one workdir (``<workdir>/checkpoints``).
 
@@ -176,8 +191,13 @@ class Checkpoints:
                        f"({'/, '.join(legacy)}/ subdirectories); evaluate or export them with "
                        f"that version, or train again in a new --workdir")
     self._read_only = read_only
-    self._manager = (None if read_only and not os.path.isdir(self.directory) else
-                     _manager(self.directory, keep_latest, async_save, read_only))
+    try:
+      self._manager = (None if read_only and not os.path.isdir(self.directory) else
+                       _manager(self.directory, keep_latest, async_save, read_only))
+    except json.JSONDecodeError as e:  # Orbax reads every step's metrics file as it opens
+      raise CorruptCheckpointError(
+          f"{_unreadable_metrics(self.directory) or self.directory}: not valid JSON ({e}); "
+          f"delete that checkpoint's step directory to fall back to the one before it") from e
 
   def steps(self) -> list[int]:
     """The steps of every complete checkpoint, oldest first."""

@@ -79,6 +79,18 @@ def test_a_nan_score_is_never_the_best_and_never_costs_the_best(tmp_path):
       checkpointing._rank({"score": -1e30, "step": 9})
 
 
+def test_a_damaged_metrics_file_is_named(tmp_path):
+  ckpt = checkpointing.Checkpoints(str(tmp_path))
+  for step in (10, 20):
+    ckpt.save(step, _state(step), {"step": step}, score=0.5)
+  ckpt.close()
+  damaged = tmp_path / "checkpoints" / "20" / "metrics" / "metrics"
+  damaged.write_text("{not json")
+  with pytest.raises(checkpointing.CorruptCheckpointError,
+                     match=rf"{damaged}: not valid JSON .*delete that checkpoint's step"):
+    checkpointing.Checkpoints(str(tmp_path), read_only=True)
+
+
 def test_an_async_save_holds_the_state_it_was_given_though_the_buffers_are_donated(tmp_path):
   ckpt = checkpointing.Checkpoints(str(tmp_path), async_save=True)
   state = _state(0)
