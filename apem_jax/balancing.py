@@ -205,8 +205,8 @@ class Balancing:
     """The state after a step whose (globally reduced) task losses ``l`` [T] were
     ``task_losses`` (and shared-gradient Gram matrix ``gram_matrix``, for GradNorm); inactive
     tasks (``active``, default all active) keep their ``s_t`` / ``omega_t``."""
-    on = jnp.asarray(_active(active, len(is_binary)))
     if self.method == "uncertainty":
+      on = jnp.asarray(_active(active, len(is_binary)))
       grad = jnp.where(on, uncertainty_log_var_grad(state["log_var"], task_losses, is_binary), 0.0)
       updates, opt_state = tx.update(grad, state["opt_state"], state["log_var"])
       return {"log_var": optax.apply_updates(state["log_var"], updates), "opt_state": opt_state}
@@ -229,9 +229,9 @@ class Balancing:
     ``active`` (task weight 0) get 0 and are left out of the problem. ``norm_of(w)``:
     ``||sum_t w_t g_t||`` on the shared parameters for ``w`` [T] (CAGrad's ``||g_w||``; default
     from the Gram matrix)."""
-    index = [t for t, on in enumerate(active) if on]
+    index = _active_index(active, len(active))
     out = jnp.zeros((len(active),), jnp.float32)
-    if not index:
+    if not index.size:
       return out
     k = gram_matrix[np.ix_(index, index)]
     # The solvers' small products in full float32 (a platform's default may be TF32 or bfloat16
@@ -240,14 +240,13 @@ class Balancing:
       if self.method == "pcgrad":
         a = pcgrad_coefficients(k, rng)
       elif self.method == "cagrad":
-        sub_norm = None if norm_of is None else (
-            lambda w: norm_of(out.at[np.array(index)].set(w)))
+        sub_norm = None if norm_of is None else (lambda w: norm_of(out.at[index].set(w)))
         a = cagrad_coefficients(k, self.cagrad_c, norm_of=sub_norm)
       elif self.method == "mgda":
         a = min_norm_weights(k)
       else:
         raise ValueError(f"train.balancing={self.method!r} is not a gradient surgery")
-    return out.at[np.array(index)].set(a)
+    return out.at[index].set(a)
 
 
 def balancing_from_config(train_config: Mapping[str, Any]) -> Balancing:
@@ -300,9 +299,14 @@ def _active(active: Sequence[bool] | None, num_tasks: int) -> tuple[bool, ...]:
   return (True,) * num_tasks if active is None else tuple(bool(a) for a in active)
 
 
+def _active_index(active: Sequence[bool] | None, num_tasks: int) -> np.ndarray:
+  """The indices of the active tasks (default all), static."""
+  return np.flatnonzero(_active(active, num_tasks))
+
+
 def _active_softmax(x: jax.Array, active: Sequence[bool] | None) -> jax.Array:
   """``T_a softmax(x)`` over the ``T_a`` active entries of x [T] (default all); 0 elsewhere."""
-  index = np.flatnonzero(_active(active, x.shape[0]))
+  index = _active_index(active, x.shape[0])
   return jnp.zeros_like(x).at[index].set(len(index) * jax.nn.softmax(x[index]))
 
 
@@ -322,7 +326,7 @@ def gradnorm_logits_grad(logits: jax.Array, norms: jax.Array, task_losses: jax.A
     task_losses: ``l_t`` [T]; initial_losses: ``l_t(0)`` [T]; alpha: the asymmetry;
     active: per task, whether its weight ``c_t`` is not 0 (default: all).
   """
-  index = np.flatnonzero(_active(active, logits.shape[0]))
+  index = _active_index(active, logits.shape[0])
   norms, task_losses, initial_losses = norms[index], task_losses[index], initial_losses[index]
   ratio = jnp.where(initial_losses > 0, task_losses / jnp.where(initial_losses > 0,
                                                                 initial_losses, 1.0), 1.0)

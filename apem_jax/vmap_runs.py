@@ -290,9 +290,10 @@ def _refuse_used(run_dirs: Sequence[str]) -> None:
   program stopped before its first save leaves, holds nothing)."""
   for d in run_dirs:
     ckpt = os.path.join(d, "checkpoints")
-    held = ((["metrics.json"] if os.path.exists(os.path.join(d, "metrics.json")) else []) +
-            (["checkpoints"] if os.path.exists(ckpt) and (not os.path.isdir(ckpt) or
-                                                          os.listdir(ckpt)) else []))
+    held = [name for name, there in (
+        ("metrics.json", os.path.exists(os.path.join(d, "metrics.json"))),
+        ("checkpoints", os.path.exists(ckpt) and not (os.path.isdir(ckpt) and
+                                                      not os.listdir(ckpt)))) if there]
     if held:
       raise ValueError(f"vmap_runs: {d} already holds a run ({', '.join(held)}); runs trained in "
                        f"one program do not resume: train them in a new workdir")
