@@ -30,7 +30,8 @@ Before the export is put in place, both artifacts are reloaded (the SavedModel i
 StableHLO artifact in JAX) and run on validation rows that training stored in
 ``<workdir>/validation_sample.npz`` (the first row made all-unseen); the export fails if either
 differs from the JAX model by more than ``TOLERANCE`` on any prediction (absolute up to 1, as
-probabilities are; relative beyond, as a regression value of 150 rounds by 1e-5 in float32).
+probabilities are; relative beyond: float32's spacing is already 1.5e-5 at a regression value
+of 150).
 The SavedModel needs raw values: the data package keeps only encoded arrays, so they are
 rebuilt with :func:`apem_jax.data.serving.decode` (ids -> vocabulary strings, OOV ids -> a string
 in no vocabulary, hashed ids -> some string, numeric values un-normalised and un-transformed, an
