@@ -460,7 +460,9 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
                           f"its fill value, one with 'indicator' the training mean and 1 in "
                           f"its indicator field; one with 'error' fails the call",
                "categorical": "send the empty string (what preparation reads a missing value "
-                              "as)"} if prep is not None else None),
+                              "as)" + (f" or one of {list(prep.missing_values)}"
+                                       if set(prep.missing_values) - {""} else "")}
+              if prep is not None else None),
           "outputs": {t.name: {"dtype": "float32", "shape": [None]} for t in schema.tasks},
           "platforms": list(platforms),
           "preprocessing": PREPROCESSING_FILE if prep is not None else None},

@@ -278,3 +278,38 @@ def test_a_feature_name_no_savedmodel_input_can_take_is_named(names, match):
   with pytest.raises(ValueError, match=match):
     serving.check_input_names(names)
   serving.check_input_names(("user", "unit_price", "a.b", "x-1", "9lives"))
+
+
+def test_the_csv_missing_value_tokens_read_as_missing_when_served(tmp_path):
+  """A CSV spec's ``format.missing_values`` ("NA", "?") are missing in preparation (the id of
+  ``""``); the NumPy and graph encoders read them so too, compared before stripping (" NA" is a
+  value)."""
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = serving.tf
+  countries = ["fr", "NA", "de", "?", "", " NA", "fr", "de"]
+  rows = [{"split": ["train", "validation", "test"][i % 3], "user": countries[(i + 3) % 8],
+           "country": countries[i % 8], "clicked": str(i % 2)} for i in range(96)]
+  write_csv(tmp_path / "events.csv", rows)
+  spec = {"format": {"type": "csv", "missing_values": ["", "NA", "?"]},
+          "files": ["events.csv"], "split": {"split_column": "split"},
+          "features": [{"name": "user", "type": "categorical", "num_buckets": 16},
+                       {"name": "country", "type": "categorical"}],
+          "tasks": [{"name": "click", "label_column": "clicked"}]}
+  data = prepared.load_prepared(
+      prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache").path)
+  prep = data.preprocessing
+  assert prep.missing_values == ("", "NA", "?")
+  assert prep.vocabularies[1] == ("", "NA", "de", "fr")  # " NA" stripped is a value
+  encoder = serving.RawFeatureEncoder(prep)
+  for split in prepared.SPLITS:
+    part = _split(rows, split)
+    raw = {c: np.array([r[c] for r in part], dtype=str) for c in ("user", "country")}
+    want = data.arrays[split]["categorical"]
+    missing = np.isin(raw["country"], ["", "NA", "?"])
+    assert missing.any() and (raw["country"] == "NA").any()
+    np.testing.assert_array_equal(want[missing, 1], 0)  # the id of ""
+    for got in (prep_lib.encode(raw, prep)["categorical"],
+                encoder({k: tf.constant(v) for k, v in raw.items()})["categorical"].numpy()):
+      np.testing.assert_array_equal(got, want)
+  again = prep_lib.Preprocessing.from_json(prep.to_json())
+  assert again == prep

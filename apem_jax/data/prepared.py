@@ -61,9 +61,10 @@ from apem_jax import schema as schema_lib
 from apem_jax.data import preprocessing as prep_lib
 
 # 2: preprocessing.json for every spec (hashed features, missing-value policies and per-feature
-# transforms included), so that export serves it. 3: RECORD_ROWS rows a record, not one. A
-# directory of an older version is prepared again.
-FORMAT_VERSION = 3
+# transforms included), so that export serves it. 3: RECORD_ROWS rows a record, not one. 4: the
+# CSV format's missing-value tokens in preprocessing.json (the serving encoder reads them as
+# missing). A directory of an older version is prepared again.
+FORMAT_VERSION = 4
 RECORD_ROWS = 128
 WRITE_ROWS = 65_536  # rows a RecordWriter serialises at a time
 METADATA_FILE = "metadata.json"

@@ -65,8 +65,10 @@ class Preprocessing:
     numeric_fills: per numeric field, the fill value (column units) where 'fill', else None.
     indicator_columns: per numeric field, the column of its missing-value indicator in the
       ``categorical`` array where 'indicator', else -1.
+    missing_values: raw categorical values read as missing, i.e. as ``""`` (a CSV spec's
+      ``format.missing_values``: preparation reads them as missing), compared before stripping.
 
-  The last five were added later: a file without them (written before) loads with what they
+  The last six were added later: a file without them (written before) loads with what they
   meant then: every categorical field a vocabulary, every numeric field ``numeric_transform``,
   no missing values accepted, no indicators. Constructed with them left empty, they are filled
   in the same way (indicators, if any, after the categorical fields).
@@ -85,6 +87,7 @@ class Preprocessing:
   numeric_missing: tuple[str, ...] = ()
   numeric_fills: tuple[float | None, ...] = ()
   indicator_columns: tuple[int, ...] = ()
+  missing_values: tuple[str, ...] = ()
 
   def __post_init__(self):
     fc, fn = len(self.categorical_fields), len(self.numeric_fields)
@@ -154,6 +157,7 @@ class Preprocessing:
       raise ValueError(f"indicator_columns {columns}: each field with policy 'indicator' (and "
                        f"only those) needs its own column in [0, {width})")
     set_("indicator_columns", columns)
+    set_("missing_values", tuple(str(v) for v in self.missing_values))
 
   @property
   def vocab_sizes(self) -> tuple[int, ...]:
@@ -209,6 +213,7 @@ class Preprocessing:
         "numeric_missing": list(self.numeric_missing),
         "numeric_fills": list(self.numeric_fills),
         "indicator_columns": list(self.indicator_columns),
+        "missing_values": list(self.missing_values),
     }
 
   @classmethod
@@ -227,6 +232,7 @@ class Preprocessing:
         numeric_missing=tuple(d.get("numeric_missing", ())),
         numeric_fills=tuple(None if v is None else float(v) for v in d.get("numeric_fills", ())),
         indicator_columns=tuple(int(c) for c in d.get("indicator_columns", ())),
+        missing_values=tuple(d.get("missing_values", ())),
     )
 
   def to_json(self) -> str:
@@ -256,12 +262,16 @@ def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
 ASCII_WHITESPACE = " \t\n\v\f\r"
 
 
-def categorical_values(values: np.ndarray | Sequence) -> np.ndarray:
-  """The strings a categorical value is looked up as: str, surrounding ASCII whitespace removed.
-  The serving graph applies the same rule (``tf.strings.strip`` in
-  ``serving.RawFeatureEncoder``), so a raw value served with its original spacing finds the
-  vocabulary entry training made."""
-  return np.char.strip(as_str_array(values), ASCII_WHITESPACE)
+def categorical_values(values: np.ndarray | Sequence, missing_values: Sequence[str] = ()
+                       ) -> np.ndarray:
+  """The strings a categorical value is looked up as: str, ``""`` where the raw value is one of
+  ``missing_values`` (exactly, as preparation compares), else surrounding ASCII whitespace
+  removed. The serving graph applies the same rule (``serving.RawFeatureEncoder``), so a raw
+  value served as it was in the file finds the vocabulary entry training made."""
+  values = as_str_array(values)
+  if len(missing_values):
+    values = np.where(np.isin(values, np.asarray(missing_values, dtype=str)), "", values)
+  return np.char.strip(values, ASCII_WHITESPACE)
 
 
 def transform_numeric(values: np.ndarray, transform: str) -> np.ndarray:
@@ -334,9 +344,10 @@ def quantile_boundaries(values: np.ndarray, num_buckets: int) -> tuple[float, ..
   return tuple(float(x) for x in np.unique((distinct[lower] + distinct[lower + 1]) / 2.0))
 
 
-def encode_categorical(values: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
+def encode_categorical(values: np.ndarray, vocabulary: Sequence[str],
+                       missing_values: Sequence[str] = ()) -> np.ndarray:
   """int32 ``[N]`` ids: the index in the sorted ``vocabulary``, or ``len(vocabulary)`` (OOV)."""
-  values = categorical_values(values)
+  values = categorical_values(values, missing_values)
   vocab = np.asarray(vocabulary, dtype=str)
   if not len(vocab):
     return np.zeros(len(values), np.int32)
@@ -345,10 +356,11 @@ def encode_categorical(values: np.ndarray, vocabulary: Sequence[str]) -> np.ndar
   return np.where(hit, idx, len(vocab)).astype(np.int32)
 
 
-def hash_categorical(values: np.ndarray, num_buckets: int) -> np.ndarray:
+def hash_categorical(values: np.ndarray, num_buckets: int, missing_values: Sequence[str] = ()
+                     ) -> np.ndarray:
   """int32 ``[N]`` ids ``farmhash64(value) % num_buckets`` of the stripped values: TensorFlow's
   ``tf.strings.to_hash_bucket_fast``, as preparation and the serving graph compute them."""
-  values = categorical_values(values)
+  values = categorical_values(values, missing_values)
   if not len(values):
     return np.zeros(0, np.int32)
   from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
@@ -404,8 +416,9 @@ def encode(raw_columns: Mapping[str, np.ndarray], preprocessing: Preprocessing
   categorical = np.zeros((n, len(p.column_names)), dtype=np.int32)
   for name, vocab, buckets, c in zip(p.categorical_fields, p.vocabularies, p.num_buckets,
                                      p.categorical_positions):
-    categorical[:, c] = (hash_categorical(raw_columns[name], buckets) if buckets else
-                         encode_categorical(raw_columns[name], vocab))
+    categorical[:, c] = (hash_categorical(raw_columns[name], buckets, p.missing_values)
+                         if buckets else
+                         encode_categorical(raw_columns[name], vocab, p.missing_values))
   numeric = np.zeros((n, len(p.numeric_fields)), dtype=np.float32)
   for j, name in enumerate(p.numeric_fields):
     numeric[:, j], missing = encode_numeric(raw_columns[name], p, j)

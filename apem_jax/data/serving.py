@@ -13,7 +13,9 @@ tables are saved with it) and that turns raw columns into the model's arrays exa
   - hashed field: ``farmhash64(value) % num_buckets`` (``tf.strings.to_hash_bucket_fast``, the op
     preparation hashes with).
 
-  A missing value is sent as the empty string (preparation reads a missing value as ``""``).
+  A missing value is sent as the empty string (preparation reads a missing value as ``""``), or
+  as one of the CSV spec's ``format.missing_values`` (``Preprocessing.missing_values``), which
+  read as ``""`` too.
 * numeric field: ``float32 [b]`` -> ``(t(x) - mean) / std`` computed in float64 (as NumPy does),
   then rounded to float32; ``t`` (per field) = identity or ``sign(x) * log1p(|x|)``. A missing
   value is sent as NaN and handled by the field's policy: 'fill' -> the fill value before ``t``;
@@ -129,7 +131,12 @@ class RawFeatureEncoder(tf.Module):
     columns: list[tf.Tensor | None] = [None] * len(p.column_names)
     for f, table, buckets, c in zip(self.categorical_fields, self._tables, p.num_buckets,
                                     p.categorical_positions):
-      value = tf.strings.strip(tf.reshape(features[f], [-1]))
+      value = tf.reshape(features[f], [-1])
+      if p.missing_values:  # read as missing, as preparation does: compared before stripping
+        is_missing = tf.reduce_any(
+            tf.equal(value[:, None], tf.constant(p.missing_values, tf.string)[None, :]), axis=1)
+        value = tf.where(is_missing, tf.constant(""), value)
+      value = tf.strings.strip(value)
       ids = (tf.strings.to_hash_bucket_fast(value, buckets) if buckets else table.lookup(value))
       columns[c] = tf.cast(ids, tf.int32)
     numeric = []
