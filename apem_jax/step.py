@@ -48,6 +48,12 @@ def _learning_rate(opt: ml_collections.ConfigDict, peak: float, total_steps: int
   raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {opt.schedule!r}")
 
 
+def learning_rate_at(config: ml_collections.ConfigDict, total_steps: int, step: int) -> float:
+  """The dense layers' learning rate at ``step`` of a run of ``total_steps`` steps."""
+  rate = _learning_rate(config.optimizer, config.optimizer.learning_rate, total_steps)
+  return float(rate(step)) if callable(rate) else float(rate)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """Global-norm clipping, then Adam(W) with optional warmup + cosine decay, from
   ``config.optimizer``; with ``embedding_optimizer`` other than ``'same'``, the embedding tables

@@ -220,6 +220,18 @@ def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
   return accepted
 
 
+def _schedule_change(config: ml_collections.ConfigDict, steps_per_epoch: int, step: int,
+                     saved_epochs: int, epochs: int) -> str:
+  """What a new ``train.num_epochs`` does to the learning rate from ``step`` on (the schedule
+  spans the run's steps, so a longer run decays more slowly)."""
+  saved, now = (step_lib.learning_rate_at(config, steps_per_epoch * e, step)
+                for e in (saved_epochs, epochs))
+  if saved == now:
+    return f"The learning rate at step {step} stays {now:.4g}."
+  return (f"The learning-rate schedule now spans {epochs} epochs, not {saved_epochs}: the rate "
+          f"at step {step} is {now:.4g}, not {saved:.4g}.")
+
+
 def _check_schema(meta: Mapping, schema: Schema, workdir: str) -> None:
   if Schema.from_dict(meta["schema"]) != schema:
     raise ValueError(f"{workdir}: the data now gives a different schema (fields, vocabularies, "
@@ -460,6 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       meta["config"] = config.to_dict()
     print(f"Resuming from {workdir} at step {meta['step']} (epoch {meta['step'] / spe:.2f})"
           + (f"; changed: {changes}" if changes else "") + ".")
+    if "train.num_epochs" in changes:
+      print(_schedule_change(config, spe, meta["step"], *changes["train.num_epochs"]))
   else:
     state = exp.init_state()
     meta = fresh_meta(exp)

@@ -266,12 +266,24 @@ def test_a_workdir_is_only_changed_by_a_run_it_accepts(tmp_path, capsys):
   # num_epochs may grow and patience change; the run records it.
   longer = tiny_mlp_config()
   longer.train.update(num_epochs=2, patience=7)
+  capsys.readouterr()
   summary = trainer.train_and_evaluate(longer, workdir)
+  assert "The learning rate at step 30 stays 0.003." in capsys.readouterr().out
   assert [h["epoch"] for h in summary["history"]] == [1, 2]
   assert summary["resumes"] == [{"step": 30, "changed": {"train.num_epochs": [1, 2],
                                                           "train.patience": [5, 7]}}]
   # Rerunning the finished run changes nothing, and records no second change.
   assert trainer.train_and_evaluate(longer, workdir)["resumes"] == summary["resumes"]
+
+
+def test_a_longer_run_says_what_it_does_to_the_cosine_learning_rate():
+  config = tiny_mlp_config()
+  config.optimizer.update(schedule="cosine", learning_rate=1e-2, warmup_steps=0,
+                          final_lr_ratio=0.0)
+  # Step 10 of 20 steps: half the cosine, 0.005; of 40: a quarter, 0.01 * (1 + cos(pi/4)) / 2.
+  assert trainer._schedule_change(config, 10, 10, 2, 4) == (
+      "The learning-rate schedule now spans 4 epochs, not 2: the rate at step 10 is 0.008536, "
+      "not 0.005.")
 
 
 def test_a_deleted_newest_checkpoint_resumes_from_the_one_before_never_from_scratch(tmp_path):
