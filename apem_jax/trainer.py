@@ -305,6 +305,17 @@ def _write_run_files(exp: Experiment, workdir: str) -> None:
                              exp.data.head("validation", VALIDATION_SAMPLE_ROWS))
 
 
+def train_scalars(mean_loss: float, step_metrics: Mapping[str, jax.Array],
+                  task_names: tuple[str, ...]) -> dict[str, float]:
+  """The training curves' scalars: the loss, the gradient norm and, under a balancing method,
+  each task's loss weight of the last step."""
+  scalars = {"train/loss": mean_loss, "train/grad_norm": float(step_metrics["grad_norm"])}
+  if "balance_weights" in step_metrics:  # [T], replicated (pmap: one copy)
+    weights = np.asarray(step_metrics["balance_weights"])
+    scalars.update({f"train/loss_weight/{t}": float(w) for t, w in zip(task_names, weights)})
+  return scalars
+
+
 class _TrainLoss:
   """The training loss since the last report, summed on the device (no read-back per step), and
   the step after which each task's loss first stopped being finite."""
@@ -503,8 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % config.train.log_every == 0 or evaluate:
           mean_loss = train_loss.mean(step)
           bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=f"{step / spe:.2f}")
-          writer.write(step, {"train/loss": mean_loss,
-                              "train/grad_norm": float(step_metrics["grad_norm"])})
+          writer.write(step, train_scalars(mean_loss, step_metrics, exp.schema.task_names))
         if stop_requests.signum is None and ckpt.reached_preemption(step):
           stop_requests.signum = signal.SIGTERM
         save = evaluate or step % save_every == 0 or stop_requests.signum is not None

@@ -374,6 +374,13 @@ def test_a_balancing_method_trains_and_its_state_resumes_exactly(tmp_path, monke
   config.train.update(num_epochs=2, balancing="uncertainty")  # state: log-variances, their Adam
   straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
   assert straight["best_validation_score"] > 0.5
+  # The loss weights are curves in TensorBoard: exp(-s_t) / 2 for a binary task, moving from 0.5.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path / "straight" / "tensorboard"))
+  events.Reload()
+  for task in ("y1", "y2"):
+    weights = [e.value for e in events.Scalars(f"train/loss_weight/{task}")]
+    assert len(weights) >= 4 and np.all(np.isfinite(weights)) and np.ptp(weights) > 1e-4
   _interrupt_after(monkeypatch, 40)
   with pytest.raises(KeyboardInterrupt):
     trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
