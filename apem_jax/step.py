@@ -139,11 +139,22 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
 
 
+# Folded into a step's key for the gradient surgery's key: above any device index, which the
+# dropout keys under ``jax.pmap`` fold in.
+_SURGERY_KEY = 0xFFFFFFFF
+
+
 def _dropout_rng(state: TrainState, axis_name: str | None) -> jax.Array:
   """This step's dropout key: the state's key folded with the step (and, under ``jax.pmap``,
   with the device, so each device draws its own masks)."""
   rng = jax.random.fold_in(state.rng, state.step)
   return rng if axis_name is None else jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+
+def _surgery_rng(state: TrainState) -> jax.Array:
+  """This step's key for a gradient surgery's random choices: the same on every device, and
+  none of the dropout keys."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _SURGERY_KEY)
 
 
 def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
@@ -199,9 +210,8 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
       used = balancing.loss_weights(state.balance, head.is_binary, active)
       grads = balancing_lib.combine(task_grads, shared, used, used)
     else:
-      rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
       used = balancing.shared_coefficients(
-          k, active, rng, norm_of=lambda w: balancing_lib.shared_norm(task_grads, shared, w))
+          k, active, _surgery_rng(state), norm_of=lambda w: balancing_lib.shared_norm(task_grads, shared, w))
       grads = balancing_lib.combine(task_grads, shared, used, jnp.ones((num_tasks,), jnp.float32))
     if with_penalty:
       grads = jax.tree.map(jnp.add, grads, penalty_grads)

@@ -643,3 +643,17 @@ def test_jit_on_a_mesh_and_pmap_take_the_same_balanced_step(method):
   np.testing.assert_allclose(pmap_w, jit_w, atol=1e-5, rtol=1e-5)
   # The method did something: its weights or coefficients are not all ones after a step.
   assert not np.allclose(jit_w[-1], 1.0)
+
+
+def test_the_surgery_key_is_the_same_on_every_device_and_no_dropout_key():
+  state = step_lib.TrainState(step=jnp.asarray(3), params={}, opt_state=(),
+                              rng=jax.random.key(0))
+  keys = jax.pmap(lambda s: (jax.random.key_data(step_lib._dropout_rng(s, "d")),
+                             jax.random.key_data(step_lib._surgery_rng(s))), axis_name="d")(
+                                 parallel.replicate(state))
+  dropout, surgery = (np.asarray(k) for k in keys)
+  assert len({tuple(k) for k in dropout}) == 8  # a dropout key per device
+  assert len({tuple(k) for k in surgery}) == 1  # one surgery key
+  assert tuple(surgery[0]) not in {tuple(k) for k in dropout}
+  assert tuple(surgery[0]) != tuple(np.asarray(jax.random.key_data(
+      step_lib._dropout_rng(state, None))))
