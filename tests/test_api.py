@@ -82,6 +82,20 @@ def test_encoded_arrays_are_checked_against_the_schema():
   with pytest.raises(ValueError, match=r"validation/numeric has shape \(100, 2\); expected "
                                        r"\[100, 1\]"):
     pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  # A training row's loss weight: finite, >= 0, and only for training (evaluation is unweighted).
+  arrays = {s: dict(a) for s, a in good.arrays.items()}
+  arrays["train"]["weight"] = np.ones(300, np.float32)
+  pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  arrays["train"]["weight"][3] = -1.0
+  with pytest.raises(ValueError, match=r"train/weight row 3: -1.0; expected a finite number >= 0"):
+    pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  arrays["train"]["weight"] = np.ones(299, np.float32)
+  with pytest.raises(ValueError, match=r"train/weight has shape \(299,\) .* expected float \[300\]"):
+    pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  arrays["train"].pop("weight")
+  arrays["validation"]["weight"] = np.ones(100, np.float32)
+  with pytest.raises(ValueError, match=r"split 'validation' has arrays \['weight'\] the schema"):
+    pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
 
 
 def test_public_names_and_registry():

@@ -698,6 +698,23 @@ def test_funnel_check_is_the_pipelines_rule():
 # data.name = 'spec': the pipeline and the trainer
 # ---------------------------------------------------------------------------------------------
 
+def test_the_weight_column_weights_training_in_memory_as_streamed(funnel_csv):
+  directory, rows = funnel_csv
+  spec_path = write_spec(directory, base_spec())
+  weights = {}
+  for stream in (True, False):
+    data = pipeline.load_dataset(ml_collections.ConfigDict(dict(
+        name="spec", spec=str(spec_path), data_dir=str(directory / "cache"), stream=stream)))
+    batches = data.train_batches(32, seed=0)
+    weights[stream] = sorted(float(w) for _ in range(3) for w in next(batches)["weight"])
+    if not stream:
+      assert [b["weight"].max() for b in data.eval_batches("validation", 32)][0] == 1.0
+  assert weights[True] != [1.0] * 96 and len(set(weights[True])) > 10
+  train_w = sorted(float(r["w"]) for r in rows if r["split"] == "train")
+  assert set(weights[False]) <= set(np.float32(train_w).tolist())
+  assert len(set(weights[False])) > 10
+
+
 def test_load_dataset_dispatch_and_config_checks(funnel_csv):
   directory, rows = funnel_csv
   spec_path = write_spec(directory, base_spec())

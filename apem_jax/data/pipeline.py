@@ -38,6 +38,7 @@ SPLITS = ("train", "validation", "test")
 # Arrays evaluation reads but training batches leave out: the true conditional probabilities of
 # synthetic funnels (for oracle metrics).
 EVAL_ONLY_KEYS = ("true_q",)
+WEIGHT_KEY = "weight"  # a training row's loss weight (train split only)
 INCONSISTENT_FUNNEL_POLICIES = ("error", "drop")
 
 Batch = dict[str, np.ndarray]
@@ -70,7 +71,9 @@ class DatasetSplits:
     schema: fields and tasks (tasks in config order).
     preprocessing: the fitted Preprocessing (None for data given without one).
     arrays: ``{split: {'categorical', 'numeric', 'labels', 'label_mask'}}`` (unpadded); synthetic
-      funnels add ``true_q`` [N, T], the true conditional step probabilities (evaluation only).
+      funnels add ``true_q`` [N, T], the true conditional step probabilities (evaluation only);
+      the training split may hold ``weight`` [N], each row's weight in the training loss (a
+      spec's ``weight_column``; 1 where absent; evaluation is unweighted).
     inconsistent_funnel_rows: ``{split: rows dropped}`` by ``data.inconsistent_funnel='drop'``
       (funnel schemas only; see :func:`enforce_funnel_consistency`).
   """
@@ -145,7 +148,8 @@ class DatasetSplits:
 
     def gather(indices):
       batch = {k: tf.gather(t, indices) for k, t in tensors.items()}
-      batch["weight"] = tf.ones(tf.shape(indices), tf.float32)
+      if WEIGHT_KEY not in batch:
+        batch[WEIGHT_KEY] = tf.ones(tf.shape(indices), tf.float32)
       return batch
 
     ds = (tf.data.Dataset.range(np.iinfo(np.int64).max)
@@ -187,7 +191,8 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
   encoded splits of ``schema``: split names among :data:`SPLITS` with ``train`` and
   ``validation``; per split ``categorical`` int [N, Fc] with field i's ids in [0, vocab_size_i],
   ``numeric`` float [N, Fn] finite, ``labels`` and ``label_mask`` float [N, T] (mask 0/1, binary
-  labels 0/1 where present), and any :data:`EVAL_ONLY_KEYS` with N rows."""
+  labels 0/1 where present), any :data:`EVAL_ONLY_KEYS` with N rows, and in the training split
+  optionally ``weight`` float [N], finite and >= 0."""
   unknown = sorted(set(arrays) - set(SPLITS))
   missing = [s for s in ("train", "validation") if s not in arrays]
   if unknown or missing:
@@ -198,7 +203,8 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
   vocab = np.asarray(schema.vocab_sizes, np.int64)
   binary = np.asarray([t.kind == "binary" for t in schema.tasks])
   for split, split_arrays in arrays.items():
-    extra = sorted(set(split_arrays) - set(widths) - set(EVAL_ONLY_KEYS))
+    extra = sorted(set(split_arrays) - set(widths) - set(EVAL_ONLY_KEYS)
+                   - ({WEIGHT_KEY} if split == "train" else set()))
     if extra:
       raise ValueError(f"dataset: split {split!r} has arrays {extra} the schema does not use")
     rows = None
@@ -232,6 +238,16 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
       row, col = map(int, np.argwhere(~np.isfinite(split_arrays["numeric"]))[0])
       raise ValueError(f"dataset: {split}/numeric row {row}, field {schema.numeric[col].name!r}: "
                        f"{split_arrays['numeric'][row, col]} is not a finite number")
+    if WEIGHT_KEY in split_arrays:
+      weight = np.asarray(split_arrays[WEIGHT_KEY])
+      if weight.shape != (rows,) or not np.issubdtype(weight.dtype, np.floating):
+        raise ValueError(f"dataset: {split}/weight has shape {weight.shape} and dtype "
+                         f"{weight.dtype}; expected float [{rows}]")
+      bad = ~(np.isfinite(weight) & (weight >= 0))
+      if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"dataset: {split}/weight row {row}: {weight[row]}; expected a finite "
+                         f"number >= 0")
     mask, labels = np.asarray(split_arrays["label_mask"]), np.asarray(split_arrays["labels"])
     if not np.all((mask == 0) | (mask == 1)):
       raise ValueError(f"dataset: {split}/label_mask holds values other than 0 and 1")

@@ -627,9 +627,8 @@ def load_prepared(directory: str | os.PathLike, splits: Sequence[str] = SPLITS):
   """A prepared directory -> :class:`apem_jax.data.pipeline.DatasetSplits` (schema,
   preprocessing when the spec allows one, arrays of every split in memory).
 
-  The ``weight`` column is read but not kept: the in-memory batches give every real row weight 1
-  (``DatasetSplits.train_batches``/``eval_batches``); per-row weights reach training with the
-  streaming input of phase 2.
+  The training split's ``weight`` column (a spec's ``weight_column``) is kept where a weight is
+  not 1, and weights the training loss as the streamed input's does; evaluation is unweighted.
   """
   from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
@@ -646,7 +645,9 @@ def load_prepared(directory: str | os.PathLike, splits: Sequence[str] = SPLITS):
   arrays = {}
   for split in splits:
     data = read_split(directory, split, metadata)
-    data.pop("weight")
+    weight = data.pop("weight")
+    if split == "train" and np.any(weight != 1):
+      data["weight"] = weight
     arrays[split] = data
   dropped = {s: int(metadata["splits"][s].get("inconsistent_funnel_dropped", 0)) for s in splits}
   return pipeline.DatasetSplits(schema, preprocessing, arrays, inconsistent_funnel_rows=dropped)
