@@ -579,6 +579,20 @@ def test_wrong_number_of_fields_names_file_and_line(tmp_path):
   assert str(tmp_path / "events.csv") in message
 
 
+@pytest.mark.parametrize("segment_bytes", [None, 64])
+def test_an_empty_line_names_file_and_line(tmp_path, monkeypatch, segment_bytes):
+  """Arrow reads an empty line as a row of missing values; it is refused wherever it is: in
+  the middle, as \\r\\n, first in a segment, or at the end of the file."""
+  if segment_bytes:
+    monkeypatch.setattr(prepare, "CSV_SEGMENT_BYTES", segment_bytes)
+  _csv_with(tmp_path, lambda lines: lines.insert(41, ""))  # becomes line 42
+  _fails(tmp_path, base_spec(), r"events.csv, line 42: an empty line, expected 10 fields")
+  _csv_with(tmp_path, lambda lines: lines.insert(9, "\r"))
+  _fails(tmp_path, base_spec(), r"events.csv, line 10: an empty line")
+  _csv_with(tmp_path, lambda lines: lines.append(""))
+  _fails(tmp_path, base_spec(), r"events.csv, line 62: an empty line")
+
+
 def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
   def edit(lines):
     fields = lines[29].split(",")

@@ -315,6 +315,10 @@ def _diagnose_csv(path: str, fmt: spec_lib.FileFormat, names: Sequence[str],
   return DataError(f"{path}: cannot read the lines from {first_line}: {error}")
 
 
+# A line with nothing on it (its line break, group 2, at the start or after another).
+_EMPTY_LINE = re.compile(rb"(^|\n)(\r?\n)")
+
+
 def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Iterator[Chunk]:
   fmt = spec.format
   names = list(fmt.column_names) if fmt.column_names else _csv_header(path, fmt)
@@ -324,6 +328,11 @@ def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Itera
   roles = spec.roles()
   options = _csv_options(fmt, names, types)
   for segment, rows in _csv_segments(path, fmt):
+    empty = _EMPTY_LINE.search(segment)  # (Arrow reads one as a row of missing values)
+    if empty:
+      line = header + rows + 1 + segment.count(b"\n", 0, empty.start(2))
+      raise DataError(f"{path}, line {line}: an empty line, expected {len(names)} fields (a "
+                      f"blank line is not a row: remove it)")
     try:
       table = pa_csv.read_csv(pa.BufferReader(segment), **options)
     except pa.ArrowInvalid as e:
