@@ -63,6 +63,21 @@ def test_a_dataset_that_does_not_fit_is_refused_when_built(change, message):
     _data(**change)
 
 
+def test_a_missing_category_is_the_empty_string_and_numbers_read_as_preparation_reads_them():
+  def with_gaps(n, seed):
+    columns = _columns(n, seed)
+    columns["user"] = [None if i % 7 == 0 else u for i, u in enumerate(columns["user"])]
+    columns["tier"] = [float("nan") if i % 5 == 0 else float(i % 3) for i in range(n)]
+    return columns
+
+  data = _data(categorical=["user", "tier"],
+               splits={"train": with_gaps(300, 0), "validation": with_gaps(100, 1)})
+  user, tier = data.preprocessing.vocabularies
+  assert "" in user and "None" not in user and tier == ("", "0", "1", "2")
+  ids = data.arrays["train"]["categorical"]
+  assert (ids[::7, 0] == user.index("")).all() and (ids[::5, 1] == 0).all()
+
+
 def test_inconsistent_funnel_rows_are_dropped_from_training_only():
   bad = dict(_columns(50), click=[0.0] * 50, buy=[1.0] + [0.0] * 49)
   data = _data(splits={"train": bad, "validation": bad}, inconsistent_funnel="drop")

@@ -226,6 +226,46 @@ def test_parquet_and_tfrecord_inputs_give_the_csv_result(funnel_csv):
                                from_csv.arrays[split]["numeric"], atol=1e-5)
 
 
+def test_number_and_boolean_categories_and_nan_read_alike_in_every_path(tmp_path):
+  """Categorical columns of floats, booleans and integers (Parquet, TFRecord) are the strings
+  Arrow writes ("1", "2.5", "true"), and a float NaN is a missing value (""), in preparation and
+  in the NumPy encoder; a NaN label is a missing label."""
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  tier = ([1.0, 2.5, np.nan, 3.0, 1.0] * 5)[:24]
+  flag, count = [True, False, True] * 8, ([7, 8, 9, 10, 7] * 5)[:24]
+  label = [1.0, 0.0, np.nan, 0.0, 1.0, 1.0] * 4
+  splits = ["train", "train", "validation", "test"] * 6
+  pq.write_table(pa.table({"tier": tier, "flag": flag, "count": count, "y": label,
+                           "split": splits}), tmp_path / "t.parquet")
+  with tf.io.TFRecordWriter(str(tmp_path / "t.tfrecord")) as writer:
+    for i in range(24):
+      feature = {"tier": tf.train.Feature(float_list=tf.train.FloatList(value=[tier[i]])),
+                 "count": tf.train.Feature(int64_list=tf.train.Int64List(value=[count[i]])),
+                 "flag": tf.train.Feature(bytes_list=tf.train.BytesList(
+                     value=[str(flag[i]).lower().encode()])),
+                 "y": tf.train.Feature(float_list=tf.train.FloatList(value=[label[i]])),
+                 "split": tf.train.Feature(bytes_list=tf.train.BytesList(
+                     value=[splits[i].encode()]))}
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+  spec = {"split": {"split_column": "split"},
+          "features": [{"name": n, "type": "categorical"} for n in ("tier", "flag", "count")],
+          "tasks": [{"name": "y", "label_column": "y", "missing": "mask"}]}
+  for fmt in ("parquet", "tfrecord"):
+    data = prepared.load_prepared(prepare.prepare(
+        write_spec(tmp_path, dict(spec, format=fmt, files=[f"t.{fmt}"]), f"{fmt}.json"),
+        tmp_path / "cache").path)
+    assert data.preprocessing.vocabularies == (("", "1", "2.5", "3"), ("false", "true"),
+                                               ("10", "7", "8", "9"))
+    train = [i for i in range(24) if splits[i] == "train"]
+    raw = {"tier": np.array(tier)[train], "flag": np.array(flag)[train],
+           "count": np.array(count)[train]}
+    np.testing.assert_array_equal(prep_lib.encode(raw, data.preprocessing)["categorical"],
+                                  data.arrays["train"]["categorical"])
+    np.testing.assert_array_equal(data.arrays["train"]["label_mask"][:, 0],
+                                  ~np.isnan(np.array(label)[train]))
+
+
 def test_files_per_split_give_the_split_column_result(funnel_csv):
   directory, rows = funnel_csv
   from_column = prepared.load_prepared(

@@ -348,6 +348,8 @@ def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Itera
 # Parquet --------------------------------------------------------------------------------------
 
 def _as_dictionary_strings(arr: pa.Array, where: str, column: str) -> pa.Array:
+  if pa.types.is_floating(arr.type):  # NaN is a missing value, as in the NumPy encoder
+    arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
   if not pa.types.is_dictionary(arr.type):
     if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_boolean(
         arr.type) or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or (
@@ -471,6 +473,9 @@ def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> 
           except pa.ArrowInvalid:
             raise DataError(f"{chunk.where(0)}, feature {c!r}: a value is not UTF-8 text") from None
         else:
+          if values.dtype.kind == "f":  # NaN is a missing value, as in the NumPy encoder
+            present[np.flatnonzero(present)[np.isnan(values)]] = False
+            values = values[~np.isnan(values)]
           strings = pc.cast(pa.array(values), pa.string())
         encoded = strings.dictionary_encode()
         indices = np.zeros(n, np.int32)

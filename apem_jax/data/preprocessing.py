@@ -244,14 +244,34 @@ class Preprocessing:
 
 
 def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
-  """A fixed-width ``str`` array from str/bytes values (bytes decoded as UTF-8)."""
+  """A fixed-width ``str`` array of categorical values as preparation reads them: bytes decoded
+  as UTF-8; numbers and booleans in Arrow's string form (``1.0`` -> ``"1"``, ``2.5`` ->
+  ``"2.5"``, ``True`` -> ``"true"``); a missing value (None, NaN) -> ``""``."""
   values = np.asarray(values)
   if values.dtype.kind == "U":
     return values
   if values.dtype.kind == "S":
     return np.char.decode(values, "utf-8")
-  if values.dtype == object and values.size and isinstance(values.flat[0], bytes):
-    return np.char.decode(values.astype(np.bytes_), "utf-8")
+  if values.dtype.kind in "biuf" or values.dtype == object:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+    flat = values.reshape(-1)
+    if values.dtype == object:
+      missing = np.array([v is None or (isinstance(v, float) and v != v) for v in flat], bool)
+      kinds = {str if isinstance(v, str) else bytes if isinstance(v, bytes) else
+               bool if isinstance(v, (bool, np.bool_)) else
+               float if isinstance(v, (int, float, np.number)) else type(v)
+               for v in flat[~missing]}
+      if len(kinds) > 1 or kinds - {str, bytes, bool, float}:
+        raise ValueError(f"categorical values of types {sorted(k.__name__ for k in kinds)}; "
+                         f"expected one of strings, bytes, numbers or booleans")
+      present = np.asarray(flat[~missing].tolist())
+      out = np.full(flat.shape, "", dtype=object)
+      out[~missing] = as_str_array(present) if present.size else present
+      return out.astype(str).reshape(values.shape)
+    missing = np.isnan(flat) if values.dtype.kind == "f" else np.zeros(flat.shape, bool)
+    strings = pc.cast(pa.array(flat, mask=missing), pa.string()).fill_null("")
+    return np.asarray(strings.to_pylist(), dtype=str).reshape(values.shape)
   return values.astype(str)
 
 
