@@ -638,6 +638,9 @@ def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
     fields = lines[29].split(",")
     fields[4] = "12abc"  # price
     lines[29] = ",".join(fields)
+    fields = lines[5].split(",")
+    fields[4] = f" {fields[4]} "  # a number with spaces around it: read as the number
+    lines[5] = ",".join(fields)
   _csv_with(tmp_path, edit)
   _fails(tmp_path, base_spec(),
          r"events.csv, line 30, column 'price' \(a numeric feature\): '12abc' is not a number")

@@ -306,7 +306,8 @@ def _diagnose_csv(path: str, fmt: spec_lib.FileFormat, names: Sequence[str],
   for c, kind in kinds.items():
     if kind == "num":
       column = table.column(c).combine_chunks()
-      i = _first_not_number(column)
+      # (Arrow's CSV reader takes a number with spaces around it; a cast does not.)
+      i = _first_not_number(pc.utf8_trim_whitespace(column))
       if i is not None:
         found.append((i, c, column[i].as_py()))
   if found:
