@@ -10,8 +10,9 @@ JSON line per event (``study_path``; by default ``study.jsonl`` in the tuning di
 ``benchmarks/quality.py`` keeps it beside its tables so that it can be committed), each trial in
 a workdir named by its parameters, so a killed tuning run resumes where it stopped (the trial cut
 short is tried again, and resumes from its checkpoints where its workdir is still there), on the
-same machine or, from the journal alone, on another. A study records the base config it was made
-with and refuses to go on with another one.
+same machine or, from the journal alone, on another, drawing what an uninterrupted study would
+have drawn. A study records the base config and the search space it was made with and refuses to
+go on with others. Asked for fewer trials than it holds, a study is read up to that many.
 
 ``tune(make_config, model, num_trials, directory, seed)`` returns the best trial's parameters
 and score; :func:`apply` turns parameters into a config (the benchmark then trains the chosen
@@ -27,6 +28,7 @@ import os
 from typing import Any, Callable, Collection
 
 import ml_collections
+import numpy as np
 
 from apem_jax import config_validation
 
@@ -138,6 +140,9 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   """
   import optuna  # pylint: disable=g-import-not-at-top
   from apem_jax import trainer  # pylint: disable=g-import-not-at-top
+  if int(num_trials) < 1:
+    raise ValueError(f"tuning {model}: the number of trials must be at least 1, got {num_trials}")
+  model_space = space(model, fixed)  # (a bad model or fixed key: refused before any file)
   train = train or trainer.train_and_evaluate
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
@@ -145,57 +150,90 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   os.makedirs(os.path.dirname(os.path.abspath(study_path)), exist_ok=True)
   study = optuna.create_study(
       study_name=model, direction="maximize", load_if_exists=True,
-      storage=optuna.storages.JournalStorage(JournalFileBackend(study_path)),
-      sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, num_trials)))
-  model_space = space(model, fixed)
-  _check_base_config(study, make_config().to_dict(), study_path)
+      storage=optuna.storages.JournalStorage(JournalFileBackend(study_path)))
+  _check_study(study, {"base_config": make_config().to_dict(),
+                       "search_space": _space_record(model_space)}, study_path)
   os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
 
   state = optuna.trial.TrialState
-  # A trial cut short by a kill is left RUNNING in the study: it is closed (not counted) and its
-  # parameters tried again, in the same workdir, where the run resumes from its checkpoints.
-  for stale in [t for t in study.trials if t.state == state.RUNNING]:
-    study.tell(stale.number, state=state.FAIL)
-    study.set_user_attr(f"interrupted_{stale.number}", True)
-    study.enqueue_trial(stale.params)
+  # A trial cut short (a kill leaves it RUNNING; an interrupt or an error other than divergence
+  # leaves it FAIL) is closed, not counted, and its parameters tried again, in the same workdir,
+  # where the run resumes from its checkpoints.
+  for cut in [t for t in study.trials if t.state == state.RUNNING or (
+      t.state == state.FAIL and not t.user_attrs.get(_DIVERGED)
+      and not study.user_attrs.get(f"interrupted_{t.number}"))]:
+    if cut.state == state.RUNNING:
+      study.tell(cut.number, state=state.FAIL)
+    study.set_user_attr(f"interrupted_{cut.number}", True)
+    study.enqueue_trial(cut.params)
 
   def objective(trial):
     params = {name: _suggest(trial, name, kind, args) for name, (kind, args) in model_space.items()}
     config = apply(make_config(), params)
     workdir = os.path.join(directory, "trial_" + _digest(params))
-    summary = train(config, workdir)
+    try:
+      summary = train(config, workdir)
+    except FloatingPointError:
+      trial.set_user_attr(_DIVERGED, True)
+      raise
     trainer.exit_if_stopped(summary)  # the trial stays RUNNING: tried again on the next call
     return float(summary["best_validation_score"])
 
   def spent():  # the budget: trials that ran to their end (a diverged one counts, unscored)
-    return [t for t in study.trials if t.state in (state.COMPLETE, state.FAIL)
-            and not study.user_attrs.get(f"interrupted_{t.number}")]
-
-  def finished():
-    return [t for t in study.trials if t.state == state.COMPLETE]
+    return [t for t in study.trials if t.state == state.COMPLETE
+            or (t.state == state.FAIL and t.user_attrs.get(_DIVERGED))][:num_trials]
 
   while len(spent()) < num_trials:
+    # The sampler of each slot of the budget is seeded by the slot: a resumed study draws what
+    # an uninterrupted one would have (one sampler for the whole study restarted its random
+    # draws from the seed at each resume, drawing the first trials' parameters again).
+    study.sampler = optuna.samplers.TPESampler(seed=_slot_seed(seed, len(spent())),
+                                               n_startup_trials=min(5, num_trials))
     study.optimize(objective, n_trials=1, catch=(FloatingPointError,))
   trials = [{"number": t.number, "params": params_of(model_space, t.params),
              "validation_score": t.value} for t in spent()]
-  if not finished():
+  finished = [t for t in spent() if t.state == state.COMPLETE]
+  if not finished:
     raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged")
-  best = max(finished(), key=lambda t: (t.value, -t.number))
+  best = max(finished, key=lambda t: (t.value, -t.number))
   return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
                 trials)
 
 
-def _check_base_config(study: Any, base: dict, study_path: str) -> None:
-  """Records ``base`` in a new study; refuses a study made with another base config (where the
-  data lives aside), whose trials would not be comparable with the ones to come."""
+_DIVERGED = "diverged"  # a trial's user attribute: its training diverged (counted, unscored)
+
+
+def _slot_seed(seed: int, slot: int) -> int:
+  """The sampler's seed for the ``slot``-th trial of the budget."""
+  return int(np.random.SeedSequence([int(seed), int(slot)]).generate_state(1)[0])
+
+
+def _space_record(model_space: dict[str, tuple[str, tuple]]) -> dict:
+  """The search space as the study records it (JSON)."""
+  return json.loads(json.dumps({k: [kind, list(args)] for k, (kind, args) in model_space.items()}))
+
+
+def _check_study(study: Any, record: dict, study_path: str) -> None:
+  """Records the base config and the search space in a new study; refuses a study made with
+  another base config (where the data lives aside) or search space (another ``fixed``), whose
+  trials would not be comparable with the ones to come."""
+  base = record["base_config"]
   saved = study.user_attrs.get("base_config")
   if saved is None:
     study.set_user_attr("base_config", json.loads(json.dumps(base)))
-    return
-  differ = config_validation.result_config_differences(saved, base)
-  if differ:
-    raise ValueError(f"{study_path}: the study there was made with another base config (keys "
-                     f"{differ}); give this tuning its own study")
+  else:
+    differ = config_validation.result_config_differences(saved, base)
+    if differ:
+      raise ValueError(f"{study_path}: the study there was made with another base config (keys "
+                       f"{differ}); give this tuning its own study")
+  saved = study.user_attrs.get("search_space")
+  if saved is None:
+    study.set_user_attr("search_space", record["search_space"])
+  elif saved != record["search_space"]:
+    differ = sorted(k for k in set(saved) | set(record["search_space"])
+                    if saved.get(k) != record["search_space"].get(k))
+    raise ValueError(f"{study_path}: the study there searched another space (keys {differ} "
+                     f"differ: another fixed set?); give this tuning its own study")
 
 
 def _digest(params: dict[str, Any]) -> str:

@@ -123,3 +123,66 @@ def test_a_study_resumes_from_its_journal_alone_and_refuses_another_base_config(
     tuning.tune(other, "mmoe", 4, str(tmp_path / "w3"), train=_fake_train(calls),
                 study_path=journal)
   assert not (tmp_path / "w3").exists()  # refused before anything is written
+
+
+def _drawn(calls):
+  return [(c.optimizer.learning_rate, c.model.num_experts, c.train.batch_size) for c, _ in calls]
+
+
+def test_a_resumed_study_draws_what_an_uninterrupted_one_draws(tmp_path):
+  """The startup trials' random draws do not start again from the seed at each resume (that
+  drew the first trials' parameters again: 3 distinct of 5)."""
+  straight, resumed = [], []
+  tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 7, str(tmp_path / "a"),
+              train=_fake_train(straight))
+  for budget in (2, 3, 7):  # stopped after 2, then after 3
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", budget, str(tmp_path / "b"),
+                train=_fake_train(resumed))
+  assert _drawn(resumed) == _drawn(straight) and len(set(_drawn(straight))) == 7
+
+
+def test_an_interrupted_trial_is_tried_again_and_a_diverged_one_counts(tmp_path):
+  calls = []
+
+  def interrupted_then_diverged(config, workdir):
+    calls.append((config, workdir))
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # a second Ctrl-C: Optuna records the trial as failed
+    if len(calls) == 4:
+      raise FloatingPointError("loss is NaN")
+    return _fake_train([])(config, workdir)
+
+  with pytest.raises(KeyboardInterrupt):
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 4, str(tmp_path), train=interrupted_then_diverged)
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 4, str(tmp_path),
+                       train=interrupted_then_diverged)
+  assert calls[2][1] == calls[1][1]  # the interrupted trial, again in its workdir
+  assert len(calls) == 5 and result.num_trials == 4
+  assert [t["validation_score"] is None for t in result.trials] == [False, False, True, False]
+  again = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 4, str(tmp_path),
+                      train=interrupted_then_diverged)  # the diverged trial is not retried
+  assert len(calls) == 5 and again.trials == result.trials
+
+
+def test_a_study_reads_as_many_trials_as_asked_and_refuses_another_search_space(tmp_path):
+  calls = []
+  six = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 6, str(tmp_path), train=_fake_train(calls))
+  three = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
+                      train=_fake_train(calls))
+  assert len(calls) == 6 and three.num_trials == 3 and three.trials == six.trials[:3]
+  assert three.validation_score == max(t["validation_score"] for t in six.trials[:3])
+  with pytest.raises(ValueError, match=r"study.jsonl: the study there searched another space "
+                                       r"\(keys \['train.batch_size'\] differ"):
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 6, str(tmp_path), train=_fake_train(calls),
+                fixed=("train.batch_size",))
+
+
+@pytest.mark.parametrize("num_trials, fixed, match", [
+    (0, (), r"the number of trials must be at least 1, got 0"),
+    (2, ("train.batchsize",), r"fixed keys \['train.batchsize'\] are not in mmoe's search space"),
+])
+def test_a_bad_budget_or_fixed_key_is_refused_before_any_file(tmp_path, num_trials, fixed, match):
+  with pytest.raises(ValueError, match=match):
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", num_trials, str(tmp_path / "t"),
+                train=_fake_train([]), fixed=fixed, study_path=str(tmp_path / "j" / "s.jsonl"))
+  assert not (tmp_path / "t").exists() and not (tmp_path / "j").exists()
