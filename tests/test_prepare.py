@@ -266,6 +266,23 @@ def test_number_and_boolean_categories_and_nan_read_alike_in_every_path(tmp_path
                                   ~np.isnan(np.array(label)[train]))
 
 
+@pytest.mark.parametrize("feature", [{"name": "x", "type": "numeric"},
+                                     {"name": "x", "type": "categorical"}])
+def test_a_tfrecord_value_that_is_not_utf8_names_its_record(tmp_path, feature):
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  for split in prepared.SPLITS:
+    with tf.io.TFRecordWriter(str(tmp_path / f"{split}.tfrecord")) as writer:
+      for i, x in enumerate([b"1.5", b"2", b"\xff\xfe", b"3"]):
+        example = {"x": tf.train.Feature(bytes_list=tf.train.BytesList(value=[x])),
+                   "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))}
+        writer.write(tf.train.Example(features=tf.train.Features(feature=example))
+                     .SerializeToString())
+  spec = {"format": "tfrecord", "splits": {s: [f"{s}.tfrecord"] for s in prepared.SPLITS},
+          "features": [feature], "tasks": [{"name": "y", "label_column": "y"}]}
+  _fails(tmp_path, spec, r"train.tfrecord, record 3, feature 'x': b'\\xff\\xfe' is not UTF-8 "
+                         r"text")
+
+
 def test_files_per_split_give_the_split_column_result(funnel_csv):
   directory, rows = funnel_csv
   from_column = prepared.load_prepared(

@@ -458,7 +458,7 @@ def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> 
       values = ragged.flat_values.numpy()
       if k == "num":
         if values.dtype == object:
-          strings = pa.array(values, type=pa.binary()).cast(pa.string())
+          strings = _utf8(values, present, chunk, c)
           bad = _first_not_number(strings)
           if bad is not None:
             i = int(np.flatnonzero(present)[bad])
@@ -469,10 +469,7 @@ def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> 
         chunk.columns[c] = pa.array(full, mask=~present)
       else:
         if values.dtype == object:
-          try:
-            strings = pa.array(values, type=pa.binary()).cast(pa.string())
-          except pa.ArrowInvalid:
-            raise DataError(f"{chunk.where(0)}, feature {c!r}: a value is not UTF-8 text") from None
+          strings = _utf8(values, present, chunk, c)
         else:
           if values.dtype.kind == "f":  # NaN is a missing value, as in the NumPy encoder
             present[np.flatnonzero(present)[np.isnan(values)]] = False
@@ -485,6 +482,21 @@ def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> 
             pa.array(indices, mask=~present), encoded.dictionary)
     yield chunk
     rows += n
+
+
+def _utf8(values: np.ndarray, present: np.ndarray, chunk: Chunk, feature: str) -> pa.Array:
+  """A bytes_list feature's values (those of the records where ``present``) as strings; a
+  value that is not UTF-8 is named by its record."""
+  try:
+    return pa.array(values, type=pa.binary()).cast(pa.string())
+  except pa.ArrowInvalid:
+    for i, value in zip(np.flatnonzero(present), values):
+      try:
+        value.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{chunk.where(i)}, feature {feature!r}: {value[:40]!r} is not UTF-8 "
+                        f"text ({e.reason})") from None
+    raise
 
 
 def read_file(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str] | None = None
