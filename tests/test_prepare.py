@@ -650,6 +650,24 @@ def test_an_empty_line_names_file_and_line(tmp_path, monkeypatch, segment_bytes)
   _fails(tmp_path, base_spec(), r"events.csv, line 62: an empty line")
 
 
+def test_lines_without_a_header_are_checked_against_the_column_names(tmp_path):
+  """With ``"header": false`` the columns are ``format.column_names``: line 1 (data) must have
+  as many fields, checked with the columns (apem-data validate), not only by the preparation."""
+  rows = make_rows(60)
+  write_csv(tmp_path / "events.csv", rows)
+  names = (tmp_path / "events.csv").read_text().splitlines()[0].split(",")
+  lines = (tmp_path / "events.csv").read_text().splitlines()[1:]
+  (tmp_path / "events.csv").write_text("\n".join(lines) + "\n")
+  spec = base_spec(format={"type": "csv", "header": False, "column_names": names})
+  data = prepared.load_prepared(prepare.prepare(write_spec(tmp_path, spec), tmp_path / "c").path)
+  assert sum(data.num_examples(s) for s in prepared.SPLITS) == 60
+  spec["format"]["column_names"] = names[:-1] + ["extra", names[-1]]
+  spec["ignore"].append("extra")
+  with pytest.raises(prepare.DataError, match=r"events.csv, line 1: 10 fields, expected 11 "
+                                              r"\(format.column_names;"):
+    prepare.check_files(spec_lib.parse_spec(spec, str(tmp_path / "spec.json"), str(tmp_path)))
+
+
 def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
   def edit(lines):
     fields = lines[29].split(",")

@@ -117,6 +117,18 @@ def _edit(path: str, value):
     ("tasks.1.negative_values", ["yes"], "spec.json: tasks[1].negative_values: 'yes' is also a "
      "positive value"),
     ("tasks.0.threshold", 0.5, None),  # valid: a binary task from a numeric column
+    # Hash ids are int32 (preprocessing requires num_buckets < 2**31).
+    ("features.0.num_buckets", 2**31, "spec.json: features[0].num_buckets: 2147483648 is more "
+     "than the maximum 2147483647"),
+    ("features.0.num_buckets", 2**31 - 1, None),
+    ("features.2.buckets", 2**16 + 1, "spec.json: features[2].buckets: 65537 is more than the "
+     "maximum 65536"),
+    ("features.2.buckets", 2**16, None),
+    # A non-finite float (only a Python caller can pass one: JSON has none).
+    ("features.2.missing.fill", float("inf"),
+     "spec.json: features[2].missing.fill: expected a finite number, got Infinity"),
+    ("tasks.0.threshold", float("nan"), "spec.json: tasks[0].threshold: expected a finite "
+     "number, got NaN"),
 ])
 def test_validation_errors_name_the_key_and_what_was_expected(path, value, message):
   spec = _edit(path, value)
@@ -135,6 +147,81 @@ def test_load_spec_errors(tmp_path):
   (tmp_path / "bad.json").write_text('{"format": "csv",\n "files": [}')
   with pytest.raises(spec_lib.SpecError, match=r"bad.json: not valid JSON: .* at line 2 column"):
     spec_lib.load_spec(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (('"threshold": 0.5', '"threshold": NaN'), "spec.json: tasks[0].threshold: NaN is not a "
+     "JSON number (JSON has no NaN or Infinity)"),
+    (('{"fill": 0}', '{"fill": Infinity}'), "spec.json: features[0].missing.fill: Infinity is "
+     "not a JSON number (JSON has no NaN or Infinity)"),
+    (('"positive_values": [1]', '"positive_values": [1, -Infinity]'),
+     "spec.json: tasks[1].positive_values[1]: -Infinity is not a JSON number"),
+    # A number too large for a float reads as infinite: refused too.
+    (('{"fill": 0}', '{"fill": 1e400}'), "spec.json: features[0].missing.fill: expected a finite "
+     "number, got Infinity"),
+])
+def test_load_spec_refuses_nan_and_infinity(tmp_path, edit, message):
+  """Python's json reads NaN / Infinity / -Infinity (not JSON): a NaN threshold would make every
+  label negative, an infinite fill would fail only after the preparation."""
+  spec = {"format": "csv", "files": ["x.csv"], "split": {"fractions": {
+              "train": 0.8, "validation": 0.1, "test": 0.1}},
+          "features": [{"name": "x", "type": "numeric", "missing": {"fill": 0}}],
+          "tasks": [{"name": "y", "label_column": "y", "threshold": 0.5},
+                    {"name": "z", "label_column": "z", "positive_values": [1]}]}
+  text = json.dumps(spec)
+  assert edit[0] in text
+  (tmp_path / "spec.json").write_text(text.replace(*edit))
+  with pytest.raises(spec_lib.SpecError) as info:
+    spec_lib.load_spec(tmp_path / "spec.json")
+  assert str(info.value).startswith(f"{tmp_path / 'spec.json'}: ") and "\n" not in str(info.value)
+  assert str(info.value)[len(str(tmp_path)) + 1:].startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("names,index,message", [
+    (["user", "unit price"], 1, "feature 'unit price' cannot name a SavedModel input (TensorFlow "
+     "takes names matching [A-Za-z0-9.][A-Za-z0-9_.\\-/]*); rename the column"),
+    (["_id", "x"], 0, "feature '_id' cannot name a SavedModel input"),
+    (["Price", "user", "price"], 2, "features 'Price' and 'price' differ only in case, which a "
+     "SavedModel's input names do not tell apart; rename one"),
+])
+def test_a_feature_name_no_savedmodel_input_can_take_is_refused(names, index, message):
+  """The exported model names its inputs by feature: a name TensorFlow refuses fails at the
+  spec, not after preparation and training."""
+  with pytest.raises(ValueError) as info:
+    spec_lib.check_feature_names(names)
+  assert str(info.value).startswith(message), str(info.value)
+  spec_lib.check_feature_names(("user", "unit_price", "a.b", "x-1", "9lives", "a/b", ".x"))
+  spec = _edit("features", [{"name": n, "type": "categorical"} for n in names])
+  with pytest.raises(spec_lib.SpecError) as info:
+    spec_lib.parse_spec(spec, source="spec.json")
+  assert str(info.value).startswith(f"spec.json: features[{index}].name: {message}"), (
+      str(info.value))
+  assert "\n" not in str(info.value)
+  # Columns that are not inputs (labels, the weight, ignored) may have any name.
+  spec = _edit("ignore", ["ts", "a b", "_x"])
+  spec["weight_column"] = "Sample Weight"
+  spec_lib.parse_spec(spec)
+
+
+def test_an_unnamed_last_column_can_be_ignored(tmp_path):
+  """Lines that end with the delimiter have an unnamed last column ``""``: the error says to
+  list it in "ignore", and that works."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  (tmp_path / "x.csv").write_text("c,y,\na,1,\nb,0,\n")
+  spec = {"format": "csv", "files": ["x.csv"],
+          "split": {"fractions": {"train": 0.8, "validation": 0.1, "test": 0.1}},
+          "features": [{"name": "c", "type": "categorical"}],
+          "tasks": [{"name": "y", "label_column": "y"}]}
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  with pytest.raises(ValueError, match=r"column '' is not in .*or list it in \"ignore\""):
+    prepare.check_files(spec_lib.load_spec(tmp_path / "spec.json"))
+  spec["ignore"] = [""]
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  prepare.check_files(spec_lib.load_spec(tmp_path / "spec.json"))
+  # Only "ignore" takes an empty name.
+  with pytest.raises(spec_lib.SpecError, match=r"spec.json: features\[0\].name: must not be "
+                     r"empty"):
+    spec_lib.parse_spec(_edit("features.0.name", ""), source="spec.json")
 
 
 def test_files_resolve_relative_to_the_spec_and_must_exist(tmp_path):
@@ -229,6 +316,73 @@ def test_infer_without_a_label_says_what_to_do(tmp_path):
   _write_csv(tmp_path / "x.csv", [{"a": str(i % 3), "b": "q"} for i in range(50)])
   with pytest.raises(ValueError, match=r"no task found: .* name the label columns with --label"):
     infer.infer_spec([str(tmp_path / "x.csv")])
+
+
+def test_infer_ignores_an_unnamed_column_and_names_no_input_can_take(tmp_path):
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  rows = ["city,Region,region,unit price,click,"]
+  rows += [f"c{i % 4},r{i % 3},s{i % 5},{i * 1.5},{i % 2}," for i in range(60)]
+  (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+  spec, notes = infer.infer_spec([str(tmp_path / "data.csv")], output_dir=str(tmp_path))
+  assert [f["name"] for f in spec["features"]] == ["city", "Region"]
+  assert spec["ignore"] == ["region", "unit price", ""]
+  assert any(n.startswith("unit price: ignored (feature 'unit price' cannot name a SavedModel "
+                          "input") for n in notes), notes
+  assert any(n.startswith("'': ignored (an unnamed column") for n in notes), notes
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  prepare.check_files(spec_lib.load_spec(tmp_path / "spec.json"))
+
+
+def test_infer_counts_nan_as_missing(tmp_path):
+  """A float column's NaN is a missing value to the preparation: to infer too (a missing-value
+  policy, distinct values without NaN, row-aligned labels)."""
+  n = 200
+  rng = np.random.default_rng(0)
+  price = rng.normal(size=n) * 100
+  price[5] = np.nan
+  click = np.array([1.0, 0.0] * (n // 2))
+  click[3] = np.nan
+  purchase = np.where(np.arange(n) % 4 == 0, 1.0, 0.0)
+  level = np.array([0.5, 1.5, np.nan, 2.5] * (n // 4))  # 3 distinct values and NaN
+  pq.write_table(pa.table({"price": price, "level": level, "click": click,
+                           "purchase": purchase, "user_id": [f"u{i % 37}" for i in range(n)]}),
+                 tmp_path / "data.parquet")
+  spec, notes = infer.infer_spec([str(tmp_path / "data.parquet")], output_dir=str(tmp_path))
+  features = {f["name"]: f for f in spec["features"]}
+  assert features["price"]["missing"] == "indicator"
+  assert features["level"] == {"name": "level", "type": "numeric", "missing": "indicator"}
+  assert any(n.startswith("level: numeric (3 distinct in the sample, 50 missing") for n in notes)
+  tasks = {t["name"]: t for t in spec["tasks"]}
+  assert tasks["click"]["missing"] == "mask" and "missing" not in tasks["purchase"]
+  # The funnel is not guessed when a label has missing values (as with nulls).
+  assert "depends_on" not in tasks["click"] and "depends_on" not in tasks["purchase"]
+
+
+def test_infer_funnel_compares_the_same_rows(tmp_path):
+  """Label values stay row-aligned: a float label (NaN-free) and a string one (yes/no) are
+  compared row by row."""
+  n = 40
+  click = np.array([1.0, 0.0] * (n // 2))
+  bought = np.where(np.arange(n) % 4 == 0, "yes", "no")
+  pq.write_table(pa.table({"f": [f"v{i % 5}" for i in range(n)], "click": click,
+                           "bought": bought}), tmp_path / "data.parquet")
+  spec, _ = infer.infer_spec([str(tmp_path / "data.parquet")], output_dir=str(tmp_path))
+  assert spec["tasks"][1] == {"name": "bought", "label_column": "bought",
+                              "positive_values": ["yes"], "negative_values": ["no"],
+                              "depends_on": "click"}
+
+
+@pytest.mark.parametrize("name,given", [("data.csv.gz", None), ("data.csv.bz2", None),
+                                        ("data.gz", "csv")])
+def test_infer_refuses_a_compressed_file(tmp_path, name, given):
+  """The preparation reads files as they are: a compressed file is refused by name, not read as
+  a header that is not UTF-8."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  (tmp_path / name).write_bytes(gzip.compress(b"city,click\na,1\nb,0\n"))
+  with pytest.raises(ValueError) as info:
+    infer.infer_spec([str(tmp_path / name)], file_format=given)
+  assert str(info.value) == (f"{tmp_path / name}: compressed files are not read; decompress it "
+                             f"and give the decompressed file")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,13 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
   the sample has missing values), except id-like names (``*_id``, ``id``, ``uuid``...) and integer
   columns with at most 20 distinct values, which are categorical; string columns are categorical:
   a vocabulary, or hashed with ``num_buckets`` when the sample holds more than 10,000 distinct
-  values (or more than 1,000 that are mostly unique). A column with one value is ignored.
+  values (or more than 1,000 that are mostly unique). A column with one value is ignored, and so
+  are an unnamed column (``""``: CSV lines that end with the delimiter) and a column whose name
+  cannot name an input of the exported model (:func:`apem_jax.data.spec.check_feature_names`).
+
+A missing value is a null or a NaN (a float NaN, or the text ``NaN`` in a CSV), as in the
+preparation. Compressed files (``.gz``, ``.bz2``...) are refused: the preparation does not read
+them.
 
 Nothing here is more than a guess from a sample: a value outside the sample (a missing value where
 the sample had none, a category never seen) shows up as an error or an OOV id at preparation.
@@ -63,11 +69,20 @@ _SPLIT_VALUES = {"train": "train", "training": "train", "validation": "validatio
                  "eval": "validation", "test": "test", "testing": "test"}
 
 
+# The preparation reads files as they are (spec._open: no decompression), so infer refuses these
+# rather than sample bytes the preparation would fail on.
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def _refuse_compressed(path: str) -> None:
+  if path.lower().endswith(_COMPRESSED):
+    raise ValueError(f"{path}: compressed files are not read; decompress it and give the "
+                     f"decompressed file")
+
+
 def guess_format(path: str) -> str:
+  _refuse_compressed(path)
   name = path.lower()
-  for suffix in (".gz", ".bz2"):
-    if name.endswith(suffix):
-      name = name[:-len(suffix)]
   if name.endswith((".parquet", ".pq")):
     return "parquet"
   if name.endswith((".tfrecord", ".tfrecords", ".tfrec", ".tfr")):
@@ -136,7 +151,9 @@ def _sample_tfrecord(paths: Sequence[str], rows: int) -> pa.Table:
 
 
 def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
-  """(float64 values without the missing ones, all integers) or (None, False) if not numbers."""
+  """(float64 [n] of the values that are not null, NaN kept (a missing value to the preparation:
+  a float NaN, or the text ``NaN`` of a CSV); whether all the others are integers) or
+  (None, False) if not numbers."""
   arr = arr.drop_null()
   if pa.types.is_dictionary(arr.type):
     arr = arr.dictionary_decode()
@@ -145,9 +162,9 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
   if pa.types.is_integer(arr.type):
     return pc.cast(arr, pa.float64()).to_numpy(), True
   if pa.types.is_floating(arr.type):
-    x = arr.to_numpy(zero_copy_only=False)
-    x = x[~np.isnan(x)]
-    return x, bool(np.all(np.isfinite(x)) and np.all(x == np.round(x)))
+    x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    ok = x[~np.isnan(x)]
+    return x, bool(np.all(np.isfinite(ok)) and np.all(ok == np.round(ok)))
   if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
     if len(arr) and pc.all(pc.is_in(lowered, pa.array(["true", "false"]))).as_py():
@@ -204,6 +221,8 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       paths += spec_lib._expand(pattern, ".")  # pylint: disable=protected-access
     except FileNotFoundError as e:
       raise spec_lib.SpecError(f"FILES[{i}]: {e}") from None
+  for path in paths:
+    _refuse_compressed(path)
   fmt_name = file_format or guess_format(paths[0])
   if fmt_name not in spec_lib.FORMATS:
     raise ValueError(f"--format: {fmt_name!r} is not one of {list(spec_lib.FORMATS)}")
@@ -231,15 +250,25 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
   ignore: list[str] = []
   weight = split_column = None
   id_columns: list[str] = []
-  label_values: dict[str, np.ndarray | None] = {}  # binary tasks' 0/1 values (no missing ones)
+  # Binary tasks' labels, float64 [n] row-aligned with the table: 0/1, NaN where missing.
+  label_values: dict[str, np.ndarray | None] = {}
   for name in table.column_names:
+    if name == "":
+      ignore.append(name)
+      notes.append("'': ignored (an unnamed column: do the lines end with the delimiter?)")
+      continue
     column = table.column(name).combine_chunks()
-    nulls = column.null_count
+    if pa.types.is_dictionary(column.type):
+      column = column.dictionary_decode()
+    rows = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))  # row of each value
     present = column.drop_null()
-    if pa.types.is_dictionary(present.type):
-      present = present.dictionary_decode()
-    distinct = pc.count_distinct(present).as_py() if len(present) else 0
     x, integer = _numbers(present)
+    if x is not None and np.isnan(x).any():  # NaN is missing (as to the preparation)
+      keep = ~np.isnan(x)
+      present, rows = present.filter(pa.array(keep)), rows[keep]
+      x, integer = _numbers(present)
+    nulls = n - len(present)  # missing values: null or NaN
+    distinct = pc.count_distinct(present).as_py() if len(present) else 0
     binary = x is not None and len(x) > 0 and bool(np.all((x == 0) | (x == 1)))
     as_strings = (pc.utf8_trim_whitespace(pc.cast(present, pa.string()))
                   if x is None and len(present) else None)
@@ -252,7 +281,11 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       task = {"name": name, "label_column": name}
       if words is not None and binary:
         task["positive_values"], task["negative_values"] = [words[0]], [words[1]]
-      label_values[name] = x if binary else None
+      if binary:
+        label_values[name] = np.full(n, np.nan)
+        label_values[name][rows] = x
+      else:
+        label_values[name] = None
       if not binary:
         if x is None:
           raise ValueError(f"--label {name!r}: its values are neither 0/1 nor numbers; write "
@@ -280,6 +313,12 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       ignore.append(name)
       notes.append(f"{name}: ignored (one value in the sample"
                    f"{'' if not nulls else ', and missing values'})")
+      continue
+    try:  # a feature's name names an input of the exported model
+      spec_lib.check_feature_names([f["name"] for f in features] + [name])
+    except ValueError as e:
+      ignore.append(name)
+      notes.append(f"{name}: ignored ({e})")
       continue
     id_like = bool(_ID_NAME.search(name)) or bool(_USER_NAME.match(name))
     if x is not None and not id_like and not (integer and distinct <= SMALL_INTEGER_DISTINCT):
@@ -323,8 +362,7 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
   # positives include all of its own (in the sample).
   binary_tasks = [t for t in tasks if t.get("kind", "binary") == "binary"]
   values = {t["name"]: label_values[t["label_column"]] for t in binary_tasks}
-  if len(binary_tasks) > 1 and not any(table.column(t["label_column"]).null_count
-                                       for t in binary_tasks):
+  if len(binary_tasks) > 1 and not any(np.isnan(v).any() for v in values.values()):
     binary_tasks.sort(key=lambda t: -float(values[t["name"]].mean()))
     for i, task in enumerate(binary_tasks):
       y = values[task["name"]]

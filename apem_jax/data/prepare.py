@@ -187,21 +187,42 @@ def _csv_dialect(fmt: spec_lib.FileFormat) -> dict[str, Any]:
   return dict(delimiter=fmt.delimiter, quotechar=fmt.quote_char, doublequote=True, strict=True)
 
 
-def _csv_header(path: str, fmt: spec_lib.FileFormat) -> list[str]:
+def _csv_first_line(path: str, fmt: spec_lib.FileFormat) -> tuple[bytes, list[str] | None]:
+  """(line 1 as read, its fields; None when it is empty)."""
   import csv  # pylint: disable=g-import-not-at-top
   with _open(path) as f:
     line = f.readline()
   try:
     text = line.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise DataError(f"{path}, line 1: the header is not UTF-8 text ({e})") from None
+    what = "the header is" if fmt.header else "it is"
+    raise DataError(f"{path}, line 1: {what} not UTF-8 text ({e})") from None
   if not text.strip("\r\n"):
-    raise DataError(f"{path}: {'the file is empty' if not line else 'line 1 is empty'}: "
-                    f"expected a header line naming the columns")
+    return line, None
   try:
-    return next(csv.reader([text.rstrip("\r\n")], **_csv_dialect(fmt)))
+    return line, next(csv.reader([text.rstrip("\r\n")], **_csv_dialect(fmt)))
   except csv.Error as e:
     raise DataError(f"{path}, line 1: {e}") from None
+
+
+def _csv_header(path: str, fmt: spec_lib.FileFormat) -> list[str]:
+  line, fields = _csv_first_line(path, fmt)
+  if fields is None:
+    raise DataError(f"{path}: {'the file is empty' if not line else 'line 1 is empty'}: "
+                    f"expected a header line naming the columns")
+  return fields
+
+
+def _csv_columns(path: str, fmt: spec_lib.FileFormat) -> list[str]:
+  """The header's names, or ``format.column_names`` when the file has no header (its line 1,
+  data, must have as many fields)."""
+  if not fmt.column_names:
+    return _csv_header(path, fmt)
+  _, fields = _csv_first_line(path, fmt)
+  if fields is not None and len(fields) != len(fmt.column_names):
+    raise DataError(f"{path}, line 1: {len(fields)} fields, expected {len(fmt.column_names)} "
+                    f"(format.column_names; a value may not hold a line break)")
+  return list(fmt.column_names)
 
 
 def _csv_options(fmt: spec_lib.FileFormat, names: Sequence[str], types: Mapping[str, Any]):
@@ -299,8 +320,9 @@ def _diagnose_csv(path: str, fmt: spec_lib.FileFormat, names: Sequence[str],
                          f"break)")
       if len(fields) != len(names) and n < segment.count(b"\n"):
         what = "an empty line" if not text else f"{len(fields)} fields"
-        return DataError(f"{path}, line {first_line + n}: {what}, expected {len(names)} (the "
-                         f"columns of the header; a value may not hold a line break)")
+        columns = "the columns of the header" if fmt.header else "format.column_names"
+        return DataError(f"{path}, line {first_line + n}: {what}, expected {len(names)} "
+                         f"({columns}; a value may not hold a line break)")
     return DataError(f"{path}: cannot read the lines from {first_line}: {error}")
   found = []
   for c, kind in kinds.items():
@@ -322,7 +344,7 @@ _EMPTY_LINE = re.compile(rb"(^|\n)(\r?\n)")
 
 def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Iterator[Chunk]:
   fmt = spec.format
-  names = list(fmt.column_names) if fmt.column_names else _csv_header(path, fmt)
+  names = _csv_columns(path, fmt)
   _check_columns(path, names, spec)
   types = {c: (_DICT if k == "str" else pa.float64()) for c, k in kinds.items()}
   header = 1 if fmt.header else 0
@@ -513,7 +535,7 @@ def file_columns(path: str, spec: spec_lib.Spec) -> list[str]:
   features), read without its data."""
   fmt = spec.format
   if fmt.type == "csv":
-    return list(fmt.column_names) if fmt.column_names else _csv_header(path, fmt)
+    return _csv_columns(path, fmt)
   if fmt.type == "parquet":
     try:
       return list(pq.ParquetFile(_source(path)).schema_arrow.names)

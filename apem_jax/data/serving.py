@@ -34,13 +34,13 @@ values when only encoded arrays are at hand.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from apem_jax.data import pipeline
 from apem_jax.data import preprocessing as prep_lib
+from apem_jax.data import spec as spec_lib
 
 tf = pipeline._import_tf()  # pylint: disable=protected-access  (quiet, no GPUs for TF)
 
@@ -49,24 +49,12 @@ MISSING_NUMERIC = "NaN"
 MISSING_CATEGORICAL = ""
 
 
-# What TensorFlow accepts as the name of a SavedModel signature's input.
-_INPUT_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\-/]*")
-
-
 def check_input_names(names: Sequence[str]) -> None:
   """Raises a one-line ``ValueError`` for a feature name that cannot name a SavedModel input
   (TensorFlow's pattern; no spaces) or that equals another but for case (TensorFlow lowercases
-  the names of a signature's inputs)."""
-  seen: dict[str, str] = {}
-  for name in names:
-    if not _INPUT_NAME.fullmatch(name):
-      raise ValueError(f"feature {name!r} cannot name a SavedModel input (TensorFlow takes "
-                       f"names matching {_INPUT_NAME.pattern}); rename the column in the data "
-                       f"or the dataset spec")
-    if name.lower() in seen:
-      raise ValueError(f"features {seen[name.lower()]!r} and {name!r} differ only in case, "
-                       f"which a SavedModel's input names do not tell apart; rename one")
-    seen[name.lower()] = name
+  the names of a signature's inputs): :func:`apem_jax.data.spec.check_feature_names`, which a
+  dataset spec applies to its features when it is read."""
+  spec_lib.check_feature_names(names)
 
 
 def input_specs(categorical_fields: Sequence[str], numeric_fields: Sequence[str]

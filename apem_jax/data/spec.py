@@ -49,18 +49,21 @@ Keys:
   without ``hash_column`` the hash is of the file name and row number). Relative paths are relative
   to the spec file; ``scheme://`` paths (``gs://``) go through ``tf.io.gfile``. A path without
   glob characters must exist; a glob must match at least one file; no file may be in two splits.
-* ``features``: ``{"name", "type"}`` and, by type:
+* ``features``: ``{"name", "type"}`` and, by type (a feature's name names an input of the
+  exported SavedModel: it must match TensorFlow's ``[A-Za-z0-9.][A-Za-z0-9_.\\-/]*``, so no spaces
+  and no leading ``_``, and no two names may differ only in case):
 
   - ``categorical``: a vocabulary of the training split's values seen at least ``min_count``
     (default 1) times, at most ``max_size`` of them (the most frequent; ties by value), everything
-    else the OOV id; or ``num_buckets``: ids are ``farmhash64(value) % num_buckets``
+    else the OOV id; or ``num_buckets`` (< 2**31): ids are ``farmhash64(value) % num_buckets``
     (``tf.strings.to_hash_bucket_fast``) for id spaces too large for a vocabulary. Values are
-    strings (numbers in their string form), stripped of surrounding ASCII whitespace.
+    strings (numbers and booleans in Arrow's string form: ``1.0`` -> ``"1"``, ``true``; a float
+    NaN is missing), stripped of surrounding ASCII whitespace.
     ``missing``: ``"value"`` (default: a missing value is the empty string, a value like any
     other) | ``"error"``.
   - ``numeric``: ``transform`` ``"none"`` (default) | ``"log1p"`` (``sign(x) log1p(|x|)``), then
-    standardised with the training mean and std; ``buckets`` (default 0: none; >= 2: also embed the
-    value's bucket, boundaries at quantiles of the distinct training values); ``missing``:
+    standardised with the training mean and std; ``buckets`` (default 0: none; 2 to 65,536: also
+    embed the value's bucket, boundaries at quantiles of the distinct training values); ``missing``:
     ``"error"`` (default) | ``{"fill": x}`` (x, in the column's units, replaces a missing value
     before the statistics, as if it were data) | ``"indicator"`` (a missing value becomes the
     training mean, and a categorical field ``<name>_missing`` with ids 0 present / 1 missing is
@@ -73,12 +76,16 @@ Keys:
   > threshold). Values given as JSON numbers compare as numbers, strings as (stripped) strings.
   ``missing``: ``"error"`` (default) | ``"mask"`` (the row has no label for the task).
   ``depends_on`` names an earlier binary task: a funnel step (impression -> click -> conversion).
-* ``ignore``: columns to skip. Every column of the files must be a feature, a label, the weight, the
-  split or hash column, or ignored.
+* ``ignore``: columns to skip (``""`` names the unnamed last column of CSV lines that end with the
+  delimiter). Every column of the files must be a feature, a label, the weight, the split or hash
+  column, or ignored.
 * ``inconsistent_funnel``: ``"error"`` (default: a row whose funnel step is positive where the step
   it depends on is negative stops the preparation, naming the file and line) | ``"drop"`` (such
   rows are dropped from the TRAINING split, and counted; validation and test are never filtered by
   their labels: their inconsistent rows are kept and counted).
+
+Numbers are finite: ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's ``json`` reads, though
+they are not JSON) are refused when the spec is read.
 
 Pure Python; TensorFlow is imported only to expand ``scheme://`` paths.
 """
@@ -88,9 +95,10 @@ from __future__ import annotations
 import dataclasses
 import glob as glob_lib
 import json
+import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 SPLITS = ("train", "validation", "test")
 FORMATS = ("csv", "parquet", "tfrecord")
@@ -103,6 +111,35 @@ INDICATOR_SUFFIX = "_missing"
 
 class SpecError(ValueError):
   """A spec that fails validation, or files it names that cannot be found."""
+
+
+# What TensorFlow accepts as the name of a SavedModel signature's input: the exported model
+# (apem_jax.data.serving) names its raw inputs by feature.
+INPUT_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\-/]*")
+
+
+def _feature_name_problem(names: Sequence[str]) -> tuple[int, str] | None:
+  """(index, one-line message) of the first name that cannot name a SavedModel input, or None."""
+  seen: dict[str, str] = {}
+  for i, name in enumerate(names):
+    if not INPUT_NAME.fullmatch(name):
+      return i, (f"feature {name!r} cannot name a SavedModel input (TensorFlow takes names "
+                 f"matching {INPUT_NAME.pattern}); rename the column")
+    if name.lower() in seen:
+      return i, (f"features {seen[name.lower()]!r} and {name!r} differ only in case, which a "
+                 f"SavedModel's input names do not tell apart; rename one")
+    seen[name.lower()] = name
+  return None
+
+
+def check_feature_names(names: Sequence[str]) -> None:
+  """Raises a one-line ``ValueError`` for a feature name that cannot name a SavedModel input
+  (TensorFlow's pattern :data:`INPUT_NAME`; no spaces, no leading ``_``) or that equals an
+  earlier one but for case (TensorFlow lowercases the names of a signature's inputs). Pure
+  Python: the spec checks its features with it, the export (``serving``) its inputs."""
+  problem = _feature_name_problem(names)
+  if problem is not None:
+    raise ValueError(problem[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +176,8 @@ _CATEGORICAL = {
         "name": _NAME, "type": {"const": "categorical"},
         "min_count": {"type": "integer", "minimum": 1},
         "max_size": {"type": "integer", "minimum": 1},
-        "num_buckets": {"type": "integer", "minimum": 1},
+        # Hash ids are int32: preprocessing.Preprocessing requires num_buckets < 2**31.
+        "num_buckets": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
         "missing": {"enum": ["value", "error"]},
     },
     "required": ["name", "type"],
@@ -150,7 +188,11 @@ _NUMERIC = {
     "properties": {
         "name": _NAME, "type": {"const": "numeric"},
         "transform": {"enum": list(NUMERIC_TRANSFORMS)},
-        "buckets": {"type": "integer", "minimum": 0},
+        # Boundaries come from np.linspace(..., buckets) over the distinct values sampled
+        # (prepare.QUANTILE_SAMPLE_SIZE = 100,000 of them): more buckets than that add no cut
+        # point, and a count like 2**40 would fail (MemoryError) only after the first pass. Bucket
+        # ids are embedded: 2**16 rows is already far finer than a quantile bucketing needs.
+        "buckets": {"type": "integer", "minimum": 0, "maximum": 2**16},
         "missing": {"anyOf": [
             {"enum": ["error", "indicator"]},
             {"type": "object", "properties": {"fill": {"type": "number"}}, "required": ["fill"],
@@ -209,7 +251,8 @@ SPEC_SCHEMA: dict[str, Any] = {
             "x-variants": {"categorical": _CATEGORICAL, "numeric": _NUMERIC}}},
         "weight_column": _NAME,
         "tasks": {"type": "array", "minItems": 1, "items": _TASK},
-        "ignore": {"type": "array", "items": _NAME, "uniqueItems": True},
+        # "" too: the unnamed last column of CSV lines that end with the delimiter.
+        "ignore": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
         "inconsistent_funnel": {"enum": list(INCONSISTENT_FUNNEL_POLICIES)},
     },
     "required": ["format", "features", "tasks"],
@@ -261,6 +304,9 @@ def schema_errors(value: Any, schema: Mapping[str, Any], path: str = "") -> list
       expected = " or ".join(types)
       return [f"{where}: expected {'an' if expected[0] in 'aeiou' else 'a'} {expected}, got "
               f"{_json(value)}"]
+    if isinstance(value, float) and not math.isfinite(value):
+      # A Python caller's NaN / inf, or a JSON number too large for a float (1e400).
+      return [f"{where}: expected a finite number, got {_json(value)}"]
   errors: list[str] = []
   if isinstance(value, str):
     if len(value) < schema.get("minLength", 0):
@@ -537,6 +583,9 @@ def parse_spec(raw: Any, source: str = "spec.json", base_dir: str = ".") -> Spec
     if name in names[:i]:
       raise _fail(source, f"features[{i}].name", f"{name!r} is already features"
                   f"[{names.index(name)}]")
+  problem = _feature_name_problem(names)
+  if problem is not None:
+    raise _fail(source, f"features[{problem[0]}].name", problem[1])
   indicators = {f"{f.name}{INDICATOR_SUFFIX}": f.name for f in features
                 if f.missing == "indicator"}
 
@@ -629,9 +678,31 @@ def parse_spec(raw: Any, source: str = "spec.json", base_dir: str = ".") -> Spec
               inconsistent_funnel=raw.get("inconsistent_funnel", "error"), raw=raw)
 
 
+@dataclasses.dataclass(frozen=True)
+class _NotJson:
+  """What ``json.loads`` makes of the literals ``NaN``, ``Infinity``, ``-Infinity``, so that
+  :func:`load_spec` can name the key that holds one."""
+
+  literal: str
+
+
+def _find_not_json(value: Any, path: str = "") -> tuple[str, str] | None:
+  """(key path, literal) of the first :class:`_NotJson` in a parsed spec, or None."""
+  if isinstance(value, _NotJson):
+    return path or "(top level)", value.literal
+  items = value.items() if isinstance(value, dict) else (
+      enumerate(value) if isinstance(value, list) else ())
+  for key, item in items:
+    found = _find_not_json(item, _join(path, key))
+    if found is not None:
+      return found
+  return None
+
+
 def load_spec(path: str | os.PathLike) -> Spec:
   """Reads and validates a spec file. Raises :class:`SpecError` (one line) if it is missing, is
-  not JSON, or fails validation."""
+  not JSON (``NaN``, ``Infinity`` and ``-Infinity``, which Python's ``json`` would read, included),
+  or fails validation."""
   path = os.fspath(path)
   try:
     with _open(path, "rb") as f:
@@ -643,9 +714,13 @@ def load_spec(path: str | os.PathLike) -> Spec:
   except UnicodeDecodeError as e:
     raise SpecError(f"{path}: not UTF-8 text: {e}") from e
   try:
-    raw = json.loads(text)
+    raw = json.loads(text, parse_constant=_NotJson)
   except json.JSONDecodeError as e:
     raise SpecError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+  found = _find_not_json(raw)
+  if found is not None:
+    raise SpecError(f"{path}: {found[0]}: {found[1]} is not a JSON number (JSON has no NaN or "
+                    f"Infinity); write a finite number")
   base = os.path.dirname(path) if not _is_remote(path) else path.rsplit("/", 1)[0]
   return parse_spec(raw, source=path, base_dir=base or ".")
 
