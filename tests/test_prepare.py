@@ -679,6 +679,14 @@ def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
   _csv_with(tmp_path, edit)
   _fails(tmp_path, base_spec(),
          r"events.csv, line 30, column 'price' \(a numeric feature\): '12abc' is not a number")
+  # The text nan, which Arrow reads as a number, is no missing value unless listed as one.
+  def nan_price(lines):
+    fields = lines[12].split(",")
+    fields[4] = "NaN"
+    lines[12] = ",".join(fields)
+  _csv_with(tmp_path, nan_price)
+  _fails(tmp_path, base_spec(), r"events.csv, line 13, column 'price' \(a numeric feature\): "
+                                r"'nan' is not a number \(missing values are written as one of")
   # Parquet: the row.
   table = pa.table({"split": ["train"] * 3, "user": ["a"] * 3, "country": ["x"] * 3,
                     "device": ["d"] * 3, "price": ["1.5", "2", "n/a"], "age": [1, 2, 3],

@@ -361,6 +361,13 @@ def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Itera
     except pa.ArrowInvalid as e:
       raise _diagnose_csv(path, fmt, names, kinds, roles, segment, header + rows + 1,
                           e) from None
+    for c in (c for c, kind in kinds.items() if kind == "num"):
+      # Arrow reads the text nan/NaN as a number; a missing value is one of missing_values.
+      nan = pc.fill_null(pc.is_nan(table.column(c)), False).combine_chunks().to_numpy(
+          zero_copy_only=False)
+      if nan.any():
+        line = header + rows + 1 + int(np.argmax(nan))
+        raise _not_a_number(f"{path}, line {line}", c, "nan", roles[c], fmt)
     for batch in table.to_batches():
       if batch.num_rows:
         yield Chunk({c: batch.column(c) for c in kinds}, batch.num_rows, path, rows, "line",

@@ -38,8 +38,8 @@ Keys:
   feature), or an object with ``type`` and, for CSV, ``delimiter`` (one character, default
   ``,``), ``quote_char`` (one character or null for none, default ``"``), ``header`` (default
   true: the first line names the columns), ``column_names`` (required when ``header`` is false),
-  ``missing_values`` (the strings read as a missing value, default ``[""]``). A CSV row's values
-  may not hold line breaks.
+  ``missing_values`` (the strings read as a missing value, default ``[""]``; ``NaN`` is not one
+  unless listed). A CSV row's values may not hold line breaks.
 * Splits, one of:
   ``splits``: ``{"train": [paths or globs], "validation": [...], "test": [...]}``, or
   ``files``: ``[paths or globs]`` and ``split``: ``{"split_column": "col"}`` (rows whose value is
