@@ -38,7 +38,8 @@ def user_errors_in_one_line(program: str, debug: bool = False,
 def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
   """A ``flags_parser`` for ``absl.app.run`` that reports a flag that does not parse in one line
   (absl's own parser lets ml_collections' error for an unknown ``--config.<key>`` through as a
-  traceback), and refuses arguments that are not flags (absl passes them on, and the programs
+  traceback, and a config file that does not load only when the config is first read), and
+  refuses arguments that are not flags (absl passes them on, and the programs
   take none: ``--set a=1 b=2`` would drop ``b=2``)."""
 
   def parse(argv: Sequence[str]) -> list[str]:
@@ -46,11 +47,17 @@ def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
       left = flags.FLAGS(list(argv))
     except flags.Error as e:
       sys.exit(f"{program}: error: {e} (--helpfull lists the flags)")
+    except SyntaxError as e:  # a config file that is not Python
+      sys.exit(f"{program}: error: {e.filename}, line {e.lineno}: {e.msg}")
     except (AttributeError, KeyError) as e:  # ml_collections: no such key in the config
       key = str(e).strip("\"'")
       given = next((a for a in argv if a.startswith("--config.") and key in a), key)
       sys.exit(f"{program}: error: {given}: the config has no key {key!r} (the config file and "
                f"apem_jax/models/defaults.py list the keys)")
+    for name, value in flags.FLAGS.flag_values_dict().items():
+      if type(value).__name__ == "_ErrorConfig":  # ml_collections defers a failed load
+        error = object.__getattribute__(value, "_error")
+        sys.exit(f"{program}: error: --{name}: {' '.join(str(error).split())}")
     if len(left) > 1:  # absl hands them to main, and no program here reads them
       sys.exit(f"{program}: error: unexpected argument(s) {' '.join(left[1:])!r}: every setting "
                f"is a flag (--name=value), and a repeatable flag takes one value per use "

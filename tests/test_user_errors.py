@@ -85,6 +85,10 @@ CASES = [
     ("export of the best checkpoint, deleted", EXPORT + ["--workdir={deleted}", "--output={new}"],
      "apem-export: error: {deleted}: no best checkpoint under {deleted}/checkpoints; it has "
      "unevaluated checkpoints [20] (--checkpoint latest)"),
+    ("a config file that does not exist", TRAIN + ["--config={root}/nope.py", "--workdir={new}"],
+     "train.py: error: --config: Failed loading config file config_config"),
+    ("a config file that is not Python", EVAL + ["--config={broken}", "--workdir={run}"],
+     "eval.py: error: {broken}, line 1: invalid syntax"),
     ("eval of a checkpoint with garbage metadata", EVAL + ["--config={tiny}",
                                                            "--workdir={garbage}"],
      "eval.py: error: checkpoint {garbage}/checkpoints/30 cannot be read"),
@@ -114,7 +118,9 @@ def places(tmp_path_factory):
   shutil.rmtree(os.path.join(damaged["deleted"], "checkpoints", "30"))
   with open(os.path.join(damaged["garbage"], "checkpoints", "30", "meta", "metadata"), "w") as f:
     f.write("{not json")
-  return dict(tiny=tiny, run=run, other=str(other), new=str(root / "new"),
+  broken = root / "broken.py"
+  broken.write_text("def get_config(:\n")
+  return dict(tiny=tiny, run=run, other=str(other), new=str(root / "new"), broken=str(broken),
               exported=str(exported), root=root, **damaged)
 
 
