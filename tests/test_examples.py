@@ -89,12 +89,15 @@ def test_own_files_train_evaluate_and_export_from_a_spec_with_no_python(tmp_path
   workdir = f"--workdir={tmp_path / 'run'}"
   for command in ([sys.executable, "train.py", *config, workdir, *overrides],
                   [sys.executable, "eval.py", *config, workdir, "--split=test", *overrides[:1]],
+                  [sys.executable, "eval.py", *config, workdir, "--split=test",
+                   "--checkpoint=latest", *overrides[:1]],
                   [os.path.join(os.path.dirname(sys.executable), "apem-export"), workdir,
                    f"--output={tmp_path / 'export'}"]):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (command, result.stderr[-4000:])
-  with open(tmp_path / "run" / "eval" / "test.json") as f:
+  with open(tmp_path / "run" / "eval" / "test.json") as f:  # the best checkpoint's
     metrics = json.load(f)
+  assert os.path.exists(tmp_path / "run" / "eval" / "test_latest.json")
   assert set(metrics) == {"click", "purchase"} and metrics["click"]["examples"] == 240
   assert metrics["purchase"]["examples"] < 240  # missing purchase labels are masked, not zeros
   with open(tmp_path / "export" / "metadata.json") as f:
