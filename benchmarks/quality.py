@@ -44,6 +44,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from apem_jax import cli, config_validation, reporting, trainer, tuning, vmap_runs
+from apem_jax.models import MODELS
 from apem_jax.configs import census as census_configs
 from apem_jax.configs import funnel as funnel_configs
 from apem_jax.configs import synthetic as synthetic_configs
@@ -377,9 +378,31 @@ def main(argv):
     sweep()
 
 
+def check_flags(models: list[str]) -> None:
+  """Refuses, in one line, flags that would otherwise fail only after runs were trained or
+  files written: no seeds, a negative budget, an unknown model, a --tune_fixed key outside a
+  model's search space, a --set key that the tuning would override."""
+  if _SEEDS.value < 1:
+    raise ValueError(f"--seeds={_SEEDS.value}: expected at least 1")
+  if _TUNE.value < 0:
+    raise ValueError(f"--tune={_TUNE.value}: expected 0 (no tuning) or a number of trials")
+  unknown = [m for m in models if m not in MODELS]
+  if unknown:
+    raise ValueError(f"--models: unknown {unknown}; registered models: {sorted(MODELS)}")
+  if not _TUNE.value:
+    return
+  set_keys = {override.partition("=")[0].strip() for override in _SET.value}
+  for model in models:
+    tuned = set_keys & set(tuning.space(model, _TUNE_FIXED.value))
+    if tuned:
+      raise ValueError(f"--set {sorted(tuned)}: tuned for {model}, which would override the "
+                       f"value; add the key to --tune_fixed to keep it")
+
+
 def sweep() -> None:
   """The sweep the flags describe: tuning (--tune), the runs, the table after each run."""
   models = _MODELS.value.split(",")
+  check_flags(models)
   correlations = ([None] if _DATASET.value != "synthetic"
                   else [float(p) for p in _CORRELATIONS.value.split(",")])
   modes = _FUNNEL_MODES.value.split(",") if _DATASET.value == "funnel" else [None]

@@ -194,3 +194,23 @@ def test_plotting_after_every_run_keeps_no_figure_open(tmp_path, monkeypatch):
                  str(tmp_path / f"s{i}.png"), census=False)
   assert len(plt.get_fignums()) == before
   assert all((tmp_path / f"{n}{i}.png").stat().st_size > 0 for n in ("", "s") for i in range(3))
+
+
+def test_flags_that_cannot_work_are_refused_before_anything_is_written(tmp_path):
+  cases = {
+      "seeds": (["--seeds", "0"], "--seeds=0: expected at least 1"),
+      "budget": (["--tune", "-1"], "--tune=-1: expected 0 (no tuning) or a number of trials"),
+      "model": (["--models", "mmoe,"], "--models: unknown ['']"),
+      "fixed": (["--tune", "2", "--tune_fixed", "train.batchsize"],
+                "fixed keys ['train.batchsize'] are not in shared_bottom's search space"),
+      "set": (["--tune", "2"], "--set ['train.batch_size']: tuned for shared_bottom, which would "
+                               "override the value; add the key to --tune_fixed to keep it"),
+  }
+  running = {name: subprocess.Popen(_sweep_command(tmp_path, *extra), cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (extra, _) in cases.items()}
+  for name, (_, expected) in cases.items():
+    _, stderr = running[name].communicate(timeout=300)
+    assert running[name].returncode == 1, (name, stderr[-2000:])
+    assert expected in stderr and "Traceback" not in stderr, (name, stderr[-2000:])
+  assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
