@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import time
 import types
@@ -315,11 +316,25 @@ def configs_over(config: ml_collections.ConfigDict, values: str, flag: str = "--
   return configs, names
 
 
+def append_record(workdir: str, program: dict) -> None:
+  """Adds a program's record to ``<workdir>/vmap_runs.json`` (``{"programs": [...]}``, one per
+  program run in the workdir, oldest first; a file of one program's record, as written before,
+  is kept as the first)."""
+  path = os.path.join(workdir, RECORD_FILE)
+  programs = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    programs = old["programs"] if "programs" in old else [old]
+  reporting.write_json_atomic(path, {"programs": programs + [program]})
+
+
 def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
                run_dirs: Sequence[str] | None = None, unroll: bool = False) -> list[dict]:
   """Trains ``configs`` as one vmapped program (see the module doc); returns each run's summary,
   also written to its ``metrics.json``. ``run_dirs``: each run's workdir (default
-  ``<workdir>/run_<i>``); ``<workdir>/vmap_runs.json`` records the runs and the shared timings.
+  ``<workdir>/run_<i>``); ``<workdir>/vmap_runs.json`` records the runs and the shared timings
+  of each program run in ``workdir`` (:func:`append_record`).
 
   Raises:
     ValueError: configs that differ in another key than :data:`VARYING_KEYS`, a run directory
@@ -475,7 +490,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
     reporting.write_json_atomic(os.path.join(d, "metrics.json"), summary)
     writers[i].close()
     summaries.append(summary)
-  reporting.write_json_atomic(os.path.join(workdir, RECORD_FILE), {
+  append_record(workdir, {
       "runs": n, "varied_keys": runs.varied, "varied": varied, "run_dirs": run_dirs,
       "train_seconds": train_seconds, "wall_seconds": wall, "phase_seconds": phases,
       "steps": step, "train_step_traces": runs.traces["train_step"],

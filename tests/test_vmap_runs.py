@@ -188,3 +188,15 @@ def test_train_command_line_vmap(tmp_path):
     summary = json.loads((run / "metrics.json").read_text())
     assert f"seed={seed}: best validation score {summary['best_validation_score']:.5f}" in (
         result.stdout)
+
+
+def test_a_second_program_in_a_workdir_adds_its_record(tmp_path):
+  path = tmp_path / vmap_runs.RECORD_FILE
+  path.write_text(json.dumps({"runs": 2, "failed": {"1": "loss"}}))  # one program, as once written
+  vmap_runs.append_record(str(tmp_path), {"runs": 3, "failed": {}})
+  assert json.loads(path.read_text()) == {"programs": [{"runs": 2, "failed": {"1": "loss"}},
+                                                       {"runs": 3, "failed": {}}]}
+  (tmp_path / "new").mkdir()
+  vmap_runs.append_record(str(tmp_path / "new"), {"runs": 1})
+  assert json.loads((tmp_path / "new" / vmap_runs.RECORD_FILE).read_text()) == {
+      "programs": [{"runs": 1}]}
