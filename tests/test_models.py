@@ -585,16 +585,21 @@ def test_default_configs_cover_registry():
 
 
 def test_apem_candidate_switches_keep_shapes_and_do_what_they_say():
-  """se_gate='identity_init' starts each SE gate at 1 (2 * sigmoid(0) with a zero excite
-  kernel and bias), so SE then leaves the tokens as they are; raw_skip widens the towers' input
-  by the F raw field embeddings."""
+  """se_gate='identity_init' is twice the 'sigmoid' gate of the same parameters, so 1 where
+  the excite logit is 0 (with zero parameters) and spread around 1 at initialisation (the excite
+  kernel starts random); raw_skip widens the towers' input by the F raw field embeddings."""
   from apem_jax.models.group_transformer import SqueezeExcitation
   tokens = jax.random.normal(jax.random.key(0), (4, 5, 8))
+  params = SqueezeExcitation().init(jax.random.key(1), tokens)
+  halved = SqueezeExcitation(gate="sigmoid").apply(params, tokens)
+  np.testing.assert_allclose(SqueezeExcitation(gate="identity_init").apply(params, tokens),
+                             2 * halved, rtol=1e-6)
+  gates = np.asarray(halved / tokens)
+  assert 0 < gates.min() < 0.45 and 0.55 < gates.max() < 1  # random at initialisation
+  zero = jax.tree.map(jnp.zeros_like, params)  # the excite logits are 0: the gate's midpoint
   for gate, expected in (("identity_init", 1.0), ("sigmoid", 0.5)):
-    se = SqueezeExcitation(gate=gate)
-    params = se.init(jax.random.key(1), tokens)
-    params = jax.tree.map(jnp.zeros_like, params)  # the excite logits are 0: the gate's midpoint
-    np.testing.assert_allclose(se.apply(params, tokens), expected * tokens, rtol=1e-6)
+    np.testing.assert_allclose(SqueezeExcitation(gate=gate).apply(zero, tokens),
+                               expected * tokens, rtol=1e-6)
   schema = make_schema(vocab_sizes=(5, 7), num_numeric=2, task_names=("a", "b"))
   batch = {"categorical": jnp.zeros((3, 2), jnp.int32), "numeric": jnp.zeros((3, 2))}
   widths = {}

@@ -9,9 +9,11 @@ into one d-wide vector per task with a softmax; here each task keeps every patte
 
 * task indicators ``tau_t(x)`` as the default selector's (static ``tau_t`` plus, with
   ``adaptive``, ``g_t(mean_f E_L)``);
-* gates ``gamma_{t,p} = 2 * sigmoid(<W_k^T tau_t(x), P_p> / sqrt(d))``: about 1 at
-  initialisation (the logits start small), so every pattern passes and training learns which to
-  damp or amplify per task; with ``top_k > 0`` only the k largest gates of a task stay open;
+* gates ``gamma_{t,p} = 2 * sigmoid(<W_k^T tau_t(x), P_p> / sqrt(d))`` in (0, 2), 1 where the
+  logit is 0: no pattern is halved on average, and training learns which to damp or amplify
+  per task (at initialisation the logits are of order 1, from a random ``W_k`` and ``tau``, so
+  the gates spread around 1: about 0.1 to 1.9); with ``top_k > 0`` only the k largest gates of
+  a task stay open;
 * ``h_t = [gamma_{t,1} P_1 ; ... ; gamma_{t,N} P_N]`` [B, T, N*d]: each tower reads the gated
   patterns (and, as with the default selector, the shared field tokens).
 

@@ -124,7 +124,7 @@ class SqueezeExcitation(nn.Module):
   squeeze: str = "grouped"
   squeeze_groups: int = 4
   dtype: Any = "float32"
-  gate: str = "sigmoid"  # 'sigmoid' | 'identity_init' (2 * sigmoid: 1 at initialisation)
+  gate: str = "sigmoid"  # 'sigmoid' | 'identity_init' (2 * sigmoid: centred on 1, not 1/2)
 
   def _grouped_squeeze(self, tokens: jax.Array, hidden: int) -> jax.Array:
     """``nn.Dense(hidden, name='squeeze')`` (same parameters) of :func:`squeeze_fields`'
@@ -153,7 +153,7 @@ class SqueezeExcitation(nn.Module):
           squeeze_fields(tokens, self.squeeze, self.squeeze_groups))  # from [B, F]
     s = nn.sigmoid(nn.Dense(num_fields, dtype=dtype, param_dtype=PARAM_DTYPE, name="excite")(
         nn.relu(z)))
-    if self.gate == "identity_init":  # FiBiNet++'s SENet+ scale: the gate starts at 1, not 1/2
+    if self.gate == "identity_init":  # FiBiNet++'s SENet+ scale: centred on 1, not 1/2
       s = 2.0 * s
     return tokens * s[..., None].astype(tokens.dtype)
 
@@ -171,8 +171,12 @@ class GroupTransformerBlock(nn.Module):
     se_reduction: SE reduction ratio r.
     se_squeeze: 'grouped' | 'mean' (module docstring).
     se_squeeze_groups: K, the channel groups of the 'grouped' squeeze; must divide d.
-    se_gate: 'sigmoid' (gates in (0, 1), 1/2 at initialisation) | 'identity_init' (2 * sigmoid,
-      1 at initialisation: the block starts as the identity on the tokens).
+    se_gate: 'sigmoid' (gates in (0, 1), 1/2 where the excite logit is 0) | 'identity_init'
+      (2 * sigmoid: gates in (0, 2), 1 where the logit is 0). The excite layer's kernel starts
+      random (its bias at 0), so at initialisation the gates spread around 1/2 or 1 (about 0.15
+      to 1.8 for 'identity_init' on LayerNorm-scale tokens): 'identity_init' stops SE from
+      halving the tokens on average, it does not start the block as the identity (the name is
+      kept for the configs that use it).
     field_ffn: the field tokens' FFN sub-layer after the broadcast back (FFN, residual, LN).
       False (``model.field_ffn``, a cheaper variant, not our reading of the paper) drops it and
       its parameters ``field_ffn``, ``field_ln2``.
