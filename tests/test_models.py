@@ -520,6 +520,28 @@ def test_single_task_shares_nothing():
   assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["embedding_1"]))
 
 
+def test_aitm_transfers_from_the_funnel_parent():
+  """In a branching funnel (click; like; buy after click) buy's transfer reads click's state,
+  not like's (the task before it); like, a root, has no transfer."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from apem_jax.schema import Task  # pylint: disable=g-import-not-at-top
+  schema = dataclasses.replace(make_schema((5, 7), 2, ("a",)), tasks=(
+      Task("click"), Task("like"), Task("buy", depends_on="click")))
+  batch = {"categorical": jnp.array([[1, 2], [3, 4], [0, 6]], jnp.int32),
+           "numeric": jnp.array([[0.5, -1.0], [1.0, 0.0], [-0.3, 2.0]], jnp.float32)}
+  model = build_model(_config("aitm"), schema)
+  params = _init(model, batch)
+  assert "transfer_2" in params and "transfer_1" not in params
+  logits = lambda p: model.apply({"params": p}, batch)["logits"]
+  moved = jax.tree.map(lambda w: w + 0.5, params["towers"])  # every tower: like's included
+  like_only = dict(params, towers=jax.tree.map(
+      lambda w, m: w.at[1].set(m[1]), params["towers"], moved))
+  np.testing.assert_allclose(logits(like_only)[:, ::2], logits(params)[:, ::2], rtol=1e-6)
+  assert not np.allclose(logits(like_only)[:, 1], logits(params)[:, 1])
+  out = model.apply({"params": params}, batch)
+  np.testing.assert_array_equal(out["transfer_weights"][:, 1], [[0.0, 1.0]] * 3)
+
+
 def test_output_space_attributes():
   assert MODELS["esmm"].output_space == "conditional"
   assert MODELS["aitm"].output_space == "entire"

@@ -138,9 +138,9 @@ class APEM(nn.Module):
                        f"'embed_dim'={kw['embed_dim']}")
     if schema.num_fields == 0:
       raise ValueError("APEM: the schema has no feature fields")
-    if kw["pair_patterns"] and kw["num_groups"] < 2:
-      raise ValueError("model config 'pair_patterns'=True needs 'num_groups' >= 2 (it pairs the "
-                       "group tokens)")
+    if kw["pair_patterns"] and (kw["num_groups"] < 2 or kw["grouping"] == "none"):
+      raise ValueError("model config 'pair_patterns'=True needs 'num_groups' >= 2 and a "
+                       "'grouping' other than 'none' (it pairs the group tokens)")
     if kw["task_embeddings"] and not task_embedding_fields(schema, kw["task_embeddings"]):
       raise ValueError(f"model config 'task_embeddings'={kw['task_embeddings']}: no categorical "
                        f"field has at most that many values (vocabulary sizes "

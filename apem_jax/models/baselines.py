@@ -240,10 +240,12 @@ class ESMM(nn.Module):
 class AITM(nn.Module):
   """Adaptive Information Transfer Multi-task (Xi et al., KDD 2021).
 
-  Shared embedding; per-task towers give q_t [B, D] (D = tower_hidden[-1]). For t > 1 the transfer
-  p_{t-1} = MLP_t(z_{t-1}) (``transfer_hidden`` + a layer of width D) and the AIT module attends
-  over u in {p_{t-1}, q_t}: ``w_u = softmax_u(<h2(u), h1(u)> / sqrt(D))``, ``z_t = sum_u w_u h3(u)``
-  (h1, h2, h3 linear); z_1 = q_1. A per-task linear head maps z_t to the logit. Logits are in the
+  Shared embedding; per-task towers give q_t [B, D] (D = tower_hidden[-1]). Task t transfers from
+  its source s: its funnel parent (``depends_on``) in a funnel schema, else task t-1 (the paper's
+  sequence of tasks); the transfer p_s = MLP_t(z_s) (``transfer_hidden`` + a layer of width D) and
+  the AIT module attends over u in {p_s, q_t}: ``w_u = softmax_u(<h2(u), h1(u)> / sqrt(D))``,
+  ``z_t = sum_u w_u h3(u)`` (h1, h2, h3 linear); a task without a source (the first; a funnel's
+  roots) has z_t = q_t. A per-task linear head maps z_t to the logit. Logits are in the
   entire space (``output_space = 'entire'``); the behavioural calibrator is a losses-side term.
   Returns also ``transfer_weights`` float32 [B, T, 2] (weight on [transfer, own]; task 1: [0, 1]).
   """
@@ -271,11 +273,16 @@ class AITM(nn.Module):
     x = _flat_embedding(self.schema, self.embed_dim, self.dtype, batch)
     q = BatchedMLP(num_tasks, self.tower_hidden, dropout=self.dropout, dtype=dtype,
                    name="towers")(x, train)  # [B, T, D]
-    z = [q[:, 0]]
-    weights = [jnp.broadcast_to(jnp.array([0.0, 1.0], jnp.float32), (x.shape[0], 2))]
-    for t in range(1, num_tasks):
+    own = jnp.broadcast_to(jnp.array([0.0, 1.0], jnp.float32), (x.shape[0], 2))
+    z, weights = [], []
+    for t in range(num_tasks):
+      source = self.schema.parents[t] if self.schema.has_funnel else t - 1
+      if source < 0:
+        z.append(q[:, t])
+        weights.append(own)
+        continue
       p = MLP(tuple(self.transfer_hidden) + (width,), dropout=self.dropout, dtype=dtype,
-              name=f"transfer_{t}")(z[-1], train)  # [B, D]
+              name=f"transfer_{t}")(z[source], train)  # [B, D]
       u = jnp.stack([p, q[:, t]], axis=1)  # [B, 2, D]
       dense = lambda n: nn.Dense(width, dtype=dtype, param_dtype=PARAM_DTYPE,
                                  name=f"ait_{t}_{n}")
