@@ -508,6 +508,10 @@ def test_ple_experts_differ_at_init():
     for j in range(i + 1, len(experts)):
       assert not np.allclose(experts[i], experts[j]), f"experts {i} and {j} are identical"
   assert "level_1_shared_gate" not in params  # last level: task gates only
+  # Without shared experts no level has a shared gate (its output would feed nothing).
+  no_shared = _init(build_model(_config("ple", num_levels=2, num_task_experts=2,
+                                        num_shared_experts=0), schema), batch)
+  assert not [k for k in no_shared if "shared" in k]
 
 
 def test_single_task_shares_nothing():

@@ -196,8 +196,8 @@ class PLE(nn.Module):
                         name=f"level_{level}_task_{t}_gate")(task_in[t])
         gate = jax.nn.softmax(gate.astype(jnp.float32), axis=-1).astype(dtype)
         new_task_in.append(jnp.einsum("be,bed->bd", gate, pool))
-      if not last:
-        pool = jnp.concatenate(task_experts + ([shared_experts] if es else []), axis=1)
+      if not last and es:  # the shared experts' input to the next level (none without them)
+        pool = jnp.concatenate(task_experts + [shared_experts], axis=1)
         gate = nn.Dense(pool.shape[1], dtype=dtype, param_dtype=PARAM_DTYPE,
                         name=f"level_{level}_shared_gate")(shared_in)
         gate = jax.nn.softmax(gate.astype(jnp.float32), axis=-1).astype(dtype)
