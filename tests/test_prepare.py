@@ -614,6 +614,17 @@ def _fails(directory: pathlib.Path, spec: dict, match: str, error=prepare.DataEr
   return str(info.value)
 
 
+def _set_fields(*changes: tuple[int, int, str]):
+  """An edit for :func:`_csv_with`: ``(line index, field index, value)`` per change; the value
+  may hold ``{}``, the field's old value."""
+  def edit(lines):
+    for i, j, value in changes:
+      fields = lines[i].split(",")
+      fields[j] = value.format(fields[j])
+      lines[i] = ",".join(fields)
+  return edit
+
+
 def _csv_with(directory: pathlib.Path, edit) -> None:
   """events.csv with ``edit(lines)`` applied to its text lines (header = line 1)."""
   rows = make_rows(60)
@@ -669,22 +680,12 @@ def test_lines_without_a_header_are_checked_against_the_column_names(tmp_path):
 
 
 def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
-  def edit(lines):
-    fields = lines[29].split(",")
-    fields[4] = "12abc"  # price
-    lines[29] = ",".join(fields)
-    fields = lines[5].split(",")
-    fields[4] = f" {fields[4]} "  # a number with spaces around it: read as the number
-    lines[5] = ",".join(fields)
-  _csv_with(tmp_path, edit)
+  # Price: text, and a number with spaces around it (read as the number).
+  _csv_with(tmp_path, _set_fields((29, 4, "12abc"), (5, 4, " {} ")))
   _fails(tmp_path, base_spec(),
          r"events.csv, line 30, column 'price' \(a numeric feature\): '12abc' is not a number")
   # The text nan, which Arrow reads as a number, is no missing value unless listed as one.
-  def nan_price(lines):
-    fields = lines[12].split(",")
-    fields[4] = "NaN"
-    lines[12] = ",".join(fields)
-  _csv_with(tmp_path, nan_price)
+  _csv_with(tmp_path, _set_fields((12, 4, "NaN")))
   _fails(tmp_path, base_spec(), r"events.csv, line 13, column 'price' \(a numeric feature\): "
                                 r"'nan' is not a number \(missing values are written as one of")
   # Parquet: the row.
@@ -697,40 +698,25 @@ def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
 
 
 def test_label_outside_the_allowed_values(tmp_path):
-  def edit(lines):
-    fields = lines[9].split(",")
-    fields[6] = "2"  # clicked
-    lines[9] = ",".join(fields)
-  _csv_with(tmp_path, edit)
+  _csv_with(tmp_path, _set_fields((9, 6, "2")))  # clicked
   _fails(tmp_path, base_spec(), r"events.csv, line 10, column 'clicked' \(the label of task "
          r"'click'\): '2' is not an allowed label; expected 0 or 1")
 
-  def edit_bought(lines):
-    fields = lines[59].split(",")  # a test-split row: caught in pass 2, after shards were written
-    fields[7] = "maybe"
-    lines[59] = ",".join(fields)
-  _csv_with(tmp_path, edit_bought)
+  # bought, on a test-split row: caught in pass 2, after shards were written
+  _csv_with(tmp_path, _set_fields((59, 7, "maybe")))
   _fails(tmp_path, base_spec(), r"line 60, column 'bought' \(the label of task 'purchase'\): "
          r"'maybe' is not an allowed label; expected one of positive_values \['yes'\] or "
          r"negative_values \['no'\]")
 
 
 def test_missing_label_of_a_required_task(tmp_path):
-  def edit(lines):
-    fields = lines[5].split(",")
-    fields[6] = ""
-    lines[5] = ",".join(fields)
-  _csv_with(tmp_path, edit)
+  _csv_with(tmp_path, _set_fields((5, 6, "")))
   _fails(tmp_path, base_spec(), r"events.csv, line 6, column 'clicked': the label of task "
          r"'click' is missing")
 
 
 def test_missing_numeric_value_without_a_policy(tmp_path):
-  def edit(lines):
-    fields = lines[12].split(",")
-    fields[5] = ""  # age
-    lines[12] = ",".join(fields)
-  _csv_with(tmp_path, edit)
+  _csv_with(tmp_path, _set_fields((12, 5, "")))  # age
   _fails(tmp_path, base_spec(), r"events.csv, line 13, column 'age' \(a numeric feature\): the "
          r"value is missing")
 
