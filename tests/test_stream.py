@@ -244,6 +244,26 @@ def test_unequal_shards_give_every_process_the_same_number_of_batches(funnel, mo
     per_process.append(batches)
   epoch0 = table(per_process[0][:5] + per_process[1][:5])
   assert len({tuple(r) for r in epoch0}) < len(epoch0) or len(epoch0) < len(train)
+  # A short group reads each of its rows once before any twice, however large the window
+  # (its passes were once read side by side and permuted together: 2 of 3 rows twice).
+  data = streamed(funnel, stream_groups=2, shuffle_buffer=10_000, shard_rows=100)
+  for index in range(2):
+    processes(monkeypatch, 2, index)
+    files = data.epoch_files(1, 0, 2)[index]
+    held = sum(int(s["rows"]) for s in data.metadata["splits"]["train"]["shards"]
+               if any(f.endswith(s["file"]) for f in files))
+    rows = table(take(data.train_batches(BATCH, seed=1), 5))
+    distinct = len({tuple(r) for r in rows})
+    first_pass = min(held // (BATCH // 2) * (BATCH // 2), len(rows))  # whole sub-batches
+    assert distinct >= first_pass, (held, distinct)
+
+
+def test_shards_too_unequal_for_the_file_groups_are_refused_before_training(funnel):
+  data = streamed(funnel, stream_groups=2, shard_rows=470)  # shards of 470 and 10 rows
+  with pytest.raises(ValueError, match=r"file groups need 240 training rows each an epoch, and "
+                                       r"a group of the 1 smallest of the shards \[10, 470\] "
+                                       r"holds 10: .*a smaller data.shard_rows"):
+    data.train_batches(BATCH, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,9 +30,12 @@ Epoch ``e`` of the sequence of ``seed``:
 
 *Unequal groups.* A group needs ``steps * batch_size / groups`` rows per epoch. When its files
 hold fewer (shards are of ``shard_rows`` rows except each split's last, and the files do not
-divide evenly among the groups), its files are read again within the epoch (``repeat``): some of
-its rows are seen twice in that epoch. When they hold more, the last rows of its shuffled stream
-are left out of that epoch. As the file permutation changes every epoch, which files are short
+divide evenly among the groups), it reads them again within the epoch, in a second pass of its
+own (every row once before any twice; the pass permuted with its own seed): some of its rows are
+seen twice in that epoch. A group holding less than half what it needs is refused (a small last
+shard would otherwise fill its share of every batch with the same few rows): prepare with a
+smaller ``shard_rows`` or use fewer groups. When a group holds more, the last rows of its
+shuffled stream are left out of that epoch. As the file permutation changes every epoch, which files are short
 or long changes too. With one group (one process) an epoch reads every training row once and
 drops only the last ``num_examples % batch_size`` rows of the shuffled stream. Shuffling is
 exact (a uniform permutation) only when ``shuffle_buffer`` is at least a group's rows; below
@@ -237,6 +240,16 @@ class StreamedSplits:
                        f"file groups of the streamed input (one per process unless "
                        f"data.stream_groups says otherwise); prepare it with a smaller "
                        f"data.shard_rows")
+    # Every epoch a group gets at least files // groups of the files, which may be the smallest.
+    shards = sorted(int(s["rows"]) for s in self._split("train")["shards"])
+    least, needs = sum(shards[:files // groups]), (self.num_examples("train") // batch_size
+                                                   * (batch_size // groups))
+    if 2 * least < needs:
+      raise ValueError(f"the streamed input's file groups need {needs} training rows each an "
+                       f"epoch, and a group of the {files // groups} smallest of the shards "
+                       f"{shards} holds {least}: it would read its rows more than twice; "
+                       f"prepare with a smaller data.shard_rows, or use fewer file groups "
+                       f"(data.stream_groups)")
     per = groups // count
     return groups, range(index * per, (index + 1) * per)
 
@@ -259,15 +272,18 @@ class StreamedSplits:
       if g not in mine:
         continue
       held = sum(rows_of[f] for f in files)
-      reps = max(1, -(-steps * sub // held))  # read again within the epoch if too few rows
-      ds = tf.data.Dataset.from_tensor_slices(files)
-      if reps > 1:
-        ds = ds.repeat(reps)
-      ds = ds.interleave(lambda f: self._rows(tf, [f]),
-                         cycle_length=min(self.interleave_cycle, len(files) * reps),
-                         block_length=1)
-      parts.append(shuffled_batches(tf, ds, sub, self.shuffle_buffer, _seed(seed, epoch, g))
-                   .take(steps))
+      # A group short of rows reads them again in a pass of their own (each row once a pass,
+      # each pass permuted with its own seed); the first pass is the epoch of a group that is not.
+      passes = max(1, -(-steps * sub // held))
+      batches = None
+      for p in range(passes):
+        ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+            lambda f: self._rows(tf, [f]), cycle_length=min(self.interleave_cycle, len(files)),
+            block_length=1)
+        ds = shuffled_batches(tf, ds, sub, self.shuffle_buffer,
+                              _seed(seed, epoch, g) if p == 0 else _seed(seed, epoch, g, p))
+        batches = ds if batches is None else batches.concatenate(ds)
+      parts.append(batches.take(steps))
     ds = parts[0] if len(parts) == 1 else tf.data.Dataset.zip(tuple(parts)).map(
         lambda *xs: {k: tf.concat([x[k] for x in xs], axis=0) for k in xs[0]})
     return ds.skip(skip) if skip else ds
