@@ -97,6 +97,9 @@ class Experiment:
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
     self.data_fingerprint = self.data.fingerprint()
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
+    # What the training order depends on besides the seed: the streamed input's file groups, or
+    # (in memory) the processes, each of which reads its own rows.
+    self.input_groups = getattr(self.data, "groups", 0) or jax.process_count()
     if self.steps_per_epoch < 1:
       raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
                        f"{self.data.num_examples('train')} training examples")
@@ -213,6 +216,7 @@ def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
     raise ValueError(f"{workdir}: the training split now gives {exp.steps_per_epoch} steps per "
                      f"epoch, the run was trained with {saved_spe}: the data changed; restore "
                      f"the data the run used, or train in a new --workdir")
+  check_input_groups(meta["data_position"], exp.input_groups, workdir)
   if config.train.num_epochs * exp.steps_per_epoch < meta["step"]:
     raise ValueError(f"{workdir}: train.num_epochs={config.train.num_epochs} is below the "
                      f"{meta['step'] / saved_spe:g} epochs the run has done; it may only grow "
@@ -264,11 +268,25 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def data_position(step: int, steps_per_epoch: int) -> dict[str, int]:
-  """Where the input pipeline stands after ``step`` steps: the epoch, and the batches of it
-  already consumed (stored in every checkpoint, so a resume continues with the next batch)."""
+def data_position(step: int, steps_per_epoch: int, groups: int = 1) -> dict[str, int]:
+  """Where the input pipeline stands after ``step`` steps: the epoch, the batches of it already
+  consumed, and the ``groups`` (``Experiment.input_groups``) that ordered them (stored in every
+  checkpoint, so a resume continues with the next batch)."""
   epoch, batch = divmod(step, steps_per_epoch)
-  return {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch}
+  return {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch, "groups": groups}
+
+
+def check_input_groups(position: Mapping[str, int], groups: int, workdir: str) -> None:
+  """Refuses to resume in the middle of an epoch with the input read in another number of
+  groups than the run's (the rest of the epoch would be another order: rows read twice, others
+  not at all). A position saved before it recorded its groups is taken as it is."""
+  saved = position.get("groups")
+  if saved is not None and saved != groups and position["batch"]:
+    raise ValueError(
+        f"{workdir}: the run stopped after batch {position['batch']} of epoch "
+        f"{position['epoch']} with its training input read in {saved} groups (its processes, or "
+        f"data.stream_groups), and would now be read in {groups}, which orders the rest of the "
+        f"epoch differently; resume on {saved} processes")
 
 
 def train_batches_from(exp: Experiment,
@@ -372,7 +390,7 @@ def check_finite_loss(loss: float, step: int, first_non_finite: np.ndarray,
 
 def fresh_meta(exp: Experiment) -> dict:
   """The bookkeeping a checkpoint stores beside the state, at step 0."""
-  return {"step": 0, "epoch": 0, "data_position": data_position(0, exp.steps_per_epoch),
+  return {"step": 0, "epoch": 0, "data_position": data_position(0, exp.steps_per_epoch, exp.input_groups),
           "data_fingerprint": exp.data_fingerprint,
           "validation": None, "score": None, "best_score": -math.inf, "best_step": None,
           "evals_without_improvement": 0, "history": [], "stopped": False, "resumes": [],
@@ -502,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   mininterval=1.0)
   try:
     with StopRequests() as stop_requests:
-      batches = train_batches_from(exp, data_position(step, spe))
+      batches = train_batches_from(exp, data_position(step, spe, exp.input_groups))
       while step < total_steps and not meta["stopped"]:
         state, step_metrics = exp.train_step(state, exp.device_batch(next(batches)))
         step += 1
@@ -522,7 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           continue
 
         saved = exp.from_train(state)
-        meta.update(step=step, epoch=step // spe, data_position=data_position(step, spe))
+        meta.update(step=step, epoch=step // spe,
+                    data_position=data_position(step, spe, exp.input_groups))
         score = None
         if evaluate:
           seconds = time.time() - t_window

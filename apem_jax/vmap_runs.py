@@ -448,7 +448,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
       phases["evaluate"] += time.time() - t
       for i in evaluated:
         meta = metas[i]
-        meta.update(step=step, epoch=step // spe, data_position=trainer.data_position(step, spe))
+        meta.update(step=step, epoch=step // spe,
+                    data_position=trainer.data_position(step, spe, exp.input_groups))
         deciders[i].evaluate = lambda _state, _split, m=results[i]: m
         if jax.process_index() == 0 and n > 1:
           tqdm.tqdm.write(f"run {i}" + (f" ({names[i]})" if names[i] else "") + ":")

@@ -105,7 +105,7 @@ def test_train_evaluate_and_resume_exactly(tmp_path, monkeypatch):
   a, _ = _params(straight, config)
   b, meta = _params(resumed, config)
   assert meta["step"] == int(a.step) == int(b.step) == 90
-  assert meta["data_position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 30}
+  assert meta["data_position"] == {"epoch": 3, "batch": 0, "steps_per_epoch": 30, "groups": 1}
   chex.assert_trees_all_equal(a, b)  # bit for bit: parameters, Adam moments, step, key
 
   # The best checkpoint evaluates to the metrics recorded for it.
@@ -446,3 +446,16 @@ def test_eval_explains_what_apem_learned(tmp_path):
   exp, state, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
   with pytest.raises(ValueError, match="has no Pattern Selector"):
     interpret.explain(exp, state, "validation")
+
+
+def test_a_resume_in_the_middle_of_an_epoch_keeps_the_input_groups():
+  """The training order depends on the input's groups (processes, or the streamed input's file
+  groups): a run stopped mid-epoch on 2 processes is not resumed on 1 (the rest of the epoch
+  would read some rows twice and others not at all); at an epoch's end it may be."""
+  middle = trainer.data_position(7, 5, groups=2)
+  with pytest.raises(ValueError, match=r"run: the run stopped after batch 2 of epoch 1 with its "
+                                       r"training input read in 2 groups .* resume on 2 processes"):
+    trainer.check_input_groups(middle, 1, "run")
+  trainer.check_input_groups(middle, 2, "run")
+  trainer.check_input_groups(trainer.data_position(10, 5, groups=2), 1, "run")
+  trainer.check_input_groups({"epoch": 1, "batch": 2, "steps_per_epoch": 5}, 1, "run")  # older
