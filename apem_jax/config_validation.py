@@ -132,13 +132,14 @@ def _default_of(key: str, current: Mapping) -> Any:
 def saved_config_differences(saved: Mapping, current: Mapping) -> list[str]:
   """:func:`diff_keys`, less keys a checkpoint's config lacks because they were added to the
   library after it was written, and that the current config holds at their default (the
-  behaviour the older code had)."""
+  behaviour the older code had; None, an unset key, is its loader's default)."""
   def same(a, b):
     return (list(a) if isinstance(a, (list, tuple)) else a) == (
         list(b) if isinstance(b, (list, tuple)) else b)
   return [k for k in diff_keys(saved, current)
           if not (_value_at(saved, k) == _MISSING
-                  and same(_value_at(current, k), _default_of(k, current)))]
+                  and (_value_at(current, k) is None
+                       or same(_value_at(current, k), _default_of(k, current))))]
 
 
 def result_config_differences(saved: Mapping, current: Mapping) -> list[str]:

@@ -10,7 +10,7 @@
 
   apem-data prepare spec.json [--data_dir data] [--shard_rows 100000]
       Prepares the dataset (apem_jax/data/prepare.py) under <data_dir>/prepared/, or finds it
-      prepared; train with ``--config.data.name=spec --config.data.spec=spec.json``.
+      prepared; train with ``--config configs/spec.py:spec.json[,MODEL]``.
 
 A mistake in the spec or the data ends the command with one line, ``apem-data: error: ...``, and
 exit status 1 (``--debug`` shows the traceback instead); a preparation that fails leaves nothing in

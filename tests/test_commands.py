@@ -5,6 +5,7 @@ without editing this file. Each runs with ``--help`` (argument parsing and every
 needs); what the commands do is tested elsewhere.
 """
 
+import json
 import pathlib
 import re
 import subprocess
@@ -61,3 +62,27 @@ def test_every_documented_command_runs_in_the_venv():
     if not (process.returncode == 0 or absl_help) or crashed or "--" not in output:
       failures.append(f"{command} (exit {process.returncode}): {output[-500:]}")
   assert not failures, "\n\n".join(failures)
+
+
+def test_the_input_keys_are_flags_of_every_shipped_config_and_old_workdirs_lack_them():
+  """``--config.data.stream=true`` (README) and the streamed input's keys are settable on every
+  shipped config; left unset (None: the loader's default) they are no difference from the
+  config of a workdir written before they existed."""
+  from apem_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from apem_jax.configs import census, funnel, spec, synthetic  # pylint: disable=g-import-not-at-top
+  for config in (census.get_config("mmoe"), funnel.get_config("esmm"),
+                 synthetic.get_config("mmoe,0.5"), spec.get_config("s.json,apem")):
+    keys = {"shard_rows", "stream", "shuffle_buffer", "stream_groups", "interleave_cycle"}
+    assert keys <= set(config.data) and all(config.data[k] is None for k in keys)
+    current = config.to_dict()
+    saved = json.loads(json.dumps(current))
+    for key in keys:
+      del saved["data"][key]
+    assert config_validation.saved_config_differences(saved, current) == []
+    current["data"]["stream"] = True
+    assert config_validation.saved_config_differences(saved, current) == ["data.stream"]
+  result = subprocess.run([sys.executable, "train.py", "--config", "configs/census_apem.py",
+                           "--workdir", "unused", "--config.data.stream=true",
+                           "--config.data.shard_rows=1000", "--helpshort"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert "error" not in result.stderr, result.stderr[-2000:]

@@ -66,6 +66,18 @@ def base_config(model: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def input_keys() -> dict:
+  """How a prepared dataset is read, each left unset (None: the loader's default) so that a
+  command line can set it (``--config.data.stream=true``): ``shard_rows`` (rows per prepared
+  shard), ``stream`` (stream the shards, or read them into memory: the default for a spec is to
+  stream, for a built-in dataset to read into memory), and the streamed input's
+  ``shuffle_buffer``, ``stream_groups`` and ``interleave_cycle`` (apem_jax/data/stream.py)."""
+  placeholder = ml_collections.config_dict.placeholder
+  return dict(shard_rows=placeholder(int), stream=placeholder(bool),
+              shuffle_buffer=placeholder(int), stream_groups=placeholder(int),
+              interleave_cycle=placeholder(int))
+
+
 def census_data(task_group: str = "income_marital") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="census_income",
@@ -74,6 +86,7 @@ def census_data(task_group: str = "income_marital") -> ml_collections.ConfigDict
       numeric_transform="none",    # 'none' | 'log1p', applied before standardisation
       min_count=1,
       numeric_buckets=32,           # >1: also embed each numeric value's training-quantile bucket
+      **input_keys(),
   ))
 
 

@@ -21,7 +21,7 @@ def funnel_data(num_steps: int = 3) -> ml_collections.ConfigDict:
   funnel["num_steps"] = num_steps
   return ml_collections.ConfigDict(dict(
       name="synthetic_funnel",
-      funnel=funnel))
+      funnel=funnel, **common.input_keys()))
 
 
 def get_config(arg: str = "apem"):

@@ -17,5 +17,6 @@ def get_config(arg: str):
   if not spec:
     raise ValueError("configs/spec.py needs the spec file: --config configs/spec.py:SPEC[,MODEL]")
   config = common.base_config(model or "apem")
-  config.data = ml_collections.ConfigDict(dict(name="spec", spec=spec, data_dir="data"))
+  config.data = ml_collections.ConfigDict(dict(name="spec", spec=spec, data_dir="data",
+                                               **common.input_keys()))
   return config

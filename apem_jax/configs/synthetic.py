@@ -16,7 +16,7 @@ def get_config(arg: str = "apem,0.5"):
       name="synthetic_mmoe",
       synthetic=dict(input_dim=100, scale=1.0, correlation=float(correlation or 0.5),
                      num_sines=10, noise_std=0.1, num_examples=100_000, seed=0,
-                     task_kind="regression")))
+                     task_kind="regression"), **common.input_keys()))
   config.model = default_model_config(model)
   # Ten epochs (the cosine schedule ends with them) keep a 4-model x 3-correlation sweep within
   # CPU reach. With them Shared-Bottom, MMoE and PLE reach test MSE 0.0101 at p = 1.0 (the floor
