@@ -85,6 +85,10 @@ CASES = [
     ("export of the best checkpoint, deleted", EXPORT + ["--workdir={deleted}", "--output={new}"],
      "apem-export: error: {deleted}: no best checkpoint under {deleted}/checkpoints; it has "
      "unevaluated checkpoints [20] (--checkpoint latest)"),
+    ("an unknown key after a value that holds its name", TRAIN + [
+        "--config={tiny}", "--workdir={new}", "--config.train.progress_bar=false",
+        "--config.train.bar=3"],
+     "train.py: error: --config.train.bar=3: the config has no key 'bar'"),
     ("a config file that does not exist", TRAIN + ["--config={root}/nope.py", "--workdir={new}"],
      "train.py: error: --config: Failed loading config file config_config"),
     ("a config file that is not Python", EVAL + ["--config={broken}", "--workdir={run}"],
