@@ -630,6 +630,10 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                               f"first (train.py --workdir {workdir})")
     saved = ckpt.restore_meta(kind, step)
     _check_config(saved, config, workdir)
+    batch_size = saved["config"]["train"]["batch_size"]
+    if config.train.batch_size != batch_size:  # a training setting (steps per epoch): the run's
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.train.batch_size = batch_size
     exp = Experiment(config, data)
     _check_schema(saved, exp.schema, workdir)
     state, meta = ckpt.restore(exp.abstract_state, kind, step)

@@ -446,6 +446,11 @@ def test_eval_explains_what_apem_learned(tmp_path):
   exp, state, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
   with pytest.raises(ValueError, match="has no Pattern Selector"):
     interpret.explain(exp, state, "validation")
+  # Evaluation with a config whose batch size exceeds the training rows (a training setting):
+  # restored with the run's.
+  other.train.batch_size = 4096
+  exp, _, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
+  assert exp.config.train.batch_size == 64
 
 
 def test_a_resume_in_the_middle_of_an_epoch_keeps_the_input_groups():
