@@ -211,7 +211,8 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
       grads = balancing_lib.combine(task_grads, shared, used, used)
     else:
       used = balancing.shared_coefficients(
-          k, active, _surgery_rng(state), norm_of=lambda w: balancing_lib.shared_norm(task_grads, shared, w))
+          k, active, _surgery_rng(state),
+          norm_of=lambda w: balancing_lib.shared_norm(task_grads, shared, w))
       grads = balancing_lib.combine(task_grads, shared, used, jnp.ones((num_tasks,), jnp.float32))
     if with_penalty:
       grads = jax.tree.map(jnp.add, grads, penalty_grads)

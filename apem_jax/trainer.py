@@ -390,7 +390,8 @@ def check_finite_loss(loss: float, step: int, first_non_finite: np.ndarray,
 
 def fresh_meta(exp: Experiment) -> dict:
   """The bookkeeping a checkpoint stores beside the state, at step 0."""
-  return {"step": 0, "epoch": 0, "data_position": data_position(0, exp.steps_per_epoch, exp.input_groups),
+  return {"step": 0, "epoch": 0,
+          "data_position": data_position(0, exp.steps_per_epoch, exp.input_groups),
           "data_fingerprint": exp.data_fingerprint,
           "validation": None, "score": None, "best_score": -math.inf, "best_step": None,
           "evals_without_improvement": 0, "history": [], "stopped": False, "resumes": [],
