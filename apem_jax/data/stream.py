@@ -37,9 +37,9 @@ shard would otherwise fill its share of every batch with the same few rows): pre
 smaller ``shard_rows`` or use fewer groups. When a group holds more, the last rows of its
 shuffled stream are left out of that epoch. As the file permutation changes every epoch, which
 files are short or long changes too. With one group (one process) an epoch reads every training
-row once and drops only the last ``num_examples % batch_size`` rows of the shuffled stream. Shuffling is
-exact (a uniform permutation) only when ``shuffle_buffer`` is at least a group's rows; below
-that each window of ``shuffle_buffer`` rows (across ``interleave_cycle`` files) is permuted
+row once and drops only the last ``num_examples % batch_size`` rows of the shuffled stream.
+Shuffling is exact (a uniform permutation) only when ``shuffle_buffer`` is at least a group's
+rows; below that each window of ``shuffle_buffer`` rows (across ``interleave_cycle`` files) is permuted
 uniformly, the bounded approximation of a shuffle buffer.
 
 *Skip* (a resumed run's position): whole epochs are skipped without reading anything; within an
