@@ -412,11 +412,11 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
       fields.append({"name": f.name, "type": "categorical", "dtype": "string",
                      "vocab_size": f.vocab_size, "oov_id": f.oov_id})
   else:
-    for name, buckets, c in zip(prep.categorical_fields, prep.num_buckets,
-                                prep.categorical_positions):
+    for name, buckets, c, policy in zip(prep.categorical_fields, prep.num_buckets,
+                                        prep.categorical_positions, prep.categorical_missing):
       f = schema.categorical[c]
       entry = {"name": name, "type": "categorical", "dtype": "string", "column": c,
-               "vocab_size": f.vocab_size, "oov_id": f.oov_id}
+               "vocab_size": f.vocab_size, "oov_id": f.oov_id, "missing": policy}
       entry.update({"encoding": "hash", "num_buckets": buckets,
                     "hash": "farmhash64 % num_buckets (tf.strings.to_hash_bucket_fast)"}
                    if buckets else {"encoding": "vocabulary"})
@@ -461,7 +461,9 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
                           f"its indicator field; one with 'error' fails the call",
                "categorical": "send the empty string (what preparation reads a missing value "
                               "as)" + (f" or one of {list(prep.missing_values)}"
-                                       if set(prep.missing_values) - {""} else "")}
+                                       if set(prep.missing_values) - {""} else "") +
+                              (f"; a feature with missing 'error' fails the call on one of "
+                               f"{list(prep.missing_values)}" if prep.missing_values else "")}
               if prep is not None else None),
           "outputs": {t.name: {"dtype": "float32", "shape": [None]} for t in schema.tasks},
           "platforms": list(platforms),

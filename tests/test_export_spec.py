@@ -131,6 +131,7 @@ def test_export_metadata_describes_encodings_and_missing_values(spec_run):
   assert fields["country"]["encoding"] == "vocabulary"
   assert [fields[n]["transform"] for n in NUMERIC] == ["log1p", "none", "log1p"]
   assert [fields[n]["missing"] for n in NUMERIC] == ["fill", "indicator", "error"]
+  assert [fields[n]["missing"] for n in CATEGORICAL] == ["value", "value"]
   assert fields["price"]["fill"] == 5.0 and fields["age"]["indicator"] == "age_missing"
   assert meta["indicators"] == [{"name": "age_missing", "column": 2, "of": "age",
                                  "ids": {"present": 0, "missing": 1}}]
@@ -212,6 +213,7 @@ def test_old_preprocessing_json_loads_with_todays_behaviour(tmp_path):
   assert prep.numeric_transforms == ("log1p", "log1p")
   assert prep.numeric_missing == ("error", "error") and prep.numeric_fills == (None, None)
   assert prep.indicator_columns == (-1, -1) and prep.num_indicators == 0
+  assert prep.categorical_missing == ("value", "value")
   assert prep.column_names == prep.categorical_fields and prep.vocab_sizes == (3, 3)
   assert prep.column_vocab_sizes == (3, 3)
   assert prep_lib.Preprocessing.from_json(prep.to_json()) == prep
@@ -313,3 +315,37 @@ def test_the_csv_missing_value_tokens_read_as_missing_when_served(tmp_path):
       np.testing.assert_array_equal(got, want)
   again = prep_lib.Preprocessing.from_json(prep.to_json())
   assert again == prep
+
+
+def test_a_categorical_value_missing_where_the_spec_refuses_it_is_refused_when_served(tmp_path):
+  """``"missing": "error"`` on a categorical feature: preparation refuses a missing value, and so
+  do the NumPy and graph encoders (they served it as the OOV id); a value that only strips to a
+  missing token is a value."""
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = serving.tf
+  rows = [{"split": ["train", "validation", "test"][i % 3], "user": ["a", "NA", "", "b"][i % 4],
+           "country": ["fr", "de"][i % 2], "clicked": str(i % 2)} for i in range(24)]
+  write_csv(tmp_path / "events.csv", rows)
+  spec = {"format": {"type": "csv", "missing_values": ["", "NA"]},
+          "files": ["events.csv"], "split": {"split_column": "split"},
+          "features": [{"name": "user", "type": "categorical"},
+                       {"name": "country", "type": "categorical", "missing": "error"}],
+          "tasks": [{"name": "click", "label_column": "clicked"}]}
+  prep = prepared.load_prepared(
+      prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache").path).preprocessing
+  assert prep.categorical_missing == ("value", "error")
+  assert prep_lib.Preprocessing.from_json(prep.to_json()) == prep
+  graph = tf.function(serving.RawFeatureEncoder(prep), autograph=False)
+  ok = {"user": np.array(["NA", "a"]), "country": np.array(["fr", " NA"])}
+  want = [[0, 1], [1, 2]]  # user "NA" is missing (""); country " NA" is an unseen value (OOV)
+  np.testing.assert_array_equal(prep_lib.encode(ok, prep)["categorical"], want)
+  np.testing.assert_array_equal(graph({k: tf.constant(v) for k, v in ok.items()})
+                                ["categorical"].numpy(), want)
+  for country in (["de", "NA"], ["de", ""], np.array(["de", None], dtype=object)):
+    bad = dict(ok, country=np.asarray(country))
+    with pytest.raises(ValueError, match="'country', row 1: the value is missing"):
+      prep_lib.encode(bad, prep)
+    if None not in list(country):
+      with pytest.raises(tf.errors.InvalidArgumentError,
+                         match="feature country: a value is missing"):
+        graph({k: tf.constant(v) for k, v in bad.items()})

@@ -1127,7 +1127,8 @@ def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted) -> prep_lib.Preproce
       numeric_fills=tuple(float(f.fill) if f.missing == "fill" else None for f in spec.numeric),
       indicator_columns=tuple(columns.get(f.name, -1) for f in spec.numeric),
       # The CSV reader reads these as missing (""); Parquet and TFRecord have nulls instead.
-      missing_values=spec.format.missing_values if spec.format.type == "csv" else ())
+      missing_values=spec.format.missing_values if spec.format.type == "csv" else (),
+      categorical_missing=tuple(f.missing for f in spec.categorical))
 
 
 def check_splits_have_rows(spec: spec_lib.Spec, files: Mapping[str, Sequence[spec_lib.FileInfo]],

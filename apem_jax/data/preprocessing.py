@@ -37,6 +37,7 @@ NUMERIC_TRANSFORMS = ("none", "log1p")
 # them). Code that predates per-field transforms refuses it instead of applying one to every field.
 PER_FIELD = "per_field"
 MISSING_POLICIES = ("error", "fill", "indicator")  # a numeric field's missing-value policy
+CATEGORICAL_MISSING = ("value", "error")  # a categorical field's
 INDICATOR_SUFFIX = "_missing"  # an indicator column's name: <numeric field> + this (as in specs)
 
 
@@ -67,11 +68,14 @@ class Preprocessing:
       ``categorical`` array where 'indicator', else -1.
     missing_values: raw categorical values read as missing, i.e. as ``""`` (a CSV spec's
       ``format.missing_values``: preparation reads them as missing), compared before stripping.
+    categorical_missing: per categorical field, what a missing value is: 'value' (the id of
+      ``""``, as any value) or 'error' (refused, as preparation refused it).
 
-  The last six were added later: a file without them (written before) loads with what they
-  meant then: every categorical field a vocabulary, every numeric field ``numeric_transform``,
-  no missing values accepted, no indicators. Constructed with them left empty, they are filled
-  in the same way (indicators, if any, after the categorical fields).
+  The last seven were added later: a file without them (written before) loads with what they
+  meant then: every categorical field a vocabulary whose missing value is ``""``, every numeric
+  field ``numeric_transform``, no missing values accepted, no indicators. Constructed with them
+  left empty, they are filled in the same way (indicators, if any, after the categorical
+  fields).
   """
 
   categorical_fields: tuple[str, ...]
@@ -88,6 +92,7 @@ class Preprocessing:
   numeric_fills: tuple[float | None, ...] = ()
   indicator_columns: tuple[int, ...] = ()
   missing_values: tuple[str, ...] = ()
+  categorical_missing: tuple[str, ...] = ()
 
   def __post_init__(self):
     fc, fn = len(self.categorical_fields), len(self.numeric_fields)
@@ -110,6 +115,11 @@ class Preprocessing:
       if b and vocab:
         raise ValueError(f"field {name!r}: a hashed field (num_buckets={b}) has no vocabulary")
     set_("num_buckets", num_buckets)
+    categorical_missing = tuple(self.categorical_missing) or ("value",) * fc
+    if len(categorical_missing) != fc or set(categorical_missing) - set(CATEGORICAL_MISSING):
+      raise ValueError(f"Preprocessing: one missing-value policy {CATEGORICAL_MISSING} per "
+                       f"categorical field is required, got {categorical_missing}")
+    set_("categorical_missing", categorical_missing)
     # Numeric: transform, missing-value policy, fill value, indicator column.
     transforms = tuple(self.numeric_transforms)
     if not transforms:
@@ -214,6 +224,7 @@ class Preprocessing:
         "numeric_fills": list(self.numeric_fills),
         "indicator_columns": list(self.indicator_columns),
         "missing_values": list(self.missing_values),
+        "categorical_missing": list(self.categorical_missing),
     }
 
   @classmethod
@@ -233,6 +244,7 @@ class Preprocessing:
         numeric_fills=tuple(None if v is None else float(v) for v in d.get("numeric_fills", ())),
         indicator_columns=tuple(int(c) for c in d.get("indicator_columns", ())),
         missing_values=tuple(d.get("missing_values", ())),
+        categorical_missing=tuple(d.get("categorical_missing", ())),
     )
 
   def to_json(self) -> str:
@@ -280,6 +292,20 @@ def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
 # Unicode spaces and the separators \x1c-\x1f, which the graph keeps: a value holding them would
 # be known in training and OOV when served.)
 ASCII_WHITESPACE = " \t\n\v\f\r"
+
+
+def categorical_missing(values: np.ndarray | Sequence, missing_values: Sequence[str] = ()
+                        ) -> np.ndarray:
+  """bool ``[N]``: where a raw categorical value is missing (None, NaN, or exactly one of
+  ``missing_values``), as preparation reads a null."""
+  raw = np.asarray(values)
+  if raw.dtype == object:
+    missing = np.array([v is None or (isinstance(v, float) and v != v) for v in raw], bool)
+  else:
+    missing = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+  if len(missing_values):
+    missing |= np.isin(as_str_array(raw), np.asarray(missing_values, dtype=str))
+  return missing
 
 
 def categorical_values(values: np.ndarray | Sequence, missing_values: Sequence[str] = ()
@@ -425,8 +451,8 @@ def encode(raw_columns: Mapping[str, np.ndarray], preprocessing: Preprocessing
   """Raw columns -> ``{'categorical': int32 [N, Fc + indicators], 'numeric': float32 [N, Fn]}``.
 
   Raises:
-    ValueError: columns of different lengths; a numeric value infinite, or missing where the
-      field's policy is 'error'.
+    ValueError: columns of different lengths; a numeric value infinite, or a value missing where
+      the field's policy is 'error'.
   """
   p = preprocessing
   lengths = {len(raw_columns[f]) for f in p.categorical_fields + p.numeric_fields}
@@ -434,8 +460,13 @@ def encode(raw_columns: Mapping[str, np.ndarray], preprocessing: Preprocessing
     raise ValueError(f"encode: columns have different lengths {sorted(lengths)}")
   n = lengths.pop() if lengths else 0
   categorical = np.zeros((n, len(p.column_names)), dtype=np.int32)
-  for name, vocab, buckets, c in zip(p.categorical_fields, p.vocabularies, p.num_buckets,
-                                     p.categorical_positions):
+  for name, vocab, buckets, c, policy in zip(p.categorical_fields, p.vocabularies, p.num_buckets,
+                                             p.categorical_positions, p.categorical_missing):
+    if policy == "error":
+      missing = categorical_missing(raw_columns[name], p.missing_values)
+      if missing.any():
+        raise ValueError(f"categorical field {name!r}, row {int(np.argmax(missing))}: the value "
+                         f"is missing and the field accepts no missing values (policy 'error')")
     categorical[:, c] = (hash_categorical(raw_columns[name], buckets, p.missing_values)
                          if buckets else
                          encode_categorical(raw_columns[name], vocab, p.missing_values))

@@ -117,12 +117,19 @@ class RawFeatureEncoder(tf.Module):
       return {"categorical": categorical, "numeric": numeric}
 
     columns: list[tf.Tensor | None] = [None] * len(p.column_names)
-    for f, table, buckets, c in zip(self.categorical_fields, self._tables, p.num_buckets,
-                                    p.categorical_positions):
+    for f, table, buckets, c, policy in zip(self.categorical_fields, self._tables, p.num_buckets,
+                                            p.categorical_positions, p.categorical_missing):
       value = tf.reshape(features[f], [-1])
       if p.missing_values:  # read as missing, as preparation does: compared before stripping
         is_missing = tf.reduce_any(
             tf.equal(value[:, None], tf.constant(p.missing_values, tf.string)[None, :]), axis=1)
+        if policy == "error":
+          with tf.control_dependencies([tf.debugging.Assert(
+              tf.logical_not(tf.reduce_any(is_missing)),
+              [f"feature {f}: a value is missing (one of the dataset spec's missing_values), "
+               f"but the feature accepts none (its missing policy in the spec is error)"],
+              name=f"categorical_present_{c}")]):
+            value = tf.identity(value)
         value = tf.where(is_missing, tf.constant(""), value)
       value = tf.strings.strip(value)
       ids = (tf.strings.to_hash_bucket_fast(value, buckets) if buckets else table.lookup(value))
