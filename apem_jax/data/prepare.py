@@ -377,7 +377,10 @@ def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Itera
 
 # Parquet --------------------------------------------------------------------------------------
 
-def _as_dictionary_strings(arr: pa.Array, where: str, column: str) -> pa.Array:
+def _as_dictionary_strings(arr: pa.Array, chunk_where, column: str) -> pa.Array:
+  """A column of category values as a dictionary array of strings; a value that is not UTF-8
+  is named by its row (``chunk_where(i)``)."""
+  where = chunk_where(0)
   if pa.types.is_floating(arr.type):  # NaN is a missing value, as in the NumPy encoder
     arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
   if not pa.types.is_dictionary(arr.type):
@@ -393,6 +396,14 @@ def _as_dictionary_strings(arr: pa.Array, where: str, column: str) -> pa.Array:
     try:
       values = pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+      for k, value in enumerate(values.to_pylist() if pa.types.is_binary(values.type) or
+                                pa.types.is_large_binary(values.type) else ()):
+        try:
+          value.decode("utf-8")
+        except UnicodeDecodeError as bad:
+          i = int(np.argmax(arr.indices.to_numpy(zero_copy_only=False) == k))
+          raise DataError(f"{chunk_where(i)}, column {column!r}: {value[:40]!r} is not UTF-8 "
+                          f"text ({bad.reason})") from None
       raise DataError(f"{where}, column {column!r}: values of type {arr.type} cannot be read as "
                       f"strings: {e}") from None
   return pa.DictionaryArray.from_arrays(pc.cast(arr.indices, pa.int32()), values)
@@ -433,7 +444,7 @@ def _iter_parquet(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> I
     chunk = Chunk({}, batch.num_rows, path, rows, "row")
     for c, k in kinds.items():
       arr = batch.column(c)
-      chunk.columns[c] = (_as_dictionary_strings(arr, chunk.where(0), c) if k == "str" else
+      chunk.columns[c] = (_as_dictionary_strings(arr, chunk.where, c) if k == "str" else
                           _as_float64(arr, chunk.where, c, roles[c]))
     yield chunk
     rows += batch.num_rows
