@@ -97,7 +97,7 @@ class Experiment:
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
     self.data_fingerprint = self.data.fingerprint()
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
-    # What the training order depends on besides the seed: the streamed input's file groups, or
+    # What the training order depends on besides the seed: the streamed input's row groups, or
     # (in memory) the processes, each of which reads its own rows.
     self.input_groups = getattr(self.data, "groups", 0) or jax.process_count()
     if self.steps_per_epoch < 1:

@@ -130,8 +130,8 @@ def test_wiring_metadata_head_and_fingerprint(funnel):
     processes(mp, 2, 0)
     with pytest.raises(ValueError, match=r"data.stream_groups=3 must be a multiple"):
       streamed(funnel, stream_groups=3).train_batches(BATCH, seed=0)
-    with pytest.raises(ValueError, match=r"fewer than the 12 file groups"):
-      streamed(funnel, stream_groups=12).train_batches(BATCH, seed=0)
+    with pytest.raises(ValueError, match=r"batch_size=96 must be a multiple of the 10 row groups"):
+      streamed(funnel, stream_groups=10).train_batches(BATCH, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,75 +195,72 @@ def test_same_seed_same_batches_other_seed_other_order_skip(funnel):
     np.testing.assert_array_equal(table(skipped), table(first[skip:]))
 
 
-def test_two_processes_read_their_own_files_and_make_the_one_process_global_batches(
+def test_two_processes_read_their_own_rows_and_make_the_one_process_global_batches(
     funnel, monkeypatch):
-  """Balanced shards, 2 file groups: process i's rows of an epoch are exactly its group's files,
-  and its local batches, put side by side with the other process's, are the global batches of
-  one process reading both groups (data.stream_groups=2)."""
+  """2 row groups: process i's rows of an epoch are exactly its group's rows, and its local
+  batches, put side by side with the other process's, are the global batches of one process
+  reading both groups (data.stream_groups=2)."""
   data = streamed(funnel, stream_groups=2, shuffle_buffer=100)
   one = take(data.train_batches(BATCH, seed=9), 10)
-  by_file = {f: sorted_rows(table(
-      prepared.read_split(data.directory, "train", _one_file(data.metadata, f))))
-      for f in data._files("train")}  # pylint: disable=protected-access
   local = []
   for index in range(2):
     processes(monkeypatch, 2, index)
     local.append(take(data.train_batches(BATCH, seed=9), 10))
     assert all(b["labels"].shape[0] == BATCH // 2 for b in local[-1])
     for epoch in range(2):
-      mine = data.epoch_files(9, epoch, 2)[index]
       np.testing.assert_array_equal(
           sorted_rows(table(local[-1][5 * epoch:5 * epoch + 5])),
-          sorted_rows(np.concatenate([by_file[f] for f in mine])))
+          sorted_rows(group_rows(data, data.epoch_segments(9, epoch, 2)[index])))
   for g, a, b in zip(one, *local):
     np.testing.assert_array_equal(table(g), np.concatenate([table(a), table(b)]))
 
 
-def _one_file(metadata, file) -> dict:
-  """``metadata`` with the train split reduced to one shard file (for ``read_split``)."""
-  meta = json.loads(json.dumps(metadata))
-  shard = next(s for s in meta["splits"]["train"]["shards"]
-               if file.endswith(s["file"]))
+def group_rows(data: stream.StreamedSplits, segments) -> np.ndarray:
+  """The rows of a group's ``(file, start, stop)`` segments, read whole (the reference)."""
+  return np.concatenate([split_rows_of_file(data, f)[a:b] for f, a, b in segments])
+
+
+def split_rows_of_file(data: stream.StreamedSplits, file: str) -> np.ndarray:
+  meta = json.loads(json.dumps(data.metadata))
+  shard = next(s for s in meta["splits"]["train"]["shards"] if file.endswith(s["file"]))
   meta["splits"]["train"] = {"rows": shard["rows"], "shards": [shard]}
-  return meta
+  return table(prepared.read_split(data.directory, "train", meta))
 
 
-def test_unequal_shards_give_every_process_the_same_number_of_batches(funnel, monkeypatch):
-  """Shards of 100 rows (100, 100, 100, 100, 80): with 2 groups one holds 3 files, the other 2;
-  the short group reads its files again, the long one leaves rows out; both processes still
-  yield the trainer's 480 // 96 = 5 batches an epoch, of training rows."""
-  data = streamed(funnel, stream_groups=2, shuffle_buffer=50, shard_rows=100)
-  assert [s["rows"] for s in data.metadata["splits"]["train"]["shards"]] == [100] * 4 + [80]
-  train = {tuple(r) for r in split_rows(data, "train")}
+@pytest.mark.parametrize("shard_rows, groups, batch", [
+    (100, 2, BATCH),  # shards of 100, 100, 100, 100, 80: each group 240 rows, files cut in two
+    (470, 2, BATCH),  # shards of 470 and 10 (records of 128 rows: cuts inside later records)
+    (470, 3, BATCH),  # 160 rows a group
+    (100, 2, 64)])    # 7 batches an epoch: 16 rows of each group's 240 left out
+def test_unequal_shards_give_every_group_its_share_and_every_row_at_most_once(
+    funnel, monkeypatch, shard_rows, groups, batch):
+  """Whatever the shards' sizes, each row group holds n // groups rows of the permuted files
+  (parts of files included), so an epoch of every process together reads no row twice; with
+  batches that divide the rows, every row exactly once."""
+  data = streamed(funnel, stream_groups=groups, shuffle_buffer=50, shard_rows=shard_rows)
+  assert len({s["rows"] for s in data.metadata["splits"]["train"]["shards"]}) == 2
+  train = split_rows(data, "train")
+  steps = TRAIN_ROWS // batch
+  for epoch in range(2):
+    segments = data.epoch_segments(1, epoch, groups)
+    assert [sum(b - a for _, a, b in s) for s in segments] == [
+        (g + 1) * TRAIN_ROWS // groups - g * TRAIN_ROWS // groups for g in range(groups)]
+    np.testing.assert_array_equal(
+        sorted_rows(np.concatenate([group_rows(data, s) for s in segments])), sorted_rows(train))
   per_process = []
-  for index in range(2):
-    processes(monkeypatch, 2, index)
-    batches = take(data.train_batches(BATCH, seed=1), 15)
-    assert all(b["weight"].shape == (BATCH // 2,) for b in batches)
-    assert all(tuple(r) in train for r in table(batches))
-    per_process.append(batches)
-  epoch0 = table(per_process[0][:5] + per_process[1][:5])
-  assert len({tuple(r) for r in epoch0}) < len(epoch0) or len(epoch0) < len(train)
-  # A short group reads each of its rows once before any twice, however large the window
-  # (its passes were once read side by side and permuted together: 2 of 3 rows twice).
-  data = streamed(funnel, stream_groups=2, shuffle_buffer=10_000, shard_rows=100)
-  for index in range(2):
-    processes(monkeypatch, 2, index)
-    files = data.epoch_files(1, 0, 2)[index]
-    held = sum(int(s["rows"]) for s in data.metadata["splits"]["train"]["shards"]
-               if any(f.endswith(s["file"]) for f in files))
-    rows = table(take(data.train_batches(BATCH, seed=1), 5))
-    distinct = len({tuple(r) for r in rows})
-    first_pass = min(held // (BATCH // 2) * (BATCH // 2), len(rows))  # whole sub-batches
-    assert distinct >= first_pass, (held, distinct)
-
-
-def test_shards_too_unequal_for_the_file_groups_are_refused_before_training(funnel):
-  data = streamed(funnel, stream_groups=2, shard_rows=470)  # shards of 470 and 10 rows
-  with pytest.raises(ValueError, match=r"file groups need 240 training rows each an epoch, and "
-                                       r"a group of the 1 smallest of the shards \[10, 470\] "
-                                       r"holds 10: .*a smaller data.shard_rows"):
-    data.train_batches(BATCH, seed=0)
+  for index in range(2 if groups % 2 == 0 else 1):
+    processes(monkeypatch, 2 if groups % 2 == 0 else 1, index)
+    per_process.append(take(data.train_batches(batch, seed=1), 2 * steps))
+  for epoch in range(2):
+    rows = table([b for p in per_process for b in p[epoch * steps:(epoch + 1) * steps]])
+    assert len(rows) == steps * batch
+    # No row more often than the training split holds it (a row read twice would be).
+    held = {tuple(r): c for r, c in zip(*np.unique(train, axis=0, return_counts=True))}
+    read = dict(zip(map(tuple, np.unique(rows, axis=0)),
+                    np.unique(rows, axis=0, return_counts=True)[1]))
+    assert all(c <= held.get(r, 0) for r, c in read.items())
+    if steps * batch == TRAIN_ROWS:
+      np.testing.assert_array_equal(sorted_rows(rows), sorted_rows(train))
 
 
 # ---------------------------------------------------------------------------------------------

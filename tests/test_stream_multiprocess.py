@@ -3,9 +3,9 @@
 The test prepares test_stream's funnel (10 training shards of 48 rows), then launches this file
 twice as a worker (``python tests/test_stream_multiprocess.py PROCESS_ID PORT DIR``), joined by
 ``jax.distributed`` on a free local port (2 CPU devices each, gloo collectives). Each worker runs
-``trainer.train_and_evaluate`` with ``data.stream_groups=2``: process ``i`` reads the shard files
-of file group ``i`` only. Meanwhile this process (8 devices) trains the same config alone: with 2
-file groups its global batches are the 2-process run's (same rows, same order), so the final
+``trainer.train_and_evaluate`` with ``data.stream_groups=2``: process ``i`` reads the rows
+of row group ``i`` only. Meanwhile this process (8 devices) trains the same config alone: with 2
+row groups its global batches are the 2-process run's (same rows, same order), so the final
 parameters agree to 1e-5. Plain SGD (test_multiprocess.sgd), as in test_multiprocess: Adam's
 first steps divide by the gradients' own magnitude and turn the reduction-order round-off of
 near-zero gradients into parameter differences of the learning rate's size.
@@ -50,7 +50,7 @@ def worker(process_id: int, port: int, directory: str) -> None:
   with test_multiprocess.sgd():
     summary = trainer.train_and_evaluate(config(directory), os.path.join(directory, "run2"))
   exp_groups = trainer.load_dataset(config(directory).data)._groups(96)  # pylint: disable=protected-access
-  print(f"process {process_id}: done, {summary['steps']} steps, file groups "
+  print(f"process {process_id}: done, {summary['steps']} steps, row groups "
         f"{list(exp_groups[1])} of {exp_groups[0]}", flush=True)
 
 
@@ -87,7 +87,7 @@ def test_two_processes_stream_their_own_files_and_train_like_one(tmp_path):
   finally:
     outputs = test_multiprocess._wait(procs, timeout=240)  # pylint: disable=protected-access
   for i, out in enumerate(outputs):
-    assert f"process {i}: done, 10 steps, file groups [{i}] of 2" in out, out[-3000:]
+    assert f"process {i}: done, 10 steps, row groups [{i}] of 2" in out, out[-3000:]
 
   with open(tmp_path / "run2" / "metrics.json") as f:
     two = json.load(f)

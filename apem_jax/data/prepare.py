@@ -1519,8 +1519,8 @@ def load_spec_dataset(data_config: Any):
   (``stream.StreamedSplits``, ``data.stream=true``, the default) or loaded into host memory
   (``pipeline.DatasetSplits``, ``data.stream=false``).
 
-  The streamed input takes ``data.shuffle_buffer`` (rows per file group's shuffle window, default
-  100,000), ``data.stream_groups`` (file groups of the training order, default 0: one per
+  The streamed input takes ``data.shuffle_buffer`` (rows per row group's shuffle window, default
+  100,000), ``data.stream_groups`` (row groups of the training order, default 0: one per
   process; set it to reproduce a run of that many processes on fewer) and
   ``data.interleave_cycle`` (files a group reads at a time, default 4); they are refused with
   ``data.stream=false``.

@@ -4,10 +4,10 @@ The in-memory :class:`apem_jax.data.pipeline.DatasetSplits` holds every split's 
 host memory. ``StreamedSplits`` has the same interface (the trainer takes either) but reads the
 TFRecord shards of a prepared directory (:mod:`apem_jax.data.prepared`) with tf.data as it goes:
 no split is ever held whole in host memory. What it holds: the metadata, the schema and the
-preprocessing; per file group, a shuffle window of ``shuffle_buffer`` parsed rows (and its
+preprocessing; per row group, a shuffle window of ``shuffle_buffer`` parsed rows (and its
 permuted copy); a few batches in flight (prefetch). Nothing grows with the number of rows.
 
-**Training order** (``train_batches``). The training shards are divided into ``groups`` *file
+**Training order** (``train_batches``). The training rows are divided into ``groups`` *row
 groups* (``data.stream_groups``; default: one per process). A global batch of ``batch_size`` rows
 is the concatenation of one sub-batch of ``batch_size // groups`` rows from each group, in group
 order, and process ``i`` of ``k`` reads the contiguous groups ``[i*groups/k, (i+1)*groups/k)``:
@@ -18,29 +18,26 @@ trains on exactly the global batches of a two-process run (same rows, same order
 Epoch ``e`` of the sequence of ``seed``:
 
 1. the training files are permuted with ``SeedSequence([seed, e])`` (the same on every process)
-   and file ``j`` of the permutation goes to group ``j % groups``;
+   and read, one after the other, as one sequence of the ``n`` training rows; group ``g`` takes
+   rows ``[g*n//groups, (g+1)*n//groups)`` of it (:meth:`StreamedSplits.epoch_segments`): whole
+   files, and at its two ends a part of a file (a part starts at the record that holds its first
+   row; the rows before it in that record are dropped);
 2. each group reads its files with ``interleave`` (``interleave_cycle`` files at a time, one
    record of up to ``prepared.RECORD_ROWS`` rows from each in turn, parsed as it is read), cuts
    the rows into windows of ``shuffle_buffer`` rows, permutes each window's rows (seeded with
    ``SeedSequence([seed, e, group])`` and the window's index), cuts them into sub-batches
-   (remainder dropped) and takes ``num_examples('train') // batch_size`` of them
-   (:func:`shuffled_batches`): every group, so every process, yields the same number of batches
-   per epoch (what the trainer takes);
+   (remainder dropped) and takes ``n // batch_size`` of them (:func:`shuffled_batches`): every
+   group, so every process, yields the same number of batches per epoch (what the trainer takes);
 3. the groups' sub-batches are concatenated, then prefetched.
 
-*Unequal groups.* A group needs ``steps * batch_size / groups`` rows per epoch. When its files
-hold fewer (shards are of ``shard_rows`` rows except each split's last, and the files do not
-divide evenly among the groups), it reads them again within the epoch, in a second pass of its
-own (every row once before any twice; the pass permuted with its own seed): some of its rows are
-seen twice in that epoch. A group holding less than half what it needs is refused (a small last
-shard would otherwise fill its share of every batch with the same few rows): prepare with a
-smaller ``shard_rows`` or use fewer groups. When a group holds more, the last rows of its
-shuffled stream are left out of that epoch. As the file permutation changes every epoch, which
-files are short or long changes too. With one group (one process) an epoch reads every training
-row once and drops only the last ``num_examples % batch_size`` rows of the shuffled stream.
-Shuffling is exact (a uniform permutation) only when ``shuffle_buffer`` is at least a group's
-rows; below that each window of ``shuffle_buffer`` rows (across ``interleave_cycle`` files) is permuted
-uniformly, the bounded approximation of a shuffle buffer.
+An epoch reads every training row at most once, whatever the shards' sizes: a group holds
+``n // groups`` rows or one more, at least the ``n // batch_size * batch_size // groups`` it
+needs, and what is left out of the epoch is the last rows of each group's shuffled stream
+(``n % batch_size`` rows in all with one group). As the file permutation changes every epoch,
+which rows those are changes too. Shuffling is exact (a uniform permutation) only when
+``shuffle_buffer`` is at least a group's rows; below that each window of ``shuffle_buffer`` rows
+(across ``interleave_cycle`` files) is permuted uniformly, the bounded approximation of a shuffle
+buffer.
 
 *Skip* (a resumed run's position): whole epochs are skipped without reading anything; within an
 epoch, the first ``skip`` batches are read and permuted and dropped, so a resume costs reading
@@ -81,7 +78,7 @@ from apem_jax.data import pipeline
 from apem_jax.data import prepared as prepared_lib
 from apem_jax.data import preprocessing as prep_lib
 
-DEFAULT_SHUFFLE_BUFFER = 100_000   # rows per file group
+DEFAULT_SHUFFLE_BUFFER = 100_000   # rows per row group
 DEFAULT_INTERLEAVE_CYCLE = 4       # files a group reads at a time
 BATCH_KEYS = ("categorical", "numeric", "labels", "label_mask", "weight")
 
@@ -124,9 +121,9 @@ class StreamedSplits:
 
   Args:
     directory: a prepared directory (``prepare.prepare(...).path``).
-    shuffle_buffer: rows in each file group's shuffle window (see :func:`shuffled_batches`).
-    groups: file groups of the training order (0: one per process); a multiple of
-      ``jax.process_count()`` dividing the batch size, at most the number of training shards.
+    shuffle_buffer: rows in each row group's shuffle window (see :func:`shuffled_batches`).
+    groups: row groups of the training order (0: one per process); a multiple of
+      ``jax.process_count()`` dividing the batch size.
     interleave_cycle: files each group reads at a time.
   """
 
@@ -228,62 +225,66 @@ class StreamedSplits:
     """``(groups, this process's groups)`` for ``batch_size``."""
     count, index = jax.process_count(), jax.process_index()
     groups = self.groups or count
-    files = len(self._split("train")["shards"])
     if groups % count:
       raise ValueError(f"data.stream_groups={groups} must be a multiple of "
                        f"jax.process_count()={count}")
     if batch_size % groups:
       raise ValueError(f"train.batch_size={batch_size} must be a multiple of the "
-                       f"{groups} file groups of the streamed input (data.stream_groups)")
-    if files < groups:
-      raise ValueError(f"the training split has {files} shard files, fewer than the {groups} "
-                       f"file groups of the streamed input (one per process unless "
-                       f"data.stream_groups says otherwise); prepare it with a smaller "
-                       f"data.shard_rows")
-    # Every epoch a group gets at least files // groups of the files, which may be the smallest.
-    shards = sorted(int(s["rows"]) for s in self._split("train")["shards"])
-    least, needs = sum(shards[:files // groups]), (self.num_examples("train") // batch_size
-                                                   * (batch_size // groups))
-    if 2 * least < needs:
-      raise ValueError(f"the streamed input's file groups need {needs} training rows each an "
-                       f"epoch, and a group of the {files // groups} smallest of the shards "
-                       f"{shards} holds {least}: it would read its rows more than twice; "
-                       f"prepare with a smaller data.shard_rows, or use fewer file groups "
-                       f"(data.stream_groups)")
+                       f"{groups} row groups of the streamed input (data.stream_groups)")
     per = groups // count
     return groups, range(index * per, (index + 1) * per)
 
-  def epoch_files(self, seed: int, epoch: int, groups: int) -> list[list[str]]:
-    """Each file group's training files in epoch ``epoch`` of the sequence of ``seed``."""
-    files = self._files("train")
+  def epoch_segments(self, seed: int, epoch: int, groups: int
+                     ) -> list[list[tuple[str, int, int]]]:
+    """Each row group's training rows in epoch ``epoch`` of the sequence of ``seed``: a list of
+    ``(file, first row, end row)`` ranges of the files in their permuted order (see the module
+    docstring)."""
+    shards = self._split("train")["shards"]
     order = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(
-        len(files))
-    return [[files[j] for j in order[g::groups]] for g in range(groups)]
+        len(shards))
+    n = self.num_examples("train")
+    bounds = [g * n // groups for g in range(groups + 1)]
+    segments: list[list[tuple[str, int, int]]] = [[] for _ in range(groups)]
+    offset = 0
+    for j in order:
+      path, rows = os.fspath(self.directory / shards[j]["file"]), int(shards[j]["rows"])
+      for g in range(groups):
+        lo, hi = max(bounds[g], offset), min(bounds[g + 1], offset + rows)
+        if lo < hi:
+          segments[g].append((path, lo - offset, hi - offset))
+      offset += rows
+    return segments
+
+  def _segment_rows(self, tf, path, start, stop):
+    """The records of rows ``[start, stop)`` of one shard file (tensors), each cut to its rows
+    in the range: a dataset of :func:`apem_jax.data.prepared.parse_record` elements."""
+    record = prepared_lib.RECORD_ROWS
+    first = start // record  # every record of a shard holds RECORD_ROWS rows but its last
+    parse = prepared_lib.parse_record(self.metadata["dims"], tf)
+
+    def cut(i, serialized):
+      rows, begin = parse(serialized), (first + i) * record
+      return {k: v[tf.maximum(start - begin, 0):stop - begin] for k, v in rows.items()}
+
+    return (tf.data.TFRecordDataset(path, buffer_size=prepared_lib.READ_BUFFER_BYTES)
+            .skip(first).take((stop + record - 1) // record - first).enumerate().map(cut))
 
   def _epoch(self, tf, batch_size: int, seed: int, epoch: int, skip: int):
     """This process's batches of one epoch."""
     groups, mine = self._groups(batch_size)
     sub = batch_size // groups
     steps = self.num_examples("train") // batch_size
-    rows_of = {os.fspath(self.directory / s["file"]): int(s["rows"])
-               for s in self._split("train")["shards"]}
     parts = []
-    for g, files in enumerate(self.epoch_files(seed, epoch, groups)):
+    for g, segments in enumerate(self.epoch_segments(seed, epoch, groups)):
       if g not in mine:
         continue
-      held = sum(rows_of[f] for f in files)
-      # A group short of rows reads them again in a pass of their own (each row once a pass,
-      # each pass permuted with its own seed); the first pass is the epoch of a group that is not.
-      passes = max(1, -(-steps * sub // held))
-      batches = None
-      for p in range(passes):
-        ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-            lambda f: self._rows(tf, [f]), cycle_length=min(self.interleave_cycle, len(files)),
-            block_length=1)
-        ds = shuffled_batches(tf, ds, sub, self.shuffle_buffer,
-                              _seed(seed, epoch, g) if p == 0 else _seed(seed, epoch, g, p))
-        batches = ds if batches is None else batches.concatenate(ds)
-      parts.append(batches.take(steps))
+      paths, starts, stops = zip(*segments)
+      ds = tf.data.Dataset.from_tensor_slices(
+          (list(paths), np.array(starts, np.int64), np.array(stops, np.int64))).interleave(
+              lambda f, a, b: self._segment_rows(tf, f, a, b),
+              cycle_length=min(self.interleave_cycle, len(segments)), block_length=1)
+      parts.append(shuffled_batches(tf, ds, sub, self.shuffle_buffer, _seed(seed, epoch, g))
+                   .take(steps))
     ds = parts[0] if len(parts) == 1 else tf.data.Dataset.zip(tuple(parts)).map(
         lambda *xs: {k: tf.concat([x[k] for x in xs], axis=0) for k in xs[0]})
     return ds.skip(skip) if skip else ds
@@ -292,7 +293,7 @@ class StreamedSplits:
     """Infinite iterator of this process's training batches of ``batch_size // process_count``
     rows: ``categorical``, ``numeric``, ``labels``, ``label_mask``, ``weight`` (the prepared
     example weight). Same seed -> same sequence; ``skip``: start at that batch of the sequence
-    (see the module docstring for the order, unequal groups and the cost of skipping)."""
+    (see the module docstring for the order and the cost of skipping)."""
     self._per_process(batch_size)  # errors now, not at the first next()
     self._groups(batch_size)
     steps = self.num_examples("train") // batch_size
