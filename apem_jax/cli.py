@@ -51,8 +51,9 @@ def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
       sys.exit(f"{program}: error: {e.filename}, line {e.lineno}: {e.msg}")
     except (AttributeError, KeyError) as e:  # ml_collections: no such key in the config
       key = str(e).strip("\"'")
-      given = next((a for a in argv if a.startswith("--config.")
-                    and a.split("=")[0].split(".")[-1] == key), key)
+      names = [(a, a.split("=")[0].split(".")[1:]) for a in argv if a.startswith("--config.")]
+      given = next((a for a, parts in names if parts[-1] == key),  # the key itself, else a
+                   next((a for a, parts in names if key in parts), key))  # section of it
       sys.exit(f"{program}: error: {given}: the config has no key {key!r} (the config file and "
                f"apem_jax/models/defaults.py list the keys)")
     for name, value in flags.FLAGS.flag_values_dict().items():
