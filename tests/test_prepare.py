@@ -698,7 +698,8 @@ def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
   # The text nan, which Arrow reads as a number, is no missing value unless listed as one.
   _csv_with(tmp_path, _set_fields((12, 4, "NaN")))
   _fails(tmp_path, base_spec(), r"events.csv, line 13, column 'price' \(a numeric feature\): "
-                                r"'nan' is not a number \(missing values are written as one of")
+                                r"'NaN' is not a number \(missing values are written as one of "
+                                r"\[''\]: format.missing_values, matched exactly\)")
   # Parquet: the row.
   table = pa.table({"split": ["train"] * 3, "user": ["a"] * 3, "country": ["x"] * 3,
                     "device": ["d"] * 3, "price": ["1.5", "2", "n/a"], "age": [1, 2, 3],

@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from apem_jax.data import infer
+from apem_jax.data import prepare
+from apem_jax.data import prepared
 from apem_jax.data import spec as spec_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -356,6 +358,33 @@ def test_infer_counts_nan_as_missing(tmp_path):
   assert tasks["click"]["missing"] == "mask" and "missing" not in tasks["purchase"]
   # The funnel is not guessed when a label has missing values (as with nulls).
   assert "depends_on" not in tasks["click"] and "depends_on" not in tasks["purchase"]
+
+
+def test_infer_lists_the_csv_texts_read_as_nan_so_that_its_spec_prepares(tmp_path):
+  """In a CSV the text NaN is read as a number by Arrow, and refused by the preparation unless
+  format.missing_values lists it: the inferred spec lists the spellings seen (tab-separated
+  here: the delimiter is kept), and prepares, the NaN rows missing."""
+  lines = ["split\tprice\tlevel\tclick\tuser_id"]
+  for i in range(120):
+    price = "NaN" if i % 10 == 3 else f"{(i * 7) % 50 + 0.5}"
+    level = "nan" if i % 4 == 1 else str(i % 4)
+    lines.append(f"{['train', 'validation', 'test'][i % 3]}\t{price}\t{level}\t{i % 2}\tu{i % 9}")
+  (tmp_path / "data.tsv").write_text("\n".join(lines) + "\n")
+  spec, notes = infer.infer_spec([str(tmp_path / "data.tsv")], output_dir=str(tmp_path))
+  assert spec["format"] == {"type": "csv", "delimiter": "\t", "missing_values": ["", "NaN", "nan"]}
+  assert "format.missing_values: ['', 'NaN', 'nan'] (the text NaN and nan is a missing value)" in (
+      notes)
+  features = {f["name"]: f for f in spec["features"]}
+  assert features["price"]["missing"] == "indicator"
+  assert features["level"]["type"] == "categorical"  # 3 integers: its nan is the missing ""
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  data = prepared.load_prepared(prepare.prepare(tmp_path / "spec.json", tmp_path / "cache").path)
+  prep = data.preprocessing
+  assert prep.vocabularies[prep.categorical_fields.index("level")] == ("", "0", "2", "3")
+  column = prep.column_names.index("price_missing")
+  train = [i for i in range(120) if i % 3 == 0]
+  np.testing.assert_array_equal(data.arrays["train"]["categorical"][:, column],
+                                [i % 10 == 3 for i in train])
 
 
 def test_infer_funnel_compares_the_same_rows(tmp_path):

@@ -20,8 +20,9 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
   are an unnamed column (``""``: CSV lines that end with the delimiter) and a column whose name
   cannot name an input of the exported model (:func:`apem_jax.data.spec.check_feature_names`).
 
-A missing value is a null or a NaN (a float NaN, or the text ``NaN`` in a CSV), as in the
-preparation. Compressed files (``.gz``, ``.bz2``...) are refused: the preparation does not read
+A missing value is a null or a NaN: a float NaN, or in a CSV the text ``NaN`` (any spelling
+Arrow reads as one), which the spec's ``format.missing_values`` then lists beside ``""`` so that
+the preparation reads it as missing too (it refuses an unlisted one). Compressed files (``.gz``, ``.bz2``...) are refused: the preparation does not read
 them.
 
 Nothing here is more than a guess from a sample: a value outside the sample (a missing value where
@@ -252,6 +253,7 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
   id_columns: list[str] = []
   # Binary tasks' labels, float64 [n] row-aligned with the table: 0/1, NaN where missing.
   label_values: dict[str, np.ndarray | None] = {}
+  nan_texts: set[str] = set()  # CSV texts read as NaN (missing): format.missing_values
   for name in table.column_names:
     if name == "":
       ignore.append(name)
@@ -265,6 +267,8 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     x, integer = _numbers(present)
     if x is not None and np.isnan(x).any():  # NaN is missing (as to the preparation)
       keep = ~np.isnan(x)
+      if pa.types.is_string(present.type) or pa.types.is_large_string(present.type):
+        nan_texts |= set(pc.unique(present.filter(pa.array(~keep))).to_pylist())
       present, rows = present.filter(pa.array(keep)), rows[keep]
       x, integer = _numbers(present)
     nulls = n - len(present)  # missing values: null or NaN
@@ -377,8 +381,14 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
 
   rel = [p if spec_lib._is_remote(p) else os.path.relpath(  # pylint: disable=protected-access
       os.path.abspath(p), os.path.abspath(output_dir)) for p in paths]
-  spec: dict[str, Any] = {"format": fmt_name if delimiter == "," else
-                          {"type": "csv", "delimiter": delimiter}, "files": rel}
+  fmt: dict[str, Any] = {"type": fmt_name}
+  if delimiter != ",":
+    fmt["delimiter"] = delimiter
+  if nan_texts:
+    fmt["missing_values"] = [""] + sorted(nan_texts)
+    notes.append(f"format.missing_values: {fmt['missing_values']} (the text "
+                 f"{' and '.join(sorted(nan_texts))} is a missing value)")
+  spec: dict[str, Any] = {"format": fmt_name if len(fmt) == 1 else fmt, "files": rel}
   if split_column is not None:
     name, seen = split_column
     by_split: dict[str, list[str]] = {}

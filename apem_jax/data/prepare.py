@@ -292,7 +292,7 @@ def _not_a_number(where: str, column: str, value: Any, role: str,
   hint = ""
   if fmt is not None and fmt.type == "csv":
     hint = (f" (missing values are written as one of {list(fmt.missing_values)}: "
-            f"format.missing_values)")
+            f"format.missing_values, matched exactly)")
   return DataError(f"{where}, column {column!r} ({role}): {value!r} is not a number{hint}")
 
 
@@ -366,8 +366,10 @@ def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Itera
       nan = pc.fill_null(pc.is_nan(table.column(c)), False).combine_chunks().to_numpy(
           zero_copy_only=False)
       if nan.any():
-        line = header + rows + 1 + int(np.argmax(nan))
-        raise _not_a_number(f"{path}, line {line}", c, "nan", roles[c], fmt)
+        i = int(np.argmax(nan))
+        text = pa_csv.read_csv(pa.BufferReader(segment), **_csv_options(
+            fmt, names, {c: pa.string()})).column(c)[i].as_py()  # as written
+        raise _not_a_number(f"{path}, line {header + rows + 1 + i}", c, text, roles[c], fmt)
     for batch in table.to_batches():
       if batch.num_rows:
         yield Chunk({c: batch.column(c) for c in kinds}, batch.num_rows, path, rows, "line",
