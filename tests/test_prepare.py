@@ -283,15 +283,21 @@ def test_a_tfrecord_value_that_is_not_utf8_names_its_record(tmp_path, feature):
                          r"text")
 
 
-def test_a_parquet_value_that_is_not_utf8_names_its_row(tmp_path):
-  """A binary category column: the bad value's row is named, not the batch's first."""
+def test_a_parquet_value_that_is_not_utf8_names_its_row(tmp_path, monkeypatch):
+  """A binary category column: the bad value's row is named, not the batch's first; batches of
+  a row group (which share its dictionary) that do not hold it read."""
+  monkeypatch.setattr(prepare, "BATCH_ROWS", 3)  # rows 1-3, then 4-6 (row 5 is bad)
   for split in prepared.SPLITS:
-    pq.write_table(pa.table({"x": pa.array([b"a", b"b", b"b", b"\xff\xfe", b"a"], pa.binary()),
-                             "y": [0, 1, 0, 1, 0]}), tmp_path / f"{split}.parquet")
+    pq.write_table(pa.table({"x": pa.array([b"a", b"b", None, b"b", b"\xff\xfe", b"a"],
+                                           pa.binary()),
+                             "y": [0, 1, 0, 1, 0, 1]}), tmp_path / f"{split}.parquet")
   spec = {"format": "parquet", "splits": {s: [f"{s}.parquet"] for s in prepared.SPLITS},
           "features": [{"name": "x", "type": "categorical"}],
           "tasks": [{"name": "y", "label_column": "y"}]}
-  _fails(tmp_path, spec, r"train.parquet, row 4, column 'x': b'\\xff\\xfe' is not UTF-8 text")
+  _fails(tmp_path, spec, r"train.parquet, row 5, column 'x': b'\\xff\\xfe' is not UTF-8 text")
+  chunks = prepare.read_file(str(tmp_path / "train.parquet"),
+                             spec_lib.parse_spec(spec, base_dir=str(tmp_path)))
+  assert next(chunks).columns["x"].dictionary.to_pylist() == ["a", "b"]
 
 
 def test_files_per_split_give_the_split_column_result(funnel_csv):

@@ -398,16 +398,22 @@ def _as_dictionary_strings(arr: pa.Array, chunk_where, column: str) -> pa.Array:
     try:
       values = pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-      for k, value in enumerate(values.to_pylist() if pa.types.is_binary(values.type) or
-                                pa.types.is_large_binary(values.type) else ()):
+      if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)):
+        raise DataError(f"{where}, column {column!r}: values of type {arr.type} cannot be read "
+                        f"as strings: {e}") from None
+      # A Parquet row group's dictionary is shared by its batches: only the entries this batch
+      # uses are its values.
+      indices = pc.fill_null(arr.indices, -1).to_numpy(zero_copy_only=False)
+      present = np.flatnonzero(indices >= 0)
+      for i in np.sort(present[np.unique(indices[present], return_index=True)[1]]).tolist():
+        value = values[int(indices[i])].as_py()  # (rows in order of each value's first)
         try:
           value.decode("utf-8")
         except UnicodeDecodeError as bad:
-          i = int(np.argmax(arr.indices.to_numpy(zero_copy_only=False) == k))
           raise DataError(f"{chunk_where(i)}, column {column!r}: {value[:40]!r} is not UTF-8 "
                           f"text ({bad.reason})") from None
-      raise DataError(f"{where}, column {column!r}: values of type {arr.type} cannot be read as "
-                      f"strings: {e}") from None
+      arr = pc.cast(arr.dictionary_decode(), pa.string()).dictionary_encode()
+      values = arr.dictionary
   return pa.DictionaryArray.from_arrays(pc.cast(arr.indices, pa.int32()), values)
 
 
