@@ -341,11 +341,12 @@ def test_a_categorical_value_missing_where_the_spec_refuses_it_is_refused_when_s
   np.testing.assert_array_equal(prep_lib.encode(ok, prep)["categorical"], want)
   np.testing.assert_array_equal(graph({k: tf.constant(v) for k, v in ok.items()})
                                 ["categorical"].numpy(), want)
-  for country in (["de", "NA"], ["de", ""], np.array(["de", None], dtype=object)):
+  for country in (["de", "NA"], ["de", ""], np.array(["de", None], dtype=object),
+                  np.array(["de", np.float32("nan")], dtype=object)):
     bad = dict(ok, country=np.asarray(country))
     with pytest.raises(ValueError, match="'country', row 1: the value is missing"):
       prep_lib.encode(bad, prep)
-    if None not in list(country):
+    if all(isinstance(v, str) for v in country):
       with pytest.raises(tf.errors.InvalidArgumentError,
                          match="feature country: a value is missing"):
         graph({k: tf.constant(v) for k, v in bad.items()})

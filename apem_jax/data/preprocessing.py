@@ -255,6 +255,11 @@ class Preprocessing:
     return cls.from_dict(json.loads(text))
 
 
+def _is_missing(value) -> bool:
+  """None, or a NaN of any float type (Python's, or NumPy's float32/float64)."""
+  return value is None or (isinstance(value, (float, np.floating)) and value != value)
+
+
 def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
   """A fixed-width ``str`` array of categorical values as preparation reads them: bytes decoded
   as UTF-8; numbers and booleans in Arrow's string form (``1.0`` -> ``"1"``, ``2.5`` ->
@@ -269,7 +274,7 @@ def as_str_array(values: np.ndarray | Sequence) -> np.ndarray:
     import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
     flat = values.reshape(-1)
     if values.dtype == object:
-      missing = np.array([v is None or (isinstance(v, float) and v != v) for v in flat], bool)
+      missing = np.array([_is_missing(v) for v in flat], bool)
       kinds = {str if isinstance(v, str) else bytes if isinstance(v, bytes) else
                bool if isinstance(v, (bool, np.bool_)) else
                float if isinstance(v, (int, float, np.number)) else type(v)
@@ -300,7 +305,7 @@ def categorical_missing(values: np.ndarray | Sequence, missing_values: Sequence[
   ``missing_values``), as preparation reads a null."""
   raw = np.asarray(values)
   if raw.dtype == object:
-    missing = np.array([v is None or (isinstance(v, float) and v != v) for v in raw], bool)
+    missing = np.array([_is_missing(v) for v in raw.reshape(-1)], bool).reshape(raw.shape)
   else:
     missing = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
   if len(missing_values):
