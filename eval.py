@@ -3,8 +3,8 @@
 python eval.py --config configs/census_apem.py --workdir runs/census_apem --split test
 Prints a per-task table and writes <workdir>/eval/<split>.json (the best checkpoint's; another
 checkpoint's goes to <split>_latest.json or <split>_step<N>.json). With --explain (APEM), also
-plots what the model learned on that split, under <workdir>/explain/<split>/
-(apem_jax/interpret.py).
+plots what the model learned on that split, under <workdir>/explain/<split>/ (or
+<split>_latest/, <split>_step<N>/) (apem_jax/interpret.py).
 """
 
 import os
@@ -36,17 +36,16 @@ def main(argv):
     result = {"step": meta["step"], "metrics": exp.evaluate(state, _SPLIT.value)}
     if _EXPLAIN.value:
       explanation = interpret.explain(exp, state, _SPLIT.value)
-  if _STEP.value is not None:
-    name, which = f"{_SPLIT.value}_step{result['step']}", f"the checkpoint of step {result['step']}"
-  else:
-    name = _SPLIT.value if _CHECKPOINT.value == "best" else f"{_SPLIT.value}_latest"
-    which = f"{_CHECKPOINT.value} checkpoint (step {result['step']})"
-  path = os.path.join(_WORKDIR.value, "eval", f"{name}.json")  # <split>.json: the best's only
+  name = reporting.evaluation_name(_SPLIT.value, _CHECKPOINT.value,
+                                   None if _STEP.value is None else result["step"])
+  which = (f"the checkpoint of step {result['step']}" if _STEP.value is not None else
+           f"{_CHECKPOINT.value} checkpoint (step {result['step']})")
+  path = os.path.join(_WORKDIR.value, "eval", f"{name}.json")
   reporting.write_json_atomic(path, result["metrics"])
   print(reporting.format_table(result["metrics"], f"{_SPLIT.value} split, {which}"))
   print(f"Written to {path}")
   if _EXPLAIN.value:
-    paths = interpret.plot(explanation, os.path.join(_WORKDIR.value, "explain", _SPLIT.value))
+    paths = interpret.plot(explanation, os.path.join(_WORKDIR.value, "explain", name))
     print("Explained in " + ", ".join(paths))
 
 

@@ -80,6 +80,15 @@ class ScalarWriter:
       self._writer.close()
 
 
+def evaluation_name(split: str, checkpoint: str = "best", step: int | None = None) -> str:
+  """The name an evaluation's files take under a workdir (``eval/<name>.json``,
+  ``explain/<name>/``): the split for the best checkpoint, which the quality tables read;
+  ``<split>_latest`` or ``<split>_step<N>`` for another."""
+  if step is not None:
+    return f"{split}_step{step}"
+  return split if checkpoint == "best" else f"{split}_{checkpoint}"
+
+
 def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") -> str:
   """A plain-text table, one row per task, one column per metric."""
   columns = []

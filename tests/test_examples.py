@@ -82,7 +82,7 @@ def test_own_files_train_evaluate_and_export_from_a_spec_with_no_python(tmp_path
                      "missing": "mask"}]}
   with open(tmp_path / "spec.json", "w") as f:
     json.dump(spec, f)
-  config = [f"--config=configs/spec.py:{tmp_path / 'spec.json'},esmm"]
+  config = [f"--config=configs/spec.py:{tmp_path / 'spec.json'},apem"]
   overrides = [f"--config.data.data_dir={tmp_path / 'data'}", "--config.train.batch_size=128",
                "--config.train.num_epochs=2", "--config.optimizer.warmup_steps=10",
                "--config.train.progress_bar=false"]
@@ -90,7 +90,7 @@ def test_own_files_train_evaluate_and_export_from_a_spec_with_no_python(tmp_path
   for command in ([sys.executable, "train.py", *config, workdir, *overrides],
                   [sys.executable, "eval.py", *config, workdir, "--split=test", *overrides[:1]],
                   [sys.executable, "eval.py", *config, workdir, "--split=test",
-                   "--checkpoint=latest", *overrides[:1]],
+                   "--checkpoint=latest", "--explain", *overrides[:1]],
                   [os.path.join(os.path.dirname(sys.executable), "apem-export"), workdir,
                    f"--output={tmp_path / 'export'}"]):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -98,6 +98,7 @@ def test_own_files_train_evaluate_and_export_from_a_spec_with_no_python(tmp_path
   with open(tmp_path / "run" / "eval" / "test.json") as f:  # the best checkpoint's
     metrics = json.load(f)
   assert os.path.exists(tmp_path / "run" / "eval" / "test_latest.json")
+  assert os.listdir(tmp_path / "run" / "explain") == ["test_latest"]  # not the best's name
   assert set(metrics) == {"click", "purchase"} and metrics["click"]["examples"] == 240
   assert metrics["purchase"]["examples"] < 240  # missing purchase labels are masked, not zeros
   with open(tmp_path / "export" / "metadata.json") as f:
