@@ -77,9 +77,11 @@ class Experiment:
   """Data, model, mesh and compiled steps of one config: what training and evaluation share.
 
   ``data``: a dataset given in Python (:func:`apem_jax.data.dataset_from_columns`) instead of the
-  one ``config.data`` names."""
+  one ``config.data`` names. ``training=False`` (evaluation, export): ``train.batch_size`` only
+  sizes the optimizer's schedule, so it need not divide this mesh's data axis."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data: DatasetSplits | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, data: DatasetSplits | None = None,
+               training: bool = True):
     config = with_given_data(config, data)
     config_validation.validate(config)
     self.config = config
@@ -93,7 +95,8 @@ class Experiment:
                                      self.mesh.shape[parallel.MODEL_AXIS],
                                      config.parallel.shard_embeddings_min_rows)
     self.pmap = config.parallel.mode == "pmap"
-    parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
+    if training:
+      parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
     self.data_fingerprint = self.data.fingerprint()
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
@@ -635,7 +638,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     if config.train.batch_size != batch_size:  # a training setting (steps per epoch): the run's
       config = ml_collections.ConfigDict(config.to_dict())
       config.train.batch_size = batch_size
-    exp = Experiment(config, data)
+    exp = Experiment(config, data, training=False)
     _check_schema(saved, exp.schema, workdir)
     state, meta = ckpt.restore(exp.abstract_state, kind, step)
   finally:

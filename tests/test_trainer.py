@@ -451,6 +451,15 @@ def test_eval_explains_what_apem_learned(tmp_path):
   other.train.batch_size = 4096
   exp, _, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
   assert exp.config.train.batch_size == 64
+  # ... on a mesh whose data axis the run's batch size does not divide (data axis 8 here,
+  # trained on 4): evaluated all the same.
+  other.update_from_flattened_dict({"train.batch_size": 12, "train.eval_batch_size": 24,
+                                    "parallel.model_parallelism": 2})
+  trainer.train_and_evaluate(other, str(tmp_path / "mesh4"))
+  other.parallel.model_parallelism = 1
+  exp, state, _ = trainer.restore_checkpoint(other, str(tmp_path / "mesh4"))
+  assert exp.mesh.shape["data"] == 8 and exp.config.train.batch_size == 12
+  assert exp.evaluate(state, "validation")["y1"]["examples"] == 240
 
 
 def test_a_resume_in_the_middle_of_an_epoch_keeps_the_input_groups():
