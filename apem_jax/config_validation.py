@@ -158,9 +158,11 @@ def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
 
 
 # Keys a resumed run may change: where the data is, how the run reports and checkpoints, how it
-# is spread over devices (the same math), and how long it goes on. Every other key changes the
-# trajectory (model, data, optimizer, batch size, seed, schedule, losses).
-RESUMABLE_KEYS = ("data.data_dir", "train.num_epochs", "train.patience", "train.log_every",
+# is spread over devices (the same math; the streamed input's row groups, like the processes,
+# only where the run stopped at an epoch's end or they stay the groups it stopped with:
+# trainer.check_input_groups), and how long it goes on. Every other key changes the trajectory
+# (model, data, optimizer, batch size, seed, schedule, losses).
+RESUMABLE_KEYS = ("data.data_dir", "data.stream_groups", "train.num_epochs", "train.patience", "train.log_every",
                   "train.progress_bar", "train.eval_batch_size", "train.checkpoint_every_steps",
                   "parallel.", "checkpoint.")
 

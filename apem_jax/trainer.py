@@ -289,7 +289,8 @@ def check_input_groups(position: Mapping[str, int], groups: int, workdir: str) -
         f"{workdir}: the run stopped after batch {position['batch']} of epoch "
         f"{position['epoch']} with its training input read in {saved} groups (its processes, or "
         f"data.stream_groups), and would now be read in {groups}, which orders the rest of the "
-        f"epoch differently; resume on {saved} processes")
+        f"epoch differently; resume on {saved} processes, or set data.stream_groups={saved} "
+        f"(streamed input)")
 
 
 def train_batches_from(exp: Experiment,

@@ -463,13 +463,21 @@ def test_eval_explains_what_apem_learned(tmp_path):
 
 
 def test_a_resume_in_the_middle_of_an_epoch_keeps_the_input_groups():
-  """The training order depends on the input's groups (processes, or the streamed input's file
+  """The training order depends on the input's groups (processes, or the streamed input's row
   groups): a run stopped mid-epoch on 2 processes is not resumed on 1 (the rest of the epoch
   would read some rows twice and others not at all); at an epoch's end it may be."""
   middle = trainer.data_position(7, 5, groups=2)
   with pytest.raises(ValueError, match=r"run: the run stopped after batch 2 of epoch 1 with its "
-                                       r"training input read in 2 groups .* resume on 2 processes"):
+                                       r"training input read in 2 groups .* resume on 2 processes, or "
+                                       r"set data.stream_groups=2"):
     trainer.check_input_groups(middle, 1, "run")
   trainer.check_input_groups(middle, 2, "run")
   trainer.check_input_groups(trainer.data_position(10, 5, groups=2), 1, "run")
   trainer.check_input_groups({"epoch": 1, "batch": 2, "steps_per_epoch": 5}, 1, "run")  # older
+  # The streamed input's row groups are set on resume to keep them (not a trajectory key: the
+  # check above stands for it, as for the processes).
+  from apem_jax import config_validation  # pylint: disable=g-import-not-at-top
+  saved = {"data": {"name": "spec", "stream_groups": None}, "seed": 0}
+  assert config_validation.resume_diff(saved, {"data": {"name": "spec", "stream_groups": 2},
+                                               "seed": 0}) == (
+      [], {"data.stream_groups": [None, 2]})
