@@ -421,7 +421,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
       evaluate = step % eval_every == 0 or step == total_steps
       if step % config.train.log_every == 0 or evaluate:
         mean_loss = np.asarray(loss_sum) / loss_count
-        grad_norm = np.asarray(metrics["grad_norm"])
+        run_metrics = {k: np.asarray(metrics[k]) for k in ("grad_norm", "balance_weights")
+                       if k in metrics}  # [N] and [N, T]
         first = np.asarray(first_non_finite)
         for i in np.flatnonzero(active):
           try:
@@ -431,8 +432,9 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
             active[i] = False
             print(f"run {i} ({names[i]}): {e}", flush=True)
             continue
-          writers[i].write(step, {"train/loss": float(mean_loss[i]),
-                                  "train/grad_norm": float(grad_norm[i])})
+          writers[i].write(step, trainer.train_scalars(
+              float(mean_loss[i]), {k: v[i] for k, v in run_metrics.items()},
+              exp.schema.task_names))
         bar.set_postfix(loss=f"{float(np.nanmean(mean_loss[trained])):.4f}",
                         epoch=f"{step / spe:.2f}", running=int(active.sum()))
         loss_sum, loss_count = None, 0

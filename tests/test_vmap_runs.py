@@ -173,12 +173,13 @@ def test_configs_over_values_of_one_key():
 
 def test_train_command_line_vmap(tmp_path):
   """train.py --vmap seed=0,1: one vmapped program, each run in <workdir>/seed=<s> with the
-  trainer's files (a bad --vmap: test_configs_over_values_of_one_key, and the command line's
-  one-line errors: test_user_errors)."""
+  trainer's files, its balancing method's loss weights among its curves (a bad --vmap:
+  test_configs_over_values_of_one_key, and the command line's one-line errors:
+  test_user_errors)."""
   config_file = write_config_file(tmp_path / "config.py", "test_trainer", "tiny_mlp_config")
   workdir = tmp_path / "w"
   cmd = [sys.executable, "train.py", "--config", config_file, "--workdir", str(workdir),
-         "--config.train.num_epochs=1"]
+         "--config.train.num_epochs=1", "--config.train.balancing=uncertainty"]
   result = subprocess.run(cmd + ["--vmap", "seed=0,1"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -188,6 +189,12 @@ def test_train_command_line_vmap(tmp_path):
     summary = json.loads((run / "metrics.json").read_text())
     assert f"seed={seed}: best validation score {summary['best_validation_score']:.5f}" in (
         result.stdout)
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+    events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for task in ("y1", "y2"):
+      weights = [e.value for e in events.Scalars(f"train/loss_weight/{task}")]
+      assert len(weights) >= 2 and np.all(np.isfinite(weights)) and np.ptp(weights) > 0, weights
 
 
 def test_a_second_program_in_a_workdir_adds_its_record(tmp_path):
