@@ -5,7 +5,8 @@ same shared search space (:data:`SHARED_SPACE`: learning rate, weight decay, dro
 width, batch size) plus its own size knobs (:data:`MODEL_SPACES`). A trial trains a config with
 :func:`apem_jax.trainer.train_and_evaluate` (early stopping on validation) and scores it by its
 best validation selection score; the test split is never read. A trial whose training diverges
-(NaN loss) counts against the budget, unscored. A study is an Optuna journal, a text file of one
+(NaN loss) counts against the budget, unscored; one that fails with another error stops the
+tuning and is tried again on the next call, and counts, unscored, if it fails a second time. A study is an Optuna journal, a text file of one
 JSON line per event (``study_path``; by default ``study.jsonl`` in the tuning directory, and
 ``benchmarks/quality.py`` keeps it beside its tables so that it can be committed), each trial in
 a workdir named by its parameters, so a killed tuning run resumes where it stopped (the trial cut
@@ -151,16 +152,27 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   study = optuna.create_study(
       study_name=model, direction="maximize", load_if_exists=True,
       storage=optuna.storages.JournalStorage(JournalFileBackend(study_path)))
+  state = optuna.trial.TrialState
+  if study.trials and "search_space" not in study.user_attrs:
+    # A study of a version that counted every failed trial (it recorded no search space, and no
+    # divergence apart): its failed trials stay counted.
+    for t in study.trials:
+      if t.state == state.FAIL:
+        study.set_user_attr(f"{_COUNTED}_{t.number}", True)
   _check_study(study, {"base_config": make_config().to_dict(),
                        "search_space": _space_record(model_space)}, study_path)
   os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
 
-  state = optuna.trial.TrialState
-  # A trial cut short (a kill leaves it RUNNING; an interrupt or an error other than divergence
-  # leaves it FAIL) is closed, not counted, and its parameters tried again, in the same workdir,
-  # where the run resumes from its checkpoints.
+  def counted(t) -> bool:  # ran to its end: scored, or diverged, or failed twice (unscored)
+    return t.state == state.COMPLETE or t.state == state.FAIL and (
+        t.user_attrs.get(_DIVERGED) or t.user_attrs.get(_FAILED_TWICE)
+        or study.user_attrs.get(f"{_COUNTED}_{t.number}"))
+
+  # A trial cut short (a kill leaves it RUNNING; an interrupt, or a first error other than
+  # divergence, leaves it FAIL) is closed, not counted, and its parameters tried again, in the
+  # same workdir, where the run resumes from its checkpoints.
   for cut in [t for t in study.trials if t.state == state.RUNNING or (
-      t.state == state.FAIL and not t.user_attrs.get(_DIVERGED)
+      t.state == state.FAIL and not counted(t)
       and not study.user_attrs.get(f"interrupted_{t.number}"))]:
     if cut.state == state.RUNNING:
       study.tell(cut.number, state=state.FAIL)
@@ -176,12 +188,21 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     except FloatingPointError:
       trial.set_user_attr(_DIVERGED, True)
       raise
+    except Exception as e:  # pylint: disable=broad-except
+      error = " ".join(f"{type(e).__name__}: {e}".split())[:1000]
+      trial.set_user_attr(_ERROR, error)
+      if any(t.number != trial.number and t.state == state.FAIL and t.params == trial.params
+             and t.user_attrs.get(_ERROR) for t in study.trials):
+        trial.set_user_attr(_FAILED_TWICE, True)  # the second time: counted, unscored
+        print(f"tuning {model}: trial {trial.number} ({workdir}) failed again, counted "
+              f"unscored: {error}", flush=True)
+        raise _FailedTwice(error) from e
+      raise  # the first time: stops the tuning; the next call tries it again
     trainer.exit_if_stopped(summary)  # the trial stays RUNNING: tried again on the next call
     return float(summary["best_validation_score"])
 
-  def spent():  # the budget: trials that ran to their end (a diverged one counts, unscored)
-    return [t for t in study.trials if t.state == state.COMPLETE
-            or (t.state == state.FAIL and t.user_attrs.get(_DIVERGED))][:num_trials]
+  def spent():  # the budget: the trials that ran to their end
+    return [t for t in study.trials if counted(t)][:num_trials]
 
   while len(spent()) < num_trials:
     # The sampler of each slot of the budget is seeded by the slot: a resumed study draws what
@@ -189,7 +210,7 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     # draws from the seed at each resume, drawing the first trials' parameters again).
     study.sampler = optuna.samplers.TPESampler(seed=_slot_seed(seed, len(spent())),
                                                n_startup_trials=min(5, num_trials))
-    study.optimize(objective, n_trials=1, catch=(FloatingPointError,))
+    study.optimize(objective, n_trials=1, catch=(FloatingPointError, _FailedTwice))
   trials = [{"number": t.number, "params": params_of(model_space, t.params),
              "validation_score": t.value} for t in spent()]
   finished = [t for t in spent() if t.state == state.COMPLETE]
@@ -200,7 +221,14 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
                 trials)
 
 
-_DIVERGED = "diverged"  # a trial's user attribute: its training diverged (counted, unscored)
+# A trial's user attributes: its training diverged (counted, unscored); it failed with an error
+# (the message); it failed with an error a second time (counted, unscored). A study's attribute
+# ``counted_<number>``: a failed trial of a study made by a version that counted them all.
+_DIVERGED, _ERROR, _FAILED_TWICE, _COUNTED = "diverged", "error", "failed_twice", "counted"
+
+
+class _FailedTwice(Exception):
+  """A trial's parameters failed with an error a second time (the study goes on)."""
 
 
 def _slot_seed(seed: int, slot: int) -> int:

@@ -164,6 +164,47 @@ def test_an_interrupted_trial_is_tried_again_and_a_diverged_one_counts(tmp_path)
   assert len(calls) == 5 and again.trials == result.trials
 
 
+def test_a_trial_that_fails_twice_counts_unscored_and_is_not_tried_again(tmp_path):
+  """An error (out of memory, a config the trainer refuses) stops the tuning the first time and
+  the trial is tried again on the next call; failing again, it counts, unscored, and the study
+  goes on (it was tried again on every call, the study never advancing)."""
+  calls = []
+
+  def fails_on_its_second_trial(config, workdir):
+    calls.append((config, workdir))
+    if len(calls) > 1 and workdir == calls[1][1]:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return _fake_train([])(config, workdir)
+
+  with pytest.raises(RuntimeError, match="out of memory"):
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path), train=fails_on_its_second_trial)
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
+                       train=fails_on_its_second_trial)
+  assert [w for _, w in calls].count(calls[1][1]) == 2 and len(calls) == 4
+  assert [t["validation_score"] is None for t in result.trials] == [False, True, False]
+  again = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
+                      train=fails_on_its_second_trial)
+  assert len(calls) == 4 and again.trials == result.trials
+
+
+def test_a_study_of_the_version_that_counted_every_failed_trial_keeps_them_counted(tmp_path):
+  """A journal written before the search space was recorded: its failed trials (a diverged one
+  then carried no mark) count, as they did, and are not trained again."""
+  def diverges(config, workdir):
+    raise FloatingPointError("loss is NaN")
+
+  with pytest.raises(RuntimeError, match="every one of 1 trials diverged"):
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path), train=diverges,
+                fixed=("train.batch_size",))
+  path = tmp_path / "study.jsonl"  # as that version wrote it: no search space, no mark
+  lines = path.read_text().splitlines(keepends=True)
+  path.write_text("".join(l for l in lines if "search_space" not in l and "diverged" not in l))
+  calls = []
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=_fake_train(calls),
+                       fixed=("train.batch_size",))
+  assert len(calls) == 1 and [t["validation_score"] is None for t in result.trials] == [True, False]
+
+
 def test_a_study_reads_as_many_trials_as_asked_and_refuses_another_search_space(tmp_path):
   calls = []
   six = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 6, str(tmp_path), train=_fake_train(calls))
