@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,19 @@ KINDS = (BEST, LATEST)
 
 class CorruptCheckpointError(ValueError):
   """A checkpoint's files cannot be read, or do not hold what was saved."""
+
+
+class OtherModelError(ValueError):
+  """A checkpoint holds the parameters of another model than the one to restore it into (one
+  an earlier version built otherwise): not damage, and no other checkpoint of the run differs."""
+
+
+def _dict_paths(tree: Any, prefix: str = "") -> set[str]:
+  """The ``a/b/c`` paths of the leaves of nested mappings (anything else is a leaf)."""
+  if not isinstance(tree, Mapping):
+    return {prefix}
+  return set().union(*(_dict_paths(v, f"{prefix}/{k}" if prefix else str(k))
+                       for k, v in tree.items())) if tree else set()
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -258,10 +271,32 @@ class Checkpoints:
     preemption service, which only several processes start: the loop calls this every step)."""
     return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
+  def _check_params(self, step: int, abstract_params: Any) -> None:
+    """Raises :class:`OtherModelError` unless checkpoint ``step`` holds the parameters
+    ``abstract_params`` names (read from its metadata, no arrays)."""
+    try:
+      saved = self._manager.item_metadata(step)["state"].tree["params"]
+    except Exception:  # pylint: disable=broad-except  (unreadable, or no params: the restore
+      return           # says what is wrong)
+    held, wanted = _dict_paths(saved), _dict_paths(abstract_params)
+    if held != wanted:
+      extra, lacking = sorted(held - wanted), sorted(wanted - held)
+      raise OtherModelError(
+          f"checkpoint {self._path(step)} holds the parameters of another model than this "
+          f"version builds from its config (" + "; ".join(
+              [f"not built now: {extra[:3]}"] * bool(extra) +
+              [f"not in the checkpoint: {lacking[:3]}"] * bool(lacking)) +
+          "): it was trained by an earlier version of the model; evaluate or export it with that "
+          "version, or train again in a new --workdir")
+
   def restore(self, abstract_state: Any, kind: str = LATEST,
               step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, meta)``; ``abstract_state`` gives shapes, dtypes and shardings."""
     step = self._resolve(kind, step)
+    params = (abstract_state.get("params") if isinstance(abstract_state, Mapping) else
+              getattr(abstract_state, "params", None))
+    if params is not None:
+      self._check_params(step, params)
     restored = _read(self._manager, step, state=_pytree_restore(abstract_state),
                      meta=ocp.args.JsonRestore())
     state, meta = restored["state"], restored["meta"]
@@ -273,6 +308,7 @@ class Checkpoints:
     """Restores only ``(params, meta)`` (the optimizer state is not read): ``abstract_params``
     gives shapes, dtypes and shardings, which may differ from training's (e.g. one device)."""
     step = self._resolve(kind, step)
+    self._check_params(step, abstract_params)
     restored = _read(self._manager, step, meta=ocp.args.JsonRestore(),
                      state=_pytree_restore({"params": abstract_params}, partial=True))
     params, meta = restored["state"]["params"], restored["meta"]

@@ -120,6 +120,28 @@ def test_params_restore_alone_onto_one_device_from_a_sharded_state(tmp_path):
   np.testing.assert_array_equal(np.asarray(params["table"]), np.arange(64.0).reshape(16, 4))
 
 
+def test_the_parameters_of_another_model_are_named_not_taken_for_damage(tmp_path):
+  """A checkpoint of a model an earlier version built otherwise (a layer since dropped, or one
+  since added): refused naming the parameters, not as unreadable files."""
+  state = {"params": {"dense": {"kernel": jnp.ones((4, 2))}, "gate": {"kernel": jnp.ones(2)}},
+           "opt_state": {"mu": jnp.ones((4, 2))}}
+  ckpt = checkpointing.Checkpoints(str(tmp_path))
+  ckpt.save(3, state, {"step": 3})
+  ckpt.close()
+  ckpt = checkpointing.Checkpoints(str(tmp_path), read_only=True)
+  now = {"dense": {"kernel": jax.ShapeDtypeStruct((4, 2), jnp.float32)},
+         "tower": {"bias": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  match = (r"checkpoints/3 holds the parameters of another model than this version builds from "
+           r"its config \(not built now: \['gate/kernel'\]; not in the checkpoint: "
+           r"\['tower/bias'\]\): it was trained by an earlier version")
+  with pytest.raises(checkpointing.OtherModelError, match=match):
+    ckpt.restore_params(now)
+  with pytest.raises(checkpointing.OtherModelError, match=match):
+    ckpt.restore({"params": now, "opt_state": {"mu": now["dense"]["kernel"]}})
+  assert not issubclass(checkpointing.OtherModelError, checkpointing.CorruptCheckpointError)
+  ckpt.close()
+
+
 def test_read_only_checkpoints_create_nothing_and_an_old_layout_is_named(tmp_path):
   ckpt = checkpointing.Checkpoints(str(tmp_path / "none"), read_only=True)
   assert ckpt.steps() == [] and ckpt.step_of(checkpointing.BEST) is None
