@@ -174,13 +174,18 @@ def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRest
 
 
 def _unreadable_metrics(directory: str) -> str | None:
-  """The first ``<step>/metrics/metrics`` file under ``directory`` that is not valid JSON."""
-  for step in sorted(os.listdir(directory)):
+  """The first ``<step>/metrics/metrics`` file under ``directory`` that is not valid JSON (None
+  where the directory cannot be listed here, e.g. ``gs://``)."""
+  try:
+    steps = sorted(os.listdir(directory))
+  except OSError:
+    return None
+  for step in steps:
     path = os.path.join(directory, step, "metrics", "metrics")
     try:
       with open(path) as f:
         json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
       continue
     except ValueError:
       return path

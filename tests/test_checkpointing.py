@@ -86,6 +86,7 @@ def test_a_damaged_metrics_file_is_named(tmp_path):
   ckpt.close()
   damaged = tmp_path / "checkpoints" / "20" / "metrics" / "metrics"
   damaged.write_text("{not json")
+  (tmp_path / "checkpoints" / "0_notes.txt").write_text("a user's file, listed first")
   with pytest.raises(checkpointing.CorruptCheckpointError,
                      match=rf"{damaged}: not valid JSON .*delete that checkpoint's step"):
     checkpointing.Checkpoints(str(tmp_path), read_only=True)
