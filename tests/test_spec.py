@@ -347,9 +347,11 @@ def test_infer_counts_nan_as_missing(tmp_path):
   purchase = np.where(np.arange(n) % 4 == 0, 1.0, 0.0)
   level = np.array([0.5, 1.5, np.nan, 2.5] * (n // 4))  # 3 distinct values and NaN
   pq.write_table(pa.table({"price": price, "level": level, "click": click,
-                           "purchase": purchase, "user_id": [f"u{i % 37}" for i in range(n)]}),
+                           "purchase": purchase, "user_id": [f"u{i % 37}" for i in range(n)],
+                           "score": [str(x) for x in level]}),  # text NaN: no CSV key for it
                  tmp_path / "data.parquet")
   spec, notes = infer.infer_spec([str(tmp_path / "data.parquet")], output_dir=str(tmp_path))
+  assert spec["format"] == "parquet"
   features = {f["name"]: f for f in spec["features"]}
   assert features["price"]["missing"] == "indicator"
   assert features["level"] == {"name": "level", "type": "numeric", "missing": "indicator"}

@@ -267,7 +267,7 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     x, integer = _numbers(present)
     if x is not None and np.isnan(x).any():  # NaN is missing (as to the preparation)
       keep = ~np.isnan(x)
-      if pa.types.is_string(present.type) or pa.types.is_large_string(present.type):
+      if fmt_name == "csv" and pa.types.is_string(present.type):  # (only a CSV has the key)
         nan_texts |= set(pc.unique(present.filter(pa.array(~keep))).to_pylist())
       present, rows = present.filter(pa.array(keep)), rows[keep]
       x, integer = _numbers(present)
