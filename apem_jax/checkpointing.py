@@ -50,14 +50,6 @@ class OtherModelError(ValueError):
   an earlier version built otherwise): not damage, and no other checkpoint of the run differs."""
 
 
-def _dict_paths(tree: Any, prefix: str = "") -> set[str]:
-  """The ``a/b/c`` paths of the leaves of nested mappings (anything else is a leaf)."""
-  if not isinstance(tree, Mapping):
-    return {prefix}
-  return set().union(*(_dict_paths(v, f"{prefix}/{k}" if prefix else str(k))
-                       for k, v in tree.items())) if tree else set()
-
-
 def _words(x: jax.Array) -> jax.Array:
   """The leaf's bits as uint32 words [N] (PRNG keys: their key data)."""
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -81,6 +73,12 @@ def _checksums(state: Any) -> jax.Array:
 def _path_name(path: tuple) -> str:
   """``'params/tower_0/kernel'``: a leaf's path, the same for a dataclass field and a dict key."""
   return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaf_paths(tree: Any) -> set[str]:
+  """The :func:`_path_name` of every leaf (a flax ``Partitioned`` box: ``<path>/value``, as its
+  checkpoint metadata has it)."""
+  return {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def state_checksums(state: Any) -> dict[str, list[int]]:
@@ -283,7 +281,7 @@ class Checkpoints:
       saved = self._manager.item_metadata(step)["state"].tree["params"]
     except Exception:  # pylint: disable=broad-except  (unreadable, or no params: the restore
       return           # says what is wrong)
-    held, wanted = _dict_paths(saved), _dict_paths(abstract_params)
+    held, wanted = _leaf_paths(saved), _leaf_paths(abstract_params)
     if held != wanted:
       extra, lacking = sorted(held - wanted), sorted(wanted - held)
       raise OtherModelError(

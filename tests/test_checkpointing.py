@@ -141,6 +141,17 @@ def test_the_parameters_of_another_model_are_named_not_taken_for_damage(tmp_path
     ckpt.restore({"params": now, "opt_state": {"mu": now["dense"]["kernel"]}})
   assert not issubclass(checkpointing.OtherModelError, checkpointing.CorruptCheckpointError)
   ckpt.close()
+  # The same model is the same whatever holds its arrays: a flax Partitioned box (a model of
+  # nn.with_partitioning) is {'value': ...} in the checkpoint's metadata.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  boxed = {"params": {"a": nn.Partitioned(jnp.arange(4.0), names=("x",))}}
+  ckpt = checkpointing.Checkpoints(str(tmp_path / "boxed"))
+  ckpt.save(1, boxed, {"step": 1})
+  ckpt.close()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), boxed["params"])
+  params, _ = checkpointing.Checkpoints(str(tmp_path / "boxed"), read_only=True).restore_params(
+      abstract)
+  np.testing.assert_array_equal(np.asarray(params["a"].value), np.arange(4.0))
 
 
 def test_read_only_checkpoints_create_nothing_and_an_old_layout_is_named(tmp_path):
