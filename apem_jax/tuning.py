@@ -215,7 +215,9 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
              "validation_score": t.value} for t in spent()]
   finished = [t for t in spent() if t.state == state.COMPLETE]
   if not finished:
-    raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged")
+    errors = sorted({t.user_attrs[_ERROR] for t in spent() if t.user_attrs.get(_FAILED_TWICE)})
+    raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged or failed"
+                       + (f" ({'; '.join(errors)[:500]})" if errors else ""))
   best = max(finished, key=lambda t: (t.value, -t.number))
   return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
                 trials)

@@ -186,6 +186,15 @@ def test_a_trial_that_fails_twice_counts_unscored_and_is_not_tried_again(tmp_pat
                       train=fails_on_its_second_trial)
   assert len(calls) == 4 and again.trials == result.trials
 
+  def always_fails(config, workdir):
+    raise ValueError("train.batch_size=2048 exceeds the 480 training examples")
+
+  with pytest.raises(ValueError, match="exceeds"):  # the first error stops the tuning
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path / "b"), train=always_fails)
+  with pytest.raises(RuntimeError, match=r"every one of 1 trials diverged or failed \(ValueError: "
+                                         r"train.batch_size=2048 exceeds the 480"):
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path / "b"), train=always_fails)
+
 
 def test_a_study_of_the_version_that_counted_every_failed_trial_keeps_them_counted(tmp_path):
   """A journal written before the search space was recorded: its failed trials (a diverged one
@@ -193,7 +202,7 @@ def test_a_study_of_the_version_that_counted_every_failed_trial_keeps_them_count
   def diverges(config, workdir):
     raise FloatingPointError("loss is NaN")
 
-  with pytest.raises(RuntimeError, match="every one of 1 trials diverged"):
+  with pytest.raises(RuntimeError, match=r"every one of 1 trials diverged or failed$"):
     tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path), train=diverges,
                 fixed=("train.batch_size",))
   path = tmp_path / "study.jsonl"  # as that version wrote it: no search space, no mark
