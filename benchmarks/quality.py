@@ -84,6 +84,10 @@ _BALANCINGS = flags.DEFINE_list(
     "balancings", [], "Compare task-balancing methods: every model trained under each "
     "train.balancing named here (apem_jax/balancing.py), rows '<model>/<method>', runs under "
     "<runs>/<dataset>/<model>/<method>/.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: write the table of the sweep these flags describe from "
+    "the runs recorded in <out>/<dataset>_runs.json (each checked against its config), e.g. the "
+    "state of a sweep still running elsewhere, every seed it holds. Not with --tune.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "key=value config override for every run, e.g. --set train.batch_size=2048 "
     "(repeatable; the value is parsed as the key's type).")
@@ -344,7 +348,8 @@ def write_report(cells: list[Cell], runs: dict, labels: dict) -> str:
     if done:
       rows_by_p.setdefault(cell.correlation, {})[labels[cell]] = summarise(done)
   seeds_done = min((len([1 for s in range(_SEEDS.value) if (c, s) in runs]) for c in cells))
-  command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  command = "python " + " ".join(shlex.quote(a) for a in sys.argv
+                                 if a not in ("--report_only", "--report_only=true"))
   os.makedirs(_OUT.value, exist_ok=True)
   still = ("" if seeds_done == _SEEDS.value else
            f" (**partial**: the sweep had not finished when this was written; a row holds the "
@@ -386,6 +391,9 @@ def check_flags(models: list[str]) -> None:
     raise ValueError(f"--seeds={_SEEDS.value}: expected at least 1")
   if _TUNE.value < 0:
     raise ValueError(f"--tune={_TUNE.value}: expected 0 (no tuning) or a number of trials")
+  if _REPORT_ONLY.value and _TUNE.value:
+    raise ValueError("--report_only with --tune: a tuned sweep's table needs its tuning; run "
+                     "the sweep itself, which trains nothing that is recorded")
   unknown = [m for m in models if m not in MODELS]
   if unknown:
     raise ValueError(f"--models: unknown {unknown}; registered models: {sorted(MODELS)}")
@@ -421,6 +429,19 @@ def sweep() -> None:
                                  "selection": "best validation score (test never read)",
                                  "models": chosen})
   record = read_record()
+  if _REPORT_ONLY.value:
+    runs = {}
+    for seed in range(_SEEDS.value):
+      for cell in cells:
+        name = _run_name(cell, seed)
+        if name in record:
+          check_same_config(_config(cell, seed), record[name]["config"],
+                            f"{_record_path()} [{name!r}]")
+          runs[cell, seed] = {k: v for k, v in record[name].items() if k != "config"}
+    if not runs:
+      raise ValueError(f"--report_only: {_record_path()} records no run of this sweep")
+    print(write_report(cells, runs, labels))
+    return
   if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major
     for cell in cells:
       train_seeds_vmapped(cell, list(range(_SEEDS.value)), record)

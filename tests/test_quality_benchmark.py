@@ -94,6 +94,17 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert "trained on several machines" in (tmp_path / "out" / "synthetic.md").read_text()
   assert "Another CPU, 64 cores, AVX-512 (1 run)" in (tmp_path / "out" / "synthetic.md").read_text()
 
+  # --report_only: the table of what the record holds, training nothing (3 seeds asked, 2 held:
+  # partial), its command the sweep's.
+  report = subprocess.run([a if a != "2" else "3" for a in _sweep_command(tmp_path)] +
+                          ["--report_only"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert _trained(report.stdout) == [] and not (tmp_path / "runs" / "synthetic").exists()
+  assert json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"] == table
+  text = (tmp_path / "out" / "synthetic.md").read_text()
+  assert "**partial**" in text and "--seeds 3 --correlations" in text
+  assert "--report_only" not in text
+
   # Another config is refused, naming where the run was recorded and the differing key.
   fourth = _sweep(tmp_path, "--set", "optimizer.learning_rate=0.01")
   assert fourth.returncode != 0
@@ -205,6 +216,9 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_written(tmp_path)
                 "fixed keys ['train.batchsize'] are not in shared_bottom's search space"),
       "set": (["--tune", "2"], "--set ['train.batch_size']: tuned for shared_bottom, which would "
                                "override the value; add the key to --tune_fixed to keep it"),
+      "report": (["--tune", "2", "--tune_fixed", "train.batch_size", "--report_only"],
+                 "--report_only with --tune: a tuned sweep's table needs its tuning"),
+      "no record": (["--report_only"], "synthetic_runs.json records no run of this sweep"),
   }
   running = {name: subprocess.Popen(_sweep_command(tmp_path, *extra), cwd=REPO, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
