@@ -23,7 +23,8 @@ interrupted sweep picks up where it stopped; a workdir made with another config 
 finished run's result is also kept, with its config, in ``<out>/<dataset>_runs.json``: committed
 beside the table, it lets the same command resume the sweep on another machine or from a fresh
 clone (a run recorded there with the same config is not trained again; one recorded with another
-config is refused). ``--set key=value`` overrides a config key
+config is refused); ``--report_only`` writes the table from that record alone, training
+nothing (the state of a sweep running elsewhere). ``--set key=value`` overrides a config key
 for every run. Writes a markdown table (the command that made it at the top), its JSON and a PNG
 plot under --out. Results and their reading: docs/results/README.md.
 """
