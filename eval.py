@@ -21,7 +21,8 @@ _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which
 _STEP = flags.DEFINE_integer("step", None, "A specific checkpoint step (default: the one --checkpoint names).")
 _EXPLAIN = flags.DEFINE_bool(
     "explain", False, "Also plot the Pattern Selector's weights and the field groups (APEM), "
-    "averaged over the split and for its first examples, under <workdir>/explain/<split>/.")
+    "averaged over the split and for its first examples, under <workdir>/explain/<split>/ "
+    "(<split>_latest/ or <split>_step<N>/ for another checkpoint than the best).")
 _DEBUG = flags.DEFINE_bool("debug", False,
                            "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -18,7 +18,8 @@ Orbax does not notice bytes changed inside a data file when its compression stil
 2**32, one of them position-weighted: exact integer arithmetic, so the same in any reduction
 order and on any sharding), and :meth:`Checkpoints.restore` recomputes them: a checkpoint whose
 files were changed raises :class:`CorruptCheckpointError` naming its directory, as does one whose
-files Orbax cannot read.
+files Orbax cannot read. One holding another model's parameters (an earlier version's model)
+raises :class:`OtherModelError` naming them, before any array is read.
 """
 
 from __future__ import annotations

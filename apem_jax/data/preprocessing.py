@@ -10,8 +10,9 @@ fields call TensorFlow's farmhash op, imported on first use, as preparation does
   (= ``CategoricalField.vocab_size``).
 * Categorical field, hashed (``num_buckets`` > 0): value -> ``farmhash64(value) % num_buckets``
   (``tf.strings.to_hash_bucket_fast``); no vocabulary, no OOV.
-  Either way a value is first stripped of surrounding ASCII whitespace; a missing value is the
-  empty string.
+  Either way a value is first stripped of surrounding ASCII whitespace; a missing value (None,
+  NaN, or one of ``missing_values``) is the empty string, or refused under the field's policy
+  ``'error'``.
 * Numeric field: ``z = (t(x) - mean) / std`` with ``t`` (per field) = identity (``'none'``) or
   ``sign(x) * log1p(|x|)`` (``'log1p'``), mean/std (population, ddof=0) of ``t(x)`` over the
   training rows; a constant field gets ``std = 1``. A missing value (NaN) is handled by the
