@@ -162,9 +162,9 @@ def model_data_diff(saved: Mapping, current: Mapping) -> list[str]:
 # only where the run stopped at an epoch's end or they stay the groups it stopped with:
 # trainer.check_input_groups), and how long it goes on. Every other key changes the trajectory
 # (model, data, optimizer, batch size, seed, schedule, losses).
-RESUMABLE_KEYS = ("data.data_dir", "data.stream_groups", "train.num_epochs", "train.patience", "train.log_every",
-                  "train.progress_bar", "train.eval_batch_size", "train.checkpoint_every_steps",
-                  "parallel.", "checkpoint.")
+RESUMABLE_KEYS = ("data.data_dir", "data.stream_groups", "train.num_epochs", "train.patience",
+                  "train.log_every", "train.progress_bar", "train.eval_batch_size",
+                  "train.checkpoint_every_steps", "parallel.", "checkpoint.")
 
 
 def _value_at(tree: Mapping, key: str) -> Any:

@@ -1,19 +1,20 @@
 """Equal-budget hyperparameter tuning with Optuna, scored on the validation split only.
 
-Every model gets the same number of trials of the same seeded sampler (Optuna's TPE) over the
-same shared search space (:data:`SHARED_SPACE`: learning rate, weight decay, dropout, embedding
-width, batch size) plus its own size knobs (:data:`MODEL_SPACES`). A trial trains a config with
-:func:`apem_jax.trainer.train_and_evaluate` (early stopping on validation) and scores it by its
-best validation selection score; the test split is never read. A trial whose training diverges
-(NaN loss) counts against the budget, unscored; one that fails with another error stops the
-tuning and is tried again on the next call, and counts, unscored, if it fails a second time. A study is an Optuna journal, a text file of one
-JSON line per event (``study_path``; by default ``study.jsonl`` in the tuning directory, and
-``benchmarks/quality.py`` keeps it beside its tables so that it can be committed), each trial in
-a workdir named by its parameters, so a killed tuning run resumes where it stopped (the trial cut
-short is tried again, and resumes from its checkpoints where its workdir is still there), on the
-same machine or, from the journal alone, on another, drawing what an uninterrupted study would
-have drawn. A study records the base config and the search space it was made with and refuses to
-go on with others. Asked for fewer trials than it holds, a study is read up to that many.
+Every model gets the same number of trials of the same seeded sampler (Optuna's TPE) over the same
+shared search space (:data:`SHARED_SPACE`: learning rate, weight decay, dropout, embedding width,
+batch size) plus its own size knobs (:data:`MODEL_SPACES`). A trial trains a config with
+:func:`apem_jax.trainer.train_and_evaluate` (early stopping on validation) and scores it by its best
+validation selection score; the test split is never read. A trial whose training diverges (NaN loss)
+counts against the budget, unscored; one that fails with another error stops the tuning and is tried
+again on the next call, and counts, unscored, if it fails a second time. A study is an Optuna
+journal, a text file of one JSON line per event (``study_path``; by default ``study.jsonl`` in the
+tuning directory, and ``benchmarks/quality.py`` keeps it beside its tables so that it can be
+committed), each trial in a workdir named by its parameters, so a killed tuning run resumes where it
+stopped (the trial cut short is tried again, and resumes from its checkpoints where its workdir is
+still there), on the same machine or, from the journal alone, on another, drawing what an
+uninterrupted study would have drawn. A study records the base config and the search space it was
+made with and refuses to go on with others. Asked for fewer trials than it holds, a study is read up
+to that many.
 
 ``tune(make_config, model, num_trials, directory, seed)`` returns the best trial's parameters
 and score; :func:`apply` turns parameters into a config (the benchmark then trains the chosen

@@ -177,7 +177,8 @@ def test_a_trial_that_fails_twice_counts_unscored_and_is_not_tried_again(tmp_pat
     return _fake_train([])(config, workdir)
 
   with pytest.raises(RuntimeError, match="out of memory"):
-    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path), train=fails_on_its_second_trial)
+    tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
+                train=fails_on_its_second_trial)
   result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path),
                        train=fails_on_its_second_trial)
   assert [w for _, w in calls].count(calls[1][1]) == 2 and len(calls) == 4
@@ -209,8 +210,8 @@ def test_a_study_of_the_version_that_counted_every_failed_trial_keeps_them_count
   lines = path.read_text().splitlines(keepends=True)
   path.write_text("".join(l for l in lines if "search_space" not in l and "diverged" not in l))
   calls = []
-  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=_fake_train(calls),
-                       fixed=("train.batch_size",))
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path),
+                       train=_fake_train(calls), fixed=("train.batch_size",))
   assert len(calls) == 1 and [t["validation_score"] is None for t in result.trials] == [True, False]
 
 

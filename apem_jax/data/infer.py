@@ -20,10 +20,10 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
   are an unnamed column (``""``: CSV lines that end with the delimiter) and a column whose name
   cannot name an input of the exported model (:func:`apem_jax.data.spec.check_feature_names`).
 
-A missing value is a null or a NaN: a float NaN, or in a CSV the text ``NaN`` (any spelling
-Arrow reads as one), which the spec's ``format.missing_values`` then lists beside ``""`` so that
-the preparation reads it as missing too (it refuses an unlisted one). Compressed files (``.gz``, ``.bz2``...) are refused: the preparation does not read
-them.
+A missing value is a null or a NaN: a float NaN, or in a CSV the text ``NaN`` (any spelling Arrow
+reads as one), which the spec's ``format.missing_values`` then lists beside ``""`` so that the
+preparation reads it as missing too (it refuses an unlisted one). Compressed files (``.gz``,
+``.bz2``...) are refused: the preparation does not read them.
 
 Nothing here is more than a guess from a sample: a value outside the sample (a missing value where
 the sample had none, a category never seen) shows up as an error or an OOV id at preparation.
