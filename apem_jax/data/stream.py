@@ -20,8 +20,8 @@ Epoch ``e`` of the sequence of ``seed``:
 1. the training files are permuted with ``SeedSequence([seed, e])`` (the same on every process)
    and read, one after the other, as one sequence of the ``n`` training rows; group ``g`` takes
    rows ``[g*n//groups, (g+1)*n//groups)`` of it (:meth:`StreamedSplits.epoch_segments`): whole
-   files, and at its two ends a part of a file (a part starts at the record that holds its first
-   row; the rows before it in that record are dropped);
+   files, and at its two ends a part of a file (read from the record that holds the part's
+   first row, each record cut to the part's rows);
 2. each group reads its files with ``interleave`` (``interleave_cycle`` files at a time, one
    record of up to ``prepared.RECORD_ROWS`` rows from each in turn, parsed as it is read), cuts
    the rows into windows of ``shuffle_buffer`` rows, permutes each window's rows (seeded with
