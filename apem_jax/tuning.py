@@ -154,14 +154,14 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
       study_name=model, direction="maximize", load_if_exists=True,
       storage=optuna.storages.JournalStorage(JournalFileBackend(study_path)))
   state = optuna.trial.TrialState
-  if study.trials and "search_space" not in study.user_attrs:
-    # A study of a version that counted every failed trial (it recorded no search space, and no
-    # divergence apart): its failed trials stay counted.
-    for t in study.trials:
-      if t.state == state.FAIL:
-        study.set_user_attr(f"{_COUNTED}_{t.number}", True)
+  # A study of a version that counted every failed trial (it recorded no search space, and no
+  # divergence apart): its failed trials stay counted (marked once the study is accepted).
+  legacy = bool(study.trials) and "search_space" not in study.user_attrs
   _check_study(study, {"base_config": make_config().to_dict(),
                        "search_space": _space_record(model_space)}, study_path)
+  for t in study.trials if legacy else ():
+    if t.state == state.FAIL:
+      study.set_user_attr(f"{_COUNTED}_{t.number}", True)
   os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
 
   def counted(t) -> bool:  # ran to its end: scored, or diverged, or failed twice (unscored)
