@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -335,6 +336,15 @@ def test_a_categorical_value_missing_where_the_spec_refuses_it_is_refused_when_s
       prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache").path).preprocessing
   assert prep.categorical_missing == ("value", "error")
   assert prep_lib.Preprocessing.from_json(prep.to_json()) == prep
+  # Prepared before the policy was recorded: the reused directory gets it, as prepared now.
+  path = pathlib.Path(prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache").path,
+                      prepared.PREPROCESSING_FILE)
+  written = path.read_text()
+  old = json.loads(written)
+  del old["categorical_missing"]
+  path.write_text(json.dumps(old))
+  assert prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache").reused
+  assert path.read_text() == written
   graph = tf.function(serving.RawFeatureEncoder(prep), autograph=False)
   ok = {"user": np.array(["NA", "a"]), "country": np.array(["fr", " NA"])}
   want = [[0, 1], [1, 2]]  # user "NA" is missing (""); country " NA" is an unseen value (OOV)

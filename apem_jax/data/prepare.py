@@ -1341,6 +1341,27 @@ class _Spill:
                batch.column(_SPILL_SPLIT).to_numpy())
 
 
+def _record_categorical_missing(directory: pathlib.Path, spec: spec_lib.Spec) -> None:
+  """A directory prepared before ``preprocessing.json`` recorded each categorical feature's
+  missing-value policy gets it from the spec it was prepared from (the bytes a preparation now
+  writes), so that serving refuses what preparation refused; one that cannot be written is left
+  as it is (it then serves a missing value as the OOV id, as before), saying so."""
+  path = directory / prepared_lib.PREPROCESSING_FILE
+  if not path.exists() or all(f.missing != "error" for f in spec.categorical):
+    return
+  with open(path) as f:
+    recorded = json.load(f)
+  if "categorical_missing" in recorded:
+    return
+  recorded["categorical_missing"] = [f.missing for f in spec.categorical]
+  try:
+    _write_json(path.with_name(path.name + ".tmp"), recorded)
+    os.replace(path.with_name(path.name + ".tmp"), path)
+  except OSError as e:
+    logging.warning("%s: cannot record the categorical features' missing-value policies (%s); "
+                    "prepare again to serve them", path, e)
+
+
 def _write_json(path: pathlib.Path, obj: Any) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=1)
@@ -1490,6 +1511,7 @@ def prepare(spec: spec_lib.Spec | str | os.PathLike, cache_root: str | os.PathLi
   root = cache_root / PREPARED_SUBDIR
   final = root / f"{_name(spec)}-{key}"
   if (final / prepared_lib.METADATA_FILE).exists():
+    _record_categorical_missing(final, spec)
     return Prepared(final, prepared_lib.read_metadata(final), True)
   start, metadata = time.perf_counter(), None
 
