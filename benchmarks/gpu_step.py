@@ -12,7 +12,8 @@ repetitions after warm-up (compile + 2 steps). ``model.dtype='bfloat16'`` is the
 
 Self-contained for a bare GPU machine: imports neither TensorFlow nor ``apem_jax.data``. The
 schema is Census-Income's (field vocabulary sizes, numeric bucket boundaries, tasks) read from
-``benchmarks/census_schema.json`` (written from the real ``load_dataset(...).schema``); batches
+``benchmarks/census_schema.json`` (written from the real schema: ``json.dump(trainer.
+load_dataset_prepared_once(census.get_config().data).schema.to_dict(), f, indent=1)``); batches
 are random (ids uniform in each field's ``[0, vocab_size]``, normal numerics, Bernoulli labels):
 throughput does not depend on values.
 
