@@ -34,6 +34,8 @@ def main(argv):
   with cli.user_errors_in_one_line("eval.py", _DEBUG.value):
     exp, state, meta = trainer.restore_checkpoint(_CONFIG.value, _WORKDIR.value,
                                                   _CHECKPOINT.value, _STEP.value)
+    if _EXPLAIN.value:
+      interpret.check_explainable(exp)  # before the split is evaluated
     result = {"step": meta["step"], "metrics": exp.evaluate(state, _SPLIT.value)}
     if _EXPLAIN.value:
       explanation = interpret.explain(exp, state, _SPLIT.value)

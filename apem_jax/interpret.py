@@ -12,8 +12,8 @@ examples:
   among the groups (sums to 1 over the groups);
 
 and keeps ``examples`` [n, T, F+G], the pattern weights of the split's first ``n`` rows.
-``plot(explanation, directory)`` draws them (matplotlib) as ``patterns.png``, ``groups.png`` and
-``examples.png`` and writes the numbers to ``explanation.json``. Command line:
+``plot(explanation, directory)`` draws them (matplotlib) as ``patterns.png``, ``groups.png`` (where
+the model has groups) and ``examples.png`` and writes the numbers to ``explanation.json``. Command line:
 ``python eval.py --config ... --workdir ... --split validation --explain``.
 """
 
@@ -30,12 +30,29 @@ from apem_jax import parallel, reporting, step as step_lib
 OUTPUTS = ("pattern_weights", "group_weights", "group_assignment")
 
 
+def check_explainable(exp: Any) -> None:
+  """Raises ValueError unless ``exp``'s model has a Pattern Selector to explain (checked on
+  shapes alone, before a split is read)."""
+  name = exp.config.model.name
+  if exp.config.model.get("pattern_selector", True) is False:
+    raise ValueError(f"model {name!r} has model.pattern_selector=false: no Pattern Selector to "
+                     f"explain (its tasks read the patterns' mean)")
+  inputs = {"categorical": jax.ShapeDtypeStruct((1, len(exp.schema.categorical)), np.int32),
+            "numeric": jax.ShapeDtypeStruct((1, len(exp.schema.numeric)), np.float32)}
+  out = jax.eval_shape(lambda p, x: exp.model.apply({"params": p}, x, train=False),
+                       exp.abstract_state.params, inputs)
+  if not isinstance(out, dict) or "pattern_weights" not in out:
+    raise ValueError(f"model {name!r} has no Pattern Selector to explain (APEM and models "
+                     f"registered from it have one)")
+
+
 def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int = 4) -> dict:
   """Averages of the selector's and the grouping's weights over ``split`` (module docstring).
 
   Raises:
-    ValueError: the model has no Pattern Selector (not APEM).
+    ValueError: the model has no Pattern Selector (not APEM, or APEM without one).
   """
+  check_explainable(exp)
   model = exp.model
 
   @jax.jit
@@ -47,9 +64,6 @@ def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int 
   for local in exp.data.eval_batches(split, exp.config.train.eval_batch_size):
     batch = parallel.global_batch(local, exp.mesh)
     out = outputs(state.params, batch)
-    if "pattern_weights" not in out:
-      raise ValueError(f"model {exp.config.model.name!r} has no Pattern Selector to explain "
-                       f"(APEM and models registered from it have one)")
     out = {k: parallel.to_host(v) for k, v in out.items()}
     weight = parallel.to_host(batch["weight"])
     for k, v in out.items():
@@ -63,6 +77,7 @@ def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int 
   if exp.config.model.get("pair_patterns"):
     groups += [f"group {i} x {j}" for i, j in zip(*np.triu_indices(len(groups), k=1))]
   return {"split": split, "examples_averaged": int(count), "tasks": list(schema.task_names),
+          "selection": exp.config.model.get("selection", "softmax"),
           "fields": fields, "patterns": fields + groups,
           **{k: v / count for k, v in sums.items()}, "examples": np.stack(examples)}
 
@@ -91,23 +106,27 @@ def plot(explanation: dict, directory: str) -> list[str]:
     return image
 
   weights = explanation["pattern_weights"]
+  reference = (f"uniform = {1 / len(patterns):.3f}"
+               if explanation.get("selection", "softmax") == "softmax" else
+               "gates / 2, each in [0, 1]: a neutral gate is 0.5")
   fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(patterns)), 1.2 + 0.5 * len(tasks)))
   fig.colorbar(heatmap(ax, weights, tasks, patterns,
                        f"Pattern Selector: mean weight per task and pattern "
                        f"({explanation['split']}, {explanation['examples_averaged']} examples; "
-                       f"uniform = {1 / len(patterns):.3f})"), ax=ax)
+                       f"{reference})"), ax=ax)
   save(fig, "patterns.png")
 
   grouping = explanation["group_weights"]
   heads, groups = grouping.shape[0], grouping.shape[1]
-  fig, axes = plt.subplots(heads, 1, squeeze=False,
-                           figsize=(max(8, 0.22 * len(fields)), (2.8 + 0.25 * groups) * heads))
-  for h in range(heads):
-    fig.colorbar(heatmap(axes[h, 0], grouping[h], [f"group {g}" for g in range(groups)], fields,
-                         f"head {h}: pooling weight of each field in each group (rows sum to 1)"),
-                 ax=axes[h, 0])
-  fig.tight_layout()
-  save(fig, "groups.png")
+  if groups:  # (grouping='none': no groups to draw)
+    fig, axes = plt.subplots(heads, 1, squeeze=False,
+                             figsize=(max(8, 0.22 * len(fields)), (2.8 + 0.25 * groups) * heads))
+    for h in range(heads):
+      fig.colorbar(heatmap(axes[h, 0], grouping[h], [f"group {g}" for g in range(groups)], fields,
+                           f"head {h}: pooling weight of each field in each group (rows sum to "
+                           f"1)"), ax=axes[h, 0])
+    fig.tight_layout()
+    save(fig, "groups.png")
 
   examples = explanation["examples"]
   fig, axes = plt.subplots(len(examples), 1, squeeze=False, figsize=(

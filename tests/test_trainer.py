@@ -446,6 +446,21 @@ def test_eval_explains_what_apem_learned(tmp_path):
   exp, state, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
   with pytest.raises(ValueError, match="has no Pattern Selector"):
     interpret.explain(exp, state, "validation")
+  # Refused on shapes, before eval.py evaluates the split; APEM's ablation without a selector too.
+  with pytest.raises(ValueError, match="'shared_bottom' has no Pattern Selector"):
+    interpret.check_explainable(exp)
+  no_selector = tiny_config()
+  no_selector.model.pattern_selector = False
+  with pytest.raises(ValueError, match="model.pattern_selector=false: no Pattern Selector"):
+    interpret.check_explainable(trainer.Experiment(no_selector))
+  # No groups (grouping='none'): no groups figure.
+  ungrouped = dict(explanation, group_weights=np.zeros((1, 0, 6)), patterns=explanation["fields"],
+                   pattern_weights=explanation["pattern_weights"][:, :6],
+                   examples=explanation["examples"][..., :6])
+  assert explanation["selection"] == "softmax"
+  paths = interpret.plot(ungrouped, str(tmp_path / "ungrouped"))
+  assert sorted(os.path.basename(p) for p in paths) == ["examples.png", "explanation.json",
+                                                         "patterns.png"]
   # Evaluation with a config whose batch size exceeds the training rows (a training setting):
   # restored with the run's.
   other.train.batch_size = 4096
