@@ -463,7 +463,9 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
                               "as)" + (f" or one of {list(prep.missing_values)}"
                                        if set(prep.missing_values) - {""} else "") +
                               (f"; a feature with missing 'error' fails the call on one of "
-                               f"{list(prep.missing_values)}" if prep.missing_values else "")}
+                               f"{list(prep.missing_values)}"
+                               if prep.missing_values and "error" in prep.categorical_missing
+                               else "")}
               if prep is not None else None),
           "outputs": {t.name: {"dtype": "float32", "shape": [None]} for t in schema.tasks},
           "platforms": list(platforms),
