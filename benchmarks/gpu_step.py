@@ -135,9 +135,11 @@ def main(argv=None):
   header = (f"{'model':6s} {'dtype':9s} {'batch':>7s} {'ms/step':>9s} {'examples/s':>12s} "
             f"{'MFLOP/ex':>9s} {'TFLOP/s':>8s} {'compile s':>9s}")
   print(header, flush=True)
-  for name in args.models.split(","):
-    for dtype in args.dtypes.split(","):
-      for bs in [int(b) for b in args.batch_sizes.split(",")]:
+  # Every model at one dtype and batch size before the next, so that a run cut short by
+  # --max_seconds still holds side-by-side rows to compare.
+  for dtype in args.dtypes.split(","):
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+      for name in args.models.split(","):
         if time.time() - start > args.max_seconds:
           skipped.append(f"{name}/{dtype}/{bs}")
           continue
