@@ -320,21 +320,29 @@ def main(argv=None):
     with open(args.render) as f:
       render(json.load(f), args.out)
     return
+  models = args.models.split(",")
+  sizes_of = {name: [int(b) for b in (args.apem_batch_sizes if name == "apem" and
+                                      args.apem_batch_sizes else args.batch_sizes).split(",")]
+              for name in models}
+  lacking = [name for name in models if args.side_by_side_batch not in sizes_of[name]]
+  if args.side_by_side_batch and len(models) > 1 and lacking:  # (d) would silently be missing
+    p.error(f"--side_by_side_batch={args.side_by_side_batch} is not among the batch sizes of "
+            f"{lacking}; add it, or choose one of every model's sizes")
   command = "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
   started = time.time()
 
   ceiling = matmul_ceiling()
   print(f"matmul 2048x2048 f32: {ceiling / 1e9:.1f} GFLOP/s", flush=True)
   rows, kept = [], {}
-  for name in args.models.split(","):
-    sizes = args.apem_batch_sizes if name == "apem" and args.apem_batch_sizes else args.batch_sizes
-    for bs in [int(b) for b in sizes.split(",")]:
+  for name in models:
+    sizes = sizes_of[name]
+    for bs in sizes:
       t0 = time.time()
       exp = Experiment(model_config(name, bs))
       a = bench_step(exp, bs, args.reps, args.target_s)
       b = bench_pipeline(exp, bs, args.reps, args.target_s)
       c = bench_e2e(exp, a.pop("state"), bs, args.reps, args.target_s,
-                    evaluate=(bs == int(sizes.split(",")[0])))
+                    evaluate=(bs == sizes[0]))
       state = c.pop("state")
       if bs == args.side_by_side_batch:
         kept[name] = (exp, state)
