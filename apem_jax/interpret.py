@@ -11,11 +11,11 @@ examples:
 * ``group_assignment`` [H, G, F] (competitive grouping only): per field, how it divides itself
   among the groups (sums to 1 over the groups);
 
-and keeps ``examples`` [n, T, F+G], the pattern weights of the split's first ``n`` rows (with
-``k`` processes: process 0's first rows, the split's rows 0, k, 2k, ...).
-``plot(explanation, directory)`` draws them (matplotlib) as ``patterns.png``, ``groups.png`` (where
-the model has groups) and ``examples.png`` and writes the numbers to ``explanation.json``. Command line:
-``python eval.py --config ... --workdir ... --split validation --explain``.
+and keeps ``examples`` [n, T, F+G], the pattern weights of the split's first ``n`` rows (with ``k``
+processes: process 0's first rows, the split's rows 0, k, 2k, ...). ``plot(explanation, directory)``
+draws them (matplotlib) as ``patterns.png``, ``groups.png`` (where the model has groups) and
+``examples.png`` and writes the numbers to ``explanation.json``. Command line: ``python eval.py
+--config ... --workdir ... --split validation --explain``.
 """
 
 from __future__ import annotations
