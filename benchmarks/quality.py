@@ -162,11 +162,11 @@ def tune_cells(cells: list[Cell]) -> dict:
 def run_one(cell: Cell, seed: int, record: dict) -> dict:
   """Trains (or resumes) one run and evaluates its best checkpoint on test, unless ``record``
   (the --out record of finished runs) holds it with the same config; adds it to the record."""
+  recorded = recorded_result(cell, seed, record)
+  if recorded is not None:
+    return recorded
   name = _run_name(cell, seed)
   config = _config(cell, seed)
-  if name in record:
-    check_same_config(config, record[name]["config"], f"{_record_path()} [{name!r}]")
-    return {k: v for k, v in record[name].items() if k != "config"}
   workdir = os.path.join(_RUNS.value, _DATASET.value, name)
   result_path = os.path.join(workdir, "eval", "test.json")
   summary_path = os.path.join(workdir, "metrics.json")
@@ -186,6 +186,15 @@ def run_one(cell: Cell, seed: int, record: dict) -> dict:
   record[name] = {"config": config.to_dict(), **result}
   reporting.write_json_atomic(_record_path(), record)
   return result
+
+
+def recorded_result(cell: Cell, seed: int, record: dict) -> dict | None:
+  """The run's result as ``record`` holds it (checked against its config), or None."""
+  name = _run_name(cell, seed)
+  if name not in record:
+    return None
+  check_same_config(_config(cell, seed), record[name]["config"], f"{_record_path()} [{name!r}]")
+  return {k: v for k, v in record[name].items() if k != "config"}
 
 
 def _record_path() -> str:
@@ -431,14 +440,8 @@ def sweep() -> None:
                                  "models": chosen})
   record = read_record()
   if _REPORT_ONLY.value:
-    runs = {}
-    for seed in range(_SEEDS.value):
-      for cell in cells:
-        name = _run_name(cell, seed)
-        if name in record:
-          check_same_config(_config(cell, seed), record[name]["config"],
-                            f"{_record_path()} [{name!r}]")
-          runs[cell, seed] = {k: v for k, v in record[name].items() if k != "config"}
+    runs = {(cell, seed): result for seed in range(_SEEDS.value) for cell in cells
+            if (result := recorded_result(cell, seed, record)) is not None}
     if not runs:
       raise ValueError(f"--report_only: {_record_path()} records no run of this sweep")
     print(write_report(cells, runs, labels))
