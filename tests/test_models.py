@@ -452,6 +452,11 @@ def test_batched_mlp_shared_input_is_the_concatenation():
   chex.assert_trees_all_equal_shapes(params, mlp.init(jax.random.key(2), own, shared=shared))
   chex.assert_trees_all_close(mlp.apply(params, own, shared=shared), mlp.apply(params, concat),
                               atol=1e-6)
+  # Several shared arrays are read as their concatenation, in order (APEM's raw skip).
+  parts = (shared[:, :7], shared[:, 7:])
+  chex.assert_trees_all_equal_shapes(params, mlp.init(jax.random.key(2), own, shared=parts))
+  chex.assert_trees_all_close(mlp.apply(params, own, shared=parts), mlp.apply(params, concat),
+                              atol=1e-6)
 
 
 def test_se_mean_squeeze_of_layernormed_tokens_is_round_off():

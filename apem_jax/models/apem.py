@@ -179,10 +179,11 @@ class APEM(nn.Module):
       shared = jnp.mean(dagt.fields, axis=1)  # [B, d]
     else:
       shared = dagt.fields.reshape(dagt.fields.shape[0], -1)  # [B, F*d]
+    shared = (shared,)
     if self.raw_skip:  # a skip around the DAGT: the towers also read the raw field embeddings
-      shared = jnp.concatenate([shared, tokens.reshape(tokens.shape[0], -1).astype(shared.dtype)],
-                               axis=-1)  # [B, (F or 1)*d + F*d]
-    # Each tower reads [h_t ; shared] (BatchedMLP's `shared`: no [B, T, F*d] copy).
+      shared += (tokens.reshape(tokens.shape[0], -1).astype(dtype),)  # after it: [B, F*d]
+    # Each tower reads [h_t ; shared...] (BatchedMLP's `shared`: no [B, T, F*d] copy, no
+    # concatenation).
     logits = BatchedMLP(self.schema.num_tasks, tuple(self.tower_hidden) + (1,),
                         dropout=self.dropout, activate_final=False, dtype=dtype,
                         float32_output=True, name="towers")(h.astype(dtype), train, shared=shared)
