@@ -123,7 +123,7 @@ def apply(config: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_colle
 def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_trials: int,
          directory: str, seed: int = 0, fixed: Collection[str] = (),
          train: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
-         study_path: str | None = None) -> Result:
+         study_path: str | None = None, run_trials: bool = True) -> Result:
   """Runs (or resumes) the study of ``model`` until it has ``num_trials`` finished trials.
 
   Args:
@@ -136,9 +136,12 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
       model (e.g. ``train.batch_size`` for a dataset too small for the largest one).
     train: ``train(config, workdir) -> summary`` (default: ``trainer.train_and_evaluate``).
     study_path: the study's journal file (default ``<directory>/study.jsonl``).
+    run_trials: False: train nothing and write nothing; the study must hold its budget already
+      (its result is read from the journal).
 
   Raises:
-    ValueError: the study at ``study_path`` was made with another base config (naming the keys).
+    ValueError: the study at ``study_path`` was made with another base config (naming the keys);
+      ``run_trials`` is False and the study holds fewer than ``num_trials`` finished trials.
   """
   import optuna  # pylint: disable=g-import-not-at-top
   from apem_jax import trainer  # pylint: disable=g-import-not-at-top
@@ -149,32 +152,43 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
   study_path = study_path or os.path.join(directory, "study.jsonl")
+  if not run_trials and not os.path.exists(study_path):
+    raise ValueError(f"tuning {model}: no study at {study_path}; run the tuning first")
   os.makedirs(os.path.dirname(os.path.abspath(study_path)), exist_ok=True)
-  study = optuna.create_study(
-      study_name=model, direction="maximize", load_if_exists=True,
-      storage=optuna.storages.JournalStorage(JournalFileBackend(study_path)))
+  storage = optuna.storages.JournalStorage(JournalFileBackend(study_path))
+  study = (optuna.create_study(study_name=model, direction="maximize", load_if_exists=True,
+                               storage=storage) if run_trials  # (appends to the journal)
+           else optuna.load_study(study_name=model, storage=storage))
   state = optuna.trial.TrialState
   # A study of a version that counted every failed trial (it recorded no search space, and no
   # divergence apart): its failed trials stay counted (marked once the study is accepted).
   legacy = bool(study.trials) and "search_space" not in study.user_attrs
   _check_study(study, {"base_config": make_config().to_dict(),
-                       "search_space": _space_record(model_space)}, study_path)
-  for t in study.trials if legacy else ():
-    if t.state == state.FAIL:
-      study.set_user_attr(f"{_COUNTED}_{t.number}", True)
-  os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
+                       "search_space": _space_record(model_space)}, study_path, run_trials)
+
+  legacy_failed = {t.number for t in study.trials if legacy and t.state == state.FAIL}
 
   def counted(t) -> bool:  # ran to its end: scored, or diverged, or failed twice (unscored)
     return t.state == state.COMPLETE or t.state == state.FAIL and (
-        t.user_attrs.get(_DIVERGED) or t.user_attrs.get(_FAILED_TWICE)
+        t.user_attrs.get(_DIVERGED) or t.user_attrs.get(_FAILED_TWICE) or t.number in legacy_failed
         or study.user_attrs.get(f"{_COUNTED}_{t.number}"))
+
+  if not run_trials:
+    held = len([t for t in study.trials if counted(t)])
+    if held < num_trials:
+      raise ValueError(f"tuning {model}: {study_path} holds {held} of its {num_trials} trials; "
+                       f"run the tuning to its end first")
+  for number in legacy_failed if run_trials else ():
+    study.set_user_attr(f"{_COUNTED}_{number}", True)
+  if run_trials:
+    os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
 
   # A trial cut short (a kill leaves it RUNNING; an interrupt, or a first error other than
   # divergence, leaves it FAIL) is closed, not counted, and its parameters tried again, in the
   # same workdir, where the run resumes from its checkpoints.
-  for cut in [t for t in study.trials if t.state == state.RUNNING or (
+  for cut in [t for t in study.trials if run_trials and (t.state == state.RUNNING or (
       t.state == state.FAIL and not counted(t)
-      and not study.user_attrs.get(f"interrupted_{t.number}"))]:
+      and not study.user_attrs.get(f"interrupted_{t.number}")))]:
     if cut.state == state.RUNNING:
       study.tell(cut.number, state=state.FAIL)
     study.set_user_attr(f"interrupted_{cut.number}", True)
@@ -244,14 +258,15 @@ def _space_record(model_space: dict[str, tuple[str, tuple]]) -> dict:
   return json.loads(json.dumps({k: [kind, list(args)] for k, (kind, args) in model_space.items()}))
 
 
-def _check_study(study: Any, record: dict, study_path: str) -> None:
-  """Records the base config and the search space in a new study; refuses a study made with
-  another base config (where the data lives aside) or search space (another ``fixed``), whose
-  trials would not be comparable with the ones to come."""
+def _check_study(study: Any, record: dict, study_path: str, write: bool = True) -> None:
+  """Records the base config and the search space in a new study (unless not ``write``);
+  refuses a study made with another base config (where the data lives aside) or search space
+  (another ``fixed``), whose trials would not be comparable with the ones to come."""
   base = record["base_config"]
   saved = study.user_attrs.get("base_config")
   if saved is None:
-    study.set_user_attr("base_config", json.loads(json.dumps(base)))
+    if write:
+      study.set_user_attr("base_config", json.loads(json.dumps(base)))
   else:
     differ = config_validation.result_config_differences(saved, base)
     if differ:
@@ -259,7 +274,8 @@ def _check_study(study: Any, record: dict, study_path: str) -> None:
                        f"{differ}); give this tuning its own study")
   saved = study.user_attrs.get("search_space")
   if saved is None:
-    study.set_user_attr("search_space", record["search_space"])
+    if write:
+      study.set_user_attr("search_space", record["search_space"])
   elif saved != record["search_space"]:
     differ = sorted(k for k in set(saved) | set(record["search_space"])
                     if saved.get(k) != record["search_space"].get(k))

@@ -24,7 +24,8 @@ finished run's result is also kept, with its config, in ``<out>/<dataset>_runs.j
 beside the table, it lets the same command resume the sweep on another machine or from a fresh
 clone (a run recorded there with the same config is not trained again; one recorded with another
 config is refused); ``--report_only`` writes the table from that record alone, training
-nothing (the state of a sweep running elsewhere). ``--set key=value`` overrides a config key
+nothing (the state of a sweep running elsewhere; with ``--tune``, from the finished studies'
+choices). ``--set key=value`` overrides a config key
 for every run. Writes a markdown table (the command that made it at the top), its JSON and a PNG
 plot under --out. Results and their reading: docs/results/README.md.
 """
@@ -88,7 +89,8 @@ _BALANCINGS = flags.DEFINE_list(
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Train nothing: write the table of the sweep these flags describe from "
     "the runs recorded in <out>/<dataset>_runs.json (each checked against its config), e.g. the "
-    "state of a sweep still running elsewhere, every seed it holds. Not with --tune.")
+    "state of a sweep still running elsewhere, every seed it holds. With --tune, every model's "
+    "study in <out>/<dataset>_tuning/ must hold its trials already (the configs are read there).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "key=value config override for every run, e.g. --set train.batch_size=2048 "
     "(repeatable; the value is parsed as the key's type).")
@@ -141,7 +143,8 @@ def _run_name(cell: Cell, seed: int | str) -> str:
 
 
 def tune_cells(cells: list[Cell]) -> dict:
-  """--tune: every cell's model tuned with the same number of trials; fills ``_TUNED``."""
+  """--tune: every cell's model tuned with the same number of trials; fills ``_TUNED``
+  (--report_only: read from the studies, which must hold their trials)."""
   chosen = {}
   for cell in cells:
     name = cell.name() + cell.suffix()
@@ -149,7 +152,8 @@ def tune_cells(cells: list[Cell]) -> dict:
                          os.path.join(_RUNS.value, _DATASET.value, "tune", name), seed=0,
                          fixed=_TUNE_FIXED.value,
                          study_path=os.path.join(_OUT.value, f"{_DATASET.value}_tuning",
-                                                 name.replace("/", "_") + ".jsonl"))
+                                                 name.replace("/", "_") + ".jsonl"),
+                         run_trials=not _REPORT_ONLY.value)
     _TUNED[cell] = result.params
     chosen[name] = {"params": {k: list(v) if isinstance(v, tuple) else v
                                for k, v in result.params.items()},
@@ -401,9 +405,6 @@ def check_flags(models: list[str]) -> None:
     raise ValueError(f"--seeds={_SEEDS.value}: expected at least 1")
   if _TUNE.value < 0:
     raise ValueError(f"--tune={_TUNE.value}: expected 0 (no tuning) or a number of trials")
-  if _REPORT_ONLY.value and _TUNE.value:
-    raise ValueError("--report_only with --tune: a tuned sweep's table needs its tuning; run "
-                     "the sweep itself, which trains nothing that is recorded")
   unknown = [m for m in models if m not in MODELS]
   if unknown:
     raise ValueError(f"--models: unknown {unknown}; registered models: {sorted(MODELS)}")

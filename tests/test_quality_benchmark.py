@@ -153,6 +153,24 @@ def test_tuned_sweep_gives_every_model_the_same_budget(tmp_path):
   assert "tuned first with the same budget: 2 Optuna trials" in (
       tmp_path / "out" / "synthetic.md").read_text()
 
+  # --report_only: the same table from the studies' choices and the record, training nothing;
+  # a budget the studies do not hold yet is refused, one line, nothing written.
+  table = (tmp_path / "out" / "synthetic.json").read_text()
+  shutil.rmtree(tmp_path / "runs")
+  (tmp_path / "out" / "synthetic.json").unlink()
+  report = _sweep(tmp_path, "--tune", "2", "--tune_fixed", "train.batch_size", "--seeds", "1",
+                  "--report_only")
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert _trained(report.stdout) == [] and not (tmp_path / "runs").exists()
+  assert (tmp_path / "out" / "synthetic.json").read_text() == table
+  before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+  more = _sweep(tmp_path, "--tune", "3", "--tune_fixed", "train.batch_size", "--seeds", "1",
+                "--report_only")
+  assert more.returncode == 1 and "Traceback" not in more.stderr, more.stderr[-3000:]
+  assert "holds 2 of its 3 trials; run the tuning to its end first" in more.stderr
+  assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+  assert not (tmp_path / "runs").exists()
+
 
 def test_balancing_sweep_rows_and_partial_table(tmp_path):
   """--balancings: one row per (model, method), each run trained with its method; the table
@@ -217,7 +235,7 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_written(tmp_path)
       "set": (["--tune", "2"], "--set ['train.batch_size']: tuned for shared_bottom, which would "
                                "override the value; add the key to --tune_fixed to keep it"),
       "report": (["--tune", "2", "--tune_fixed", "train.batch_size", "--report_only"],
-                 "--report_only with --tune: a tuned sweep's table needs its tuning"),
+                 "tuning shared_bottom: no study at"),
       "no record": (["--report_only"], "synthetic_runs.json records no run of this sweep"),
   }
   running = {name: subprocess.Popen(_sweep_command(tmp_path, *extra), cwd=REPO, text=True,
