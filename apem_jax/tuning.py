@@ -152,13 +152,15 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
   study_path = study_path or os.path.join(directory, "study.jsonl")
-  if not run_trials and not os.path.exists(study_path):
+  exists = os.path.exists(study_path) and model in optuna.get_all_study_names(
+      optuna.storages.JournalStorage(JournalFileBackend(study_path)))
+  if not run_trials and not exists:
     raise ValueError(f"tuning {model}: no study at {study_path}; run the tuning first")
   os.makedirs(os.path.dirname(os.path.abspath(study_path)), exist_ok=True)
   storage = optuna.storages.JournalStorage(JournalFileBackend(study_path))
-  study = (optuna.create_study(study_name=model, direction="maximize", load_if_exists=True,
-                               storage=storage) if run_trials  # (appends to the journal)
-           else optuna.load_study(study_name=model, storage=storage))
+  # (create_study with load_if_exists appends a line to the journal even where the study exists)
+  study = (optuna.load_study(study_name=model, storage=storage) if exists else
+           optuna.create_study(study_name=model, direction="maximize", storage=storage))
   state = optuna.trial.TrialState
   # A study of a version that counted every failed trial (it recorded no search space, and no
   # divergence apart): its failed trials stay counted (marked once the study is accepted).

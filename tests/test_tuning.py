@@ -107,9 +107,13 @@ def test_a_study_resumes_from_its_journal_alone_and_refuses_another_base_config(
   first = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path / "w1"),
                       train=_fake_train(calls), study_path=journal)
   assert len(calls) == 3 and os.path.exists(journal)
+  with open(journal, "rb") as f:
+    written = f.read()
   again = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 3, str(tmp_path / "w2"),
                       train=_fake_train(calls), study_path=journal)
   assert len(calls) == 3 and again.params == first.params
+  with open(journal, "rb") as f:  # a finished study read again is not written to (the journal
+    assert f.read() == written    # is committed: a rerun of a finished sweep changes no file)
   more = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 4, str(tmp_path / "w2"),
                      train=_fake_train(calls), study_path=journal)
   assert len(calls) == 4 and more.num_trials == 4
