@@ -10,7 +10,9 @@ The public API (docs/api.md), importable from here; each name is loaded on first
   ``make_optimizer``; task balancing: ``Balancing``, ``balancing_from_config``;
 * runs: ``Experiment``, ``train_and_evaluate``, ``evaluate_checkpoint``; serving:
   ``apem_jax.export.export(workdir, output)`` (a module of its own: it imports TensorFlow);
-* configs: ``apem_jax.configs`` (``common.base_config()``, ``census.get_config('mmoe')``, ...).
+* configs: ``apem_jax.configs`` (``common.base_config()``, ``census.get_config('mmoe')``, ...);
+  ``apem_jax.parallel`` (``jit_train_step``, ``pmap_train_step``). These three modules are also
+  loaded on first use.
 """
 
 import importlib
@@ -32,9 +34,12 @@ _PUBLIC = {
     "evaluate_checkpoint": "apem_jax.trainer",
 }
 __all__ = sorted(_PUBLIC)
+_SUBMODULES = ("configs", "export", "parallel")
 
 
 def __getattr__(name: str):
+  if name in _SUBMODULES:  # ``apem_jax.configs.census`` after a plain ``import apem_jax``
+    return importlib.import_module(f"apem_jax.{name}")
   if name not in _PUBLIC:
     raise AttributeError(f"module 'apem_jax' has no attribute {name!r}")
   value = getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -204,7 +204,16 @@ def pmap_train_step(train_step: Callable) -> Callable:
   Takes the replicated state (:func:`replicate`) and a batch from :func:`pmap_batch`; returns the
   new replicated state and the metrics once (the step all-reduces them, so every device holds the
   same values).
+
+  Raises:
+    ValueError: ``train_step`` is a ``functools.partial`` (``step.bind_steps``) bound without
+      ``axis_name=PMAP_AXIS``: each device would train on its own, with no error.
   """
+  bound = getattr(train_step, "keywords", None)
+  if isinstance(bound, dict) and "axis_name" in bound and bound["axis_name"] != PMAP_AXIS:
+    raise ValueError(f"pmap_train_step: the step is bound with axis_name={bound['axis_name']!r}; "
+                     f"bind it with axis_name=parallel.PMAP_AXIS ({PMAP_AXIS!r}) so that the "
+                     f"devices average their gradients")
   # The metrics come out unmapped (``out_axes=None``: device 0's, which all devices share), so no
   # eager indexing of a mapped output follows each step.
   return jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0, out_axes=(0, None))

@@ -21,7 +21,10 @@ from apem_jax.models import APEM
 
 
 class MaxPoolSelector(nn.Module):
-  """fields [B, F, d], groups [B, G, d] -> (h [B, T, d], alpha [B, T, F+G])."""
+  """fields [B, F, d], groups [B, G, d] -> (h [B, T, d], alpha [B, T, F+G]).
+
+  APEM builds its selector with PatternSelector's keyword arguments, so every one of them is an
+  attribute here, used or not."""
 
   num_tasks: int
   top_k: int = 0

@@ -56,7 +56,8 @@ def test_columns_become_a_validated_dataset_and_a_run_takes_it(tmp_path):
      r"split 'train', row 49, numeric column 'price': nan is not a finite number"),
     (dict(splits={"train": dict(_columns(50), click=[0.0] * 50, buy=[1.0] + [0.0] * 49),
                   "validation": _columns(50)}),
-     r"split 'train': 1 of 50 rows are inconsistent funnels.*first at row 0"),
+     r"split 'train': 1 of 50 rows are inconsistent funnels.*first at row 0.* set "
+     r"inconsistent_funnel='drop'"),  # the argument's name, not the config key
 ])
 def test_a_dataset_that_does_not_fit_is_refused_when_built(change, message):
   with pytest.raises(ValueError, match=message):
@@ -130,3 +131,33 @@ def test_importing_the_package_loads_neither_jax_nor_tensorflow():
           "print(sorted(m for m in ('jax', 'tensorflow') if m in sys.modules))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_the_modules_docs_api_names_resolve_after_a_plain_import():
+  """docs/api.md writes ``apem_jax.configs.census.get_config``, ``apem_jax.export.export`` and
+  ``apem_jax.parallel.pmap_train_step``: after ``import apem_jax`` alone they raised
+  AttributeError."""
+  import subprocess
+  import sys
+  code = ("import apem_jax; print(apem_jax.configs.census.get_config('mmoe').model.name, "
+          "apem_jax.configs.common.base_config('apem').model.name, "
+          "apem_jax.parallel.pmap_train_step.__name__, apem_jax.export.export.__name__)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["mmoe", "apem", "pmap_train_step", "export"]
+
+
+def test_pmap_refuses_a_step_bound_without_its_axis():
+  """A step from ``bind_steps`` without ``axis_name`` under pmap trained every device on its own
+  (no error, the replicas drifting apart)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from apem_jax import parallel  # pylint: disable=g-import-not-at-top
+  schema = _data().schema
+  model = apem_jax.build_model(common.base_config("mmoe").model, schema)
+  tx = optax.sgd(0.1)
+  unbound, _ = apem_jax.bind_steps(model, tx, schema, (1.0, 1.0))
+  with pytest.raises(ValueError, match=r"bound with axis_name=None; bind it with "
+                                       r"axis_name=parallel.PMAP_AXIS \('devices'\)"):
+    parallel.pmap_train_step(unbound)
+  bound, _ = apem_jax.bind_steps(model, tx, schema, (1.0, 1.0), axis_name=parallel.PMAP_AXIS)
+  assert callable(parallel.pmap_train_step(bound))

@@ -148,5 +148,5 @@ def dataset_from_columns(splits: Mapping[str, Any], *, categorical: Sequence[str
   dropped = {}
   if schema.has_funnel:  # training rows only: evaluation never filters examples by their labels
     arrays["train"], dropped["train"] = pipeline.enforce_funnel_consistency(
-        arrays["train"], schema, inconsistent_funnel, "split 'train'")
+        arrays["train"], schema, inconsistent_funnel, "split 'train'", "inconsistent_funnel")
   return pipeline.DatasetSplits(schema, prep, arrays, dropped)

@@ -330,7 +330,8 @@ def inconsistent_funnel_rows(labels: np.ndarray, label_mask: np.ndarray,
 
 
 def enforce_funnel_consistency(arrays: Mapping[str, np.ndarray], schema: schema_lib.Schema,
-                               policy: str, source: str) -> tuple[dict[str, np.ndarray], int]:
+                               policy: str, source: str, setting: str = "data.inconsistent_funnel"
+                               ) -> tuple[dict[str, np.ndarray], int]:
   """Checks that no later funnel step is positive where an earlier one is negative.
 
   Args:
@@ -339,6 +340,7 @@ def enforce_funnel_consistency(arrays: Mapping[str, np.ndarray], schema: schema_
     policy: ``'error'``: raise, naming ``source``, the first bad row and the count; ``'drop'``:
       return the arrays without the bad rows (and log the count).
     source: where the rows come from (a file, or a dataset and split), for the messages.
+    setting: what the messages call the policy (the config key, or a function's argument).
 
   Returns:
     (arrays, number of rows dropped).
@@ -355,10 +357,9 @@ def enforce_funnel_consistency(arrays: Mapping[str, np.ndarray], schema: schema_
     raise ValueError(
         f"{source}: {count} of {len(bad)} rows are inconsistent funnels (a step is positive "
         f"where the step it depends on is negative); first at row {row} ({steps}). Fix the data, "
-        f"or set data.inconsistent_funnel='drop' to drop such rows")
+        f"or set {setting}='drop' to drop such rows")
   if policy != "drop":
-    raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
-                     f"{INCONSISTENT_FUNNEL_POLICIES}")
-  logging.warning("%s: dropped %d of %d rows with an inconsistent funnel "
-                  "(data.inconsistent_funnel='drop')", source, count, len(bad))
+    raise ValueError(f"{setting}={policy!r}; expected one of {INCONSISTENT_FUNNEL_POLICIES}")
+  logging.warning("%s: dropped %d of %d rows with an inconsistent funnel (%s='drop')", source,
+                  count, len(bad), setting)
   return {k: v[~bad] for k, v in arrays.items()}, count
