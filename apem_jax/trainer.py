@@ -222,8 +222,8 @@ def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
   check_input_groups(meta["data_position"], exp.input_groups, workdir)
   if config.train.num_epochs * exp.steps_per_epoch < meta["step"]:
     raise ValueError(f"{workdir}: train.num_epochs={config.train.num_epochs} is below the "
-                     f"{meta['step'] / saved_spe:g} epochs the run has done; it may only grow "
-                     f"on resume")
+                     f"{meta['step'] / saved_spe:g} epochs the run has done; a resume may change it, "
+                     f"not below them")
   return accepted
 
 

@@ -384,6 +384,10 @@ def main(argv=None):
   write_markdown(args, command, ceiling, rows, profile, rechub, time.time() - started, paired)
 
 
+# --out holds hand-written sections around the measured block: the text before MEASURED_MARKER
+# and after ANALYSIS_MARKER is kept when the file is regenerated; the block between is rewritten.
+MEASURED_MARKER = ("<!-- measured by benchmarks/throughput.py from here to the marker below: "
+                   "rewritten when this file is regenerated -->")
 ANALYSIS_MARKER = "<!-- hand-written analysis below: kept when this file is regenerated -->"
 
 
@@ -402,9 +406,10 @@ def write_markdown(args, command, ceiling, rows, profile, rechub, seconds, paire
 
 
 def render(raw: dict, out: str) -> None:
-  """docs/performance.md from the measured values; text after ANALYSIS_MARKER is kept."""
+  """docs/performance.md from the measured values; the text before MEASURED_MARKER and after
+  ANALYSIS_MARKER is kept (a new file gets a title)."""
   ceiling, rows, profile, rechub = raw["ceiling"], raw["rows"], raw["profile"], raw["rechub"]
-  L = ["# Performance", "", f"Regenerate: `{raw['command']}`", "",
+  L = [f"Regenerate: `{raw['command']}`", "",
        f"Measured {raw['now']} on {raw['cores']} CPU cores ({raw['cpu']}), jax {raw['jax']} "
        f"({raw['backend']}); the machine was shared with other engineers' jobs, so every figure is "
        f"noisy (medians of {raw['reps']} repetitions of >= {raw['target_s']:g} s each, after "
@@ -471,13 +476,16 @@ def render(raw: dict, out: str) -> None:
                f"{fmt(r['train_one_epoch_examples_per_s'])} | {fmt(r['step_only_examples_per_s'])} |")
     L.append("")
   L += ["## Targets", ""] + targets(raw) + [""]
-  kept = ""
+  before, kept = "# Performance\n\n", "\n"
   if os.path.exists(out):
-    text = open(out).read()
+    with open(out) as f:
+      text = f.read()
+    if MEASURED_MARKER in text:
+      before = text[:text.index(MEASURED_MARKER)]
     if ANALYSIS_MARKER in text:
       kept = text[text.index(ANALYSIS_MARKER) + len(ANALYSIS_MARKER):]
   with open(out, "w") as f:
-    f.write("\n".join(L) + "\n" + ANALYSIS_MARKER + (kept or "\n"))
+    f.write(before + MEASURED_MARKER + "\n" + "\n".join(L) + "\n" + ANALYSIS_MARKER + kept)
   print(f"wrote {out}")
 
 

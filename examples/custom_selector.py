@@ -55,5 +55,7 @@ config.data = ml_collections.ConfigDict(dict(
     name="synthetic_mmoe",
     synthetic=dict(input_dim=6, num_examples=4000, correlation=0.5, task_kind="binary", seed=0)))
 config.train.update(batch_size=128, num_epochs=2, balancing="pcgrad", progress_bar=False)
+if len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # (not a workdir named "--help")
+  sys.exit("usage: python examples/custom_selector.py WORKDIR")
 summary = apem_jax.train_and_evaluate(config, sys.argv[1])
 print(f"apem_maxpool with PCGrad: best validation score {summary['best_validation_score']:.4f}")
