@@ -175,22 +175,36 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
         t.user_attrs.get(_DIVERGED) or t.user_attrs.get(_FAILED_TWICE) or t.number in legacy_failed
         or study.user_attrs.get(f"{_COUNTED}_{t.number}"))
 
+  def spent():  # the budget: the trials that ran to their end
+    return [t for t in study.trials if counted(t)][:num_trials]
+
+  def result() -> Result:
+    trials = [{"number": t.number, "params": params_of(model_space, t.params),
+               "validation_score": t.value} for t in spent()]
+    finished = [t for t in spent() if t.state == state.COMPLETE]
+    if not finished:
+      errors = sorted({t.user_attrs[_ERROR] for t in spent() if t.user_attrs.get(_FAILED_TWICE)})
+      raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged or failed"
+                         + (f" ({'; '.join(errors)[:500]})" if errors else ""))
+    best = max(finished, key=lambda t: (t.value, -t.number))
+    return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
+                  trials)
+
   if not run_trials:
-    held = len([t for t in study.trials if counted(t)])
-    if held < num_trials:
-      raise ValueError(f"tuning {model}: {study_path} holds {held} of its {num_trials} trials; "
-                       f"run the tuning to its end first")
-  for number in legacy_failed if run_trials else ():
+    if len(spent()) < num_trials:
+      raise ValueError(f"tuning {model}: {study_path} holds {len(spent())} of its {num_trials} "
+                       f"trials; run the tuning to its end first")
+    return result()
+  for number in legacy_failed:
     study.set_user_attr(f"{_COUNTED}_{number}", True)
-  if run_trials:
-    os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
+  os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
 
   # A trial cut short (a kill leaves it RUNNING; an interrupt, or a first error other than
   # divergence, leaves it FAIL) is closed, not counted, and its parameters tried again, in the
   # same workdir, where the run resumes from its checkpoints.
-  for cut in [t for t in study.trials if run_trials and (t.state == state.RUNNING or (
+  for cut in [t for t in study.trials if t.state == state.RUNNING or (
       t.state == state.FAIL and not counted(t)
-      and not study.user_attrs.get(f"interrupted_{t.number}")))]:
+      and not study.user_attrs.get(f"interrupted_{t.number}"))]:
     if cut.state == state.RUNNING:
       study.tell(cut.number, state=state.FAIL)
     study.set_user_attr(f"interrupted_{cut.number}", True)
@@ -218,9 +232,6 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     trainer.exit_if_stopped(summary)  # the trial stays RUNNING: tried again on the next call
     return float(summary["best_validation_score"])
 
-  def spent():  # the budget: the trials that ran to their end
-    return [t for t in study.trials if counted(t)][:num_trials]
-
   while len(spent()) < num_trials:
     # The sampler of each slot of the budget is seeded by the slot: a resumed study draws what
     # an uninterrupted one would have (one sampler for the whole study restarted its random
@@ -228,16 +239,7 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     study.sampler = optuna.samplers.TPESampler(seed=_slot_seed(seed, len(spent())),
                                                n_startup_trials=min(5, num_trials))
     study.optimize(objective, n_trials=1, catch=(FloatingPointError, _FailedTwice))
-  trials = [{"number": t.number, "params": params_of(model_space, t.params),
-             "validation_score": t.value} for t in spent()]
-  finished = [t for t in spent() if t.state == state.COMPLETE]
-  if not finished:
-    errors = sorted({t.user_attrs[_ERROR] for t in spent() if t.user_attrs.get(_FAILED_TWICE)})
-    raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged or failed"
-                       + (f" ({'; '.join(errors)[:500]})" if errors else ""))
-  best = max(finished, key=lambda t: (t.value, -t.number))
-  return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
-                trials)
+  return result()
 
 
 # A trial's user attributes: its training diverged (counted, unscored); it failed with an error
