@@ -152,12 +152,14 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
   study_path = study_path or os.path.join(directory, "study.jsonl")
-  exists = os.path.exists(study_path) and model in optuna.get_all_study_names(
-      optuna.storages.JournalStorage(JournalFileBackend(study_path)))
-  if not run_trials and not exists:
-    raise ValueError(f"tuning {model}: no study at {study_path}; run the tuning first")
+  no_study = ValueError(f"tuning {model}: no study at {study_path}; run the tuning first")
+  if not run_trials and not os.path.exists(study_path):
+    raise no_study
   os.makedirs(os.path.dirname(os.path.abspath(study_path)), exist_ok=True)
   storage = optuna.storages.JournalStorage(JournalFileBackend(study_path))
+  exists = model in optuna.get_all_study_names(storage)
+  if not run_trials and not exists:
+    raise no_study
   # (create_study with load_if_exists appends a line to the journal even where the study exists)
   study = (optuna.load_study(study_name=model, storage=storage) if exists else
            optuna.create_study(study_name=model, direction="maximize", storage=storage))
