@@ -14,7 +14,10 @@ ids:
   (zero gradient) keeps its value and accumulator;
 * ``lazy_adam``: Adam whose moments and update skip the rows absent from the batch (TensorFlow
   Addons' LazyAdam): ``m_r, v_r`` change only where row r's gradient is not all zero, with the
-  bias correction of the global step.
+  bias correction of the global step. Epsilon is placed as in ``optax.adam`` (and the dense
+  layers' Adam): ``m_hat / (sqrt(v_hat) + eps)``; TensorFlow's puts it outside the bias
+  correction, ``sqrt(1 - b2^t) m / (1 - b1^t) / (sqrt(v) + eps)``: the two differ only where
+  eps is not negligible beside ``sqrt(v)``, rows whose gradients are below about ``100 eps``.
 
 ``optimizer.embedding_l2`` adds ``l2 * row`` to the gradient of the rows present in the batch
 only (the regularisation of the rows a batch touches, not a decay of the whole table), and

@@ -49,9 +49,16 @@ def test_lazy_adam_is_adam_on_present_rows_and_leaves_absent_rows_alone():
   lazy, adam = optimizers.lazy_adam(0.01), optax.adam(0.01)
   lazy_state, adam_state = lazy.init(g), adam.init(g)
   full = jnp.ones_like(g)
+  lazy_updates = []
   for step_grad in (g, full, g):  # rows 1 and 3 present at the second step only
     lazy_update, lazy_state = lazy.update(step_grad, lazy_state)
     adam_update, adam_state = adam.update(step_grad, adam_state)
+    lazy_updates.append(np.asarray(lazy_update))
+  # Rows 1 and 3 first seen at step 2 (gradient 1): their one-step moments m = 0.1, v = 0.001,
+  # bias-corrected with the global step t = 2 (TensorFlow Addons' LazyAdam; a per-row count
+  # t = 1 would give -0.01 instead), epsilon as in optax.adam:
+  # -0.01 * (0.1 / (1 - 0.9**2)) / sqrt(0.001 / (1 - 0.999**2)) = -0.0074413.
+  np.testing.assert_allclose(lazy_updates[1][[1, 3]], -0.0074413 * np.ones((2, 3)), rtol=1e-4)
   # Rows always present: Adam's update; rows 1 and 3 at the third step: no update, and their
   # moments are those of their one step (Adam's decayed them, and moves them).
   np.testing.assert_allclose(np.asarray(lazy_update)[[0, 2]], np.asarray(adam_update)[[0, 2]],
@@ -59,6 +66,7 @@ def test_lazy_adam_is_adam_on_present_rows_and_leaves_absent_rows_alone():
   assert np.all(np.asarray(lazy_update)[[1, 3]] == 0.0)
   assert np.all(np.asarray(adam_update)[[1, 3]] != 0.0)
   np.testing.assert_allclose(np.asarray(lazy_state.mu)[1], 0.1 * np.ones(3), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(lazy_state.nu)[1], 1e-3 * np.ones(3), rtol=1e-6)
 
 
 def test_l2_on_present_rows_only():
