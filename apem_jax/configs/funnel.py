@@ -37,8 +37,8 @@ def get_config(arg: str = "apem"):
   config.train.num_epochs = 4
   config.train.patience = 1
   # The id tables under lazy Adam (only the rows a batch holds move) with L2 on those rows: the
-  # best of ten table optimizers on ESMM's validation score, then better on validation than the
-  # dense Adam for every model (docs/results/funnel_optimizers.md).
+  # best of ten settings of the tables' optimizer on ESMM's validation score, then better on
+  # validation than the dense Adam for every model (docs/results/funnel_optimizers.md).
   config.optimizer.embedding_optimizer = "lazy_adam"
   config.optimizer.embedding_l2 = 1e-3
   return config
