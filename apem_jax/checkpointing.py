@@ -24,6 +24,7 @@ raises :class:`OtherModelError` naming them, before any array is read.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -201,6 +202,9 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep_latest: int = 2, async_save: bool = False,
                read_only: bool = False):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f"workdir {workdir} is a file; expected a directory (a new one, or one a "
+                       f"run made)")
     self.directory = os.path.join(workdir, "checkpoints")
     legacy = [k for k in KINDS if os.path.isdir(os.path.join(self.directory, k))]
     if legacy:
@@ -256,7 +260,9 @@ class Checkpoints:
     selection score of an evaluated checkpoint, which the ``best`` checkpoint is chosen by."""
     if step in self._manager.all_steps():  # a resume from an older checkpoint redoes its steps
       self._manager.delete(step)
-    meta = dict(meta, checksums=state_checksums(state))
+    # A copy all the way down: Orbax writes the JSON later, in the background, while the caller
+    # goes on changing its meta (the trainer appends to ``history``).
+    meta = copy.deepcopy(dict(meta, checksums=state_checksums(state)))
     # A score that is not finite is no score: the checkpoint is never the best.
     metrics = (None if score is None or not math.isfinite(score) else
                {"score": float(score), "step": int(step)})

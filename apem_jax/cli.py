@@ -17,8 +17,8 @@ from absl import flags
 
 from apem_jax.data.census_source import CensusSourceError
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
-               CensusSourceError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError, FloatingPointError, CensusSourceError)
 
 
 @contextlib.contextmanager

@@ -448,8 +448,10 @@ class StopRequests:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signum = signum
-    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-          f"(rerun the same command to resume)", flush=True)
+    # os.write, not print: a print here, while the main thread is inside one, raises
+    # "reentrant call" from the buffered stdout.
+    os.write(1, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then "
+                f"stopping (rerun the same command to resume)\n".encode())
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
@@ -523,8 +525,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True,
                   disable=jax.process_index() != 0 or not config.train.progress_bar,
                   mininterval=1.0)
-  try:
-    with StopRequests() as stop_requests:
+  with StopRequests() as stop_requests:
+    try:
       batches = train_batches_from(exp, data_position(step, spe, exp.input_groups))
       while step < total_steps and not meta["stopped"]:
         state, step_metrics = exp.train_step(state, exp.device_batch(next(batches)))
@@ -558,13 +560,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if evaluate:
           t_window, window_steps = time.time(), 0
         if stop_requests.signum is not None:
-          stopped_by = {"signal": signal.Signals(stop_requests.signum).name, "step": step}
-          print(f"Stopped at step {step} ({stopped_by['signal']}); checkpoint saved. Rerun the same "
-                f"command to resume.", flush=True)
           break
-  finally:  # an error or a second Ctrl-C still lets the saves in flight finish
-    bar.close()
-    ckpt.close()
+    finally:  # an error or a second Ctrl-C still lets the saves in flight finish; the handlers
+      bar.close()  # stay until they have, so a SIGTERM meanwhile is a stop request too
+      ckpt.close()
+    if stop_requests.signum is not None:  # also one that came after the last step
+      stopped_by = {"signal": signal.Signals(stop_requests.signum).name, "step": step}
+      print(f"Stopped at step {step} ({stopped_by['signal']}); checkpoint saved. Rerun the same "
+            f"command to resume.", flush=True)
 
   best_step = meta["best_step"]
   summary = {"best_step": best_step, "best_validation_score": meta["best_score"],

@@ -106,6 +106,19 @@ def test_an_async_save_holds_the_state_it_was_given_though_the_buffers_are_donat
   np.testing.assert_array_equal(np.asarray(restored["w"]), expected)
 
 
+def test_an_async_save_holds_the_meta_it_was_given_though_the_caller_changes_it(tmp_path):
+  """The meta's JSON is written in the background: a list the caller appends to right after
+  ``save`` (as the trainer appends to its history) is saved as it was at ``save``."""
+  ckpt = checkpointing.Checkpoints(str(tmp_path), async_save=True)
+  meta = {"step": 1, "history": [{"step": 1}]}
+  ckpt.save(1, _state(0), meta)
+  meta["history"].append({"step": 2})
+  ckpt.close()
+  _, restored = checkpointing.Checkpoints(str(tmp_path), read_only=True).restore(
+      jax.eval_shape(lambda: _state(0)))
+  assert restored["history"] == [{"step": 1}]
+
+
 def test_params_restore_alone_onto_one_device_from_a_sharded_state(tmp_path):
   mesh = jax.make_mesh((8,), ("model",))
   row_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model"))

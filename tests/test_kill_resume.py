@@ -111,6 +111,34 @@ def test_killed_at_three_moments_and_stopped_by_sigterm_ends_bit_identical(place
   _assert_same_run(workdir, places["reference"])
 
 
+def test_sigterm_while_the_last_save_is_written_lets_it_finish(places):
+  """SIGTERM after the last step, while the run waits for its checkpoint to be written in the
+  background: the save finishes, the run is stopped as by any SIGTERM (exit 143, before the
+  test evaluation), and the same command then finds it finished."""
+  workdir = str(places["root"] / "term_in_close")
+  script = (
+      "import os, runpy, signal, sys\n"
+      "from apem_jax import checkpointing\n"
+      "close = checkpointing.Checkpoints.close\n"
+      "def close_after_sigterm(self):\n"
+      "  if not self._read_only:\n"
+      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+      "  close(self)\n"
+      "checkpointing.Checkpoints.close = close_after_sigterm\n"
+      "sys.argv = ['train.py'] + sys.argv[1:]\n"
+      "runpy.run_path('train.py', run_name='__main__')\n")
+  result = subprocess.run([sys.executable, "-c", script, f"--config={places['config']}",
+                           f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+  assert result.returncode == 128 + signal.SIGTERM, (result.stdout[-2000:], result.stderr[-3000:])
+  assert "Stopped at step 90 (SIGTERM); checkpoint saved" in result.stdout
+  assert checkpointing.Checkpoints(workdir, read_only=True).step_of() == 90
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "90"  # no partial one
+  again = _train(places, workdir)
+  assert again.returncode == 0 and "Resuming from" in again.stdout, again.stderr[-3000:]
+  _assert_same_run(workdir, places["reference"])
+
+
 def test_sigint_asks_to_stop_and_a_second_one_interrupts_at_once():
   """Ctrl-C (SIGINT) is a stop request like SIGTERM (the loop saves and the command exits 130);
   a second Ctrl-C raises KeyboardInterrupt at once. The handlers are restored afterwards."""

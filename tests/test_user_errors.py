@@ -96,6 +96,8 @@ CASES = [
      "train.py: error: --config: Failed loading config file config_config"),
     ("a config file that is not Python", EVAL + ["--config={broken}", "--workdir={run}"],
      "eval.py: error: {broken}, line 1: invalid syntax"),
+    ("a workdir that is a file", TRAIN + ["--config={tiny}", "--workdir={other}/notes.txt"],
+     "train.py: error: workdir {other}/notes.txt is a file; expected a directory"),
     ("eval of a checkpoint with garbage metadata", EVAL + ["--config={tiny}",
                                                            "--workdir={garbage}"],
      "eval.py: error: checkpoint {garbage}/checkpoints/30 cannot be read"),
