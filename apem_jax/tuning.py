@@ -141,7 +141,8 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
 
   Raises:
     ValueError: the study at ``study_path`` was made with another base config (naming the keys);
-      ``run_trials`` is False and the study holds fewer than ``num_trials`` finished trials.
+      ``run_trials`` is False and the study holds fewer than ``num_trials`` finished trials;
+      every trial of the budget diverged or failed.
   """
   import optuna  # pylint: disable=g-import-not-at-top
   from apem_jax import trainer  # pylint: disable=g-import-not-at-top
@@ -149,7 +150,8 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     raise ValueError(f"tuning {model}: the number of trials must be at least 1, got {num_trials}")
   model_space = space(model, fixed)  # (a bad model or fixed key: refused before any file)
   train = train or trainer.train_and_evaluate
-  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  # (ERROR: Optuna logs each failed trial's traceback as a warning; the loop says it in a line)
+  optuna.logging.set_verbosity(optuna.logging.ERROR)
   from optuna.storages.journal import JournalFileBackend  # pylint: disable=g-import-not-at-top
   study_path = study_path or os.path.join(directory, "study.jsonl")
   no_study = ValueError(f"tuning {model}: no study at {study_path}; run the tuning first")
@@ -171,6 +173,7 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
                        "search_space": _space_record(model_space)}, study_path, run_trials)
 
   legacy_failed = {t.number for t in study.trials if legacy and t.state == state.FAIL}
+  base_digest = _digest(make_config().to_dict())
 
   def counted(t) -> bool:  # ran to its end: scored, or diverged, or failed twice (unscored)
     return t.state == state.COMPLETE or t.state == state.FAIL and (
@@ -186,17 +189,17 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     finished = [t for t in spent() if t.state == state.COMPLETE]
     if not finished:
       errors = sorted({t.user_attrs[_ERROR] for t in spent() if t.user_attrs.get(_FAILED_TWICE)})
-      raise RuntimeError(f"tuning {model}: every one of {num_trials} trials diverged or failed"
+      raise ValueError(f"tuning {model}: every one of {num_trials} trials diverged or failed"
                          + (f" ({'; '.join(errors)[:500]})" if errors else ""))
     best = max(finished, key=lambda t: (t.value, -t.number))
     return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
                   trials)
 
-  if not run_trials:
-    if len(spent()) < num_trials:
-      raise ValueError(f"tuning {model}: {study_path} holds {len(spent())} of its {num_trials} "
-                       f"trials; run the tuning to its end first")
+  if len(spent()) >= num_trials:  # a finished study is read, not written to
     return result()
+  if not run_trials:
+    raise ValueError(f"tuning {model}: {study_path} holds {len(spent())} of its {num_trials} "
+                     f"trials; run the tuning to its end first")
   for number in legacy_failed:
     study.set_user_attr(f"{_COUNTED}_{number}", True)
   os.makedirs(directory, exist_ok=True)  # the trials' workdirs, once the study is accepted
@@ -215,11 +218,15 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
   def objective(trial):
     params = {name: _suggest(trial, name, kind, args) for name, (kind, args) in model_space.items()}
     config = apply(make_config(), params)
-    workdir = os.path.join(directory, "trial_" + _digest(params))
+    # Named by the base config too: a study of another base config (other epochs, another
+    # --set) drawing the same parameters does not resume this one's runs.
+    workdir = os.path.join(directory, f"trial_{base_digest}_{_digest(params)}")
     try:
       summary = train(config, workdir)
-    except FloatingPointError:
+    except FloatingPointError as e:
       trial.set_user_attr(_DIVERGED, True)
+      print(f"tuning {model}: trial {trial.number} ({workdir}) diverged, counted unscored: "
+            f"{' '.join(str(e).split())}", flush=True)
       raise
     except Exception as e:  # pylint: disable=broad-except
       error = " ".join(f"{type(e).__name__}: {e}".split())[:1000]
@@ -290,6 +297,7 @@ def _check_study(study: Any, record: dict, study_path: str, write: bool = True) 
 
 
 def _digest(params: dict[str, Any]) -> str:
-  """A short name for a trial's parameters (its workdir)."""
-  text = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(params.items())})
+  """A short name for a config or a trial's parameters (in its workdir's name)."""
+  text = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(params.items())},
+                    sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]

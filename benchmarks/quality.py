@@ -432,19 +432,23 @@ def sweep() -> None:
            for b in balancings if (m, mode) not in UNSUPPORTED_MODES]
   labels = {c: c.model + ("" if len(modes) == 1 else f"/{c.mode}")
             + ("" if c.balancing is None else f"/{c.balancing}") for c in cells}
+  for cell in cells:  # a bad value (of --set, --balancings, ...) refused before any file
+    config_validation.validate(_config(cell, 0))
   if _TUNE.value:
     chosen = tune_cells(cells)
-    os.makedirs(_OUT.value, exist_ok=True)
-    reporting.write_json_atomic(os.path.join(_OUT.value, f"{_DATASET.value}_tuned.json"),
-                                {"trials_per_model": _TUNE.value, "fixed": _TUNE_FIXED.value,
-                                 "selection": "best validation score (test never read)",
-                                 "models": chosen})
   record = read_record()
   if _REPORT_ONLY.value:
     runs = {(cell, seed): result for seed in range(_SEEDS.value) for cell in cells
             if (result := recorded_result(cell, seed, record)) is not None}
     if not runs:
       raise ValueError(f"--report_only: {_record_path()} records no run of this sweep")
+  if _TUNE.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    reporting.write_json_atomic(os.path.join(_OUT.value, f"{_DATASET.value}_tuned.json"),
+                                {"trials_per_model": _TUNE.value, "fixed": _TUNE_FIXED.value,
+                                 "selection": "best validation score (test never read)",
+                                 "models": chosen})
+  if _REPORT_ONLY.value:
     print(write_report(cells, runs, labels))
     return
   if _VMAP_SEEDS.value:  # every seed of a cell at once, so cell-major

@@ -170,6 +170,13 @@ def test_tuned_sweep_gives_every_model_the_same_budget(tmp_path):
   assert "holds 2 of its 3 trials; run the tuning to its end first" in more.stderr
   assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
   assert not (tmp_path / "runs").exists()
+  # The studies hold their budget but the record is gone: refused, nothing written.
+  (tmp_path / "out" / "synthetic_runs.json").unlink()
+  (tmp_path / "out" / "synthetic_tuned.json").unlink()
+  no_record = _sweep(tmp_path, "--tune", "2", "--tune_fixed", "train.batch_size", "--seeds", "1",
+                     "--report_only")
+  assert no_record.returncode == 1 and "records no run of this sweep" in no_record.stderr
+  assert not (tmp_path / "out" / "synthetic_tuned.json").exists()
 
 
 def test_balancing_sweep_rows_and_partial_table(tmp_path):
@@ -237,6 +244,8 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_written(tmp_path)
       "report": (["--tune", "2", "--tune_fixed", "train.batch_size", "--report_only"],
                  "tuning shared_bottom: no study at"),
       "no record": (["--report_only"], "synthetic_runs.json records no run of this sweep"),
+      "balancing": (["--tune", "2", "--tune_fixed", "train.batch_size", "--balancings", "fixd"],
+                    "config: train.balancing='fixd'; expected one of"),
   }
   running = {name: subprocess.Popen(_sweep_command(tmp_path, *extra), cwd=REPO, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)

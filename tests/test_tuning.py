@@ -129,6 +129,42 @@ def test_a_study_resumes_from_its_journal_alone_and_refuses_another_base_config(
   assert not (tmp_path / "w3").exists()  # refused before anything is written
 
 
+def test_studies_of_two_base_configs_do_not_share_trial_workdirs(tmp_path):
+  """Two studies (their own journals) of the same model and seed draw the same parameters; with
+  another base config (here one more epoch) their trials train in workdirs of their own, not
+  resuming the other study's runs."""
+  calls = {"a": [], "b": []}
+
+  def more_epochs():
+    config = tiny_config("mmoe")
+    config.train.num_epochs += 1
+    return config
+
+  for name, make_config in (("a", lambda: tiny_config("mmoe")), ("b", more_epochs)):
+    tuning.tune(make_config, "mmoe", 2, str(tmp_path / "trials"), train=_fake_train(calls[name]),
+                study_path=str(tmp_path / f"{name}.jsonl"))
+  assert _drawn(calls["a"]) == _drawn(calls["b"])
+  assert not {w for _, w in calls["a"]} & {w for _, w in calls["b"]}
+
+
+def test_a_finished_study_is_read_without_writing_though_a_trial_was_left_running(tmp_path):
+  """A study that holds its budget, and also a trial a killed process left RUNNING beyond it
+  (a larger budget asked for earlier): read for a smaller budget, its journal is not written."""
+  import optuna
+  from optuna.storages.journal import JournalFileBackend
+  journal = tmp_path / "study.jsonl"
+  tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=_fake_train([]))
+  study = optuna.load_study(study_name="mmoe",
+                            storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+  study.ask().suggest_float("optimizer.learning_rate", 3e-4, 1e-2, log=True)  # left RUNNING
+  written = journal.read_bytes()
+  calls = []
+  result = tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path),
+                       train=_fake_train(calls))
+  assert result.num_trials == 2 and not calls
+  assert journal.read_bytes() == written
+
+
 def _drawn(calls):
   return [(c.optimizer.learning_rate, c.model.num_experts, c.train.batch_size) for c, _ in calls]
 
@@ -196,7 +232,7 @@ def test_a_trial_that_fails_twice_counts_unscored_and_is_not_tried_again(tmp_pat
 
   with pytest.raises(ValueError, match="exceeds"):  # the first error stops the tuning
     tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path / "b"), train=always_fails)
-  with pytest.raises(RuntimeError, match=r"every one of 1 trials diverged or failed \(ValueError: "
+  with pytest.raises(ValueError, match=r"every one of 1 trials diverged or failed \(ValueError: "
                                          r"train.batch_size=2048 exceeds the 480"):
     tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path / "b"), train=always_fails)
 
@@ -207,7 +243,7 @@ def test_a_study_of_the_version_that_counted_every_failed_trial_keeps_them_count
   def diverges(config, workdir):
     raise FloatingPointError("loss is NaN")
 
-  with pytest.raises(RuntimeError, match=r"every one of 1 trials diverged or failed$"):
+  with pytest.raises(ValueError, match=r"every one of 1 trials diverged or failed$"):
     tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 1, str(tmp_path), train=diverges,
                 fixed=("train.batch_size",))
   path = tmp_path / "study.jsonl"  # as that version wrote it: no search space, no mark
