@@ -713,6 +713,11 @@ def test_text_in_a_numeric_column_names_file_line_column_and_value(tmp_path):
   pq.write_table(table, tmp_path / "t.parquet")
   _fails(tmp_path, base_spec(files=["t.parquet"], fmt="parquet"),
          r"t.parquet, row 3, column 'price' \(a numeric feature\): 'n/a' is not a number")
+  # The text nan there too (a missing value is a null), before a text that does not convert.
+  table = table.set_column(4, "price", pa.array(["1.5", "nan", "n/a"]))
+  pq.write_table(table, tmp_path / "t.parquet")
+  _fails(tmp_path, base_spec(files=["t.parquet"], fmt="parquet"),
+         r"t.parquet, row 2, column 'price' \(a numeric feature\): 'nan' is not a number")
 
 
 def test_label_outside_the_allowed_values(tmp_path):

@@ -270,21 +270,27 @@ def _csv_segments(path: str, fmt: spec_lib.FileFormat) -> Iterator[tuple[bytes, 
 
 
 def _first_not_number(arr: pa.Array) -> int | None:
-  """Index of the first value of a string array that does not convert to float64 (bisection)."""
+  """Index of the first value of a string array that is not a number: one that does not convert
+  to float64 (found by bisection), or the text nan, which Arrow converts to NaN (a missing value
+  is a null, as a CSV's is one of its missing_values)."""
+  end = len(arr)
   try:
     pc.cast(arr, pa.float64())
-    return None
   except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-    pass
-  lo, hi = 0, len(arr)
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    try:
-      pc.cast(arr.slice(lo, mid - lo), pa.float64())
-      lo = mid
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-      hi = mid
-  return lo
+    lo, hi = 0, len(arr)
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      try:
+        pc.cast(arr.slice(lo, mid - lo), pa.float64())
+        lo = mid
+      except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        hi = mid
+    end = lo
+  nan = pc.fill_null(pc.is_nan(pc.cast(arr.slice(0, end), pa.float64())), False)
+  nan = nan.to_numpy(zero_copy_only=False)
+  if nan.any():
+    return int(np.argmax(nan))
+  return end if end < len(arr) else None
 
 
 def _not_a_number(where: str, column: str, value: Any, role: str,
