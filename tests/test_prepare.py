@@ -435,6 +435,7 @@ def test_hashing_missing_values_and_vocabulary_limits(tmp_path):
   np.testing.assert_allclose([numeric["age"]["mean"], numeric["age"]["std"]],
                              [age.mean(), age.std()], rtol=1e-10)
   assert numeric["age"]["missing_in_train"] == sum(r["age"] == "" for r in train_rows)
+  assert numeric["price"]["missing_in_train"] == sum(r["price"] == "" for r in train_rows) > 0
 
 
 def test_hash_column_split_keeps_a_users_rows_together(tmp_path):
@@ -760,6 +761,8 @@ def test_columns_must_match_the_spec(tmp_path):
   spec = base_spec(ignore=[])
   _fails(tmp_path, spec, r"column 'ts' is not in .*spec.json: make it a feature, .* or list it "
          r"in \"ignore\"")
+  _fails(tmp_path, base_spec(ignore=["ts", "timestamp"]),
+         r"events.csv: has no column 'timestamp' \(.*spec.json: ignore\[1\]\); remove it from")
 
 
 def _inconsistent_funnel_csv(directory: pathlib.Path) -> list[dict]:

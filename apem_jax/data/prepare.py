@@ -162,6 +162,11 @@ def _check_columns(path: str, names: Sequence[str], spec: spec_lib.Spec,
       shown = ", ".join(repr(n) for n in list(names)[:30]) + (", ..." if len(names) > 30 else "")
       raise DataError(f"{path}: has no {what} {column!r} ({roles[column]} in {spec.source}); "
                       f"its {what}s: {shown}")
+  if what == "column":  # (a TFRecord's features are those of its first record, which may omit some)
+    for i, name in enumerate(spec.ignore):
+      if name not in seen:
+        raise DataError(f"{path}: has no column {name!r} ({spec.source}: ignore[{i}]); remove it "
+                        f"from \"ignore\" or check its spelling")
   known = set(spec.used_columns()) | set(spec.ignore)
   for name in names:
     if name not in known:
@@ -967,7 +972,8 @@ class _Fitter:
     for f in spec.numeric:
       t, missing = _numeric(chunk, f)
       use = ~missing if everything else train & ~missing
-      self.missing[f.name] += int((missing & train).sum())
+      filled = np.isnan(chunk.numbers(f.name)) if f.missing == "fill" else missing
+      self.missing[f.name] += int((filled & train).sum())  # a filled value was missing too
       present = t if use.all() else t[use]
       self.moments[f.name].add(present)
       if f.name in self.samples:

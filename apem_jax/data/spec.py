@@ -78,7 +78,7 @@ Keys:
   ``depends_on`` names an earlier binary task: a funnel step (impression -> click -> conversion).
 * ``ignore``: columns to skip (``""`` names the unnamed last column of CSV lines that end with the
   delimiter). Every column of the files must be a feature, a label, the weight, the split or hash
-  column, or ignored.
+  column, or ignored; an ignored name must be a column of every CSV or Parquet file.
 * ``inconsistent_funnel``: ``"error"`` (default: a row whose funnel step is positive where the step
   it depends on is negative stops the preparation, naming the file and line) | ``"drop"`` (such
   rows are dropped from the TRAINING split, and counted; validation and test are never filtered by
