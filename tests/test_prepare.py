@@ -283,6 +283,43 @@ def test_a_tfrecord_value_that_is_not_utf8_names_its_record(tmp_path, feature):
                          r"text")
 
 
+def _tfrecord_files(directory, records) -> None:
+  """Every split's file: the records ``records(i)`` ({feature: Feature}) for i in 0..7."""
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  for split in prepared.SPLITS:
+    with tf.io.TFRecordWriter(str(directory / f"{split}.tfrecord")) as writer:
+      for i in range(8):
+        writer.write(tf.train.Example(features=tf.train.Features(feature=records(i)))
+                     .SerializeToString())
+
+
+def test_tfrecord_features_are_those_of_the_first_records_not_the_first_alone(
+    tmp_path, monkeypatch):
+  """A record may leave a feature out (a missing value), the first one too; a feature the spec
+  does not name, or of another kind, is refused naming the record, also where it is not in the
+  first records read for the features (TensorFlow's parse error, in one line)."""
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  floats = lambda v: tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+  text = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+  label = lambda i: tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))
+  spec = {"format": "tfrecord", "splits": {s: [f"{s}.tfrecord"] for s in prepared.SPLITS},
+          "features": [{"name": "x", "type": "numeric", "missing": "indicator"}],
+          "tasks": [{"name": "y", "label_column": "y"}]}
+  _tfrecord_files(tmp_path, lambda i: {"y": label(i), **({} if i == 0 else {"x": floats(i)})})
+  result = prepare.prepare(write_spec(tmp_path, spec), tmp_path / "c")
+  statistics = json.loads((result.path / "statistics.json").read_text())
+  assert statistics["numeric"][0]["missing_in_train"] == 1
+  _tfrecord_files(tmp_path, lambda i: {"y": label(i), "x": floats(i),
+                                       **({"secret": floats(1.0)} if i == 5 else {})})
+  _fails(tmp_path, spec, r"train.tfrecord: feature 'secret' is not in .*spec.json")
+  _tfrecord_files(tmp_path, lambda i: {"y": label(i), "x": text(b"3.5") if i == 5 else floats(i)})
+  _fails(tmp_path, spec, r"train.tfrecord, record 6: feature 'x' is a bytes_list, it is a "
+                         r"float_list in record 1")
+  monkeypatch.setattr(prepare, "TFRECORD_HEAD_RECORDS", 2)
+  _fails(tmp_path, spec, r"train.tfrecord, record 6, feature 'x': its values are not a "
+                         r"float_list, as in the file's first records")
+
+
 def test_a_parquet_value_that_is_not_utf8_names_its_row(tmp_path, monkeypatch):
   """A binary category column: the bad value's row is named, not the batch's first; batches of
   a row group (which share its dictionary) that do not hold it read."""

@@ -162,7 +162,8 @@ def _check_columns(path: str, names: Sequence[str], spec: spec_lib.Spec,
       shown = ", ".join(repr(n) for n in list(names)[:30]) + (", ..." if len(names) > 30 else "")
       raise DataError(f"{path}: has no {what} {column!r} ({roles[column]} in {spec.source}); "
                       f"its {what}s: {shown}")
-  if what == "column":  # (a TFRecord's features are those of its first record, which may omit some)
+  if what == "column":  # (not a TFRecord's features: read from its first records, they may
+    # leave out an ignored one)
     for i, name in enumerate(spec.ignore):
       if name not in seen:
         raise DataError(f"{path}: has no column {name!r} ({spec.source}: ignore[{i}]); remove it "
@@ -471,27 +472,62 @@ def _iter_parquet(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> I
 
 # TFRecord -------------------------------------------------------------------------------------
 
-def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Iterator[Chunk]:
-  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tf = pipeline._import_tf()  # pylint: disable=protected-access
+# How many records of a TFRecord file are read for its features and their types: a record may
+# leave a feature out (its value is then missing), so the first one alone does not say them.
+TFRECORD_HEAD_RECORDS = 1000
+
+
+def _tfrecord_head(path: str) -> tuple[list[str], dict[str, str]]:
+  """(the features of the first ``TFRECORD_HEAD_RECORDS`` records, in order of appearance;
+  {feature: its value kind ('bytes_list', ...) in those records}); ``[], {}`` for an empty file.
+
+  Raises:
+    DataError: not a TFRecord file; a record that is no ``tf.train.Example``; a feature whose
+      kind differs between two of those records (naming both).
+  """
+  tf = _tf()
+  kinds, first_of = {}, {}
   try:
-    first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+    for i, record in enumerate(tf.data.TFRecordDataset(path).take(TFRECORD_HEAD_RECORDS), 1):
+      try:
+        features = tf.train.Example.FromString(record.numpy()).features.feature
+      except Exception as e:  # pylint: disable=broad-except  (protobuf's DecodeError)
+        raise DataError(f"{path}, record {i}: not a tf.train.Example: {e}") from None
+      for name, feature in features.items():
+        kind = feature.WhichOneof("kind")
+        if kind is None:
+          continue
+        if name in kinds and kinds[name] != kind:
+          raise DataError(f"{path}, record {i}: feature {name!r} is a {kind}, it is a "
+                          f"{kinds[name]} in record {first_of[name]}")
+        kinds.setdefault(name, kind)
+        first_of.setdefault(name, i)
   except tf.errors.OpError as e:
     raise DataError(f"{path}: not a TFRecord file: {e.message}") from None
-  if first is None:
+  return list(first_of), kinds
+
+
+def _tfrecord_parse_error(path: str, rows: int, message: str, head_kinds: Mapping[str, str]
+                          ) -> DataError:
+  """TensorFlow's error parsing a batch of records, as one line naming the record and feature
+  where TensorFlow names them (``Key: <feature>, Index: <record in the batch>``)."""
+  found = re.search(r"Key: (\S+?),? Index: (\d+)", message)
+  if found is None:
+    return DataError(f"{path}, records {rows + 1} to {rows + BATCH_ROWS}: "
+                     f"{' '.join(message.split())[:300]}")
+  name, index = found.group(1), int(found.group(2))
+  return DataError(f"{path}, record {rows + index + 1}, feature {name!r}: its values are not "
+                   f"a {head_kinds.get(name, 'bytes_list')}, as in the file's first records")
+
+
+def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Iterator[Chunk]:
+  tf = _tf()
+  names, head_kinds = _tfrecord_head(path)
+  if not names:
     return
-  example = tf.train.Example()
-  try:
-    example.ParseFromString(first.numpy())
-  except Exception as e:  # pylint: disable=broad-except  (protobuf's DecodeError)
-    raise DataError(f"{path}, record 1: not a tf.train.Example: {e}") from None
-  feature_map = example.features.feature
-  _check_columns(path, list(feature_map.keys()), spec, what="feature")
-  dtypes = {}
-  for c in kinds:
-    which = feature_map[c].WhichOneof("kind")
-    dtypes[c] = {"bytes_list": tf.string, "float_list": tf.float32,
-                 "int64_list": tf.int64}.get(which, tf.string)
+  _check_columns(path, names, spec, what="feature")
+  types = {"bytes_list": tf.string, "float_list": tf.float32, "int64_list": tf.int64}
+  dtypes = {c: types[head_kinds.get(c, "bytes_list")] for c in kinds}
   spec_tf = {c: tf.io.RaggedFeature(dtypes[c]) for c in kinds}
   ds = (tf.data.TFRecordDataset(path).batch(BATCH_ROWS)
         .map(lambda x: tf.io.parse_example(x, spec_tf)))
@@ -504,7 +540,7 @@ def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> 
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      raise DataError(f"{path}, records {rows + 1} to {rows + BATCH_ROWS}: {e.message}") from None
+      raise _tfrecord_parse_error(path, rows, e.message, head_kinds) from None
     n = int(parsed[next(iter(kinds))].nrows())
     chunk = Chunk({}, n, path, rows, "record")
     for c, k in kinds.items():
@@ -568,8 +604,8 @@ def read_file(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str] | None = 
 
 
 def file_columns(path: str, spec: spec_lib.Spec) -> list[str]:
-  """The column names of one input file (CSV header, Parquet schema, the first TFRecord's
-  features), read without its data."""
+  """The column names of one input file (CSV header, Parquet schema, the features of a
+  TFRecord's first ``TFRECORD_HEAD_RECORDS`` records), read without the rest of its data."""
   fmt = spec.format
   if fmt.type == "csv":
     return _csv_columns(path, fmt)
@@ -578,14 +614,8 @@ def file_columns(path: str, spec: spec_lib.Spec) -> list[str]:
       return list(pq.ParquetFile(_source(path)).schema_arrow.names)
     except (pa.ArrowInvalid, OSError) as e:
       raise DataError(f"{path}: not a Parquet file: {e}") from None
-  tf = _tf()
-  try:
-    first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-  except tf.errors.OpError as e:
-    raise DataError(f"{path}: not a TFRecord file: {e.message}") from None
-  if first is None:
-    return list(spec.used_columns())  # an empty file: nothing to check
-  return list(tf.train.Example.FromString(first.numpy()).features.feature.keys())
+  names, _ = _tfrecord_head(path)
+  return names or list(spec.used_columns())  # an empty file: nothing to check
 
 
 def check_files(spec: spec_lib.Spec) -> dict[str, tuple[spec_lib.FileInfo, ...]]:
