@@ -700,6 +700,11 @@ def test_wrong_number_of_fields_names_file_and_line(tmp_path):
   _csv_with(tmp_path, lambda lines: lines.__setitem__(41, ",".join(lines[41].split(",")[:-2])))
   message = _fails(tmp_path, base_spec(), r"events.csv, line 42: 8 fields, expected 10")
   assert str(tmp_path / "events.csv") in message
+  # The last line, without a line break after it.
+  _csv_with(tmp_path, lambda lines: lines.__setitem__(-1, ",".join(lines[-1].split(",")[:3])))
+  text = (tmp_path / "events.csv").read_text()
+  (tmp_path / "events.csv").write_text(text.rstrip("\n"))
+  _fails(tmp_path, base_spec(), r"events.csv, line 61: 3 fields, expected 10")
 
 
 @pytest.mark.parametrize("segment_bytes", [None, 64])

@@ -330,7 +330,8 @@ def _diagnose_csv(path: str, fmt: spec_lib.FileFormat, names: Sequence[str],
       except csv.Error as e:
         return DataError(f"{path}, line {first_line + n}: {e} (a value may not hold a line "
                          f"break)")
-      if len(fields) != len(names) and n < segment.count(b"\n"):
+      # (the piece after the last line break is a line unless it is empty: no break at the end)
+      if len(fields) != len(names) and (n < segment.count(b"\n") or text):
         what = "an empty line" if not text else f"{len(fields)} fields"
         columns = "the columns of the header" if fmt.header else "format.column_names"
         return DataError(f"{path}, line {first_line + n}: {what}, expected {len(names)} "
