@@ -167,6 +167,28 @@ def test_numpy_and_graph_encoders_give_the_prepared_arrays(spec_run):
   np.testing.assert_array_equal(np.isnan(decoded["age"]), want["categorical"][:, 2] == 1)
 
 
+def test_vocabulary_entries_that_are_missing_value_tokens_decode_to_themselves(spec_run):
+  """A file's " NA" (not exactly the missing value "NA") and "  " (not exactly "") are the
+  vocabulary entries "NA" and "": decoded ids encode back to them, as the export's check needs."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  with open(os.path.join(spec_run["output"], "preprocessing.json")) as f:
+    prep = prep_lib.Preprocessing.from_json(f.read())
+  c = prep.categorical_fields.index("country")
+  vocabularies = list(prep.vocabularies)
+  vocabularies[c] = ("", "NA", "de")
+  prep = dataclasses.replace(prep, vocabularies=tuple(vocabularies), missing_values=("", "NA"))
+  raw = {"country": np.array([" NA", "  ", "de", "NA"])}
+  ids = prep_lib.encode_categorical(raw["country"], prep.vocabularies[c], prep.missing_values)
+  np.testing.assert_array_equal(ids, [1, 0, 2, 0])
+  categorical = np.zeros((4, len(prep.column_names)), np.int32)
+  categorical[:, prep.categorical_positions[c]] = ids
+  decoded = serving.decode(categorical, np.zeros((4, len(prep.numeric_fields)), np.float32), prep)
+  np.testing.assert_array_equal(
+      prep_lib.encode_categorical(decoded["country"], prep.vocabularies[c], prep.missing_values),
+      ids)
+
+
 def test_missing_value_under_policy_error_and_infinite_values_are_refused(spec_run):
   from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
   tf = serving.tf

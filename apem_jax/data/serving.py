@@ -182,8 +182,9 @@ def decode(categorical: np.ndarray, numeric: np.ndarray, preprocessing: prep_lib
   """The inverse of ``preprocessing.encode``: raw columns that encode back to the given arrays.
 
   For checking an export when the raw values themselves are not at hand (the data package keeps
-  only encoded arrays). Ids map to their vocabulary strings, OOV ids to ``unseen`` (default: a
-  string in no vocabulary); numeric values are un-normalised and un-transformed in float64, then
+  only encoded arrays). Ids map to their vocabulary strings (an entry that is one of the missing
+  values, as a file's ``" NA"`` gives ``NA``, with a space before it), OOV ids to ``unseen``
+  (default: a string in no vocabulary); numeric values are un-normalised and un-transformed in float64, then
   rounded to float32 (the serving dtype), so they re-encode to within float32 rounding; where a
   field's indicator column is 1 the value is NaN (missing). Hashing has no inverse: a hashed
   field's id ``i`` becomes the string ``"<unseen>#i"``, which encodes to another bucket.
@@ -207,7 +208,7 @@ def decode(categorical: np.ndarray, numeric: np.ndarray, preprocessing: prep_lib
     if buckets:
       raw[name] = np.char.add(f"{unseen}#", categorical[:, c].astype(str))
       continue
-    table = np.asarray(list(vocab) + [unseen], dtype=object)
+    table = np.asarray([_served_as(v, p.missing_values) for v in vocab] + [unseen], dtype=object)
     raw[name] = table[np.clip(categorical[:, c], 0, len(vocab))].astype(str)
   for j, name in enumerate(p.numeric_fields):
     t = numeric[:, j].astype(np.float64) * p.stds[j] + p.means[j]
@@ -217,6 +218,15 @@ def decode(categorical: np.ndarray, numeric: np.ndarray, preprocessing: prep_lib
       t = np.where(categorical[:, p.indicator_columns[j]] != 0, np.nan, t)
     raw[name] = t.astype(np.float32)
   return raw
+
+
+def _served_as(entry: str, missing_values: Sequence[str]) -> str:
+  """A raw value that encodes to vocabulary ``entry``: the entry, with spaces before it where it
+  is one of ``missing_values`` (matched exactly, before stripping), as a file's ``" NA"`` was
+  read as the value ``NA`` where ``NA`` alone is missing."""
+  while entry in missing_values:
+    entry = " " + entry
+  return entry
 
 
 def unseen_value(preprocessing: prep_lib.Preprocessing) -> str:
