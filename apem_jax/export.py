@@ -550,11 +550,16 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
       num_check_examples < 1:
     raise ValueError(f"--check_examples={num_check_examples}: the export checks need at least "
                      f"1 validation example")
+  platforms = _check_platforms(platforms)
   output = os.path.abspath(output)
   _check_output(output, overwrite)
   run = restore_run(workdir, checkpoint, step, config)
 
   parent = os.path.dirname(output)
+  created = parent  # the outermost directory this export creates, removed if it fails
+  while not os.path.exists(os.path.dirname(created)):
+    created = os.path.dirname(created)
+  created = None if os.path.exists(created) else created
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
   try:
@@ -578,6 +583,22 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
     _check_output(output, overwrite)  # nothing appeared there meanwhile
     _put_in_place(tmp, output)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(created or tmp, ignore_errors=True)
     raise
   return meta
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+  """``platforms`` as a tuple, refused (``ValueError``) unless distinct names of
+  :data:`PLATFORMS` that include this machine's (the export's checks run here)."""
+  platforms = tuple(platforms)
+  here = jax.export.default_export_platform()
+  if (not platforms or len(set(platforms)) != len(platforms)
+      or not set(platforms) <= set(PLATFORMS) or here not in platforms):
+    raise ValueError(f"--platforms={','.join(platforms)}: expected distinct names among "
+                     f"{', '.join(PLATFORMS)}, including {here!r} (this machine's: the export's "
+                     f"checks run here)")
+  return platforms

@@ -10,6 +10,7 @@ Flags live here rather than in :mod:`apem_jax.export` so that importing the libr
 from __future__ import annotations
 
 import json
+import signal
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -34,9 +35,14 @@ _DEBUG = flags.DEFINE_bool("debug", False,
 flags.mark_flags_as_required(["workdir", "output"])
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+  raise SystemExit(128 + signum)  # the export removes its unfinished files as it unwinds
+
+
 def _run(argv: Sequence[str]) -> None:
   del argv  # flags only (cli.flags_parser refuses anything else)
   logging.set_verbosity(logging.WARNING)
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   with cli.user_errors_in_one_line("apem-export", _DEBUG.value,
                                    also=(export_lib.ExportCheckError,)):
     meta = export_lib.export(

@@ -9,6 +9,7 @@ SavedModel fed the raw rows), and the synthetic numeric-only data.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -314,6 +315,25 @@ def test_failed_check_leaves_nothing_behind(synthetic_run, monkeypatch, tmp_path
   monkeypatch.setattr(export_lib, "check_export", failing_check)
   with pytest.raises(export_lib.ExportCheckError, match="differs from the JAX model"):
     export_lib.export(synthetic_run["workdir"], str(tmp_path / "out"))
+  assert os.listdir(tmp_path) == []
+  # Nor the directories it made for --output.
+  with pytest.raises(export_lib.ExportCheckError, match="differs from the JAX model"):
+    export_lib.export(synthetic_run["workdir"], str(tmp_path / "new" / "deep" / "out"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_during_an_export_leaves_nothing_behind(synthetic_run, tmp_path):
+  script = (
+      "import os, signal, sys\n"
+      "from apem_jax import export, export_main\n"
+      "def sigterm(run, directory, num_examples):\n"
+      "  os.kill(os.getpid(), signal.SIGTERM)\n"
+      "export.check_export = sigterm\n"
+      "export_main.main(sys.argv)\n")
+  result = subprocess.run(
+      [sys.executable, "-c", script, f"--workdir={synthetic_run['workdir']}",
+       f"--output={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
   assert os.listdir(tmp_path) == []
 
 

@@ -72,6 +72,12 @@ CASES = [
                                                "--check_examples=0"],
      "apem-export: error: --check_examples=0: the export checks need at least 1 validation "
      "example"),
+    ("export for a platform that is none", EXPORT + ["--workdir={run}", "--output={new}/deep",
+                                                     "--platforms=gpu"],
+     "apem-export: error: --platforms=gpu: expected distinct names among cpu, cuda, rocm, tpu"),
+    ("export for one platform twice", EXPORT + ["--workdir={run}", "--output={new}",
+                                                "--platforms=cpu,cpu"],
+     "apem-export: error: --platforms=cpu,cpu: expected distinct names"),
     ("export over an export", EXPORT + ["--workdir={run}", "--output={exported}"],
      "apem-export: error: --output {exported} already holds an export; pass --overwrite"),
     ("resume of a workdir whose every checkpoint is corrupt",
