@@ -362,6 +362,23 @@ def test_process_sharding_uses_process_index(monkeypatch):
     splits.train_batches(63, seed=0)
 
 
+def test_every_process_cuts_its_epochs_at_the_same_global_step(monkeypatch):
+  """800 rows over 3 processes: shards of 267, 267 and 266 rows; batches of 89 rows each. Every
+  process makes the global step's 800 // 267 = 2 batches an epoch (process 0 could make 3), so
+  the batches of one global epoch are drawn from one permutation: no row twice."""
+  splits = pipeline.load_dataset(_synthetic_config())
+  train = splits.arrays["train"]["numeric"]
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  for index in range(3):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    it = splits.train_batches(267, seed=0)
+    batches = [next(it)["numeric"] for _ in range(4)]
+    for epoch in range(2):
+      rows = np.concatenate(batches[2 * epoch:2 * epoch + 2])
+      matches = (rows[:, None, :] == train[None, :, :]).all(-1)
+      assert len(set(np.argmax(matches, axis=1).tolist())) == 178, (index, epoch)
+
+
 # ---------------------------------------------------------------------------------------------
 # TFDS builder and the Census source on written files
 # ---------------------------------------------------------------------------------------------

@@ -123,20 +123,22 @@ class DatasetSplits:
     """Infinite iterator of this process's training batches of ``batch_size // process_count``.
 
     Same seed -> same sequence. Each epoch is a fresh permutation of this process's shard, cut
-    into full batches (the remainder is dropped; epochs do not mix). ``skip``: start at that
+    into ``train rows // batch_size`` full batches on every process, so the processes' epochs
+    end at the same step (the remainder is dropped; epochs do not mix). ``skip``: start at that
     batch of the sequence (a resumed run's position; only row indices are skipped, no rows read).
     """
     per_process, count, index = self._per_process(batch_size)
     arrays = self._split("train")
     n = self.num_examples("train")
     shard = np.arange(index, n, count, dtype=np.int64)
-    if len(shard) < per_process:
-      raise ValueError(f"train split has {len(shard)} rows on this process, fewer than one "
-                       f"batch of {per_process}")
+    # The same on every process (shards differ by a row): n // batch_size, the global epoch.
+    batches_per_epoch = (n // count) // per_process
+    if not batches_per_epoch:
+      raise ValueError(f"train split has {n // count} rows on the smallest process's shard, "
+                       f"fewer than one batch of {per_process}")
     tf = _import_tf()
     tensors = {k: tf.constant(v) for k, v in arrays.items() if k not in EVAL_ONLY_KEYS}
     shard_rows = tf.constant(shard)
-    batches_per_epoch = len(shard) // per_process
 
     def epoch_batches(epoch):
       # One permutation per epoch, drawn in a single op and cut into batches of row indices:
