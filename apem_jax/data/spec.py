@@ -67,8 +67,8 @@ Keys:
     ``"error"`` (default) | ``{"fill": x}`` (x, in the column's units, replaces a missing value
     before the statistics, as if it were data) | ``"indicator"`` (a missing value becomes the
     training mean, and a categorical field ``<name>_missing`` with ids 0 present / 1 missing is
-    added after the spec's categorical features). Values are numbers (a Parquet or TFRecord
-    boolean reads as 0/1; text that is not a number, ``nan`` included, is an error).
+    added after the spec's categorical features). Values are numbers (a Parquet boolean reads
+    as 0/1; text that is not a number, ``nan`` included, is an error).
 * ``weight_column``: optional, a non-negative number per row.
 * ``tasks``: ``{"name", "label_column", "kind": "binary" | "regression"}`` (kind default binary).
   A binary label is 0/1 (``0``, ``1``, ``0.0``, ``true``, ``false``...) unless the task gives
