@@ -104,19 +104,26 @@ def selection_score(metrics: Mapping[str, Mapping[str, float]], tasks: Sequence)
 
   Mean AUC over the binary tasks whose AUC is defined. A task whose validation labels hold one
   class has AUC NaN (reported as such) and is left out; if no binary task has a defined AUC, the
-  score is minus their mean logloss. Minus the mean MSE when every task is a regression. So a
-  score is NaN only when the predictions themselves are, and never blocks the best checkpoint
-  of a valid one.
+  score is minus the mean logloss of those with labels. Minus the mean MSE when no binary task
+  has labels. A task without validation labels is left out. So a score is NaN only when some
+  predictions are (of any task) or no task has a label, and never blocks the best checkpoint of
+  a valid run.
   """
-  binary = [metrics[t.name] for t in tasks if t.kind == "binary"]
-  if any(np.isnan(m["logloss"]) for m in binary if m.get("examples", 1)):
+  labelled = lambda kind: [metrics[t.name] for t in tasks
+                           if (t.kind == "binary") == (kind == "binary")
+                           and metrics[t.name].get("examples", 1)]
+  binary, regression = labelled("binary"), labelled("regression")
+  if (any(np.isnan(m["logloss"]) for m in binary)
+      or any(np.isnan(m["mse"]) for m in regression)):
     return float("nan")  # some predictions are NaN (an AUC alone would leave them out)
+  aucs = [m["auc"] for m in binary if np.isfinite(m["auc"])]
+  if aucs:
+    return float(np.mean(aucs))
   if binary:
-    aucs = [m["auc"] for m in binary if np.isfinite(m["auc"])]
-    if aucs:
-      return float(np.mean(aucs))
     return -float(np.mean([m["logloss"] for m in binary]))
-  return -float(np.mean([metrics[t.name]["mse"] for t in tasks]))
+  if regression:
+    return -float(np.mean([m["mse"] for m in regression]))
+  return float("nan")
 
 
 # --------------------------------------------------------------------------------------------

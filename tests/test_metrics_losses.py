@@ -96,6 +96,17 @@ def test_multitask_loss_masks_and_weights():
   assert float(total) == pytest.approx(task_a + 3.0 * task_b, rel=1e-6)
 
 
+def test_the_loss_is_a_weighted_mean_whatever_the_weights_scale():
+  """Weights summing to less than 1 in a batch (normalised weights) give the same loss."""
+  schema = make_schema([3], 1, ["a", "b"])
+  logits = jnp.array([[0.0, 2.0], [1.0, -1.0], [5.0, 5.0]])
+  batch = {"labels": jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+           "label_mask": jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])}
+  totals = [float(losses.multitask_loss(logits, dict(batch, weight=scale * jnp.array(
+      [1.0, 2.0, 3.0])), schema, (1.0, 1.0))[0]) for scale in (1.0, 0.1, 0.01)]
+  np.testing.assert_allclose(totals, totals[0], rtol=1e-6)
+
+
 def test_a_missing_regression_label_may_be_nan():
   schema = make_schema([], 1, ["r"], kind="regression")
   batch = {"labels": jnp.array([[1.0], [jnp.nan]]), "label_mask": jnp.array([[1.0], [0.0]]),
@@ -121,3 +132,14 @@ def test_selection_score_leaves_out_undefined_aucs():
   assert metrics.selection_score(out, schema.tasks) == pytest.approx(0.8)  # b: one class
   out["a"]["auc"] = float("nan")
   assert metrics.selection_score(out, schema.tasks) == pytest.approx(-0.3)  # no AUC defined
+  # A task without validation labels is left out of the logloss fallback too.
+  out["b"] = {"auc": float("nan"), "logloss": float("nan"), "examples": 0}
+  assert metrics.selection_score(out, schema.tasks) == pytest.approx(-0.4)
+
+
+def test_nan_regression_predictions_give_a_nan_selection_score_beside_binary_tasks():
+  tasks = (make_schema((), 1, ["a"]).tasks
+           + make_schema((), 1, ["r"], kind="regression").tasks)
+  out = {"a": {"auc": 0.8, "logloss": 0.4, "examples": 4},
+         "r": {"mse": float("nan"), "mae": float("nan"), "examples": 4}}
+  assert np.isnan(metrics.selection_score(out, tasks))
