@@ -184,10 +184,11 @@ def decode(categorical: np.ndarray, numeric: np.ndarray, preprocessing: prep_lib
   For checking an export when the raw values themselves are not at hand (the data package keeps
   only encoded arrays). Ids map to their vocabulary strings (an entry that is one of the missing
   values, as a file's ``" NA"`` gives ``NA``, with a space before it), OOV ids to ``unseen``
-  (default: a string in no vocabulary); numeric values are un-normalised and un-transformed in float64, then
-  rounded to float32 (the serving dtype), so they re-encode to within float32 rounding; where a
-  field's indicator column is 1 the value is NaN (missing). Hashing has no inverse: a hashed
-  field's id ``i`` becomes the string ``"<unseen>#i"``, which encodes to another bucket.
+  (default: a string in no vocabulary); numeric values are un-normalised and un-transformed in
+  float64, then rounded to float32 (the serving dtype), so they re-encode to within float32
+  rounding; where a field's indicator column is 1 the value is NaN (missing). Hashing has no
+  inverse: a hashed field's id ``i`` becomes the string ``"<unseen>#i"``, which encodes to
+  another bucket.
 
   Args:
     categorical: int32 [N, Fc + indicators] ids.
