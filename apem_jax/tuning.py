@@ -190,7 +190,7 @@ def tune(make_config: Callable[[], ml_collections.ConfigDict], model: str, num_t
     if not finished:
       errors = sorted({t.user_attrs[_ERROR] for t in spent() if t.user_attrs.get(_FAILED_TWICE)})
       raise ValueError(f"tuning {model}: every one of {num_trials} trials diverged or failed"
-                         + (f" ({'; '.join(errors)[:500]})" if errors else ""))
+                       + (f" ({'; '.join(errors)[:500]})" if errors else ""))
     best = max(finished, key=lambda t: (t.value, -t.number))
     return Result(model, params_of(model_space, best.params), float(best.value), len(spent()),
                   trials)
