@@ -187,20 +187,18 @@ def per_example_losses(logits: jax.Array, labels: jax.Array, schema: Schema,
   return jnp.stack(columns, axis=1)
 
 
-def weighted_mean(total: jax.Array, weight: jax.Array) -> jax.Array:
-  """``total / weight`` where ``weight > 0``, else 0 (no labelled example): a weighted mean
-  whatever the weights' scale (weights summing to less than 1 in a batch included)."""
-  return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
-
-
 def total_loss(sums: Mapping[str, jax.Array], task_weights: Sequence[float],
                head: TaskHead) -> jax.Array:
   """The scalar loss from :func:`multitask_loss`'s sums (which may be reduced across devices):
-  ``sum_t w_t loss_sum_t / count_t + calibration_weight * penalty_sum / examples``."""
-  task_loss = weighted_mean(sums["loss_sum"], sums["count"])
+  ``sum_t w_t loss_sum_t / max(count_t, 1) + calibration_weight * penalty_sum / max(examples,
+  1)``. Example weights are counts (1 by default): where a batch's labelled weights of a task sum
+  below 1 (weights normalised over a dataset), that task's loss is scaled down by the sum.
+  (``max(count, 1)`` stays: another form changes how XLA rounds the vmapped runs' program, and
+  they no longer equal the runs trained alone.)"""
+  task_loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
   total = jnp.sum(jnp.asarray(task_weights, jnp.float32) * task_loss)
   if head.calibration_weight > 0 and head.dependent:
-    penalty = weighted_mean(sums["penalty_sum"], sums["examples"])
+    penalty = sums["penalty_sum"] / jnp.maximum(sums["examples"], 1.0)
     total = total + head.calibration_weight * penalty
   return total
 

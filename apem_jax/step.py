@@ -191,10 +191,9 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
     totals = {"count": sums["count"], "examples": sums["examples"]}
     if axis_name is not None:
       totals = jax.lax.psum(totals, axis_name)
-    values = weights * losses.weighted_mean(sums["loss_sum"], totals["count"])
+    values = weights * sums["loss_sum"] / jnp.maximum(totals["count"], 1.0)
     if with_penalty:
-      penalty = head.calibration_weight * losses.weighted_mean(sums["penalty_sum"],
-                                                               totals["examples"])
+      penalty = head.calibration_weight * sums["penalty_sum"] / jnp.maximum(totals["examples"], 1.0)
       values = jnp.concatenate([values, penalty[None]])
     return values, sums
 

@@ -96,17 +96,6 @@ def test_multitask_loss_masks_and_weights():
   assert float(total) == pytest.approx(task_a + 3.0 * task_b, rel=1e-6)
 
 
-def test_the_loss_is_a_weighted_mean_whatever_the_weights_scale():
-  """Weights summing to less than 1 in a batch (normalised weights) give the same loss."""
-  schema = make_schema([3], 1, ["a", "b"])
-  logits = jnp.array([[0.0, 2.0], [1.0, -1.0], [5.0, 5.0]])
-  batch = {"labels": jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
-           "label_mask": jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])}
-  totals = [float(losses.multitask_loss(logits, dict(batch, weight=scale * jnp.array(
-      [1.0, 2.0, 3.0])), schema, (1.0, 1.0))[0]) for scale in (1.0, 0.1, 0.01)]
-  np.testing.assert_allclose(totals, totals[0], rtol=1e-6)
-
-
 def test_a_missing_regression_label_may_be_nan():
   schema = make_schema([], 1, ["r"], kind="regression")
   batch = {"labels": jnp.array([[1.0], [jnp.nan]]), "label_mask": jnp.array([[1.0], [0.0]]),

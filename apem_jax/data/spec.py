@@ -69,7 +69,8 @@ Keys:
     training mean, and a categorical field ``<name>_missing`` with ids 0 present / 1 missing is
     added after the spec's categorical features). Values are numbers (a Parquet boolean reads
     as 0/1; text that is not a number, ``nan`` included, is an error).
-* ``weight_column``: optional, a non-negative number per row.
+* ``weight_column``: optional, a non-negative number per row, a count (a batch's loss is a
+  weighted mean, but one whose weights sum below 1 is scaled down: do not normalise them to 1).
 * ``tasks``: ``{"name", "label_column", "kind": "binary" | "regression"}`` (kind default binary).
   A binary label is 0/1 (``0``, ``1``, ``0.0``, ``true``, ``false``...) unless the task gives
   ``positive_values`` (and optionally ``negative_values``: then any other value is an error;
