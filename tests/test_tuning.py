@@ -154,8 +154,8 @@ def test_a_finished_study_is_read_without_writing_though_a_trial_was_left_runnin
   from optuna.storages.journal import JournalFileBackend
   journal = tmp_path / "study.jsonl"
   tuning.tune(lambda: tiny_config("mmoe"), "mmoe", 2, str(tmp_path), train=_fake_train([]))
-  study = optuna.load_study(study_name="mmoe",
-                            storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+  storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+  study = optuna.load_study(study_name="mmoe", storage=storage)
   study.ask().suggest_float("optimizer.learning_rate", 3e-4, 1e-2, log=True)  # left RUNNING
   written = journal.read_bytes()
   calls = []
