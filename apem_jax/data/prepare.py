@@ -478,9 +478,9 @@ def _iter_parquet(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> I
 TFRECORD_HEAD_RECORDS = 1000
 
 
-def _tfrecord_head(path: str) -> tuple[list[str], dict[str, str]]:
-  """(the features of the first ``TFRECORD_HEAD_RECORDS`` records, in order of appearance;
-  {feature: its value kind ('bytes_list', ...) in those records}); ``[], {}`` for an empty file.
+def _tfrecord_head(path: str) -> dict[str, str]:
+  """{feature: its value kind ('bytes_list', ...)} of the first ``TFRECORD_HEAD_RECORDS``
+  records, in order of appearance; empty for an empty file.
 
   Raises:
     DataError: not a TFRecord file; a record that is no ``tf.train.Example``; a feature whose
@@ -505,7 +505,7 @@ def _tfrecord_head(path: str) -> tuple[list[str], dict[str, str]]:
         first_of.setdefault(name, i)
   except tf.errors.OpError as e:
     raise DataError(f"{path}: not a TFRecord file: {e.message}") from None
-  return list(first_of), kinds
+  return kinds
 
 
 def _tfrecord_parse_error(path: str, rows: int, message: str, head_kinds: Mapping[str, str]
@@ -523,10 +523,10 @@ def _tfrecord_parse_error(path: str, rows: int, message: str, head_kinds: Mappin
 
 def _iter_tfrecord(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Iterator[Chunk]:
   tf = _tf()
-  names, head_kinds = _tfrecord_head(path)
-  if not names:
+  head_kinds = _tfrecord_head(path)
+  if not head_kinds:
     return
-  _check_columns(path, names, spec, what="feature")
+  _check_columns(path, list(head_kinds), spec, what="feature")
   types = {"bytes_list": tf.string, "float_list": tf.float32, "int64_list": tf.int64}
   dtypes = {c: types[head_kinds.get(c, "bytes_list")] for c in kinds}
   spec_tf = {c: tf.io.RaggedFeature(dtypes[c]) for c in kinds}
@@ -615,8 +615,7 @@ def file_columns(path: str, spec: spec_lib.Spec) -> list[str]:
       return list(pq.ParquetFile(_source(path)).schema_arrow.names)
     except (pa.ArrowInvalid, OSError) as e:
       raise DataError(f"{path}: not a Parquet file: {e}") from None
-  names, _ = _tfrecord_head(path)
-  return names or list(spec.used_columns())  # an empty file: nothing to check
+  return list(_tfrecord_head(path)) or list(spec.used_columns())  # an empty file: nothing to check
 
 
 def check_files(spec: spec_lib.Spec) -> dict[str, tuple[spec_lib.FileInfo, ...]]:
@@ -839,10 +838,12 @@ def _funnel_error(chunk: Chunk, bad: np.ndarray, ids: np.ndarray, labels: np.nda
                    f"split); fix the data{drop}")
 
 
-def _numeric(chunk: Chunk, feature: spec_lib.Feature) -> tuple[np.ndarray, np.ndarray]:
-  """(transformed float64 values, missing mask) of a numeric feature; fills applied."""
+def _numeric(chunk: Chunk, feature: spec_lib.Feature
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(transformed float64 values, missing mask after fills, missing mask of the file) of a
+  numeric feature; fills applied."""
   x = chunk.numbers(feature.name)
-  missing = np.isnan(x)
+  missing = in_file = np.isnan(x)
   if np.isinf(x).any():
     i = int(np.argmax(np.isinf(x)))
     raise DataError(f"{chunk.where(i)}, column {feature.name!r} (a numeric feature): {x[i]} is "
@@ -856,7 +857,7 @@ def _numeric(chunk: Chunk, feature: spec_lib.Feature) -> tuple[np.ndarray, np.nd
     if feature.missing == "fill":
       x = np.where(missing, feature.fill, x)
       missing = np.zeros_like(missing)
-  return prep_lib.transform_numeric(x, feature.transform), missing
+  return prep_lib.transform_numeric(x, feature.transform), missing, in_file
 
 
 def _categorical_missing(chunk: Chunk, feature: spec_lib.Feature, idx: np.ndarray) -> None:
@@ -1001,10 +1002,9 @@ class _Fitter:
       if not f.hashed:
         self.counters[f.name].add(pa.concat_arrays([values, pa.array([""])]), counts)
     for f in spec.numeric:
-      t, missing = _numeric(chunk, f)
+      t, missing, in_file = _numeric(chunk, f)
       use = ~missing if everything else train & ~missing
-      filled = np.isnan(chunk.numbers(f.name)) if f.missing == "fill" else missing
-      self.missing[f.name] += int((filled & train).sum())  # a filled value was missing too
+      self.missing[f.name] += int((in_file & train).sum())  # a filled value was missing too
       present = t if use.all() else t[use]
       self.moments[f.name].add(present)
       if f.name in self.samples:
@@ -1108,7 +1108,7 @@ def encode_chunk(chunk: Chunk, ids: np.ndarray, spec: spec_lib.Spec, fitted: Fit
   numeric = np.zeros((n, len(spec.numeric)), np.float32)
   j_indicator = len(spec.categorical)
   for j, f in enumerate(spec.numeric):
-    t, missing = _numeric(chunk, f)
+    t, missing, _ = _numeric(chunk, f)
     z = (t - fitted.means[f.name]) / fitted.stds[f.name]
     if f.missing == "indicator":
       z[missing] = 0.0  # the training mean
