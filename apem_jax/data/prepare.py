@@ -615,7 +615,8 @@ def file_columns(path: str, spec: spec_lib.Spec) -> list[str]:
       return list(pq.ParquetFile(_source(path)).schema_arrow.names)
     except (pa.ArrowInvalid, OSError) as e:
       raise DataError(f"{path}: not a Parquet file: {e}") from None
-  return list(_tfrecord_head(path)) or list(spec.used_columns())  # an empty file: nothing to check
+  # (an empty file: nothing to check)
+  return list(_tfrecord_head(path)) or list(spec.used_columns())
 
 
 def check_files(spec: spec_lib.Spec) -> dict[str, tuple[spec_lib.FileInfo, ...]]:
