@@ -212,6 +212,31 @@ def test_validation_table_reads_finished_runs_only(tmp_path):
   assert row == "| x | 2 (+1 unfinished) | 0.85000 ± 0.07071 | 0.85000 ± 0.07071 |"
 
 
+def test_seed_table_compares_sweeps_over_their_common_seeds(tmp_path):
+  """benchmarks/seed_table.py: each row over the seeds both sweeps hold (b lacks seed 2; --seeds
+  leaves seed 3 out), the validation score read from the runs' metrics.json."""
+  metric = {"a": {0: 0.1, 1: 0.3, 2: 0.9, 3: 0.9}, "b": {0: 0.2, 1: 0.6, 3: 0.9}}
+  for name, by_seed in metric.items():
+    record = {f"m/seed{k}": {"test": {"t": {"gap": v}, "u": {"auc": 0.5}}}
+              for k, v in by_seed.items()}
+    (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    for k, v in by_seed.items():
+      (tmp_path / name / "m" / f"seed{k}").mkdir(parents=True)
+      (tmp_path / name / "m" / f"seed{k}" / "metrics.json").write_text(
+          json.dumps({"best_validation_score": 1 - v}))
+  out = subprocess.run([sys.executable, "benchmarks/seed_table.py", "--metric", "gap",
+                        "--seeds", "0,1,2", *(f"{n}={tmp_path / n}.json@{tmp_path / n}"
+                                              for n in metric)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  header, _, row = out.stdout.strip().splitlines()
+  assert header == ("| row | seeds | validation score, a | validation score, b | t gap, a | "
+                    "t gap, b |")
+  # a: 0.1, 0.3 -> 0.2 ± 0.1414; b: 0.2, 0.6 -> 0.4 ± 0.2828; validation scores 1 - those.
+  assert row == ("| m | 2 | 0.8000 ± 0.1414 | 0.6000 ± 0.2828 | 0.2000 ± 0.1414 | "
+                 "0.4000 ± 0.2828 |")
+
+
 def test_plotting_after_every_run_keeps_no_figure_open(tmp_path, monkeypatch):
   """The sweep plots after every run: pyplot's figures, never closed, piled up (matplotlib
   warned past 20 in a 70-run sweep); the plot now leaves no figure behind."""
