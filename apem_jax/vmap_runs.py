@@ -286,15 +286,20 @@ class Runs:
             for i, out in outs.items()}
 
 
+def held_run(run_dir: str) -> list[str]:
+  """What of a run ``run_dir`` holds: ``metrics.json``, ``checkpoints`` (an empty
+  ``checkpoints/``, which a program stopped before its first save leaves, holds nothing)."""
+  ckpt = os.path.join(run_dir, "checkpoints")
+  return [name for name, there in (
+      ("metrics.json", os.path.exists(os.path.join(run_dir, "metrics.json"))),
+      ("checkpoints", os.path.exists(ckpt) and not (os.path.isdir(ckpt) and
+                                                    not os.listdir(ckpt)))) if there]
+
+
 def _refuse_used(run_dirs: Sequence[str]) -> None:
-  """Refuses a run directory with results or a checkpoint (an empty ``checkpoints/``, which a
-  program stopped before its first save leaves, holds nothing)."""
+  """Refuses a run directory that holds a run (``held_run``)."""
   for d in run_dirs:
-    ckpt = os.path.join(d, "checkpoints")
-    held = [name for name, there in (
-        ("metrics.json", os.path.exists(os.path.join(d, "metrics.json"))),
-        ("checkpoints", os.path.exists(ckpt) and not (os.path.isdir(ckpt) and
-                                                      not os.listdir(ckpt)))) if there]
+    held = held_run(d)
     if held:
       raise ValueError(f"vmap_runs: {d} already holds a run ({', '.join(held)}); runs trained in "
                        f"one program do not resume: train them in a new workdir")

@@ -234,7 +234,7 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
     check_workdir_config(config, workdir)
     if _run_name(cell, seed) in record:
       continue  # finished, as run_one will read it from the record
-    if not any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.json", "checkpoints")):
+    if not vmap_runs.held_run(workdir):
       todo.append((config, workdir))
   if not todo:
     return

@@ -114,6 +114,18 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert "Traceback" not in fourth.stderr
 
 
+def test_vmapped_seeds_include_a_workdir_left_with_an_empty_checkpoints_dir(tmp_path):
+  """--vmap_seeds: a seed whose workdir holds only the empty ``checkpoints/`` a kill before the
+  first save leaves was taken for a run and trained alone afterwards; it joins the program."""
+  (tmp_path / "runs" / "synthetic" / "mmoe" / "seed1" / "p1.0" / "checkpoints").mkdir(
+      parents=True)
+  command = _sweep_command(tmp_path, "--vmap_seeds")
+  command[command.index("--models") + 1] = "mmoe"
+  out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "seeds [0, 1] trained in one program" in out.stdout, out.stdout[-3000:]
+
+
 def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path):
   """SIGTERM during a run: the sweep saves it and exits 143 (as train.py), without evaluating
   the half-trained run on test or putting it in the table; a rerun resumes it."""
