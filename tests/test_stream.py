@@ -100,7 +100,7 @@ def test_wiring_metadata_head_and_fingerprint(funnel):
   assert data.inconsistent_funnel_rows == memory.inconsistent_funnel_rows
   for split in ("train", "validation", "test"):
     assert data.num_examples(split) == memory.num_examples(split)
-    for rows in (1, 7, 50):
+    for rows in (0, 1, 7, 50):  # 0: one row came back
       for k, v in memory.head(split, rows).items():
         got = data.head(split, rows)[k]
         assert got.dtype == v.dtype and got.shape == v.shape

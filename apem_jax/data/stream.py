@@ -216,7 +216,7 @@ class StreamedSplits:
     tf = self._tf()
     ds = self._rows(tf, self._files(split)).rebatch(max(rows, 1)).with_options(self._options(tf))
     batch = next(iter(ds.as_numpy_iterator()))
-    return {k: batch[k] for k in ("categorical", "numeric")}
+    return {k: batch[k][:rows] for k in ("categorical", "numeric")}
 
   def _per_process(self, batch_size: int) -> tuple[int, int, int]:
     return pipeline.DatasetSplits._per_process(batch_size)  # pylint: disable=protected-access
