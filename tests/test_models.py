@@ -217,13 +217,16 @@ def test_apem_pattern_weights_sum_to_one(num_tasks):
   np.testing.assert_allclose(out["pattern_weights"].sum(axis=-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [2, NUM_FIELDS + 3])
 def test_apem_top_k_leaves_exactly_k_weights(k):
+  """Every parameter trains (k=1, one-hot whatever the logits, left the selector without
+  gradient: refused, as is a k that keeps every pattern)."""
   _, out, grads = _apem_out(grads=True, selector_top_k=k)
   alpha = np.asarray(out["pattern_weights"])
   np.testing.assert_array_equal((alpha > 0).sum(axis=-1), k)
   np.testing.assert_allclose(alpha.sum(axis=-1), 1.0, atol=1e-5)
   chex.assert_tree_all_finite(grads)
+  assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
 
 
 def test_top_k_mask_counts_ties_once():
@@ -240,7 +243,7 @@ def test_top_k_mask_counts_ties_once():
     dict(pattern_selector=False),
     dict(adaptive_indicators=False),
     dict(grouping="none", se=False, pattern_selector=False),
-    dict(num_blocks=1, num_groups=1, num_heads=1),
+    dict(num_blocks=1, num_groups=2, num_heads=1),
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_apem_ablation_switches(overrides):
   cfg = _config("apem", **overrides)
@@ -564,12 +567,14 @@ def test_output_space_attributes():
 @pytest.mark.parametrize("name,key,value", [
     ("ple", "num_levels", 0),
     ("ple", "num_task_experts", 0),
-    ("mmoe", "num_experts", 0),
+    ("mmoe", "num_experts", 1),  # its gate is the constant 1 (Shared-Bottom, untrained gate)
     ("mmoe", "expert_hidden", ()),
     ("apem", "num_heads", 3),  # does not divide embed_dim=8
     ("apem", "grouping", "greedy"),
-    ("apem", "num_groups", 0),
+    ("apem", "num_groups", 1),  # softmax over one group: grouping without gradient
     ("apem", "selector_top_k", -1),
+    ("apem", "selector_top_k", 1),  # one-hot: the selector without gradient
+    ("apem", "selector_top_k", NUM_FIELDS + default_model_config("apem").num_groups),  # all
     ("apem", "se", "yes"),
     ("apem", "se_squeeze", "max"),
     ("apem", "se_squeeze_groups", 3),  # does not divide embed_dim=8

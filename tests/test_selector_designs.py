@@ -122,5 +122,8 @@ def test_apem_funnel_indicators_config_switch():
   d = _config("apem").embed_dim
   assert params["pattern_selector"]["parent_kernel"].shape == (2, d, d)
   chex.assert_shape(model.apply({"params": params}, batch)["logits"], (B, 2))
-  with pytest.raises(ValueError, match="funnel_indicators"):
-    build_model(_config("apem", funnel_indicators=True, selection="gates"), schema)
+  # Refused where it would change nothing: under gates, without the selector, without a funnel.
+  for wrong, on in ((dict(selection="gates"), schema), (dict(pattern_selector=False), schema),
+                    ({}, base)):
+    with pytest.raises(ValueError, match="funnel_indicators"):
+      build_model(_config("apem", funnel_indicators=True, **wrong), on)

@@ -129,7 +129,9 @@ class APEM(nn.Module):
         tower_hidden=layers.require_widths(cfg, "tower_hidden", allow_empty=True),
         tower_input=layers.require_choice(cfg, "tower_input", TOWER_INPUTS),
     )
-    kw["num_groups"] = layers.require_int(cfg, "num_groups", 0 if kw["grouping"] == "none" else 1)
+    # One group: the softmax over groups is the constant 1, so the grouping's queries and keys
+    # get no gradient.
+    kw["num_groups"] = layers.require_int(cfg, "num_groups", 0 if kw["grouping"] == "none" else 2)
     if kw["embed_dim"] % kw["num_heads"]:
       raise ValueError(f"model config 'num_heads'={kw['num_heads']} must divide "
                        f"'embed_dim'={kw['embed_dim']}")
@@ -138,15 +140,26 @@ class APEM(nn.Module):
                        f"'embed_dim'={kw['embed_dim']}")
     if schema.num_fields == 0:
       raise ValueError("APEM: the schema has no feature fields")
-    if kw["pair_patterns"] and (kw["num_groups"] < 2 or kw["grouping"] == "none"):
-      raise ValueError("model config 'pair_patterns'=True needs 'num_groups' >= 2 and a "
-                       "'grouping' other than 'none' (it pairs the group tokens)")
+    if kw["pair_patterns"] and kw["grouping"] == "none":
+      raise ValueError("model config 'pair_patterns'=True needs a 'grouping' other than 'none' "
+                       "(it pairs the group tokens)")
     if kw["task_embeddings"] and not task_embedding_fields(schema, kw["task_embeddings"]):
       raise ValueError(f"model config 'task_embeddings'={kw['task_embeddings']}: no categorical "
                        f"field has at most that many values (vocabulary sizes "
                        f"{[f.vocab_size for f in schema.categorical]})")
-    if kw["funnel_indicators"] and kw["selection"] != "softmax":
-      raise ValueError("model config 'funnel_indicators'=True needs 'selection'='softmax'")
+    if kw["funnel_indicators"] and (kw["selection"] != "softmax" or not kw["pattern_selector"]
+                                    or all(p < 0 for p in schema.parents)):
+      raise ValueError("model config 'funnel_indicators'=True needs 'selection'='softmax', "
+                       "'pattern_selector'=True and a funnel (a task with depends_on)")
+    groups = 0 if kw["grouping"] == "none" else kw["num_groups"]
+    patterns = schema.num_fields + groups + (groups * (groups - 1) // 2 if kw["pair_patterns"]
+                                             else 0)
+    top_k = kw["selector_top_k"]
+    if top_k and (top_k >= patterns or (top_k == 1 and kw["selection"] == "softmax")):
+      raise ValueError(f"model config 'selector_top_k'={top_k}: expected 0 (dense) or 2 to "
+                       f"{patterns - 1}, fewer than the {patterns} patterns (k >= patterns "
+                       f"selects every one; k=1 under the softmax is one-hot whatever the "
+                       f"logits, so the selector gets no gradient)")
     return cls(schema=schema, **kw)
 
   @nn.compact

@@ -121,7 +121,7 @@ class MMoE(nn.Module):
   @classmethod
   def from_config(cls, cfg, schema: Schema) -> "MMoE":
     _check_fields(schema)
-    return cls(schema=schema, num_experts=layers.require_int(cfg, "num_experts", 1),
+    return cls(schema=schema, num_experts=layers.require_int(cfg, "num_experts", 2),
                expert_hidden=layers.require_widths(cfg, "expert_hidden"),
                tower_hidden=layers.require_widths(cfg, "tower_hidden", allow_empty=True),
                **layers.common_kwargs(cfg))
