@@ -13,14 +13,18 @@ examples:
 
 and keeps ``examples`` [n, T, F+G], the pattern weights of the split's first ``n`` rows (with ``k``
 processes: process 0's first rows, the split's rows 0, k, 2k, ...). ``plot(explanation, directory)``
-draws them (matplotlib) as ``patterns.png``, ``groups.png`` (where the model has groups) and
-``examples.png`` and writes the numbers to ``explanation.json``. Command line: ``python eval.py
---config ... --workdir ... --split validation --explain``.
+draws them (matplotlib) as ``patterns.png``, ``groups.png`` (the pooling weights; where the model
+has groups), ``assignment.png`` (where it has the assignment) and ``examples.png``, and writes the
+numbers to ``explanation.json``. Command line: ``python eval.py --config ... --workdir ... --split
+validation --explain``; ``python -m apem_jax.interpret DIR/explanation.json`` draws the figures
+again from the numbers, beside them.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -91,6 +95,8 @@ def plot(explanation: dict, directory: str) -> list[str]:
 
   os.makedirs(directory, exist_ok=True)
   tasks, fields, patterns = explanation["tasks"], explanation["fields"], explanation["patterns"]
+  arrays = {k: np.asarray(explanation[k]) for k in (*OUTPUTS, "examples")
+            if explanation.get(k) is not None}
   paths = []
 
   def save(fig, name):
@@ -106,7 +112,7 @@ def plot(explanation: dict, directory: str) -> list[str]:
     ax.set_title(title, fontsize=9)
     return image
 
-  weights = explanation["pattern_weights"]
+  weights = arrays["pattern_weights"]
   reference = (f"uniform = {1 / len(patterns):.3f}"
                if explanation.get("selection", "softmax") == "softmax" else
                "gates / 2, each in [0, 1]: a neutral gate is 0.5")
@@ -117,19 +123,23 @@ def plot(explanation: dict, directory: str) -> list[str]:
                        f"{reference})"), ax=ax)
   save(fig, "patterns.png")
 
-  grouping = explanation["group_weights"]
+  grouping = arrays["group_weights"]
   heads, groups = grouping.shape[0], grouping.shape[1]
-  if groups:  # (grouping='none': no groups to draw)
+  figures = [("groups.png", grouping, "pooling weight of each field in each group (rows sum to "
+              "1)")]
+  if "group_assignment" in arrays:
+    figures.append(("assignment.png", arrays["group_assignment"],
+                    "share of each field assigned to each group (columns sum to 1)"))
+  for name, values, title in figures if groups else ():  # (grouping='none': no groups)
     fig, axes = plt.subplots(heads, 1, squeeze=False,
                              figsize=(max(8, 0.22 * len(fields)), (2.8 + 0.25 * groups) * heads))
     for h in range(heads):
-      fig.colorbar(heatmap(axes[h, 0], grouping[h], [f"group {g}" for g in range(groups)], fields,
-                           f"head {h}: pooling weight of each field in each group (rows sum to "
-                           f"1)"), ax=axes[h, 0])
+      fig.colorbar(heatmap(axes[h, 0], values[h], [f"group {g}" for g in range(groups)], fields,
+                           f"head {h}: {title}"), ax=axes[h, 0])
     fig.tight_layout()
-    save(fig, "groups.png")
+    save(fig, name)
 
-  examples = explanation["examples"]
+  examples = arrays["examples"]
   fig, axes = plt.subplots(len(examples), 1, squeeze=False, figsize=(
       max(8, 0.22 * len(patterns)), 2.0 + (0.8 + 0.3 * len(tasks)) * len(examples)))
   for i, example in enumerate(examples):
@@ -142,3 +152,18 @@ def plot(explanation: dict, directory: str) -> list[str]:
   reporting.write_json_atomic(path, {k: v.tolist() if isinstance(v, np.ndarray) else v
                                      for k, v in explanation.items()})
   return paths + [path]
+
+
+def main(argv: list[str]) -> None:
+  """``python -m apem_jax.interpret DIR/explanation.json``: the figures drawn again in DIR."""
+  if len(argv) != 2 or not os.path.isfile(argv[1]):
+    raise SystemExit(f"usage: python -m apem_jax.interpret DIR/explanation.json (the file "
+                     f"eval.py --explain writes); got {argv[1:]}")
+  with open(argv[1]) as f:
+    explanation = json.load(f)
+  for path in plot(explanation, os.path.dirname(os.path.abspath(argv[1]))):
+    print(path)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

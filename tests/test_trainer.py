@@ -437,8 +437,15 @@ def test_eval_explains_what_apem_learned(tmp_path):
   np.testing.assert_allclose(explanation["group_assignment"].sum(-2), 1.0, rtol=1e-5)
   assert explanation["examples"].shape == (3, 2, 10)
   paths = interpret.plot(explanation, str(tmp_path / "explain"))
-  assert sorted(os.path.basename(p) for p in paths) == ["examples.png", "explanation.json",
-                                                         "groups.png", "patterns.png"]
+  drawn = ["assignment.png", "examples.png", "explanation.json", "groups.png", "patterns.png"]
+  assert sorted(os.path.basename(p) for p in paths) == drawn
+  # Drawn again from the numbers alone.
+  for p in paths[:-1]:
+    os.remove(p)
+  redraw = subprocess.run([sys.executable, "-m", "apem_jax.interpret", paths[-1]],
+                          capture_output=True, text=True, timeout=120)
+  assert redraw.returncode == 0, redraw.stderr
+  assert sorted(os.listdir(tmp_path / "explain")) == drawn
 
   other = tiny_config("shared_bottom")
   other.train.num_epochs = 1
@@ -454,7 +461,8 @@ def test_eval_explains_what_apem_learned(tmp_path):
   with pytest.raises(ValueError, match="model.pattern_selector=false: no Pattern Selector"):
     interpret.check_explainable(trainer.Experiment(no_selector))
   # No groups (grouping='none'): no groups figure.
-  ungrouped = dict(explanation, group_weights=np.zeros((1, 0, 6)), patterns=explanation["fields"],
+  ungrouped = dict(explanation, group_weights=np.zeros((1, 0, 6)), group_assignment=None,
+                   patterns=explanation["fields"],
                    pattern_weights=explanation["pattern_weights"][:, :6],
                    examples=explanation["examples"][..., :6])
   assert explanation["selection"] == "softmax"
