@@ -22,9 +22,9 @@ again from the numbers, beside them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -154,16 +154,20 @@ def plot(explanation: dict, directory: str) -> list[str]:
   return paths + [path]
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   """``python -m apem_jax.interpret DIR/explanation.json``: the figures drawn again in DIR."""
-  if len(argv) != 2 or not os.path.isfile(argv[1]):
-    raise SystemExit(f"usage: python -m apem_jax.interpret DIR/explanation.json (the file "
-                     f"eval.py --explain writes); got {argv[1:]}")
-  with open(argv[1]) as f:
+  parser = argparse.ArgumentParser(prog="python -m apem_jax.interpret",
+                                   description="Draws the figures of eval.py --explain again "
+                                   "from their numbers, beside them.")
+  parser.add_argument("explanation", help="DIR/explanation.json, as eval.py --explain writes it")
+  path = parser.parse_args().explanation
+  if not os.path.isfile(path):
+    parser.error(f"{path}: no such file; expected the explanation.json eval.py --explain writes")
+  with open(path) as f:
     explanation = json.load(f)
-  for path in plot(explanation, os.path.dirname(os.path.abspath(argv[1]))):
-    print(path)
+  for written in plot(explanation, os.path.dirname(os.path.abspath(path))):
+    print(written)
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  main()
