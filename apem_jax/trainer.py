@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from apem_jax import balancing, checkpointing, config_validation, losses, metrics as metrics_lib, parallel, reporting, step as step_lib
+from apem_jax.configs import common
 from apem_jax.data import DatasetSplits, load_dataset
 from apem_jax.data.pipeline import EVAL_ONLY_KEYS
 from apem_jax.models import build_model
@@ -615,6 +616,25 @@ def evaluate_and_decide(exp: Experiment, state: step_lib.TrainState, meta: dict,
   return score
 
 
+# Training settings that shape the state a checkpoint holds (the optimizer's and the balancing
+# method's) or the steps per epoch (the batch size): an evaluation takes the run's.
+RUN_TRAINING_KEYS = ("batch_size", "balancing", "balancing_alpha", "balancing_temperature",
+                     "balancing_window", "cagrad_c")
+
+
+def with_run_training(config: ml_collections.ConfigDict, saved: Mapping
+                      ) -> ml_collections.ConfigDict:
+  """``config`` with the optimizer section and the ``RUN_TRAINING_KEYS`` of the run whose saved
+  config is ``saved`` (a key a run saved before it existed keeps its default)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  defaults = common.base_config()
+  for key in RUN_TRAINING_KEYS:
+    config.train[key] = saved["train"].get(key, defaults.train[key])
+  config.optimizer = ml_collections.ConfigDict({**defaults.optimizer.to_dict(),
+                                                **saved["optimizer"]})
+  return config
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
                         kind: str = checkpointing.BEST, step: int | None = None,
                         data: DatasetSplits | None = None) -> dict:
@@ -638,10 +658,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                               f"first (train.py --workdir {workdir})")
     saved = ckpt.restore_meta(kind, step)
     _check_config(saved, config, workdir)
-    batch_size = saved["config"]["train"]["batch_size"]
-    if config.train.batch_size != batch_size:  # a training setting (steps per epoch): the run's
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.train.batch_size = batch_size
+    config = with_run_training(config, saved["config"])
     exp = Experiment(config, data, training=False)
     _check_schema(saved, exp.schema, workdir)
     state, meta = ckpt.restore(exp.abstract_state, kind, step)

@@ -474,6 +474,14 @@ def test_eval_explains_what_apem_learned(tmp_path):
   other.train.batch_size = 4096
   exp, _, _ = trainer.restore_checkpoint(other, str(tmp_path / "mlp"))
   assert exp.config.train.batch_size == 64
+  # ... and another balancing method and optimizer than the run's (they shape the training state
+  # the checkpoint holds; the restore failed as "cannot be read"): restored with the run's.
+  elsewhere = ml_collections.ConfigDict(other.to_dict())
+  elsewhere.train.update(balancing="uncertainty", balancing_window=3)
+  elsewhere.optimizer.update(embedding_optimizer="lazy_adam", learning_rate=0.5)
+  exp, state, _ = trainer.restore_checkpoint(elsewhere, str(tmp_path / "mlp"))
+  assert exp.config.train.balancing == "fixed" and state.balance == {}
+  assert exp.config.optimizer.to_dict() == other.optimizer.to_dict()
   # ... on a mesh whose data axis the run's batch size does not divide (data axis 8 here,
   # trained on 4): evaluated all the same.
   other.update_from_flattened_dict({"train.batch_size": 12, "train.eval_batch_size": 24,
