@@ -46,7 +46,7 @@ vmapped over the T one-hot cotangents: :func:`task_gradients`; never T separate 
   ``L_grad = sum_t |w_t n_t - stop_grad(mean_s(w_s n_s) * r_t^alpha)|`` with
   ``n_t = ||g_t||`` over **all shared parameters** (the simpler variant the paper allows in place of
   the last shared layer), ``r_t = lt_t / mean_s lt_s``, ``lt_t = l_t / l_t(0)`` (``l_t(0)``: the
-  losses of the first balanced step, kept in the state) and ``alpha = train.balancing_alpha``
+  task's loss at its first step with labels, kept in the state) and ``alpha = train.balancing_alpha``
   (the paper tunes it per set of tasks; default 1.5).
 
 Gradient surgery on the shared parameters (the task-specific ones always get ``sum_t g_t``); each
@@ -80,6 +80,10 @@ parameters get ``sum_t a_t g_t``:
   the UB approximation on the shared representation's gradients; no gradient normalisation.
   Known property of MGDA: a task whose gradient is 0 in a batch (no labels there) makes the
   min-norm point 0, and the shared parameters do not move in that step.
+
+A task without labels in a step's (global) batch has ``l_t = 0`` and ``g_t = 0`` for want of
+data: uncertainty weighting, DWA and GradNorm leave it out of that step's update of their state
+(``Balancing.update``'s ``labelled``); the surgeries see its zero gradient (MGDA: see above).
 
 The scale of the update follows each paper (PCGrad: a sum, like ``fixed``; CAGrad and MGDA: a mean,
 convex combination); Adam is insensitive to it, global-norm clipping is not.
@@ -174,7 +178,8 @@ class Balancing:
     if self.method == "uncertainty":
       return {"log_var": zeros, "opt_state": tx.init(zeros)}
     if self.method == "dwa":
-      return {"window_sum": zeros, "window_steps": jnp.zeros((), jnp.int32),
+      return {"window_sum": zeros, "window_labelled": jnp.zeros((num_tasks,), jnp.int32),
+              "window_steps": jnp.zeros((), jnp.int32),
               "history": jnp.zeros((2, num_tasks), jnp.float32),
               "windows": jnp.zeros((), jnp.int32)}
     if self.method == "gradnorm":
@@ -201,22 +206,31 @@ class Balancing:
   def update(self, state: Mapping[str, Any], task_losses: jax.Array, *,
              tx: optax.GradientTransformation, is_binary: Sequence[bool],
              gram_matrix: jax.Array | None = None,
-             active: Sequence[bool] | None = None) -> dict[str, Any]:
+             active: Sequence[bool] | None = None,
+             labelled: jax.Array | None = None) -> dict[str, Any]:
     """The state after a step whose (globally reduced) task losses ``l`` [T] were
     ``task_losses`` (and shared-gradient Gram matrix ``gram_matrix``, for GradNorm); inactive
-    tasks (``active``, default all active) keep their ``s_t`` / ``omega_t``."""
+    tasks (``active``, default all active) keep their ``s_t`` / ``omega_t``. ``labelled`` [T]
+    bool (default all): whether the step's (global) batch held labels of the task; a task
+    without is left out of the step's update (its ``l_t`` is 0 for want of labels, not because
+    it is learnt: uncertainty weighting would lower its ``s_t``, DWA count it in its window's
+    mean, GradNorm take it for its initial loss or for a task that trained fastest)."""
+    labelled = (jnp.ones((len(is_binary),), bool) if labelled is None
+                else jnp.asarray(labelled, bool))
     if self.method == "uncertainty":
-      on = jnp.asarray(_active(active, len(is_binary)))
+      on = jnp.asarray(_active(active, len(is_binary))) & labelled
       grad = jnp.where(on, uncertainty_log_var_grad(state["log_var"], task_losses, is_binary), 0.0)
       updates, opt_state = tx.update(grad, state["opt_state"], state["log_var"])
       return {"log_var": optax.apply_updates(state["log_var"], updates), "opt_state": opt_state}
     if self.method == "dwa":
-      return dwa_update(state, task_losses, self.window)
+      return dwa_update(state, task_losses, self.window, labelled)
     if self.method == "gradnorm":
-      initial = jnp.where(state["steps"] == 0, task_losses, state["initial_loss"])
+      # l_t(0): the task's first labelled loss (0 until then).
+      initial = jnp.where((state["initial_loss"] > 0) | ~labelled, state["initial_loss"],
+                          task_losses)
       norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_matrix), 0.0))
       grad = gradnorm_logits_grad(state["logits"], norms, task_losses, initial, self.alpha,
-                                  active)
+                                  active, labelled)
       updates, opt_state = tx.update(grad, state["opt_state"], state["logits"])
       return {"logits": optax.apply_updates(state["logits"], updates), "opt_state": opt_state,
               "initial_loss": initial, "steps": state["steps"] + 1}
@@ -284,14 +298,20 @@ def dwa_weights(previous: jax.Array, before: jax.Array, temperature: float,
   return _active_softmax(ratio / temperature, active)
 
 
-def dwa_update(state: Mapping[str, Any], task_losses: jax.Array, window: int) -> dict[str, Any]:
-  """Adds a step's losses to the current window; a full window becomes ``history[0]`` (its mean)
-  and the previous one ``history[1]``."""
-  total = state["window_sum"] + task_losses
+def dwa_update(state: Mapping[str, Any], task_losses: jax.Array, window: int,
+               labelled: jax.Array | None = None) -> dict[str, Any]:
+  """Adds a step's losses to the current window; a full window becomes ``history[0]`` (per task,
+  its mean over the window's steps whose batch held the task's labels, ``labelled`` [T], default
+  all; a task without any keeps its previous mean) and the previous one ``history[1]``."""
+  labelled = jnp.ones(task_losses.shape, bool) if labelled is None else labelled
+  total = state["window_sum"] + jnp.where(labelled, task_losses, 0.0)
+  count = state["window_labelled"] + labelled.astype(jnp.int32)
   steps = state["window_steps"] + 1
   full = steps >= window
-  history = jnp.where(full, jnp.stack([total / window, state["history"][0]]), state["history"])
-  return {"window_sum": jnp.where(full, 0.0, total), "window_steps": jnp.where(full, 0, steps),
+  mean = jnp.where(count > 0, total / jnp.maximum(count, 1), state["history"][0])
+  history = jnp.where(full, jnp.stack([mean, state["history"][0]]), state["history"])
+  return {"window_sum": jnp.where(full, 0.0, total),
+          "window_labelled": jnp.where(full, 0, count), "window_steps": jnp.where(full, 0, steps),
           "history": history, "windows": jnp.minimum(state["windows"] + full, 2)}
 
 
@@ -317,23 +337,30 @@ def gradnorm_weights(logits: jax.Array, active: Sequence[bool] | None = None) ->
 
 def gradnorm_logits_grad(logits: jax.Array, norms: jax.Array, task_losses: jax.Array,
                          initial_losses: jax.Array, alpha: float,
-                         active: Sequence[bool] | None = None) -> jax.Array:
+                         active: Sequence[bool] | None = None,
+                         labelled: jax.Array | None = None) -> jax.Array:
   """The gradient w.r.t. ``omega`` of ``L_grad = sum_t |w_t n_t - target_t|`` (module doc), its
-  sum and means over the active tasks only (0 for the others).
+  sum and means over the active tasks with labels in the step only (the weights ``w`` stay
+  a softmax over every active task).
 
   Args:
     logits: ``omega`` [T]; norms: ``n_t = ||g_t||`` on the shared parameters [T];
     task_losses: ``l_t`` [T]; initial_losses: ``l_t(0)`` [T]; alpha: the asymmetry;
-    active: per task, whether its weight ``c_t`` is not 0 (default: all).
+    active: per task, whether its weight ``c_t`` is not 0 (default: all);
+    labelled: [T] bool, whether the step's batch held the task's labels (default: all).
   """
   index = _active_index(active, logits.shape[0])
   norms, task_losses, initial_losses = norms[index], task_losses[index], initial_losses[index]
+  on = (jnp.ones(index.shape, bool) if labelled is None else jnp.asarray(labelled)[index])
+  present = jnp.maximum(jnp.sum(on), 1)
+  mean = lambda x: jnp.sum(jnp.where(on, x, 0.0)) / present
   ratio = jnp.where(initial_losses > 0, task_losses / jnp.where(initial_losses > 0,
                                                                 initial_losses, 1.0), 1.0)
-  relative = ratio / jnp.maximum(jnp.mean(ratio), 1e-12)
+  relative = ratio / jnp.maximum(mean(ratio), 1e-12)
   weights = lambda w: gradnorm_weights(w, active)[index]
-  target = jax.lax.stop_gradient(jnp.mean(weights(logits) * norms) * relative ** alpha)
-  return jax.grad(lambda w: jnp.sum(jnp.abs(weights(w) * norms - target)))(logits)
+  target = jax.lax.stop_gradient(mean(weights(logits) * norms) * relative ** alpha)
+  return jax.grad(lambda w: jnp.sum(jnp.where(on, jnp.abs(weights(w) * norms - target), 0.0)))(
+      logits)
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
     if with_penalty:
       grads = jax.tree.map(jnp.add, grads, penalty_grads)
     balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary,
-                               gram_matrix=k, active=active)
+                               gram_matrix=k, active=active, labelled=sums["count"] > 0)
   else:
     used = balancing.loss_weights(state.balance, head.is_binary, active)
 
@@ -231,7 +231,7 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
       grads, values, sums = jax.lax.psum((grads, values, sums), axis_name)
     task_values = values[:num_tasks]
     balance = balancing.update(state.balance, task_values, tx=tx, is_binary=head.is_binary,
-                               active=active)
+                               active=active, labelled=sums["count"] > 0)
 
   loss = jnp.sum(values)  # sum_t l_t (+ penalty): what `fixed` reports
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -357,6 +357,52 @@ def test_a_task_of_weight_zero_is_left_out_of_the_loss_weights():
   assert w[0] < 1.0 < w[1]  # it equalised w_t ||g_t|| of the active tasks
 
 
+def test_a_step_without_a_tasks_labels_leaves_it_out():
+  """Task b is labelled in one step of four (its loss l_b is 0 in the others, for want of labels).
+  Uncertainty weighting settled at lambda_b = 1/(2 p l_b) (4.0 here, not 1/(2 l_b) = 1); DWA
+  divided b's window sum by every step of the window; GradNorm took a first unlabelled step's 0
+  for b's l(0) and counted b in its means at steps without its labels."""
+  is_binary, tx = (True, True), optax.adam(1e-2)
+  losses, labelled = jnp.array([0.5, 0.5]), jnp.array([True, True])
+  alone = jnp.array([0.5, 0.0]), jnp.array([True, False])  # b has no labels
+
+  uncertainty = bl.Balancing("uncertainty")
+  state = uncertainty.init(2, tx)
+  for k in range(4000):
+    task_losses, present = (losses, labelled) if k % 4 == 0 else alone
+    state = uncertainty.update(state, task_losses, tx=tx, is_binary=is_binary, labelled=present)
+  np.testing.assert_allclose(uncertainty.loss_weights(state, is_binary), [1.0, 1.0], rtol=2e-2)
+
+  # DWA, windows of 2: b's window means are its labelled steps' means.
+  dwa = bl.Balancing("dwa", window=2)
+  state = dwa.init(2, tx)
+  for task_losses, present in [((1.0, 1.0), (True, True)), ((1.0, 0.0), (True, False)),
+                               ((0.5, 0.5), (True, True)), ((0.5, 0.5), (True, True))]:
+    state = dwa.update(state, jnp.array(task_losses), tx=tx, is_binary=is_binary,
+                       labelled=jnp.array(present))
+  np.testing.assert_allclose(state["history"], [[0.5, 0.5], [1.0, 1.0]])
+
+  # GradNorm: b's l(0) is its first labelled loss; a step without b's labels is the step
+  # GradNorm takes on task a alone, b's weight moving only through the softmax.
+  gradnorm = bl.Balancing("gradnorm")
+  state = gradnorm.init(2, tx)
+  k = jnp.diag(jnp.array([4.0, 1.0]))
+  state = gradnorm.update(state, alone[0], tx=tx, is_binary=is_binary, gram_matrix=k,
+                          labelled=alone[1])
+  np.testing.assert_allclose(state["initial_loss"], [0.5, 0.0])
+  state = gradnorm.update(state, jnp.array([0.4, 0.8]), tx=tx, is_binary=is_binary,
+                          gram_matrix=k, labelled=labelled)
+  np.testing.assert_allclose(state["initial_loss"], [0.5, 0.8])
+  # Three tasks, c without labels: its loss and norm (0 here for want of labels) do not enter
+  # the step's L_grad.
+  logits, initial = jnp.array([0.3, -0.3, 0.1]), jnp.array([0.5, 0.8, 0.6])
+  grad = lambda c_loss, c_norm: bl.gradnorm_logits_grad(
+      logits, jnp.array([2.0, 1.0, c_norm]), jnp.array([0.4, 0.7, c_loss]), initial, 1.5,
+      labelled=jnp.array([True, True, False]))
+  np.testing.assert_allclose(grad(0.0, 0.0), grad(0.9, 3.0), rtol=1e-6)
+  assert np.abs(np.asarray(grad(0.0, 0.0))).max() > 0.1
+
+
 def test_cagrad_reads_the_norm_of_the_combined_gradient_from_the_gradients():
   """Three unit gradients at 120 degrees plus a small common part e: g_w for the uniform w is
   e alone, ||e|| = 1e-4, while the Gram matrix's entries are about 1, so sqrt(w^T K w) loses
@@ -575,6 +621,26 @@ def test_the_train_step_leaves_a_task_of_weight_zero_out(method):
     assert float(state.balance["log_var"][1]) == 0.0 and float(state.balance["log_var"][0]) != 0
   if method == "gradnorm":
     assert float(metrics["balance_weights"][0]) == 1.0
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "gradnorm"])
+def test_the_train_step_tells_the_method_which_tasks_had_labels(method):
+  """A batch without task b's labels: b's s_b stays at 0 (uncertainty) and its l(0) unset
+  (GradNorm): the step passes its label counts to the method."""
+  model = build_model(_tiny("shared_bottom"), SCHEMA)
+  tx = optax.sgd(0.5)
+  balancing = bl.Balancing(method)
+  batch = _random_batch(SCHEMA, seed=5)
+  batch["label_mask"][:, 1] = 0.0
+  state = step_lib.init_state(model, tx, jax.random.key(0), batch, balancing=balancing)
+  step = jax.jit(step_lib.bind_steps(model, tx, SCHEMA, (1.0, 1.0), balancing=balancing)[0])
+  new, metrics = step(state, batch)
+  np.testing.assert_array_equal(metrics["count"] > 0, [True, False])
+  if method == "uncertainty":
+    assert float(new.balance["log_var"][1]) == 0.0 and float(new.balance["log_var"][0]) != 0.0
+  else:
+    assert float(new.balance["initial_loss"][1]) == 0.0
+    assert float(new.balance["initial_loss"][0]) > 0.0
 
 
 def test_at_their_start_uncertainty_and_gradnorm_take_fixeds_step_on_a_funnel():
