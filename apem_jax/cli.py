@@ -35,6 +35,17 @@ def user_errors_in_one_line(program: str, debug: bool = False,
     sys.exit(f"{program}: error: {message}")
 
 
+def _without_traceback(message: str) -> str:
+  """One line of a flag's error: ml_collections puts the traceback of a config file's
+  ``get_config`` failing (e.g. ``--config=FILE:nosuch``) inside its message; its last line is the
+  error itself."""
+  head, sep, trace = message.partition("Traceback (most recent call last):")
+  if sep:
+    last = [line for line in trace.splitlines() if line.strip()][-1]
+    return " ".join(f"{head.strip()} {last.strip()}".split())
+  return message
+
+
 def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
   """A ``flags_parser`` for ``absl.app.run`` that reports a flag that does not parse in one line
   (absl's own parser lets ml_collections' error for an unknown ``--config.<key>`` through as a
@@ -46,7 +57,7 @@ def flags_parser(program: str) -> Callable[[Sequence[str]], list[str]]:
     try:
       left = flags.FLAGS(list(argv))
     except flags.Error as e:
-      sys.exit(f"{program}: error: {e} (--helpfull lists the flags)")
+      sys.exit(f"{program}: error: {_without_traceback(str(e))} (--helpfull lists the flags)")
     except SyntaxError as e:  # a config file that is not Python
       sys.exit(f"{program}: error: {e.filename}, line {e.lineno}: {e.msg}")
     except (AttributeError, KeyError) as e:  # ml_collections: no such key in the config

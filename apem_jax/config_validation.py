@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import ml_collections
@@ -30,6 +31,17 @@ _POSITIVE = ("train.batch_size", "train.eval_batch_size", "train.num_epochs", "t
              "parallel.model_parallelism")
 
 
+# (key, low, high, what is expected): low <= value < high.
+_RANGES = (("optimizer.b1", 0.0, 1.0, "a number in [0, 1)"),
+           ("optimizer.b2", 0.0, 1.0, "a number in [0, 1)"),
+           ("optimizer.final_lr_ratio", 0.0, math.inf,
+            "a number >= 0 (the final learning rate over the peak)"),
+           ("optimizer.weight_decay", 0.0, math.inf, "a number >= 0"),
+           ("optimizer.grad_clip_norm", 0.0, math.inf, "a number >= 0 (0 disables clipping)"),
+           ("optimizer.warmup_steps", 0, math.inf, "an int >= 0"),
+           ("optimizer.learning_rate", 0.0, math.inf, "a finite number > 0"))
+
+
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
   node = config
   for part in path.split("."):
@@ -49,8 +61,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config: {path}={value!r} has type {type(value).__name__}, expected "
                          f"{' or '.join(t.__name__ for t in types)}")
   for path in _POSITIVE:
-    if _get(config, path) <= 0:
+    if not _get(config, path) > 0:  # (NaN too)
       raise ValueError(f"config: {path}={_get(config, path)!r} must be positive")
+  for path, low, high, what in _RANGES:
+    value = _get(config, path)
+    if not low <= value < high:  # (NaN too)
+      raise ValueError(f"config: {path}={value!r}; expected {what}")
   for path in ("train.eval_every_steps", "train.checkpoint_every_steps"):
     if _get(config, path) < 0:
       raise ValueError(f"config: {path}={_get(config, path)} must be >= 0 (0: "
@@ -87,11 +103,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def validate_for_schema(config: ml_collections.ConfigDict, schema: Schema) -> None:
   """Checks that depend on the dataset's tasks."""
   weights = tuple(config.train.task_weights)
+  expected = (f"expected one number >= 0 per task {list(schema.task_names)}, not all 0 (or an "
+              f"empty tuple for all ones)")
+  if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+    raise ValueError(f"config: train.task_weights={weights!r}; {expected}")
   if weights and len(weights) != schema.num_tasks:
-    raise ValueError(f"config: train.task_weights has {len(weights)} entries, expected one per "
-                     f"task {list(schema.task_names)} (or an empty tuple for all ones)")
-  if any(w < 0 for w in weights):
-    raise ValueError(f"config: train.task_weights={weights} must be non-negative")
+    raise ValueError(f"config: train.task_weights has {len(weights)} entries; {expected}")
+  if weights and not (all(w >= 0 and math.isfinite(w) for w in weights) and any(weights)):
+    raise ValueError(f"config: train.task_weights={weights}; {expected}")
 
 
 def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:

@@ -191,6 +191,23 @@ def test_config_errors_name_the_key(tmp_path):
   config.optimizer.learning_rate = -1.0
   with pytest.raises(ValueError, match="optimizer.learning_rate"):
     trainer.Experiment(config)
+  # Values that trained without a word: a negative final ratio ends the schedule going uphill,
+  # weights all 0 never train, NaN compared false with every bound.
+  for key, value, match in [
+      ("optimizer.final_lr_ratio", -1.0, r"final_lr_ratio=-1.0; expected a number >= 0"),
+      ("optimizer.b2", 1.5, r"optimizer.b2=1.5; expected a number in \[0, 1\)"),
+      ("optimizer.weight_decay", -0.1, r"weight_decay=-0.1; expected a number >= 0"),
+      ("optimizer.warmup_steps", -100, r"warmup_steps=-100; expected an int >= 0"),
+      ("optimizer.learning_rate", float("nan"), r"learning_rate=nan must be positive"),
+      ("optimizer.learning_rate", float("inf"), r"learning_rate=inf; expected a finite"),
+      ("train.task_weights", (0.0, 0.0), r"task_weights=\(0.0, 0.0\); expected one number >= 0 "
+                                         r"per task \['y1', 'y2'\], not all 0"),
+      ("train.task_weights", ("abc",), r"task_weights=\('abc',\); expected one number"),
+      ("train.task_weights", (1.0, float("nan")), r"task_weights=\(1.0, nan\)")]:
+    config = tiny_config()
+    config.update_from_flattened_dict({key: value})
+    with pytest.raises(ValueError, match=match):
+      trainer.Experiment(config)
 
 
 def test_eval_refuses_missing_checkpoint_and_mismatched_config(tmp_path):

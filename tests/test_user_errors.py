@@ -100,6 +100,10 @@ CASES = [
      "train.py: error: --config.foo.bar=1: the config has no key 'foo'"),
     ("a config file that does not exist", TRAIN + ["--config={root}/nope.py", "--workdir={new}"],
      "train.py: error: --config: Failed loading config file config_config"),
+    ("a config file argument the file does not take", TRAIN + ["--config=configs/census.py:nosuch",
+                                                               "--workdir={new}"],
+     "train.py: error: flag --config=configs/census.py:nosuch: Error whilst parsing config file: "
+     "ValueError: unknown model 'nosuch'"),
     ("a config file that is not Python", EVAL + ["--config={broken}", "--workdir={run}"],
      "eval.py: error: {broken}, line 1: invalid syntax"),
     ("a workdir that is a file", TRAIN + ["--config={tiny}", "--workdir={other}/notes.txt"],
