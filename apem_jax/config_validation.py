@@ -211,19 +211,19 @@ def apply_override(config, override: str, flag: str = "--set") -> None:
   if not sep:
     raise ValueError(f"{flag} {override!r}: expected key=value")
   try:
-    old = config_path.get_value(key, config)
-  except (KeyError, ValueError):
+    kind = config_path.get_type(key, config)  # an unset placeholder's too (its value is None)
+  except (AttributeError, KeyError, ValueError):
     raise ValueError(f"{flag} {override!r}: no config key {key!r}") from None
-  if isinstance(old, bool):
+  if kind is bool:
     if text not in ("true", "false", "True", "False"):
       raise ValueError(f"{flag} {override!r}: {key} is a bool; expected true or false")
     value = text.lower() == "true"
-  elif isinstance(old, (int, float, str)):
+  elif kind in (int, float, str):
     try:
-      value = type(old)(text)
+      value = kind(text)
     except ValueError as e:
-      raise ValueError(f"{flag} {override!r}: {key} is a {type(old).__name__}: {e}") from None
+      raise ValueError(f"{flag} {override!r}: {key} has type {kind.__name__}: {e}") from None
   else:
-    raise ValueError(f"{flag} {override!r}: {key} holds a {type(old).__name__}; only bool, int, "
-                     "float and string keys can be set here")
+    raise ValueError(f"{flag} {override!r}: {key} holds a {getattr(kind, '__name__', kind)}; "
+                     f"only bool, int, float and string keys can be set here")
   config_path.set_value(key, config, value)

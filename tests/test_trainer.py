@@ -210,6 +210,24 @@ def test_config_errors_name_the_key(tmp_path):
       trainer.Experiment(config)
 
 
+def test_set_override_parses_by_the_keys_type_unset_placeholders_too():
+  """``--set`` (benchmarks/quality.py) refused keys whose default is an unset placeholder
+  (``train.calibration_weight``, ``data.stream``): it read the type from the value, None."""
+  from apem_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from apem_jax.configs import funnel  # pylint: disable=g-import-not-at-top
+  config = funnel.get_config("aitm")
+  for override in ("train.calibration_weight=0.3", "data.stream=true", "data.shard_rows=700",
+                   "train.batch_size=2048"):
+    config_validation.apply_override(config, override)
+  assert (config.train.calibration_weight, config.data.stream, config.data.shard_rows,
+          config.train.batch_size) == (0.3, True, 700, 2048)
+  for override, match in (("data.stream=yes", "data.stream is a bool; expected true or false"),
+                          ("train.nosuch=1", "no config key 'train.nosuch'"),
+                          ("data.shard_rows=1.5", "data.shard_rows has type int")):
+    with pytest.raises(ValueError, match=match):
+      config_validation.apply_override(config, override)
+
+
 def test_eval_refuses_missing_checkpoint_and_mismatched_config(tmp_path):
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match="no best checkpoint"):

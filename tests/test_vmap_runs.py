@@ -164,7 +164,7 @@ def test_configs_over_values_of_one_key():
   assert [c.optimizer.learning_rate for c in configs] == [1e-3, 0.01]
   assert vmap_runs.varied_keys(configs) == ["optimizer.learning_rate"]
   for bad, says in (("seed=0", "at least two values"), ("no.such=1,2", "no config key 'no.such'"),
-                    ("seed=0,x", "seed is a int")):
+                    ("seed=0,x", "seed has type int")):
     with pytest.raises(ValueError, match=f"^--vmap '[^']*': .*{says}"):
       vmap_runs.configs_over(tiny_config(), bad)
   with pytest.raises(ValueError, match="train.batch_size"):
