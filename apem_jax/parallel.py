@@ -139,10 +139,14 @@ class RowPaddedModel:
 
   def init(self, rngs, *args, **kwargs) -> dict:
     variables = dict(self.model.init(rngs, *args, **kwargs))
-    variables["params"] = _map_padded(
-        variables["params"], self.padding,
-        lambda x, rows, padded: jnp.pad(x, ((0, padded - rows),) + ((0, 0),) * (x.ndim - 1)))
+    variables["params"] = self.pad(variables["params"])
     return variables
+
+  def pad(self, params: Any) -> Any:
+    """The wrapped model's ``params`` as stored: each listed table padded with zero rows."""
+    return _map_padded(
+        params, self.padding,
+        lambda x, rows, padded: jnp.pad(x, ((0, padded - rows),) + ((0, 0),) * (x.ndim - 1)))
 
   def unpad(self, params: Any) -> Any:
     """``params`` as the wrapped model takes them: each padded table's first ``rows`` rows."""
@@ -157,6 +161,20 @@ class RowPaddedModel:
     if name == "model":  # not set yet (e.g. while copying): do not recurse
       raise AttributeError(name)
     return getattr(self.model, name)
+
+
+def table_padding(model: Any) -> dict[tuple, tuple[int, int]]:
+  """The padded tables of a model :func:`pad_tables` returned (``{}``: none)."""
+  return model.padding if isinstance(model, RowPaddedModel) else {}
+
+
+def repad(params: Any, stored_as: Any, model: Any) -> Any:
+  """``params`` of ``stored_as`` (a model :func:`pad_tables` returned for one model axis) as
+  ``model`` (the same model, padded for another) stores them: the padding rows, zero, cut or
+  added."""
+  if isinstance(stored_as, RowPaddedModel):
+    params = stored_as.unpad(params)
+  return model.pad(params) if isinstance(model, RowPaddedModel) else params
 
 
 def pad_tables(model: Any, example_inputs: Mapping[str, Any], model_size: int,

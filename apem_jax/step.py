@@ -103,7 +103,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   the devices' gradients is exactly the gradient of the global batch's loss (a mean of per-device
   means would not be, when devices hold different numbers of labels), and the metrics are summed
   over the devices: every device returns the global batch's values, as ``jax.jit`` on the whole
-  batch would. Each device also draws its own dropout masks.
+  batch would. Each device also draws its own dropout masks: with dropout, the step under pmap
+  differs from jit's (and with the number of devices), so a resume keeps the run's mode.
 
   ``head`` (default: the model's, ``losses.make_head``) says how logits become probabilities and
   losses (funnels: chained product or direct, entire-space or conditional loss, calibration).
@@ -170,7 +171,7 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
   per-task-gradient method takes one forward pass and a vmapped backward pass
   (:func:`apem_jax.balancing.task_gradients`). Under ``axis_name`` the per-task losses and
   gradients are ``psum``-ed before any nonlinear function of them, so ``jax.jit`` and
-  ``jax.pmap`` take the same step. The calibration penalty's gradient is added unbalanced.
+  ``jax.pmap`` take the same step (without dropout: see :func:`train_step`). The calibration penalty's gradient is added unbalanced.
 
   Metrics: those of :func:`train_step` (``loss`` is ``sum_t l_t`` + penalty, the same number
   ``fixed`` reports) and ``balance_weights`` [T]: the loss weights of this step (``lambda`` or

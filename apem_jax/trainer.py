@@ -199,6 +199,15 @@ def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str
                      f"differing keys: {mismatched}")
 
 
+def stored_model(saved_config: Mapping, schema: Schema) -> Any:
+  """The model as a run with ``saved_config`` stored it: its large tables padded for the run's
+  model axis (``parallel.model_parallelism``, parallel.pad_tables)."""
+  run_parallel = saved_config.get("parallel", {})
+  return parallel.pad_tables(build_model(saved_config["model"], schema), example_batch(schema),
+                             run_parallel.get("model_parallelism", 1),
+                             run_parallel.get("shard_embeddings_min_rows", 0))
+
+
 def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
   """Refuses a resume whose config changes the run's trajectory, or shortens it, or whose data
   gives another number of steps per epoch; returns the accepted changes as
@@ -221,6 +230,20 @@ def _check_resume(meta: Mapping, exp: Experiment, workdir: str) -> dict:
                      f"epoch, the run was trained with {saved_spe}: the data changed; restore "
                      f"the data the run used, or train in a new --workdir")
   check_input_groups(meta["data_position"], exp.input_groups, workdir)
+  saved_parallel = meta["config"].get("parallel", {})
+  if (parallel.table_padding(stored_model(meta["config"], exp.schema))
+      != parallel.table_padding(exp.model)):
+    raise ValueError(f"{workdir}: the run stores its large tables padded for "
+                     f"parallel.model_parallelism={saved_parallel.get('model_parallelism')}; "
+                     f"resume with that value (eval.py and apem-export read the run on any "
+                     f"devices)")
+  if (saved_parallel.get("mode", "jit") != config.parallel.mode
+      and config.model.get("dropout", 0.0) > 0):
+    raise ValueError(f"{workdir}: the run was trained with parallel.mode="
+                     f"{saved_parallel.get('mode', 'jit')!r} and model.dropout="
+                     f"{config.model.dropout}: under the other mode the dropout masks differ "
+                     f"(pmap draws them per device), which changes the run's trajectory; resume "
+                     f"with parallel.mode={saved_parallel.get('mode', 'jit')!r}")
   if config.train.num_epochs * exp.steps_per_epoch < meta["step"]:
     raise ValueError(f"{workdir}: train.num_epochs={config.train.num_epochs} is below the "
                      f"{meta['step'] / saved_spe:g} epochs the run has done; a resume may change it, "
@@ -661,7 +684,16 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     config = with_run_training(config, saved["config"])
     exp = Experiment(config, data, training=False)
     _check_schema(saved, exp.schema, workdir)
-    state, meta = ckpt.restore(exp.abstract_state, kind, step)
+    stored = stored_model(saved["config"], exp.schema)
+    if parallel.table_padding(stored) == parallel.table_padding(exp.model):
+      state, meta = ckpt.restore(exp.abstract_state, kind, step)
+    else:  # tables stored padded for another model axis: the parameters, padded for this one
+      abstract = jax.eval_shape(lambda: stored.init(jax.random.key(0), example_batch(exp.schema),
+                                                    train=False))["params"]
+      params, meta = ckpt.restore_params(abstract, kind, step)
+      params = jax.device_put(parallel.repad(params, stored, exp.model),
+                              exp.state_sharding.params)
+      state = exp.init_state().replace(params=params)
   finally:
     ckpt.close()
   return exp, state, meta

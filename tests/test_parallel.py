@@ -240,6 +240,39 @@ def test_trainer_shards_a_big_vocabulary_table(monkeypatch, tmp_path):
   chex.assert_trees_all_close(got, ref.params, **PARAM_TOL)
 
 
+def test_a_run_with_padded_tables_is_evaluated_on_any_model_axis(tmp_path):
+  """A model-parallel run's table (1,002 rows, padded to 1,004 over 4 devices) restored for
+  evaluation on a model axis of 1 or 2 (the restore failed as "cannot be read"): the same
+  metrics. A resume on another model axis, or in the other mode with dropout, is refused naming
+  the key (it failed on every checkpoint, or took other dropout masks)."""
+  data = _big_vocab_data(1001, num_examples=256)
+  config = tiny_config("shared_bottom")
+  config.train.num_epochs = 1
+  config.parallel.update(model_parallelism=4, shard_embeddings_min_rows=100)
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir, data=data)
+  want = trainer.evaluate_checkpoint(config, workdir, "validation", data=data)["metrics"]
+  for model_axis in (1, 2):
+    other = tiny_config("shared_bottom")
+    other.parallel.update(model_parallelism=model_axis, shard_embeddings_min_rows=100)
+    got = trainer.evaluate_checkpoint(other, workdir, "validation", data=data)["metrics"]
+    for task, metrics in want.items():
+      np.testing.assert_allclose(got[task]["auc"], metrics["auc"], rtol=1e-6)
+      np.testing.assert_allclose(got[task]["logloss"], metrics["logloss"], rtol=1e-5)
+  other = tiny_config("shared_bottom")
+  other.train.num_epochs = 2
+  with pytest.raises(ValueError, match=r"padded for parallel.model_parallelism=4; resume with"):
+    trainer.train_and_evaluate(other, workdir, data=data)
+  config.model.dropout = other.model.dropout = 0.1
+  config.parallel.model_parallelism = 1
+  workdir = str(tmp_path / "dropout")
+  trainer.train_and_evaluate(config, workdir, data=data)
+  other.parallel.mode = "pmap"
+  with pytest.raises(ValueError, match=r"parallel.mode='jit' and model.dropout=0.1: under the "
+                                       r"other mode the dropout masks differ"):
+    trainer.train_and_evaluate(other, workdir, data=data)
+
+
 def test_state_shardings_rule():
   mesh = parallel.make_mesh(model_parallelism=2)
   abstract = {"params": {"emb": {"categorical_table": jax.ShapeDtypeStruct((10, 4), jnp.float32)},
