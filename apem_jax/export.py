@@ -64,6 +64,7 @@ from jax.experimental import jax2tf
 
 from apem_jax import checkpointing, config_validation, losses, parallel, reporting, trainer
 from apem_jax.data import encode as encode_raw
+from apem_jax.data import files as files_lib
 from apem_jax.data import Preprocessing
 from apem_jax.data import serving
 from apem_jax.models import build_model
@@ -563,9 +564,7 @@ def export(workdir: str, output: str, *, checkpoint: str = checkpointing.BEST,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
   try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stay on the export
+    files_lib.give_default_mode(tmp, directory=True)  # not mkdtemp's 0700
     exported = export_stablehlo(run, platforms)
     with open(os.path.join(tmp, STABLEHLO_FILE), "wb") as f:
       f.write(exported.serialize())

@@ -18,6 +18,7 @@ beam = pytest.importorskip("apache_beam")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from apem_jax.data import beam_prepare
+from apem_jax.data import files as files_lib
 from apem_jax.data import prepare
 from apem_jax.data import prepared
 from test_prepare import all_files, base_spec, make_rows, write_csv, write_spec
@@ -54,6 +55,7 @@ def test_direct_runner_writes_what_prepare_writes(tmp_path):
   ours = prepare.prepare(spec, tmp_path / "local", shard_rows=128)
   result = beam_prepare.prepare(spec, tmp_path / "beam", shard_rows=128, pipeline_options=DIRECT)
   assert not result.reused and result.metadata["timing"]["runner"] == "DirectRunner"
+  assert result.path.stat().st_mode & 0o777 == 0o777 & ~files_lib.umask()  # not mkdtemp's
   assert len(result.metadata["splits"]["train"]["shards"]) == 6  # 720 rows
   _assert_same_directory(ours.path, result.path)
   assert all_files(tmp_path / "beam") == all_files(tmp_path / "local")  # no temporary left

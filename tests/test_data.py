@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from apem_jax.data import census_source as cs
+from apem_jax.data import files as files_lib
 from apem_jax.data import pipeline
 from apem_jax.data import preprocessing as prep
 from apem_jax.data import synthetic
@@ -481,3 +482,12 @@ def test_synthetic_funnel_is_a_file_source_with_its_true_probabilities(tmp_path)
         assert seen.all()
       else:
         assert not np.isin(want["categorical"][~seen, j], vocab.astype(np.int64)).any()
+
+
+def test_census_split_files_are_written_readable_as_a_plain_open_would(tmp_path):
+  """The split files went through mkstemp, whose 0600 the rename kept: unreadable to the other
+  users of a shared data directory."""
+  path = tmp_path / "validation.csv"
+  cs._write_text_atomic(path, "a,b\n")
+  assert path.read_text() == "a,b\n"
+  assert path.stat().st_mode & 0o777 == 0o666 & ~files_lib.umask()

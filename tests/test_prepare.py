@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from apem_jax.data import files as files_lib
 from apem_jax.data import pipeline
 from apem_jax.data import prepare
 from apem_jax.data import prepared
@@ -118,6 +119,8 @@ def test_csv_matches_in_memory_preprocessing(funnel_csv):
   directory, rows = funnel_csv
   result = prepare.prepare(write_spec(directory, base_spec()), directory / "cache")
   assert not result.reused
+  # Readable as a plain mkdir's directory would be (mkdtemp's 0700 stayed on it).
+  assert result.path.stat().st_mode & 0o777 == 0o777 & ~files_lib.umask()
   by_split = {s: [r for r in rows if r["split"] == s] for s in prepared.SPLITS}
   expected_prep = prep_lib.fit_preprocessing(
       raw_columns(by_split["train"]), ["user", "country", "device"], ["price", "age"],

@@ -62,6 +62,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from apem_jax.data import files as files_lib
 from apem_jax.data import prepare as prep
 from apem_jax.data import prepared as prepared_lib
 from apem_jax.data import spec as spec_lib
@@ -632,6 +633,7 @@ def prepare(spec: spec_lib.Spec | str | os.PathLike, cache_root: str | os.PathLi
     created = [pathlib.Path(d) for d in (cache_root, root) if not os.path.exists(d)]
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final)}-", dir=root)
+    files_lib.give_default_mode(tmp, directory=True)  # not mkdtemp's 0700
   else:
     tmp = _join(root, f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
   runner = options.view_as(beam_options.StandardOptions).runner or "DirectRunner"

@@ -51,6 +51,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from apem_jax.data import files as files_lib
 from apem_jax.data.preprocessing import NUMERIC_TRANSFORMS
 
 NUM_TRAIN_ROWS = 199_523
@@ -496,6 +497,7 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
   """Writes ``text`` to a temporary file beside ``path``, then renames it into place."""
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
   try:
+    files_lib.give_default_mode(tmp, directory=False)  # not mkstemp's 0600
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
       f.write(text)
     os.replace(tmp, path)

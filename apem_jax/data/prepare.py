@@ -62,6 +62,7 @@ import pyarrow.ipc as pa_ipc
 import pyarrow.parquet as pq
 
 from apem_jax import schema as schema_lib
+from apem_jax.data import files as files_lib
 from apem_jax.data import preprocessing as prep_lib
 from apem_jax.data import prepared as prepared_lib
 from apem_jax.data import spec as spec_lib
@@ -1512,6 +1513,7 @@ def publish_directory(final: pathlib.Path, marker: str,
   created = [d for d in (final.parent.parent, final.parent) if not d.exists()]
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+  files_lib.give_default_mode(tmp, directory=True)  # not mkdtemp's 0700
   try:
     write(tmp)
     try:
