@@ -130,7 +130,7 @@ def diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
 # differ between the run that trained a model and one that evaluates or exports it (a resume
 # still refuses the ones that change the order of the training batches).
 LOCATION_KEYS = ("data.data_dir", "data.stream", "data.shuffle_buffer", "data.stream_groups",
-                 "data.interleave_cycle")
+                 "data.interleave_cycle", "data.shard_rows")
 _MISSING = "<missing>"
 
 
@@ -149,16 +149,19 @@ def _default_of(key: str, current: Mapping) -> Any:
 
 
 def saved_config_differences(saved: Mapping, current: Mapping) -> list[str]:
-  """:func:`diff_keys`, less keys a checkpoint's config lacks because they were added to the
-  library after it was written, and that the current config holds at their default (the
-  behaviour the older code had; None, an unset key, is its loader's default)."""
+  """:func:`diff_keys`, less keys one config lacks (a checkpoint's, written before the library
+  added them; a config built without its unset keys) and the other holds at their default (the
+  behaviour without the key; None, an unset key, is its loader's default)."""
   def same(a, b):
     return (list(a) if isinstance(a, (list, tuple)) else a) == (
         list(b) if isinstance(b, (list, tuple)) else b)
+
+  def at_default(key, config):
+    return _value_at(config, key) is None or same(_value_at(config, key), _default_of(key, current))
+
   return [k for k in diff_keys(saved, current)
-          if not (_value_at(saved, k) == _MISSING
-                  and (_value_at(current, k) is None
-                       or same(_value_at(current, k), _default_of(k, current))))]
+          if not (_value_at(saved, k) == _MISSING and at_default(k, current)
+                  or _value_at(current, k) == _MISSING and at_default(k, saved))]
 
 
 def result_config_differences(saved: Mapping, current: Mapping) -> list[str]:

@@ -228,6 +228,27 @@ def test_set_override_parses_by_the_keys_type_unset_placeholders_too():
       config_validation.apply_override(config, override)
 
 
+def test_a_key_one_config_lacks_and_the_other_holds_unset_or_at_default_is_no_difference():
+  """A config built without its unset keys (``data.stream`` None) was refused against a
+  checkpoint that holds them ("the run's trajectory" on resume, "a different config" on eval);
+  only the other direction (a checkpoint older than the key) was forgiven."""
+  from apem_jax import config_validation  # pylint: disable=g-import-not-at-top
+  saved = tiny_config().to_dict()
+  saved["data"].update(stream=None, shard_rows=None)
+  saved["train"]["funnel"] = "entire_space"  # the default
+  current = tiny_config().to_dict()
+  del current["train"]["funnel"]
+  for a, b in ((saved, current), (current, saved)):
+    assert config_validation.saved_config_differences(a, b) == []
+    assert config_validation.resume_diff(a, b) == ([], {})
+  saved["train"]["funnel"] = "conditional"  # not the default: a difference either way
+  for a, b in ((saved, current), (current, saved)):
+    assert config_validation.saved_config_differences(a, b) == ["train.funnel"]
+  # Where the prepared shards are cut does not change a model: eval and export accept it.
+  current["data"]["shard_rows"] = 5000
+  assert config_validation.model_data_diff(saved, current) == ["train.funnel"]
+
+
 def test_eval_refuses_missing_checkpoint_and_mismatched_config(tmp_path):
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match="no best checkpoint"):
