@@ -491,3 +491,19 @@ def test_census_split_files_are_written_readable_as_a_plain_open_would(tmp_path)
   cs._write_text_atomic(path, "a,b\n")
   assert path.read_text() == "a,b\n"
   assert path.stat().st_mode & 0o777 == 0o666 & ~files_lib.umask()
+
+
+def test_synthetic_generators_name_a_bad_setting():
+  """Settings given from a config file or Python: a scalar where a list is expected, a negative
+  size or a float count ended in IndexError, TypeError or NumPy's "negative dimensions"."""
+  from apem_jax.data import synthetic_funnel  # pylint: disable=g-import-not-at-top
+  for kwargs, match in ((dict(alpha=1.0), r"alpha/beta must be lists of num_sines=10 values"),
+                        (dict(num_examples=-5), r"num_examples must be an int >= 1, got -5"),
+                        (dict(num_sines=-1), r"num_sines must be an int >= 1"),
+                        (dict(input_dim=3.5), r"input_dim must be an int >= 2, got 3.5")):
+    with pytest.raises(ValueError, match=match):
+      synthetic.generate(**kwargs)
+  for kwargs, match in ((dict(relevance_weights=1.0), r"relevance_weights: must be a list"),
+                        (dict(num_users=2.5), r"num_users: must be an int >= 1, got 2.5")):
+    with pytest.raises(ValueError, match=match):
+      synthetic_funnel.generate(num_examples=10, **kwargs)

@@ -41,16 +41,18 @@ def generate(*, input_dim: int = 100, scale: float = 1.0, correlation: float = 0
   """
   if not -1.0 <= correlation <= 1.0:
     raise ValueError(f"data.synthetic.correlation must be in [-1, 1], got {correlation}")
-  if input_dim < 2:
-    raise ValueError(f"data.synthetic.input_dim must be >= 2, got {input_dim}")
+  for key, value, low in (("input_dim", input_dim, 2), ("num_sines", num_sines, 1),
+                          ("num_examples", num_examples, 1)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"data.synthetic.{key} must be an int >= {low}, got {value!r}")
   rng = np.random.Generator(np.random.PCG64(seed))
   alpha_default = rng.standard_normal(num_sines)
   beta_default = rng.standard_normal(num_sines)
   alpha = alpha_default if alpha is None else np.asarray(alpha, dtype=np.float64)
   beta = beta_default if beta is None else np.asarray(beta, dtype=np.float64)
   if alpha.shape != (num_sines,) or beta.shape != (num_sines,):
-    raise ValueError(f"data.synthetic.alpha/beta must have num_sines={num_sines} values, got "
-                     f"{alpha.shape[0]} and {beta.shape[0]}")
+    raise ValueError(f"data.synthetic.alpha/beta must be lists of num_sines={num_sines} values, "
+                     f"got shapes {alpha.shape} and {beta.shape}")
   u, _ = np.linalg.qr(rng.standard_normal((input_dim, 2)))
   u1, u2 = u[:, 0], u[:, 1]
   w = scale * np.stack([u1, correlation * u1 + np.sqrt(1.0 - correlation**2) * u2])  # [2, d]

@@ -105,8 +105,11 @@ def _check(num_examples, num_steps, num_users, num_items, num_categories, zipf_e
     fail("num_steps", f"must be in [2, {len(STEP_NAMES)}], got {num_steps}")
   for key, value in dict(num_examples=num_examples, num_users=num_users, num_items=num_items,
                          num_categories=num_categories, latent_dim=latent_dim).items():
-    if value < 1:
-      fail(key, f"must be >= 1, got {value}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      fail(key, f"must be an int >= 1, got {value!r}")
+  for key, values in (("step_rates", step_rates), ("relevance_weights", relevance_weights)):
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+      fail(key, f"must be a list of numbers, got {values!r}")
   if zipf_exponent <= 0:
     fail("zipf_exponent", f"must be > 0, got {zipf_exponent}")
   if len(step_rates) < num_steps or not all(0 < r < 1 for r in step_rates[:num_steps]):
