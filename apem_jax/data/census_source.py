@@ -342,7 +342,8 @@ def split_validation_test(income: np.ndarray, seed: int = SPLIT_SEED
   """A deterministic 1:1 split of the official test file, stratified on income.
 
   Within each income class the rows are permuted by ``numpy.random.Generator(PCG64(seed))``
-  (bit-stable across machines and NumPy versions) and the first half goes to validation. When
+  (the same on every machine; NumPy does not promise ``permutation``'s stream across versions,
+  so tests/test_data.py pins the split) and the first half goes to validation. When
   classes have odd sizes, the spare rows go to validation class by class until validation holds
   ``floor(N / 2)`` rows.
 
