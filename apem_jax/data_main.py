@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _infer(args) -> None:
   from apem_jax.data import infer  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(args.output):
+    raise IsADirectoryError(f"--output {args.output} is a directory; expected the spec file's "
+                            f"path")
   if os.path.exists(args.output) and not args.overwrite:
     raise FileExistsError(f"--output {args.output} exists; give --overwrite to replace it")
   output_dir = os.path.dirname(os.path.abspath(args.output))

@@ -438,6 +438,12 @@ def test_command_line_infer_validate_prepare_and_one_line_errors(tmp_path):
   assert again.returncode == 1
   assert again.stderr.strip() == ("apem-data: error: --output spec.json exists; give "
                                   "--overwrite to replace it")
+  # A directory as --output: refused before anything is written (it left 'out.tmp' behind).
+  (tmp_path / "out").mkdir()
+  again = _apem_data("infer", "events.csv", "--output", "out", "--overwrite", cwd=tmp_path)
+  assert again.stderr.strip() == ("apem-data: error: --output out is a directory; expected the "
+                                  "spec file's path")
+  assert not (tmp_path / "out.tmp").exists() and not os.listdir(tmp_path / "out")
 
   out = _apem_data("validate", "spec.json", cwd=tmp_path)
   assert out.returncode == 0 and "spec.json: valid" in out.stdout, out.stderr
