@@ -104,6 +104,10 @@ CASES = [
                                                                "--workdir={new}"],
      "train.py: error: flag --config=configs/census.py:nosuch: Error whilst parsing config file: "
      "ValueError: unknown model 'nosuch'"),
+    ("a model where configs/spec.py takes the spec file (it trained APEM on a spec 'mmoe')",
+     TRAIN + ["--config=configs/spec.py:mmoe", "--config.data.spec={root}/spec.json",
+              "--workdir={new}"],
+     "'mmoe' is a model, where the spec file goes; expected configs/spec.py:SPEC[,MODEL]"),
     ("a config file that is not Python", EVAL + ["--config={broken}", "--workdir={run}"],
      "eval.py: error: {broken}, line 1: invalid syntax"),
     ("a workdir that is a file", TRAIN + ["--config={tiny}", "--workdir={other}/notes.txt"],
