@@ -46,8 +46,8 @@ vmapped over the T one-hot cotangents: :func:`task_gradients`; never T separate 
   ``L_grad = sum_t |w_t n_t - stop_grad(mean_s(w_s n_s) * r_t^alpha)|`` with
   ``n_t = ||g_t||`` over **all shared parameters** (the simpler variant the paper allows in place of
   the last shared layer), ``r_t = lt_t / mean_s lt_s``, ``lt_t = l_t / l_t(0)`` (``l_t(0)``: the
-  task's loss at its first step with labels, kept in the state) and ``alpha = train.balancing_alpha``
-  (the paper tunes it per set of tasks; default 1.5).
+  task's loss at its first step with labels, kept in the state) and
+  ``alpha = train.balancing_alpha`` (the paper tunes it per set of tasks; default 1.5).
 
 Gradient surgery on the shared parameters (the task-specific ones always get ``sum_t g_t``); each
 method reduces to coefficients ``a`` over the tasks, computed from ``K`` only, and the shared

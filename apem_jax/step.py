@@ -171,7 +171,8 @@ def balanced_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, mo
   per-task-gradient method takes one forward pass and a vmapped backward pass
   (:func:`apem_jax.balancing.task_gradients`). Under ``axis_name`` the per-task losses and
   gradients are ``psum``-ed before any nonlinear function of them, so ``jax.jit`` and
-  ``jax.pmap`` take the same step (without dropout: see :func:`train_step`). The calibration penalty's gradient is added unbalanced.
+  ``jax.pmap`` take the same step (without dropout: see :func:`train_step`). The calibration
+  penalty's gradient is added unbalanced.
 
   Metrics: those of :func:`train_step` (``loss`` is ``sum_t l_t`` + penalty, the same number
   ``fixed`` reports) and ``balance_weights`` [T]: the loss weights of this step (``lambda`` or

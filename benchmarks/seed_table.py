@@ -1,9 +1,10 @@
 """Sweeps compared seed by seed: mean and sample std, over the seeds every sweep holds, of one test
 metric per task (and of each run's best validation score, where the runs are at hand).
 
+  D=docs/results/funnel_optimizers R=runs/funnel_optimizers
   python benchmarks/seed_table.py --metric oracle_gap \
-      before=docs/results/funnel_optimizers/same/funnel_runs.json@runs/funnel_optimizers/same/funnel \
-      after=docs/results/funnel_optimizers/lazy_adam_l2/funnel_runs.json@runs/funnel_optimizers/lazy_adam_l2/funnel
+      before=$D/same/funnel_runs.json@$R/same/funnel \
+      after=$D/lazy_adam_l2/funnel_runs.json@$R/lazy_adam_l2/funnel
 
 Each ``NAME=RECORD[@RUNS]`` is one sweep: ``RECORD`` is the ``<dataset>_runs.json`` that
 ``benchmarks/quality.py`` writes beside its table (run name ``<row>/seed<k>`` -> test metrics);

@@ -27,7 +27,8 @@ def get_config(arg: str):
     raise ValueError("configs/spec.py needs the spec file: --config configs/spec.py:SPEC[,MODEL]")
   if not model and not spec.endswith(".json") and _is_model(spec):
     raise ValueError(f"configs/spec.py:{spec}: {spec!r} is a model, where the spec file goes; "
-                     f"expected configs/spec.py:SPEC[,MODEL], e.g. configs/spec.py:spec.json,{spec}")
+                     f"expected configs/spec.py:SPEC[,MODEL], e.g. "
+                     f"configs/spec.py:spec.json,{spec}")
   config = common.base_config(model or "apem")
   config.data = ml_collections.ConfigDict(dict(name="spec", spec=spec, data_dir="data",
                                                **common.input_keys()))

@@ -18,7 +18,8 @@ else: the per-field embedding; competitive grouping (softmax over groups, renorm
 fields) as the "modification" of set attention; seeds, heads, LN/FFN placement, broadcast back;
 SE over fields with a grouped mean/max squeeze (FiBiNet++); the pattern bank of field + group
 tokens; indicators ``tau_t + g_t(mean_f E_L)``; dot-product selection with optional top-k; towers on
-``[h_t ; E_L flattened]`` (``tower_input='pooled'``: ``mean_f E_L``). Funnel chaining of the logits is done by the losses module, not here.
+``[h_t ; E_L flattened]`` (``tower_input='pooled'``: ``mean_f E_L``). Funnel chaining of the
+logits is done by the losses module, not here.
 Candidate designs, each a switch (docs/apem_designs.md): ``pair_patterns`` adds the pairwise
 interactions of the group tokens to the pattern bank; ``task_embeddings`` gives each task's tower
 embeddings of its own for the small-vocabulary fields (STEM).
