@@ -314,6 +314,25 @@ def test_infer_reads_parquet_and_finds_a_split_column(tmp_path):
   assert spec["tasks"] == [{"name": "clicked", "label_column": "clicked"}]
 
 
+def test_infer_takes_a_split_column_in_any_case_and_refuses_one_it_sees_partly(tmp_path):
+  """A split column of Train/Valid/Test, or one whose sample holds two splits, fell through to a
+  categorical feature and an 80/10/10 hash split: the user's test rows reached training."""
+  rows = _events(300)
+  for row, name in zip(rows, ["Train", "Valid", "Test"] * 100):
+    row["split"] = name
+  _write_csv(tmp_path / "cased.csv", rows)
+  spec, _ = infer.infer_spec([str(tmp_path / "cased.csv")], output_dir=str(tmp_path))
+  assert spec["split"] == {"split_column": "split", "values": {
+      "test": ["Test"], "train": ["Train"], "validation": ["Valid"]}}
+  assert "split" not in [f["name"] for f in spec["features"]]
+  for row, name in zip(rows, ["train", "test"] * 150):
+    row["split"] = name
+  _write_csv(tmp_path / "two.csv", rows)
+  with pytest.raises(ValueError, match=r"column 'split' names the split of each row, but the "
+                                       r"sampled rows hold only \['test', 'train'\]"):
+    infer.infer_spec([str(tmp_path / "two.csv")], output_dir=str(tmp_path))
+
+
 def test_infer_without_a_label_says_what_to_do(tmp_path):
   _write_csv(tmp_path / "x.csv", [{"a": str(i % 3), "b": "q"} for i in range(50)])
   with pytest.raises(ValueError, match=r"no task found: .* name the label columns with --label"):

@@ -304,10 +304,17 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       continue
     if _SPLIT_NAME.match(name) and as_strings is not None and distinct <= len(_SPLIT_VALUES):
       values = set(pc.unique(as_strings).to_pylist())
-      if values <= set(_SPLIT_VALUES) and len({_SPLIT_VALUES[v] for v in values}) == 3:
+      splits = {_SPLIT_VALUES.get(v.lower()) for v in values}
+      if None not in splits and len(splits) == 3:
         split_column = (name, values)
         notes.append(f"{name}: the split column (values {sorted(values)})")
         continue
+      if None not in splits:  # split names, not all three: hashing would mix the user's splits
+        raise ValueError(
+            f"column {name!r} names the split of each row, but the sampled rows hold only "
+            f"{sorted(values)}: write the spec's split by hand ({{\"split_column\": {name!r}, "
+            f"\"values\": {{\"train\": [...], \"validation\": [...], \"test\": [...]}}}}), "
+            f"or sample more rows (--rows) if the file is sorted by it")
     if (_WEIGHT_NAME.search(name) and x is not None and len(x) and not binary
         and float(x.min()) >= 0 and not nulls):
       weight = name
@@ -393,7 +400,7 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     name, seen = split_column
     by_split: dict[str, list[str]] = {}
     for v in sorted(seen):
-      by_split.setdefault(_SPLIT_VALUES[v], []).append(v)
+      by_split.setdefault(_SPLIT_VALUES[v.lower()], []).append(v)
     spec["split"] = {"split_column": name}
     if any(vals != [s] for s, vals in by_split.items()):
       spec["split"]["values"] = by_split
