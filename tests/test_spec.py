@@ -333,6 +333,27 @@ def test_infer_takes_a_split_column_in_any_case_and_refuses_one_it_sees_partly(t
     infer.infer_spec([str(tmp_path / "two.csv")], output_dir=str(tmp_path))
 
 
+def test_infer_keeps_files_named_by_split_apart(tmp_path):
+  """train.csv, valid.csv and test.csv were pooled and hash-split 80/10/10: the user's test rows
+  reached training. Their names give the splits; two of three are refused."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  rows = _events(300)
+  for i, name in enumerate(("train", "valid", "test")):
+    _write_csv(tmp_path / f"{name}.csv", rows[100 * i:100 * (i + 1)])
+  paths = [str(tmp_path / f"{name}.csv") for name in ("train", "valid", "test")]
+  spec, _ = infer.infer_spec(paths, output_dir=str(tmp_path))
+  assert "files" not in spec and "split" not in spec
+  assert spec["splits"] == {"train": ["train.csv"], "validation": ["valid.csv"],
+                            "test": ["test.csv"]}
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  result = prepare.prepare(tmp_path / "spec.json", tmp_path / "cache")
+  assert {k: sum(s["rows"] for s in v["shards"]) for k, v in result.metadata["splits"].items()
+          } == {"train": 100, "validation": 100, "test": 100}
+  with pytest.raises(ValueError, match=r"the files' names give the splits \['test', 'train'\] "
+                                       r"and no file for \['validation'\]"):
+    infer.infer_spec([paths[0], paths[2]], output_dir=str(tmp_path))
+
+
 def test_infer_without_a_label_says_what_to_do(tmp_path):
   _write_csv(tmp_path / "x.csv", [{"a": str(i % 3), "b": "q"} for i in range(50)])
   with pytest.raises(ValueError, match=r"no task found: .* name the label columns with --label"):

@@ -94,6 +94,26 @@ def guess_format(path: str) -> str:
                    f"(one of {list(spec_lib.FORMATS)})")
 
 
+def _splits_by_file_name(paths: Sequence[str]) -> dict[str, list[str]] | None:
+  """``{split: paths}`` when every file's name names one split (``train.csv``, ``events_valid``,
+  ``test-00001.parquet``) and the three are there; None when some name none (the files are
+  pooled). Raises ValueError when every file names a split but a split has no file (pooled and
+  hash-split, the user's splits would mix)."""
+  by_split: dict[str, list[str]] = {}
+  for path in paths:
+    words = re.split(r"[^a-z]+", os.path.basename(path).lower())
+    named = {_SPLIT_VALUES[w] for w in words if w in _SPLIT_VALUES}
+    if len(named) != 1:
+      return None
+    by_split.setdefault(named.pop(), []).append(path)
+  missing = [s for s in ("train", "validation", "test") if s not in by_split]
+  if missing:
+    raise ValueError(f"the files' names give the splits {sorted(by_split)} and no file for "
+                     f"{missing}: write the spec's splits by hand ({{\"splits\": {{\"train\": "
+                     f"[...], \"validation\": [...], \"test\": [...]}}}})")
+  return {s: by_split[s] for s in ("train", "validation", "test")}
+
+
 def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int) -> pa.Table:
   from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   names = prepare._csv_header(paths[0], fmt)  # pylint: disable=protected-access
@@ -396,7 +416,13 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     notes.append(f"format.missing_values: {fmt['missing_values']} (the text "
                  f"{' and '.join(sorted(nan_texts))} is a missing value)")
   spec: dict[str, Any] = {"format": fmt_name if len(fmt) == 1 else fmt, "files": rel}
-  if split_column is not None:
+  by_file = _splits_by_file_name(rel) if split_column is None else None
+  if by_file is not None:
+    del spec["files"]
+    spec["splits"] = by_file
+    notes.append("splits: by file name (" + "; ".join(
+        f"{split}: {', '.join(files)}" for split, files in by_file.items()) + ")")
+  elif split_column is not None:
     name, seen = split_column
     by_split: dict[str, list[str]] = {}
     for v in sorted(seen):
