@@ -354,6 +354,24 @@ def test_infer_keeps_files_named_by_split_apart(tmp_path):
     infer.infer_spec([paths[0], paths[2]], output_dir=str(tmp_path))
 
 
+def test_infer_reads_a_few_missing_value_texts_in_a_column_of_numbers(tmp_path):
+  """A click label and a price with a few "N/A" were taken for categorical features (the label
+  then an input beside the other tasks): the text becomes a missing value."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  rows = _events(300)
+  for row in rows[::50]:
+    row["click"], row["price"] = "N/A", "n/a"
+  _write_csv(tmp_path / "events.csv", rows)
+  spec, notes = infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path))
+  assert spec["format"]["missing_values"] == ["", "N/A", "n/a"]
+  tasks = {t["name"]: t for t in spec["tasks"]}
+  assert tasks["click"].get("missing") == "mask"
+  assert {f["name"]: f["type"] for f in spec["features"]}["price"] == "numeric"
+  assert "click" not in [f["name"] for f in spec["features"]]
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  prepare.prepare(tmp_path / "spec.json", tmp_path / "cache")
+
+
 def test_infer_without_a_label_says_what_to_do(tmp_path):
   _write_csv(tmp_path / "x.csv", [{"a": str(i % 3), "b": "q"} for i in range(50)])
   with pytest.raises(ValueError, match=r"no task found: .* name the label columns with --label"):

@@ -62,6 +62,8 @@ _USER_NAME = re.compile(r"^(user|user_id|uid|userid|customer|customer_id|visitor
                         re.IGNORECASE)
 _WEIGHT_NAME = re.compile(r"(^|_)(weight|weights|sample_weight|instance_weight|w)$",
                           re.IGNORECASE)
+# Texts (lower-cased) that mark a missing value in a column of numbers.
+_MISSING_MARKERS = ["na", "n/a", "#n/a", "null", "none", "nan", "-", "?", "missing"]
 _SPLIT_NAME = re.compile(r"^(split|set|fold|subset|partition|dataset_split)$", re.IGNORECASE)
 _BINARY_WORDS = {"yes": "no", "y": "n", "true": "false", "t": "f", "positive": "negative",
                  "pos": "neg"}
@@ -291,6 +293,16 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
         nan_texts |= set(pc.unique(present.filter(pa.array(~keep))).to_pylist())
       present, rows = present.filter(pa.array(keep)), rows[keep]
       x, integer = _numbers(present)
+    if x is None and fmt_name == "csv" and pa.types.is_string(present.type) and len(present):
+      # Numbers but for texts that mark a missing value (a label or price with a few "N/A"
+      # was taken for a categorical feature): those texts become format.missing_values.
+      marked = pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(present)),
+                        pa.array(_MISSING_MARKERS)).to_numpy(zero_copy_only=False)
+      if (marked.any() and not marked.all()
+          and _numbers(present.filter(pa.array(~marked)))[0] is not None):
+        nan_texts |= set(pc.unique(present.filter(pa.array(marked))).to_pylist())
+        present, rows = present.filter(pa.array(~marked)), rows[~marked]
+        x, integer = _numbers(present)
     nulls = n - len(present)  # missing values: null or NaN
     distinct = pc.count_distinct(present).as_py() if len(present) else 0
     binary = x is not None and len(x) > 0 and bool(np.all((x == 0) | (x == 1)))
