@@ -352,6 +352,8 @@ def test_infer_keeps_files_named_by_split_apart(tmp_path):
   with pytest.raises(ValueError, match=r"the files' names give the splits \['test', 'train'\] "
                                        r"and no file for \['validation'\]"):
     infer.infer_spec([paths[0], paths[2]], output_dir=str(tmp_path))
+  spec, _ = infer.infer_spec([paths[0]], output_dir=str(tmp_path))  # train.csv alone: hashed
+  assert spec["files"] == ["train.csv"] and "fractions" in spec["split"]
 
 
 def test_infer_reads_a_few_missing_value_texts_in_a_column_of_numbers(tmp_path):

@@ -98,9 +98,9 @@ def guess_format(path: str) -> str:
 
 def _splits_by_file_name(paths: Sequence[str]) -> dict[str, list[str]] | None:
   """``{split: paths}`` when every file's name names one split (``train.csv``, ``events_valid``,
-  ``test-00001.parquet``) and the three are there; None when some name none (the files are
-  pooled). Raises ValueError when every file names a split but a split has no file (pooled and
-  hash-split, the user's splits would mix)."""
+  ``test-00001.parquet``) and the three are there; None when some name none, or all the same
+  one (the files are pooled and hash-split). Raises ValueError when the names give two splits
+  (pooled, the user's splits would mix)."""
   by_split: dict[str, list[str]] = {}
   for path in paths:
     words = re.split(r"[^a-z]+", os.path.basename(path).lower())
@@ -109,6 +109,8 @@ def _splits_by_file_name(paths: Sequence[str]) -> dict[str, list[str]] | None:
       return None
     by_split.setdefault(named.pop(), []).append(path)
   missing = [s for s in ("train", "validation", "test") if s not in by_split]
+  if len(missing) == 2:
+    return None
   if missing:
     raise ValueError(f"the files' names give the splits {sorted(by_split)} and no file for "
                      f"{missing}: write the spec's splits by hand ({{\"splits\": {{\"train\": "
