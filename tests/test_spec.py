@@ -374,6 +374,18 @@ def test_infer_reads_a_few_missing_value_texts_in_a_column_of_numbers(tmp_path):
   prepare.prepare(tmp_path / "spec.json", tmp_path / "cache")
 
 
+def test_infer_names_the_line_it_cannot_read_as_prepare_does(tmp_path):
+  """A ragged line was "cannot read the rows after line 1"; a blank line was read as a row of
+  missing values (turning on missing-value indicators and masks that prepare then refused)."""
+  rows = ["user_id,price,click"] + [f"u{i},{i}.5,{i % 2}" for i in range(60)]
+  (tmp_path / "ragged.csv").write_text("\n".join(rows[:40] + ["u9,1.5,0,extra"] + rows[40:]))
+  with pytest.raises(ValueError, match=r"ragged.csv, line 41: 4 fields, expected 3"):
+    infer.infer_spec([str(tmp_path / "ragged.csv")], output_dir=str(tmp_path))
+  (tmp_path / "blank.csv").write_text("\n".join(rows) + "\n\n")
+  with pytest.raises(ValueError, match=r"blank.csv, line 62: an empty line"):
+    infer.infer_spec([str(tmp_path / "blank.csv")], output_dir=str(tmp_path))
+
+
 def test_infer_without_a_label_says_what_to_do(tmp_path):
   _write_csv(tmp_path / "x.csv", [{"a": str(i % 3), "b": "q"} for i in range(50)])
   with pytest.raises(ValueError, match=r"no task found: .* name the label columns with --label"):

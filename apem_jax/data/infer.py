@@ -39,7 +39,6 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from apem_jax.data import spec as spec_lib
@@ -130,10 +129,9 @@ def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int) -> pa
     if prepare._csv_header(path, fmt) != names:  # pylint: disable=protected-access
       raise ValueError(f"{path}: its columns differ from those of {paths[0]}")
     for segment, done in prepare._csv_segments(path, fmt):  # pylint: disable=protected-access
-      try:
-        tables.append(pa_csv.read_csv(pa.BufferReader(segment), **options))
-      except pa.ArrowInvalid as e:
-        raise ValueError(f"{path}: cannot read the rows after line {done + 1}: {e}") from None
+      tables.append(prepare.read_csv_segment(path, fmt, names, {c: "str" for c in names}, {},
+                                             segment, (1 if fmt.header else 0) + done + 1,
+                                             options))
       if sum(len(t) for t in tables) >= rows:
         break
   if not tables:

@@ -356,6 +356,23 @@ def _diagnose_csv(path: str, fmt: spec_lib.FileFormat, names: Sequence[str],
 _EMPTY_LINE = re.compile(rb"(^|\n)(\r?\n)")
 
 
+def read_csv_segment(path: str, fmt: spec_lib.FileFormat, names: Sequence[str],
+                     kinds: Mapping[str, str], roles: Mapping[str, str], segment: bytes,
+                     first_line: int, options: Mapping[str, Any]) -> pa.Table:
+  """A piece of a CSV file whose first line is ``first_line``, read with ``options``; a blank
+  line (Arrow reads one as a row of missing values) or a line Arrow cannot parse is a
+  :class:`DataError` naming the line."""
+  empty = _EMPTY_LINE.search(segment)
+  if empty:
+    line = first_line + segment.count(b"\n", 0, empty.start(2))
+    raise DataError(f"{path}, line {line}: an empty line, expected {len(names)} fields (a "
+                    f"blank line is not a row: remove it)")
+  try:
+    return pa_csv.read_csv(pa.BufferReader(segment), **options)
+  except pa.ArrowInvalid as e:
+    raise _diagnose_csv(path, fmt, names, kinds, roles, segment, first_line, e) from None
+
+
 def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Iterator[Chunk]:
   fmt = spec.format
   names = _csv_columns(path, fmt)
@@ -365,16 +382,7 @@ def _iter_csv(path: str, spec: spec_lib.Spec, kinds: Mapping[str, str]) -> Itera
   roles = spec.roles()
   options = _csv_options(fmt, names, types)
   for segment, rows in _csv_segments(path, fmt):
-    empty = _EMPTY_LINE.search(segment)  # (Arrow reads one as a row of missing values)
-    if empty:
-      line = header + rows + 1 + segment.count(b"\n", 0, empty.start(2))
-      raise DataError(f"{path}, line {line}: an empty line, expected {len(names)} fields (a "
-                      f"blank line is not a row: remove it)")
-    try:
-      table = pa_csv.read_csv(pa.BufferReader(segment), **options)
-    except pa.ArrowInvalid as e:
-      raise _diagnose_csv(path, fmt, names, kinds, roles, segment, header + rows + 1,
-                          e) from None
+    table = read_csv_segment(path, fmt, names, kinds, roles, segment, header + rows + 1, options)
     for c in (c for c, kind in kinds.items() if kind == "num"):
       # Arrow reads the text nan/NaN as a number; a missing value is one of missing_values.
       nan = pc.fill_null(pc.is_nan(table.column(c)), False).combine_chunks().to_numpy(
