@@ -183,8 +183,7 @@ class Balancing:
               "history": jnp.zeros((2, num_tasks), jnp.float32),
               "windows": jnp.zeros((), jnp.int32)}
     if self.method == "gradnorm":
-      return {"logits": zeros, "opt_state": tx.init(zeros), "initial_loss": zeros,
-              "steps": jnp.zeros((), jnp.int32)}
+      return {"logits": zeros, "opt_state": tx.init(zeros), "initial_loss": zeros}
     return {}
 
   def loss_weights(self, state: Mapping[str, Any], is_binary: Sequence[bool],
@@ -233,7 +232,7 @@ class Balancing:
                                   active, labelled)
       updates, opt_state = tx.update(grad, state["opt_state"], state["logits"])
       return {"logits": optax.apply_updates(state["logits"], updates), "opt_state": opt_state,
-              "initial_loss": initial, "steps": state["steps"] + 1}
+              "initial_loss": initial}
     return dict(state)
 
   def shared_coefficients(self, gram_matrix: jax.Array, active: Sequence[bool],

@@ -67,7 +67,6 @@ from apem_jax.data import encode as encode_raw
 from apem_jax.data import files as files_lib
 from apem_jax.data import Preprocessing
 from apem_jax.data import serving
-from apem_jax.models import build_model
 from apem_jax.schema import Schema
 
 tf = serving.tf  # TensorFlow as the data package configured it (quiet, no GPUs).
@@ -154,14 +153,6 @@ def _run_config(workdir: str, kind: str, step: int, saved: dict | None,
   return run_config
 
 
-def _abstract_params(model: Any, schema: Schema) -> Any:
-  """Shapes and dtypes of ``model``'s parameters, each placed whole on one local device."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), trainer.example_batch(schema),
-                                             train=False))["params"]
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-
-
 def restore_run(workdir: str, kind: str = checkpointing.BEST, step: int | None = None,
                 config: ml_collections.ConfigDict | None = None) -> Run:
   """Restores the parameters of a checkpoint of ``workdir`` with the config it was trained with,
@@ -195,11 +186,8 @@ def restore_run(workdir: str, kind: str = checkpointing.BEST, step: int | None =
     meta = ckpt.restore_meta(step=resolved)
     run_config = _run_config(workdir, kind, resolved, meta.get("config"), config)
     schema = Schema.from_dict(meta["schema"])
-    model = parallel.pad_tables(build_model(run_config.model, schema),
-                                trainer.example_batch(schema),
-                                run_config.parallel.model_parallelism,
-                                run_config.parallel.shard_embeddings_min_rows)
-    params, meta = ckpt.restore_params(_abstract_params(model, schema), step=resolved)
+    model = trainer.stored_model(run_config, schema)
+    params, meta = ckpt.restore_params(trainer.abstract_params(model, schema), step=resolved)
   finally:
     ckpt.close()
   if isinstance(model, parallel.RowPaddedModel):  # serve the tables without their padding rows

@@ -199,6 +199,15 @@ def _check_config(meta: Mapping, config: ml_collections.ConfigDict, workdir: str
                      f"differing keys: {mismatched}")
 
 
+def abstract_params(model: Any, schema: Schema) -> Any:
+  """Shapes and dtypes of ``model``'s parameters, each placed whole on one local device (what a
+  checkpoint's parameters restore into on any devices)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example_batch(schema),
+                                             train=False))["params"]
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
 def stored_model(saved_config: Mapping, schema: Schema) -> Any:
   """The model as a run with ``saved_config`` stored it: its large tables padded for the run's
   model axis (``parallel.model_parallelism``, parallel.pad_tables)."""
@@ -688,9 +697,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     if parallel.table_padding(stored) == parallel.table_padding(exp.model):
       state, meta = ckpt.restore(exp.abstract_state, kind, step)
     else:  # tables stored padded for another model axis: the parameters, padded for this one
-      abstract = jax.eval_shape(lambda: stored.init(jax.random.key(0), example_batch(exp.schema),
-                                                    train=False))["params"]
-      params, meta = ckpt.restore_params(abstract, kind, step)
+      params, meta = ckpt.restore_params(abstract_params(stored, exp.schema), kind, step)
       params = jax.device_put(parallel.repad(params, stored, exp.model),
                               exp.state_sharding.params)
       state = exp.init_state().replace(params=params)
