@@ -257,7 +257,10 @@ def test_a_run_with_padded_tables_is_evaluated_on_any_model_axis(tmp_path):
     other.parallel.update(model_parallelism=model_axis, shard_embeddings_min_rows=100)
     got = trainer.evaluate_checkpoint(other, workdir, "validation", data=data)["metrics"]
     for task, metrics in want.items():
-      np.testing.assert_allclose(got[task]["auc"], metrics["auc"], rtol=1e-6)
+      # Another mesh rounds the dense layers' sums in another order (float32: ~1e-7 of a logit):
+      # at most a pair of near-tied predictions swaps, 1 / (positives * negatives) of the AUC.
+      pairs = metrics["positives"] * (metrics["examples"] - metrics["positives"])
+      np.testing.assert_allclose(got[task]["auc"], metrics["auc"], atol=1.0 / pairs)
       np.testing.assert_allclose(got[task]["logloss"], metrics["logloss"], rtol=1e-5)
   other = tiny_config("shared_bottom")
   other.train.num_epochs = 2
