@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import pathlib
+import shutil
 
 import jax
 import ml_collections
@@ -502,6 +503,25 @@ def test_census_split_files_are_written_readable_as_a_plain_open_would(tmp_path)
   cs._write_text_atomic(path, "a,b\n")
   assert path.read_text() == "a,b\n"
   assert path.stat().st_mode & 0o777 == 0o666 & ~files_lib.umask()
+
+
+def test_census_split_files_are_checked_against_the_raw_test_file(small_census):
+  """Reused split files were checked by row count only: an edited split file, or one written
+  from another raw test file of the same length, was read as the validation or test split."""
+  raw = cs.obtain_raw_files(small_census)
+  paths = cs.write_split_files(small_census, raw)
+  assert cs.write_split_files(small_census, raw) == paths  # unchanged files pass
+  lines = paths["validation"].read_text().splitlines(keepends=True)
+  other_row = paths["test"].read_text().splitlines(keepends=True)[0]
+  paths["validation"].write_text("".join([other_row] + lines[1:]))  # same row count
+  before = {p: p.read_bytes() for p in paths.values()}
+  with pytest.raises(cs.CensusSourceError,
+                     match=r"splits/validation.csv is not the validation half of .*raw/test.csv"):
+    cs.write_split_files(small_census, raw)
+  assert {p: p.read_bytes() for p in paths.values()} == before  # nothing rewritten
+  shutil.rmtree(paths["validation"].parent)
+  cs.write_split_files(small_census, raw)
+  assert [p.read_text() for p in paths.values()] == list(cs.split_file_texts(raw.test).values())
 
 
 def test_synthetic_generators_name_a_bad_setting():

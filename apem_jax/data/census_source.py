@@ -474,23 +474,38 @@ def spec_dict(task_group: str, numeric_transform: str, min_count: int, numeric_b
   }
 
 
-def write_split_files(data_dir: str | os.PathLike, raw: RawFiles) -> dict[str, pathlib.Path]:
-  """``<data_dir>/census_income/splits/{validation,test}.csv``: the lines of the official test
-  file in the two halves of :func:`split_validation_test`, in file order; written atomically
-  the first time, verified (row counts) afterwards."""
-  out_dir = pathlib.Path(data_dir) / SPLITS_SUBDIR
-  targets = {"validation": out_dir / "validation.csv", "test": out_dir / "test.csv"}
-  rows = {"validation": NUM_VALIDATION_ROWS, "test": NUM_TEST_ROWS - NUM_VALIDATION_ROWS}
-  if all(p.exists() for p in targets.values()):
-    for split, p in targets.items():
-      _checked_lines(p, rows[split], os.fspath(SPLITS_SUBDIR / p.name))
-    return targets
-  lines = _checked_lines(raw.test, EXPECTED_ROWS["test"], os.fspath(RAW_SUBDIR / "test.csv"))
+def split_file_texts(raw_test: str | os.PathLike) -> dict[str, str]:
+  """The texts of ``splits/{validation,test}.csv``: the lines of the official test file in the
+  two halves of :func:`split_validation_test`, in file order."""
+  lines = _checked_lines(raw_test, EXPECTED_ROWS["test"], os.fspath(RAW_SUBDIR / "test.csv"))
   income = np.array([line.rstrip().endswith(INCOME_POSITIVE) for line in lines], np.int64)
   halves = dict(zip(("validation", "test"), split_validation_test(income)))
+  return {split: "".join(lines[i] + "\n" for i in rows) for split, rows in halves.items()}
+
+
+def write_split_files(data_dir: str | os.PathLike, raw: RawFiles) -> dict[str, pathlib.Path]:
+  """``<data_dir>/census_income/splits/{validation,test}.csv`` (:func:`split_file_texts`),
+  written atomically the first time; afterwards each is checked to be what the raw test file
+  gives, line for line (a row count alone misses a replaced raw file or an edited split file).
+
+  Raises:
+    CensusSourceError: a split file differs from the raw test file's half (naming both files).
+  """
+  out_dir = pathlib.Path(data_dir) / SPLITS_SUBDIR
+  targets = {"validation": out_dir / "validation.csv", "test": out_dir / "test.csv"}
+  texts = split_file_texts(raw.test)
+  for split, path in targets.items():
+    if path.exists():
+      with open(path, "r", encoding="utf-8", newline="") as f:
+        if f.read() != texts[split]:
+          raise CensusSourceError(
+              f"{SPLITS_SUBDIR / path.name} is not the {split} half of "
+              f"{RAW_SUBDIR / 'test.csv'} (edited, or written from another raw file); delete "
+              f"{SPLITS_SUBDIR} to have both halves written again")
   out_dir.mkdir(parents=True, exist_ok=True)
   for split, path in targets.items():
-    _write_text_atomic(path, "".join(lines[i] + "\n" for i in halves[split]))
+    if not path.exists():
+      _write_text_atomic(path, texts[split])
   return targets
 
 
