@@ -488,6 +488,167 @@ def test_infer_refuses_a_compressed_file(tmp_path, name, given):
                              f"and give the decompressed file")
 
 
+@pytest.mark.parametrize("flag", ["is_train", "train_flag", "in_test", "is_valid"])
+def test_infer_refuses_a_split_flag_as_a_task(tmp_path, flag):
+  """A 0/1 is_train was a binary task (train_flag a feature) and the rows were hash-split: no
+  spec says "is_train 1: train", so the flag is refused, unless --label names it."""
+  rows = _events(300)
+  for i, row in enumerate(rows):
+    row[flag] = str(int(i % 5 != 0))
+  _write_csv(tmp_path / "events.csv", rows)
+  with pytest.raises(ValueError) as info:
+    infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(f"column '{flag}' looks like a split flag") and "\n" not in message
+  assert '"split_column"' in message and f"'{flag}' in \"ignore\"" in message
+  spec, _ = infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path),
+                             labels=[flag])
+  assert {"name": flag, "label_column": flag} in spec["tasks"]
+
+
+def test_infer_refuses_a_label_of_class_ids(tmp_path):
+  """A label of 0/1/2 (named like a label: no task) became a categorical input, silently."""
+  rows = _events(300)
+  for i, row in enumerate(rows):
+    row["label"] = str(i % 3)
+  _write_csv(tmp_path / "events.csv", rows)
+  with pytest.raises(ValueError, match=r"^column 'label' is named like a label but holds the "
+                                       r"values \[0, 1, 2\]: a task is binary \(0/1\) or a "
+                                       r"regression; map it to 0/1 columns"):
+    infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path))
+  spec, _ = infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path),
+                             labels=["label"])
+  assert {"name": "label", "label_column": "label", "kind": "regression"} in spec["tasks"]
+
+
+def test_infer_makes_a_label_of_two_other_numbers_binary(tmp_path):
+  """--label y with values -1/1 became a regression task: it is binary, 1 positive, and the
+  spec prepares with those labels."""
+  lines = ["user_id,price,y"] + [f"u{i % 37},{i * 1.5},{1 if i % 3 == 0 else -1}"
+                                 for i in range(300)]
+  (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+  spec, notes = infer.infer_spec([str(tmp_path / "data.csv")], output_dir=str(tmp_path),
+                                 labels=["y"])
+  assert spec["tasks"] == [{"name": "y", "label_column": "y", "positive_values": [1],
+                            "negative_values": [-1]}]
+  assert any(n.startswith("y: task (binary, positive rate 0.3333, 1 positive and -1 negative")
+             for n in notes), notes
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  data = prepared.load_prepared(prepare.prepare(tmp_path / "spec.json", tmp_path / "cache").path)
+  labels = np.concatenate([data.arrays[s]["labels"][:, 0] for s in prepared.SPLITS])
+  assert sorted(set(labels.tolist())) == [0.0, 1.0] and labels.sum() == 100
+
+
+def test_infer_refuses_a_name_two_csv_columns_share(tmp_path):
+  """Two header columns named 'a': infer kept one; prepare refused the file."""
+  lines = ["a,price,click,a"] + [f"u{i % 7},{i * 1.5},{i % 2},{i % 3}" for i in range(60)]
+  (tmp_path / "dup.csv").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError) as info:
+    infer.infer_spec([str(tmp_path / "dup.csv")], output_dir=str(tmp_path))
+  assert str(info.value) == f"{tmp_path / 'dup.csv'}: column 'a' appears twice; rename one of them"
+
+
+def test_infer_reads_parquet_decimals_as_numbers_and_ignores_types_prepare_does_not_read(
+    tmp_path):
+  """Decimal, timestamp and date columns were categorical (prepare refused them); a list or
+  struct column was a traceback. Such a column is ignored, with a note saying why (refused as a
+  label the user names)."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import decimal  # pylint: disable=g-import-not-at-top
+  n = 200
+  base = {"price": [float(i) for i in range(n)], "click": [i % 2 for i in range(n)],
+          "amount": pa.array([decimal.Decimal(i % 7) / 4 for i in range(n)],
+                             pa.decimal128(10, 2)),
+          "shop_id": pa.array([decimal.Decimal(i % 5) for i in range(n)], pa.decimal128(6, 0))}
+  pq.write_table(pa.table(base), tmp_path / "dec.parquet")
+  spec, _ = infer.infer_spec([str(tmp_path / "dec.parquet")], output_dir=str(tmp_path))
+  types = {f["name"]: f["type"] for f in spec["features"]}
+  assert types == {"price": "numeric", "amount": "numeric", "shop_id": "numeric"}
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  prepare.prepare(tmp_path / "spec.json", tmp_path / "cache")
+  day = datetime.date(2020, 1, 1)
+  for name, values, shown, todo in [
+      ("ts", [datetime.datetime(2020, 1, 1, i % 24) for i in range(n)], "timestamp[us]",
+       "convert it to a number (such as seconds since the epoch) or a string to use it"),
+      ("day", [day + datetime.timedelta(days=i) for i in range(n)], "date32[day]",
+       "convert it to a number (such as seconds since the epoch) or a string to use it"),
+      ("tags", [["a", str(i)] for i in range(n)], "list<element: string>",
+       "one value per row is read: make a column of each part to use it"),
+      ("st", [{"a": i} for i in range(n)], "struct<a: int64>",
+       "one value per row is read: make a column of each part to use it")]:
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.table({**base, name: values}), path)
+    spec, notes = infer.infer_spec([str(path)], output_dir=str(tmp_path))
+    reason = (f"of Arrow type {shown}, which the preparation does not read: {todo}")
+    assert name in spec["ignore"] and f"{name}: ignored ({reason})" in notes
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    prepare.prepare(tmp_path / "spec.json", tmp_path / f"cache_{name}")
+    with pytest.raises(ValueError) as info:
+      infer.infer_spec([str(path)], output_dir=str(tmp_path), labels=[name])
+    assert str(info.value) == f"{path}: label column {name!r} is {reason}"
+
+
+def _tf_feature(tf, value):
+  if isinstance(value, str):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+  if isinstance(value, float):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def test_infer_takes_tfrecord_features_from_the_records_prepare_reads(tmp_path):
+  """A feature the first record left out was not in the spec (prepare then refused the file);
+  features are those of the first records, as prepare reads them, missing where left out."""
+  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  with tf.io.TFRecordWriter(str(tmp_path / "a.tfrecord")) as writer:
+    for i in range(300):
+      record = {"country": ["fr", "de", "us"][i % 3], "click": i % 2}
+      if i % 4:
+        record["price"] = i * 1.5
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          k: _tf_feature(tf, v) for k, v in record.items()})).SerializeToString())
+  spec, _ = infer.infer_spec([str(tmp_path / "a.tfrecord")], output_dir=str(tmp_path))
+  features = {f["name"]: f for f in spec["features"]}
+  assert features["price"]["type"] == "numeric" and features["price"]["missing"] == "indicator"
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  prepare.prepare(tmp_path / "spec.json", tmp_path / "cache")
+  with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord")) as writer:  # price as text
+    writer.write(tf.train.Example(features=tf.train.Features(feature={
+        "country": _tf_feature(tf, "fr"), "click": _tf_feature(tf, 1),
+        "price": _tf_feature(tf, "3.5")})).SerializeToString())
+  with pytest.raises(ValueError) as info:
+    infer.infer_spec([str(tmp_path / "a.tfrecord"), str(tmp_path / "b.tfrecord")],
+                     output_dir=str(tmp_path))
+  assert str(info.value) == (f"{tmp_path / 'b.tfrecord'}: feature 'price' is a bytes_list, it "
+                             f"is a float_list in {tmp_path / 'a.tfrecord'}")
+
+
+@pytest.mark.parametrize("column, values, message", [
+    ("country", np.array(["fr", 1.5] * 20, dtype=object),
+     r"split 'train', categorical column 'country': categorical values of types \['float', "
+     r"'str'\]"),
+    ("country", np.array([b"fr", "de"] * 20, dtype=object),
+     r"split 'train', categorical column 'country': categorical values of types \['bytes', "
+     r"'str'\]"),
+    ("price", np.zeros((40, 2)),
+     r"split 'train', column 'price': values of shape \(40, 2\); expected one value per row"),
+    ("click", np.zeros((40, 1)),
+     r"split 'train', column 'click': values of shape \(40, 1\); expected one value per row"),
+    ("click", np.array([b"", b"1"] * 20),  # (named before too)
+     r"split 'train', label column 'click': b'' is not a number"),
+])
+def test_dataset_from_columns_errors_name_the_column(column, values, message):
+  """A mixed-type categorical column and a 2-D column were refused without the column's name."""
+  from apem_jax.data import columns as columns_lib  # pylint: disable=g-import-not-at-top
+  def table(**change):
+    return {"country": np.array(["fr", "de"] * 20), "price": np.arange(40.0),
+            "click": np.array([0, 1] * 20), **change}
+  with pytest.raises(ValueError, match=message):
+    columns_lib.dataset_from_columns({"train": table(**{column: values}), "validation": table()},
+                                     categorical=["country"], numeric=["price"], tasks=["click"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ def _as_columns(table: Any, split: str) -> dict[str, np.ndarray]:
     raise TypeError(f"split {split!r}: expected a mapping of column name -> values, a "
                     f"pyarrow Table or a DataFrame, got {type(table).__name__}")
   columns = {str(k): np.asarray(v) for k, v in table.items()}
+  for name, values in columns.items():
+    if values.ndim != 1:
+      raise ValueError(f"split {split!r}, column {name!r}: values of shape {values.shape}; "
+                       f"expected one value per row (a 1-D column)")
   lengths = {k: len(v) for k, v in columns.items()}
   if len(set(lengths.values())) > 1:
     raise ValueError(f"split {split!r}: columns of different lengths {lengths}")
@@ -121,6 +125,11 @@ def dataset_from_columns(splits: Mapping[str, Any], *, categorical: Sequence[str
     raise ValueError(f"splits {sorted(columns)}: a 'train' split is required (the preprocessing "
                      f"is fitted on it)")
   for split, cols in columns.items():
+    for name in categorical:  # as strings once, here, so that an error can name the column
+      try:
+        cols[name] = prep_lib.as_str_array(cols[name])
+      except ValueError as e:
+        raise ValueError(f"split {split!r}, categorical column {name!r}: {e}") from None
     for name in numeric:
       try:
         cols[name] = cols[name].astype(np.float64)

@@ -7,9 +7,14 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
   ``conversion``, ``purchase``, ``label``, ``target``, ``is_*``...) becomes a binary task; columns
   given with ``labels`` become tasks whatever their names (binary if 0/1, else regression). Binary
   tasks are ordered by positive rate, and a task whose positives are all positive in an earlier one
-  in the sample gets ``depends_on`` it (a funnel step).
+  in the sample gets ``depends_on`` it (a funnel step). A label of two other numbers (-1/1) is
+  binary, the larger positive (``positive_values``). Refused: a column named like a label holding
+  3 to 20 distinct integers, 0 and 1 among them (a class id: tasks are binary or regression).
 * **split**: a column named ``split``/``set``/``fold`` holding train/validation/test values is the
-  split column; else an 80/10/10 hash split, by a user-id-like column if there is one.
+  split column; else an 80/10/10 hash split, by a user-id-like column if there is one. A 0/1
+  column named like a split flag (``is_train``, ``in_test``, ``valid_flag``: an optional ``is_``
+  or ``in_``, a split's name, an optional ``_flag``/``_set``/``_split``...) is refused, not taken
+  for a task or a feature: a spec's split column holds train/validation/test values.
 * **weight**: a non-negative numeric column named like a weight.
 * **features**: integer or float columns are numeric (``log1p`` when non-negative and heavy-tailed,
   32 quantile buckets when they have more than 32 distinct values, ``"missing": "indicator"`` when
@@ -19,6 +24,9 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
   values (or more than 1,000 that are mostly unique). A column with one value is ignored, and so
   are an unnamed column (``""``: CSV lines that end with the delimiter) and a column whose name
   cannot name an input of the exported model (:func:`apem_jax.data.spec.check_feature_names`).
+  Parquet decimals are numeric; a column of a type the preparation does not read (dates,
+  timestamps, lists, structs...) is ignored (refused as a ``labels`` column), and a name two
+  columns share is refused.
 
 A missing value is a null or a NaN: a float NaN, or in a CSV the text ``NaN`` (any spelling Arrow
 reads as one), which the spec's ``format.missing_values`` then lists beside ``""`` so that the
@@ -64,6 +72,10 @@ _WEIGHT_NAME = re.compile(r"(^|_)(weight|weights|sample_weight|instance_weight|w
 # Texts (lower-cased) that mark a missing value in a column of numbers.
 _MISSING_MARKERS = ["na", "n/a", "#n/a", "null", "none", "nan", "-", "?", "missing"]
 _SPLIT_NAME = re.compile(r"^(split|set|fold|subset|partition|dataset_split)$", re.IGNORECASE)
+# A 0/1 column that says whether a row is in one split (is_train, in_test, valid_flag).
+_SPLIT_FLAG_NAME = re.compile(
+    r"^(is_|in_)?(train|training|test|testing|valid|validation|val|eval|dev|holdout)"
+    r"(_(flag|set|split|row|rows|sample|indicator|mask))?$", re.IGNORECASE)
 _BINARY_WORDS = {"yes": "no", "y": "n", "true": "false", "t": "f", "positive": "negative",
                  "pos": "neg"}
 _SPLIT_VALUES = {"train": "train", "training": "train", "validation": "validation",
@@ -117,9 +129,17 @@ def _splits_by_file_name(paths: Sequence[str]) -> dict[str, list[str]] | None:
   return {s: by_split[s] for s in ("train", "validation", "test")}
 
 
+def _refuse_duplicates(path: str, names: Sequence[str]) -> None:
+  """Refuses a name two columns share (prepare refuses the file)."""
+  for i, name in enumerate(names):
+    if name in names[:i]:
+      raise ValueError(f"{path}: column {name!r} appears twice; rename one of them")
+
+
 def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int) -> pa.Table:
   from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   names = prepare._csv_header(paths[0], fmt)  # pylint: disable=protected-access
+  _refuse_duplicates(paths[0], names)
   options = prepare._csv_options(  # pylint: disable=protected-access
       fmt, names, {c: pa.string() for c in names})
   tables = []
@@ -146,6 +166,7 @@ def _sample_parquet(paths: Sequence[str], rows: int) -> pa.Table:
       break
     from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
     pf = pq.ParquetFile(prepare._source(path))  # pylint: disable=protected-access
+    _refuse_duplicates(path, pf.schema_arrow.names)
     for batch in pf.iter_batches(batch_size=min(rows, 65_536)):
       tables.append(pa.Table.from_batches([batch]))
       if sum(len(t) for t in tables) >= rows:
@@ -154,23 +175,56 @@ def _sample_parquet(paths: Sequence[str], rows: int) -> pa.Table:
 
 
 def _sample_tfrecord(paths: Sequence[str], rows: int) -> pa.Table:
-  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tf = pipeline._import_tf()  # pylint: disable=protected-access
-  ds = tf.data.TFRecordDataset(list(paths)).take(rows)
-  first = next(iter(ds.take(1)), None)
-  if first is None:
+  """The first ``rows`` records; each file's features are those prepare reads: the union over
+  its first records (``prepare._tfrecord_head``); a record without one has it missing."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  kinds: dict[str, str] = {}
+  first: dict[str, str] = {}  # feature -> the file that gave its kind
+  parts: list[dict[str, list]] = []
+  for path in paths:
+    taken = sum(len(next(iter(p.values()), [])) for p in parts)
+    if taken >= rows:
+      break
+    head = prepare._tfrecord_head(path)  # pylint: disable=protected-access
+    for name, kind in head.items():
+      if kinds.setdefault(name, kind) != kind:
+        raise ValueError(f"{path}: feature {name!r} is a {kind}, it is a {kinds[name]} in "
+                         f"{first[name]}")
+      first.setdefault(name, path)
+    if head:
+      parts.append(_tfrecord_values(path, head, rows - taken))
+  if not kinds:
     raise ValueError(f"{paths[0]}: no records")
-  example = tf.train.Example.FromString(first.numpy())
-  kinds = {k: f.WhichOneof("kind") for k, f in example.features.feature.items()}
-  dtype = {"bytes_list": tf.string, "float_list": tf.float32, "int64_list": tf.int64}
-  features = {k: tf.io.RaggedFeature(dtype.get(v, tf.string)) for k, v in kinds.items()}
   columns: dict[str, list] = {k: [] for k in kinds}
-  for batch in ds.batch(4096).map(lambda x: tf.io.parse_example(x, features)):
+  for part in parts:
+    n = len(next(iter(part.values())))
     for k in kinds:
+      columns[k] += part.get(k, [None] * n)
+  return pa.table({k: pa.array(v) for k, v in columns.items()})
+
+
+def _tfrecord_values(path: str, head: dict[str, str], rows: int) -> dict[str, list]:
+  """{feature: one value (str, int or float) or None per record} of the first ``rows``."""
+  from apem_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
+  tf = pipeline._import_tf()  # pylint: disable=protected-access
+  dtype = {"bytes_list": tf.string, "float_list": tf.float32, "int64_list": tf.int64}
+  features = {k: tf.io.RaggedFeature(dtype.get(v, tf.string)) for k, v in head.items()}
+  columns: dict[str, list] = {k: [] for k in head}
+  ds = tf.data.TFRecordDataset(path).take(rows).batch(prepare.BATCH_ROWS)
+  iterator = iter(ds.map(lambda x: tf.io.parse_example(x, features)))
+  while True:
+    done = len(columns[next(iter(head))])
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return columns
+    except tf.errors.OpError as e:
+      raise prepare._tfrecord_parse_error(  # pylint: disable=protected-access
+          path, done, e.message, head) from None
+    for k in head:
       for row in batch[k].to_list():
         v = row[0] if len(row) == 1 else None
         columns[k].append(v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
-  return pa.table({k: pa.array(v) for k, v in columns.items()})
 
 
 def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
@@ -182,6 +236,8 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
     arr = arr.dictionary_decode()
   if pa.types.is_boolean(arr.type):
     return pc.cast(arr, pa.float64()).to_numpy(), True
+  if pa.types.is_decimal(arr.type):  # (never "integers": prepare reads decimals as numbers only)
+    return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), False
   if pa.types.is_integer(arr.type):
     return pc.cast(arr, pa.float64()).to_numpy(), True
   if pa.types.is_floating(arr.type):
@@ -215,6 +271,55 @@ def _binary_words(strings: pa.Array) -> tuple[str, str] | None:
     if set(lower) == {positive, negative}:
       return lower[positive], lower[negative]
   return None
+
+
+_READ_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal,
+               pa.types.is_null, pa.types.is_string, pa.types.is_large_string,
+               pa.types.is_binary, pa.types.is_large_binary)
+
+
+def _unread_type(arrow_type: pa.DataType) -> str | None:
+  """Why the preparation cannot read a column of ``arrow_type``, or None when it can."""
+  t = arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+  if any(is_type(t) for is_type in _READ_TYPES):
+    return None
+  if pa.types.is_nested(t):
+    todo = "one value per row is read: make a column of each part to use it"
+  elif pa.types.is_temporal(t):
+    todo = "convert it to a number (such as seconds since the epoch) or a string to use it"
+  else:
+    todo = "convert it to a number or a string to use it"
+  return f"of Arrow type {t}, which the preparation does not read: {todo}"
+
+
+def _refuse_split_flag(name: str) -> None:
+  raise ValueError(
+      f"column {name!r} looks like a split flag (0/1, named like a split), not a task or a "
+      f"feature: a spec splits by a column of train/validation/test values "
+      f"({{\"split\": {{\"split_column\": ...}}}}), by files ({{\"splits\": ...}}) or by a hash "
+      f"({{\"split\": {{\"fractions\": ...}}}}); write one by hand with {name!r} in "
+      f"\"ignore\", or give --label {name} if it is a label")
+
+
+def _refuse_class_ids(name: str, x: np.ndarray) -> None:
+  """Refuses 3 to SMALL_INTEGER_DISTINCT integers, 0 and 1 among them, in a label-named column."""
+  values = np.unique(x)
+  if 3 <= len(values) <= SMALL_INTEGER_DISTINCT and {0.0, 1.0} <= set(values.tolist()):
+    raise ValueError(
+        f"column {name!r} is named like a label but holds the values "
+        f"{[int(v) for v in values]}: a task is binary (0/1) or a regression; map it to 0/1 "
+        f"columns (one per class), give --label {name} for a regression task, or rename it (or "
+        f"write the spec by hand) to make it a feature")
+
+
+def _two_numbers(x: np.ndarray) -> tuple[float, float] | None:
+  """(larger, smaller) when the values are exactly two numbers (not 0 and 1: binary already)."""
+  values = np.unique(x)
+  return (float(values[1]), float(values[0])) if len(values) == 2 else None
+
+
+def _json_number(v: float) -> int | float:
+  return int(v) if v.is_integer() else v
 
 
 def _next_pow2(n: int) -> int:
@@ -282,6 +387,14 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       notes.append("'': ignored (an unnamed column: do the lines end with the delimiter?)")
       continue
     column = table.column(name).combine_chunks()
+    unread = _unread_type(column.type)
+    if unread and name in labels:
+      raise ValueError(f"{paths[0]}: label column {name!r} is {unread}")
+    if unread:
+      ignore.append(name)
+      notes.append(f"{name}: ignored ({unread})")
+      continue
+    decimal = pa.types.is_decimal(column.type)  # a number to prepare, never a category value
     if pa.types.is_dictionary(column.type):
       column = column.dictionary_decode()
     rows = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))  # row of each value
@@ -309,14 +422,31 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     as_strings = (pc.utf8_trim_whitespace(pc.cast(present, pa.string()))
                   if x is None and len(present) else None)
     words = _binary_words(as_strings) if as_strings is not None else None
-    if words is not None and (name in labels or _LABEL_NAME.search(name)):
+    if _SPLIT_FLAG_NAME.match(name) and name not in labels and (binary or words is not None):
+      if distinct > 1:
+        _refuse_split_flag(name)
+      ignore.append(name)
+      notes.append(f"{name}: ignored (a split flag with one value in the sample)")
+      continue
+    label_named = name in labels or bool(_LABEL_NAME.search(name))
+    if x is not None and integer and len(x) and label_named and name not in labels:
+      _refuse_class_ids(name, x)
+    if words is not None and label_named:
       positive, negative = words
       x = pc.cast(pc.equal(as_strings, positive), pa.float64()).to_numpy()
       binary = True
+    pair = _two_numbers(x) if x is not None and len(x) and not binary and label_named else None
+    if pair is not None:  # -1/1: the larger is positive
+      x, binary = (x == pair[0]).astype(np.float64), True
     if name in labels or (binary and _LABEL_NAME.search(name)):
       task = {"name": name, "label_column": name}
       if words is not None and binary:
         task["positive_values"], task["negative_values"] = [words[0]], [words[1]]
+      if decimal and binary:  # read as a number: a threshold between its two values
+        task["threshold"] = sum(pair) / 2 if pair is not None else 0.5
+      elif pair is not None:
+        task["positive_values"] = [_json_number(pair[0])]
+        task["negative_values"] = [_json_number(pair[1])]
       if binary:
         label_values[name] = np.full(n, np.nan)
         label_values[name][rows] = x
@@ -332,6 +462,8 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       tasks.append(task)
       rate = float(x.mean()) if binary else None
       kind = f"binary, positive rate {rate:.4f}" if binary else "regression"
+      if pair is not None:
+        kind += f", {_json_number(pair[0])} positive and {_json_number(pair[1])} negative"
       notes.append(f"{name}: task ({kind}{', missing labels masked' if nulls else ''})")
       continue
     if _SPLIT_NAME.match(name) and as_strings is not None and distinct <= len(_SPLIT_VALUES):
@@ -364,7 +496,8 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
       notes.append(f"{name}: ignored ({e})")
       continue
     id_like = bool(_ID_NAME.search(name)) or bool(_USER_NAME.match(name))
-    if x is not None and not id_like and not (integer and distinct <= SMALL_INTEGER_DISTINCT):
+    if x is not None and (decimal or not id_like and not (
+        integer and distinct <= SMALL_INTEGER_DISTINCT)):
       feature: dict[str, Any] = {"name": name, "type": "numeric"}
       q50, q99 = np.quantile(x, [0.5, 0.99]) if len(x) else (0.0, 0.0)
       tail = ""
