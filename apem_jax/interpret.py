@@ -23,6 +23,7 @@ again from the numbers, beside them.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from typing import Any
@@ -33,6 +34,9 @@ import numpy as np
 from apem_jax import parallel, reporting, step as step_lib
 
 OUTPUTS = ("pattern_weights", "group_weights", "group_assignment")
+# The keys plot() reads (group_assignment only where the grouping is competitive).
+REQUIRED_KEYS = ("split", "examples_averaged", "tasks", "fields", "patterns", "pattern_weights",
+                 "group_weights", "examples")
 
 
 def check_explainable(exp: Any) -> None:
@@ -88,12 +92,12 @@ def explain(exp: Any, state: step_lib.TrainState, split: str, num_examples: int 
 
 
 def plot(explanation: dict, directory: str) -> list[str]:
-  """Writes the figures and ``explanation.json`` under ``directory``; returns their paths."""
+  """Writes the figures and ``explanation.json`` under ``directory`` (a local path or ``gs://``;
+  each file whole or not at all, by process 0); returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(directory, exist_ok=True)
   tasks, fields, patterns = explanation["tasks"], explanation["fields"], explanation["patterns"]
   arrays = {k: np.asarray(explanation[k]) for k in (*OUTPUTS, "examples")
             if explanation.get(k) is not None}
@@ -101,12 +105,14 @@ def plot(explanation: dict, directory: str) -> list[str]:
 
   def save(fig, name):
     path = os.path.join(directory, name)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    reporting.write_bytes_atomic(path, png.getvalue())
     paths.append(path)
 
-  def heatmap(ax, values, rows, columns, title):
-    image = ax.imshow(values, aspect="auto", cmap="viridis")
+  def heatmap(ax, values, rows, columns, title, **scale):
+    image = ax.imshow(values, aspect="auto", cmap="viridis", **scale)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -140,12 +146,14 @@ def plot(explanation: dict, directory: str) -> list[str]:
     save(fig, name)
 
   examples = arrays["examples"]
-  fig, axes = plt.subplots(len(examples), 1, squeeze=False, figsize=(
+  scale = dict(vmin=0.0, vmax=float(examples.max(initial=0.0)))  # one scale: comparable examples
+  fig, axes = plt.subplots(len(examples), 1, squeeze=False, layout="constrained", figsize=(
       max(8, 0.22 * len(patterns)), 2.0 + (0.8 + 0.3 * len(tasks)) * len(examples)))
   for i, example in enumerate(examples):
-    heatmap(axes[i, 0], example, tasks, patterns if i == len(examples) - 1 else [""] * len(patterns),
-            f"example {i} of the split")
-  fig.tight_layout()
+    image = heatmap(axes[i, 0], example, tasks,
+                    patterns if i == len(examples) - 1 else [""] * len(patterns),
+                    f"example {i} of the split", **scale)
+  fig.colorbar(image, ax=axes[:, 0].tolist())
   save(fig, "examples.png")
 
   path = os.path.join(directory, "explanation.json")
@@ -163,8 +171,16 @@ def main() -> None:
   path = parser.parse_args().explanation
   if not os.path.isfile(path):
     parser.error(f"{path}: no such file; expected the explanation.json eval.py --explain writes")
-  with open(path) as f:
-    explanation = json.load(f)
+  try:
+    with open(path) as f:
+      explanation = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    parser.error(f"{path}: not valid JSON ({e}); expected the explanation.json eval.py --explain "
+                 f"writes")
+  lacking = [k for k in REQUIRED_KEYS if not isinstance(explanation, dict) or k not in explanation]
+  if lacking:
+    parser.error(f"{path}: no {lacking} in it; expected the explanation.json eval.py --explain "
+                 f"writes")
   for written in plot(explanation, os.path.dirname(os.path.abspath(path))):
     print(written)
 

@@ -90,15 +90,18 @@ def evaluation_name(split: str, checkpoint: str = "best", step: int | None = Non
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") -> str:
-  """A plain-text table, one row per task, one column per metric."""
+  """A plain-text table, one row per task, one column per metric (``-`` where a task has no such
+  metric, such as a regression task's AUC; ``nan`` where the metric is undefined)."""
   columns = []
   for d in metrics.values():
     columns += [c for c in d if c not in columns]
   def cell(v):
+    if v is None:
+      return "-"
     if isinstance(v, int):
       return str(v)
     return "nan" if math.isnan(v) else f"{v:.4f}"
-  rows = [["task"] + columns] + [[task] + [cell(d.get(c, float("nan"))) for c in columns]
+  rows = [["task"] + columns] + [[task] + [cell(d.get(c)) for c in columns]
                                  for task, d in metrics.items()]
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
