@@ -162,3 +162,33 @@ def test_object_store_publish_moves_files_with_metadata_last(tmp_path, monkeypat
   assert beam_prepare._publish(str(tmp), str(final))  # pylint: disable=protected-access
   assert moved[-1] == prepared.METADATA_FILE and len(moved) == 3
   assert sorted(p.name for p in final.iterdir()) == sorted(moved) and not list(tmp.iterdir())
+
+
+def test_object_store_publish_moves_metadata_only_once_every_file_arrived(tmp_path, monkeypatch):
+  """Beam's rename goes on past a failed move and raises at the end: with metadata.json in the
+  same call, a directory lacking a shard was published as complete (and reused)."""
+  tmp, final = tmp_path / ".tmp-x", tmp_path / "x"
+  tmp.mkdir()
+  final.mkdir()
+  for name in (prepared.METADATA_FILE, "schema.json", "train-00000.tfrecord"):
+    (tmp / name).write_text(name)
+  rename = beam_prepare.FileSystems.rename
+
+  def lossy(sources, destinations):  # every move but the shard's; raises at the end
+    kept = [(s, d) for s, d in zip(sources, destinations) if not d.endswith(".tfrecord")]
+    if kept:
+      rename(*map(list, zip(*kept)))
+    if len(kept) < len(sources):
+      raise OSError("rename failed")
+
+  monkeypatch.setattr(beam_prepare, "_is_local", lambda path: False)
+  monkeypatch.setattr(beam_prepare.FileSystems, "rename", lossy)
+  with pytest.raises(OSError):
+    beam_prepare._publish(str(tmp), str(final))  # pylint: disable=protected-access
+  assert not (final / prepared.METADATA_FILE).exists()
+  # A move that reports nothing and does not happen: found by the check before metadata.json.
+  monkeypatch.setattr(beam_prepare.FileSystems, "rename", lambda sources, destinations: rename(
+      *[[x for x in xs if not x.endswith(".tfrecord")] for xs in (sources, destinations)]))
+  with pytest.raises(OSError, match=r"1 prepared files did not arrive .*train-00000.tfrecord"):
+    beam_prepare._publish(str(tmp), str(final))  # pylint: disable=protected-access
+  assert not (final / prepared.METADATA_FILE).exists()

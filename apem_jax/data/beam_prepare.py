@@ -554,8 +554,14 @@ def _run(job: _Job, options: Any) -> None:
 
 
 def _publish(tmp: str, final: str) -> bool:
-  """Moves the prepared files into ``final``: a local directory renamed whole, else file by file
-  with metadata.json last. False when another preparation got there first."""
+  """Moves the prepared files into ``final``: a local directory renamed whole, else file by file,
+  metadata.json (what makes a directory complete) alone and last, once every other file is
+  there. False when another preparation got there first.
+
+  Raises:
+    OSError: a file did not arrive (Beam's rename goes on past a failed move and raises at the
+      end, so metadata.json is never in the same call).
+  """
   if _is_local(tmp):
     try:
       os.rename(tmp, final)
@@ -565,9 +571,15 @@ def _publish(tmp: str, final: str) -> bool:
       return False
     return True
   names = [m.path for m in FileSystems.match([_join(tmp, "*")])[0].metadata_list]
-  last = _join(tmp, prepared_lib.METADATA_FILE)
-  order = sorted(names, key=lambda p: p == last)
-  FileSystems.rename(order, [_join(final, p.rsplit("/", 1)[-1]) for p in order])
+  metadata = _join(tmp, prepared_lib.METADATA_FILE)
+  files = [p for p in names if p != metadata]
+  destinations = [_join(final, p.rsplit("/", 1)[-1]) for p in files]
+  FileSystems.rename(files, destinations)
+  lost = [d for d in destinations if not FileSystems.exists(d)]
+  if lost:
+    raise OSError(f"{final}: {len(lost)} prepared files did not arrive ({lost[0]}, ...); it is "
+                  f"left without {prepared_lib.METADATA_FILE}, so a later preparation redoes it")
+  FileSystems.rename([metadata], [_join(final, prepared_lib.METADATA_FILE)])
   return True
 
 
