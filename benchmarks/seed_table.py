@@ -7,10 +7,11 @@ metric per task (and of each run's best validation score, where the runs are at 
       after=$D/lazy_adam_l2/funnel_runs.json@$R/lazy_adam_l2/funnel
 
 Each ``NAME=RECORD[@RUNS]`` is one sweep: ``RECORD`` is the ``<dataset>_runs.json`` that
-``benchmarks/quality.py`` writes beside its table (run name ``<row>/seed<k>`` -> test metrics);
-``RUNS``, its ``--runs``/``<dataset>`` directory, adds the validation score from each run's
-``metrics.json``. A row is a run name less its ``/seed<k>``; it is compared over the seeds that
-every sweep holds for it (``--seeds`` narrows them, e.g. ``--seeds 1,2,3,4``). Prints markdown.
+``benchmarks/quality.py`` writes beside its table (run name ``<model>[/<balancing>]/seed<k>``
+``[/p<corr>][/<mode>]`` -> test metrics); ``RUNS``, its ``--runs``/``<dataset>`` directory, adds
+the validation score from each run's ``metrics.json``. A row is a run name less its ``/seed<k>``
+(``apem/cagrad/seed0/p0.5`` is row ``apem/cagrad/p0.5``); it is compared over the seeds that every
+sweep holds for it (``--seeds`` narrows them, e.g. ``--seeds 1,2,3,4``). Prints markdown.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ import re
 
 import numpy as np
 
-_SEED = re.compile(r"^(?P<row>.+)/seed(?P<seed>\d+)$")
+_SEED = re.compile(r"^(?P<row>.+?)/seed(?P<seed>\d+)(?P<suffix>(/.*)?)$")
+
+
+class Unusable(Exception):
+  """The sweeps cannot give the table asked for (reported as a usage error)."""
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -32,19 +37,19 @@ def mean_std(values: list[float], digits: int) -> str:
   return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def seeds_by_row(record: dict) -> dict[str, set[int]]:
-  """``{row: seeds}`` of a record's run names ``<row>/seed<k>``."""
-  rows: dict[str, set[int]] = {}
+def seeds_by_row(record: dict) -> dict[str, dict[int, str]]:
+  """``{row: {seed: run name}}`` of a record's run names ``<prefix>/seed<k>[<suffix>]``, whose
+  row is ``<prefix><suffix>``."""
+  rows: dict[str, dict[int, str]] = {}
   for name in record:
     match = _SEED.match(name)
     if match:
-      rows.setdefault(match["row"], set()).add(int(match["seed"]))
+      rows.setdefault(match["row"] + match["suffix"], {})[int(match["seed"])] = name
   return rows
 
 
-def validation_score(runs: str, row: str, seed: int) -> float:
-  path = os.path.join(runs, f"{row}/seed{seed}", "metrics.json")
-  with open(path) as f:
+def validation_score(runs: str, name: str) -> float:
+  with open(os.path.join(runs, name, "metrics.json")) as f:
     return json.load(f)["best_validation_score"]
 
 
@@ -52,7 +57,8 @@ def table(sweeps: list[tuple[str, str, str | None]], metric: str, seeds: set[int
           tasks: list[str] | None = None, digits: int = 4) -> str:
   """Markdown: a row per row name every sweep holds, columns ``seeds``, then (when every sweep
   has its runs) the validation score of each sweep, then ``metric`` of each task (``tasks``, or
-  every task of the record holding it) for each sweep."""
+  every task of the record holding it) for each sweep. Raises ``Unusable`` when no row has a seed
+  every sweep holds, or a task or the metric is missing."""
   records = []
   for _, record_path, _ in sweeps:
     with open(record_path) as f:
@@ -66,18 +72,35 @@ def table(sweeps: list[tuple[str, str, str | None]], metric: str, seeds: set[int
     header += [f"validation score, {n}" for n in names]
   lines = []
   for row in rows:
-    common = sorted(set.intersection(*(h[row] for h in held)) & (seeds or set(range(10**6))))
+    common = sorted(set.intersection(*(set(h[row]) for h in held)) & (seeds or set(range(10**6))))
     if not common:
       continue
-    first = records[0][f"{row}/seed{common[0]}"]["test"]
-    tasks = tasks or [t for t in first if metric in first[t]]  # the record's order
+    tests = [(n, r[h[row][k]]["test"]) for n, r, h in zip(names, records, held) for k in common]
+    tasks = tasks or [t for t in tests[0][1] if metric in tests[0][1][t]]  # the record's order
+    if not tasks:
+      raise Unusable(f"--metric {metric!r}: no task of row {row!r} in sweep {names[0]!r} has it; "
+                     f"its metrics: {sorted({m for v in tests[0][1].values() for m in v})}")
+    for n, test in tests:
+      for t in tasks:
+        if t not in test:
+          raise Unusable(f"--tasks: sweep {n!r} has no task {t!r} in row {row!r}; its tasks: "
+                         f"{list(test)}")
+        if metric not in test[t]:
+          raise Unusable(f"--metric {metric!r}: task {t!r} of row {row!r} in sweep {n!r} has "
+                         f"only {list(test[t])}")
     cells = [row, str(len(common))]
     if with_validation:
-      cells += [mean_std([validation_score(runs, row, k) for k in common], digits)
-                for _, _, runs in sweeps]
-    cells += [mean_std([r[f"{row}/seed{k}"]["test"][t][metric] for k in common], digits)
-              for t in tasks for r in records]
+      cells += [mean_std([validation_score(runs, h[row][k]) for k in common], digits)
+                for (_, _, runs), h in zip(sweeps, held)]
+    cells += [mean_std([r[h[row][k]]["test"][t][metric] for k in common], digits)
+              for t in tasks for r, h in zip(records, held)]
     lines.append("| " + " | ".join(cells) + " |")
+  if not lines:
+    raise Unusable("no row has a seed that every sweep holds" +
+                   (f" among --seeds {sorted(seeds)}" if seeds else "") + ": " +
+                   "; ".join(f"{n} holds " + (", ".join(f"{row} (seeds {sorted(h[row])})"
+                                                         for row in h) or "no run")
+                             for n, h in zip(names, held)))
   header += [f"{t} {metric}, {n}" for t in tasks for n in names]
   return "\n".join(["| " + " | ".join(header) + " |",
                     "|---|---:|" + "---|" * (len(header) - 2)] + lines)
@@ -110,7 +133,10 @@ def main() -> None:
                       help="the tasks' columns in this order (default: every task, record order)")
   parser.add_argument("--digits", type=int, default=4)
   args = parser.parse_args()
-  print(table(args.sweeps, args.metric, args.seeds, args.tasks, args.digits))
+  try:
+    print(table(args.sweeps, args.metric, args.seeds, args.tasks, args.digits))
+  except Unusable as e:
+    parser.error(str(e))
 
 
 if __name__ == "__main__":

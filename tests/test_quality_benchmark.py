@@ -292,3 +292,108 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_written(tmp_path)
     assert running[name].returncode == 1, (name, stderr[-2000:])
     assert expected in stderr and "Traceback" not in stderr, (name, stderr[-2000:])
   assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def _seed_table(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "benchmarks/seed_table.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+
+
+def _write_seed_sweep(tmp_path, name: str, runs: dict[str, float]) -> str:
+  """A record (and run directories) of ``runs``: run name -> test gap of task t (and 1 - gap as
+  the validation score); returns the ``NAME=RECORD@RUNS`` argument."""
+  record = {run: {"test": {"t": {"gap": v}, "u": {"auc": 0.5}}} for run, v in runs.items()}
+  (tmp_path / f"{name}.json").write_text(json.dumps(record))
+  for run, v in runs.items():
+    (tmp_path / name / run).mkdir(parents=True)
+    (tmp_path / name / run / "metrics.json").write_text(
+        json.dumps({"best_validation_score": 1 - v}))
+  return f"{name}={tmp_path / name}.json@{tmp_path / name}"
+
+
+def test_seed_table_rows_of_runs_named_past_their_seed(tmp_path):
+  """quality.py names runs <model>[/<balancing>]/seed<k>[/p<corr>][/<mode>]: a synthetic run
+  (m/b/seed0/p0.5) is row m/b/p0.5 and a funnel run with a mode (m/seed0/ctr_cvr) row m/ctr_cvr,
+  each compared over its seeds with its own run directories (they were dropped)."""
+  runs = {"m/b/seed0/p0.5": 0.1, "m/b/seed1/p0.5": 0.3, "m/seed0/ctr_cvr": 0.2,
+          "m/seed1/ctr_cvr": 0.6}
+  out = _seed_table("--metric", "gap", "--tasks", "t", _write_seed_sweep(tmp_path, "a", runs),
+                    _write_seed_sweep(tmp_path, "b", runs))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip().splitlines()[2:] == [
+      "| m/b/p0.5 | 2 | 0.8000 ± 0.1414 | 0.8000 ± 0.1414 | 0.2000 ± 0.1414 | 0.2000 ± 0.1414 |",
+      "| m/ctr_cvr | 2 | 0.6000 ± 0.2828 | 0.6000 ± 0.2828 | 0.4000 ± 0.2828 | 0.4000 ± 0.2828 |"]
+
+
+def test_seed_table_refuses_what_the_sweeps_cannot_give_in_one_line(tmp_path):
+  """No common seed (--seeds, or rows named differently), a metric or task the records lack: a
+  usage error naming what is there, not a traceback or a table without its columns."""
+  a = _write_seed_sweep(tmp_path, "a", {"m/seed0": 0.1, "m/seed1": 0.3})
+  b = _write_seed_sweep(tmp_path, "b", {"m/tuned/seed0": 0.1})
+  cases = {
+      "seeds": (["--seeds", "7", a, a], "no row has a seed that every sweep holds among --seeds "
+                                        "[7]: a holds m (seeds [0, 1]); a holds m (seeds [0, 1])"),
+      "rows": ([a, b], "no row has a seed that every sweep holds: a holds m (seeds [0, 1]); "
+                       "b holds m/tuned (seeds [0])"),
+      "metric": (["--metric", "AUC", a, a], "--metric 'AUC': no task of row 'm' in sweep 'a' has "
+                                            "it; its metrics: ['auc', 'gap']"),
+      "task metric": (["--tasks", "t", a, a], "--metric 'auc': task 't' of row 'm' in sweep 'a' "
+                                              "has only ['gap']"),
+      "tasks": (["--tasks", "click,buy", a, a], "--tasks: sweep 'a' has no task 'click' in row "
+                                                "'m'; its tasks: ['t', 'u']"),
+  }
+  for name, (args, expected) in cases.items():
+    out = _seed_table(*args)
+    assert out.returncode == 2, (name, out.stdout, out.stderr)
+    assert out.stderr.strip().splitlines()[-1] == f"seed_table.py: error: {expected}", name
+    assert "Traceback" not in out.stderr and not out.stdout, name
+
+
+def _write_validation_run(run, best_validation: dict, score: float = 0.5) -> None:
+  (run / "eval").mkdir(parents=True)
+  (run / "metrics.json").write_text(json.dumps(
+      {"best_validation_score": score, "best_validation": best_validation}))
+  (run / "eval" / "test.json").write_text("{}")
+
+
+def _validation_table(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "benchmarks/validation_table.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_validation_table_shows_mse_of_a_regression_task(tmp_path):
+  for seed, v in ((0, 1.0), (1, 2.0)):
+    _write_validation_run(tmp_path / "v" / f"seed{seed}",
+                          {"a": {"auc": v / 4, "loss": 1.0}, "y": {"mse": v, "mae": 0.0}})
+  out = _validation_table(f"x={tmp_path / 'v'}")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip().splitlines() == [
+      "| variant | runs | validation score | a AUC | y MSE |", "|---|---:|---:|---:|---:|",
+      "| x | 2 | 0.50000 ± 0.00000 | 0.37500 ± 0.17678 | 1.50000 ± 0.70711 |"]
+
+
+def test_validation_table_finds_runs_below_their_seed_and_refuses_a_dir_without_runs(tmp_path):
+  """quality.py's synthetic runs are seed<k>/p<corr>/ (they were read as no run at all); a DIR
+  without runs is an error naming it rather than a row of nothing; with no task the header and
+  its separator have as many columns."""
+  for seed, score in ((0, 0.9), (1, 0.8)):
+    _write_validation_run(tmp_path / "v" / f"seed{seed}" / "p0.5", {"a": {"auc": score}}, score)
+  _write_validation_run(tmp_path / "w" / "seed0", {})
+  out = _validation_table(f"x={tmp_path / 'v'}", f"y={tmp_path / 'w'}")
+  assert out.returncode == 0, out.stderr
+  header, separator, *rows = out.stdout.strip().splitlines()
+  assert rows == ["| x | 2 | 0.85000 ± 0.07071 | 0.85000 ± 0.07071 |", "| y | 1 | 0.50000 | - |"]
+  (tmp_path / "empty" / "seed0").mkdir(parents=True)
+  out = _validation_table(f"x={tmp_path / 'empty'}")
+  assert out.returncode == 2 and not out.stdout and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"validation_table.py: error: argument NAME=DIR: 'x={tmp_path / 'empty'}': no run "
+      f"(seed*/.../metrics.json) under {tmp_path / 'empty'}")
+  out = _validation_table(f"y={tmp_path / 'w'}")
+  header, separator, row = out.stdout.strip().splitlines()
+  assert header.count("|") == separator.count("|") == row.count("|") == 4, out.stdout
+  # Two cells of a sweep under one DIR (p0.5, p1.0): a row each, never pooled.
+  _write_validation_run(tmp_path / "v" / "seed0" / "p1.0", {"a": {"auc": 0.1}}, 0.1)
+  out = _validation_table(f"x={tmp_path / 'v'}")
+  assert out.stdout.strip().splitlines()[2:] == [
+      "| x p0.5 | 2 | 0.85000 ± 0.07071 | 0.85000 ± 0.07071 |", "| x p1.0 | 1 | 0.10000 | 0.10000 |"]
