@@ -624,6 +624,82 @@ def test_infer_takes_tfrecord_features_from_the_records_prepare_reads(tmp_path):
                              f"is a float_list in {tmp_path / 'a.tfrecord'}")
 
 
+def test_infer_reads_csv_values_with_spaces_as_prepare_does(tmp_path):
+  """``a, 1.5, 0``: prepare reads 1.5 (Arrow's CSV reader drops the spaces around a number), the
+  label 0 and the category fr (stripped); infer cast " 0" and " 1.5" as written, failed, and
+  found no task (price and rating were categories). A blank " " is a missing number: listed."""
+  rows = _events(300)
+  for i, row in enumerate(rows):
+    row["price"] = "" if i % 10 == 4 else row["price"]
+    row["country"] += " " if i % 2 else ""  # "fr" and " fr ": one value
+  lines = [",".join(rows[0])] + [", ".join(row.values()) for row in rows]  # "" is written " "
+  (tmp_path / "events.csv").write_text("\n".join(lines) + "\n")
+  spec, notes = infer.infer_spec([str(tmp_path / "events.csv")], output_dir=str(tmp_path))
+  assert spec["format"] == {"type": "csv", "missing_values": ["", " "]}
+  assert "format.missing_values: ['', ' '] (the text ' ' is a missing value)" in notes
+  assert spec["tasks"] == [{"name": "click", "label_column": "click"},
+                           {"name": "conversion", "label_column": "conversion",
+                            "depends_on": "click"}]
+  features = {f["name"]: f for f in spec["features"]}
+  assert features["price"] == {"name": "price", "type": "numeric", "transform": "log1p",
+                               "buckets": 32, "missing": "indicator"}
+  assert features["rating"]["type"] == "numeric" and features["rating"]["missing"] == "indicator"
+  assert features["country"] == {"name": "country", "type": "categorical"}
+  assert "country: categorical, vocabulary (3 distinct in the sample)" in notes
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  data = prepared.load_prepared(prepare.prepare(tmp_path / "spec.json", tmp_path / "cache").path)
+  prep = data.preprocessing
+  assert prep.vocabularies[prep.categorical_fields.index("country")] == ("de", "fr", "us")
+  assert prep.vocabularies[prep.categorical_fields.index("slot")] == ("0", "1", "2", "3", "4")
+  arrays = [data.arrays[s] for s in prepared.SPLITS]
+  labels = np.concatenate([a["labels"] for a in arrays])
+  np.testing.assert_array_equal(labels.sum(0), [sum(int(r[t]) for r in rows)
+                                                for t in ("click", "conversion")])
+  column = prep.column_names.index("price_missing")
+  assert sum(int(a["categorical"][:, column].sum()) for a in arrays) == 30
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "tfrecord"])
+def test_infer_sizes_hash_buckets_for_the_whole_input_not_the_sample(tmp_path, monkeypatch, fmt):
+  """A mostly-unique column of 10,000 rows sampled by 2,000 got 8,192 buckets (4 per value seen);
+  its distinct values are scaled by the input's rows (Parquet: the metadata; CSV, TFRecord: the
+  bytes read), and the note says so. A sample of the whole input is sized as before."""
+  from apem_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  n = 10_000
+  ids = [f"u{i:06d}" for i in range(n)]
+  clicks = [i % 2 for i in range(n)]
+  path = tmp_path / f"data.{fmt}"
+  if fmt == "csv":
+    path.write_text("user_id,click\n" + "".join(f"{u},{c}\n" for u, c in zip(ids, clicks)))
+    monkeypatch.setattr(prepare, "CSV_SEGMENT_BYTES", 1 << 14)  # (the sample: the file's start)
+  elif fmt == "parquet":
+    pq.write_table(pa.table({"user_id": ids, "click": clicks}), path, row_group_size=1_000)
+  else:
+    tf = pipeline._import_tf()  # pylint: disable=protected-access
+    with tf.io.TFRecordWriter(str(path)) as writer:
+      for u, c in zip(ids, clicks):
+        writer.write(tf.train.Example(features=tf.train.Features(feature={
+            "user_id": _tf_feature(tf, u), "click": _tf_feature(tf, c)}
+        )).SerializeToString())
+  spec, notes = infer.infer_spec([str(path)], output_dir=str(tmp_path), sample_rows=2_000)
+  assert spec["features"][0] == {"name": "user_id", "type": "categorical", "num_buckets": 65_536}
+  of = "" if fmt == "parquet" else "about "
+  assert notes[0] == f"read 2,000 rows of {of}10,000 from 1 file(s) ({fmt})"
+  assert (f"user_id: categorical, hashed into 65,536 buckets (2,000 distinct values in 2,000 "
+          f"sampled rows; sized for about 10,000 values, estimated from 2,000 sampled rows of "
+          f"{of}10,000)") in notes
+  spec, notes = infer.infer_spec([str(path)], output_dir=str(tmp_path), sample_rows=n)
+  assert notes[0] == f"read 10,000 rows from 1 file(s) ({fmt})"
+  assert spec["features"][0]["num_buckets"] == 65_536
+  assert ("user_id: categorical, hashed into 65,536 buckets (10,000 distinct values in 10,000 "
+          "sampled rows)") in notes
+  monkeypatch.setattr(infer, "MAX_BUCKETS", 1 << 14)
+  spec, notes = infer.infer_spec([str(path)], output_dir=str(tmp_path), sample_rows=2_000)
+  assert spec["features"][0]["num_buckets"] == 1 << 14
+  assert any(note.startswith("user_id: categorical, hashed into 16,384 buckets") and
+             note.endswith("; capped at 16,384 buckets)") for note in notes), notes
+
+
 @pytest.mark.parametrize("column, values, message", [
     ("country", np.array(["fr", 1.5] * 20, dtype=object),
      r"split 'train', categorical column 'country': categorical values of types \['float', "

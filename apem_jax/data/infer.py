@@ -21,7 +21,11 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
   the sample has missing values), except id-like names (``*_id``, ``id``, ``uuid``...) and integer
   columns with at most 20 distinct values, which are categorical; string columns are categorical:
   a vocabulary, or hashed with ``num_buckets`` when the sample holds more than 10,000 distinct
-  values (or more than 1,000 that are mostly unique). A column with one value is ignored, and so
+  values (or more than 1,000 that are mostly unique): 4 buckets per distinct value, a power of 2,
+  at most ``MAX_BUCKETS`` (4,194,304; the note says when capped). When the sample is not the
+  whole input, a mostly-unique column's distinct count is first scaled by the input's rows over
+  the sampled rows (Parquet: the files' metadata, exact; CSV and TFRecord: estimated from the
+  bytes read over the files' bytes). A column with one value is ignored, and so
   are an unnamed column (``""``: CSV lines that end with the delimiter) and a column whose name
   cannot name an input of the exported model (:func:`apem_jax.data.spec.check_feature_names`).
   Parquet decimals are numeric; a column of a type the preparation does not read (dates,
@@ -30,8 +34,11 @@ Reads the first ``sample_rows`` rows (default 100,000) of the files and guesses,
 
 A missing value is a null or a NaN: a float NaN, or in a CSV the text ``NaN`` (any spelling Arrow
 reads as one), which the spec's ``format.missing_values`` then lists beside ``""`` so that the
-preparation reads it as missing too (it refuses an unlisted one). Compressed files (``.gz``,
-``.bz2``...) are refused: the preparation does not read them.
+preparation reads it as missing too (it refuses an unlisted one). A CSV's values are read as the
+preparation reads them: a number may have spaces or tabs around it (``a, 1.5, 0``), a category
+value or a label's text loses the ASCII whitespace around it, and a blank of spaces in a column
+of numbers is a missing value (listed in ``format.missing_values``, as written). Compressed
+files (``.gz``, ``.bz2``...) are refused: the preparation does not read them.
 
 Nothing here is more than a guess from a sample: a value outside the sample (a missing value where
 the sample had none, a category never seen) shows up as an error or an OOV id at preparation.
@@ -49,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from apem_jax.data import preprocessing as prep_lib
 from apem_jax.data import spec as spec_lib
 
 SAMPLE_ROWS = 100_000
@@ -69,8 +77,11 @@ _USER_NAME = re.compile(r"^(user|user_id|uid|userid|customer|customer_id|visitor
                         re.IGNORECASE)
 _WEIGHT_NAME = re.compile(r"(^|_)(weight|weights|sample_weight|instance_weight|w)$",
                           re.IGNORECASE)
-# Texts (lower-cased) that mark a missing value in a column of numbers.
-_MISSING_MARKERS = ["na", "n/a", "#n/a", "null", "none", "nan", "-", "?", "missing"]
+# Texts (lower-cased, stripped) that mark a missing value in a column of numbers ("": a blank of
+# spaces, as in "a, , 1", which the preparation reads as a missing value only when listed).
+_MISSING_MARKERS = ["na", "n/a", "#n/a", "null", "none", "nan", "-", "?", "missing", ""]
+# What Arrow's CSV reader (the preparation's) strips from around a number; a cast strips nothing.
+_CSV_NUMBER_SPACES = " \t"
 _SPLIT_NAME = re.compile(r"^(split|set|fold|subset|partition|dataset_split)$", re.IGNORECASE)
 # A 0/1 column that says whether a row is in one split (is_train, in_test, valid_flag).
 _SPLIT_FLAG_NAME = re.compile(
@@ -136,13 +147,29 @@ def _refuse_duplicates(path: str, names: Sequence[str]) -> None:
       raise ValueError(f"{path}: column {name!r} appears twice; rename one of them")
 
 
-def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int) -> pa.Table:
+def _input_rows(paths: Sequence[str], rows_read: int, bytes_read: int, header: int = 0
+                ) -> tuple[int, bool]:
+  """(the rows of all of ``paths``, exact?): ``rows_read`` when the ``bytes_read`` (of rows)
+  were all of the files' bytes but a ``header`` each, else estimated from the bytes per row
+  read (rows of similar lengths)."""
+  total = sum(spec_lib.stat(p).size - header for p in paths)
+  if bytes_read >= total or not bytes_read:
+    return rows_read, True
+  return max(rows_read + 1, round(rows_read * total / bytes_read)), False
+
+
+def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int
+                ) -> tuple[pa.Table, int, bool]:
+  """The first ``rows`` data rows and the input's rows (:func:`_input_rows`)."""
   from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   names = prepare._csv_header(paths[0], fmt)  # pylint: disable=protected-access
   _refuse_duplicates(paths[0], names)
   options = prepare._csv_options(  # pylint: disable=protected-access
       fmt, names, {c: pa.string() for c in names})
+  first_line = prepare._csv_first_line(paths[0], fmt)[0]  # pylint: disable=protected-access
+  header = len(first_line) if fmt.header else 0  # bytes of each file that hold no row
   tables = []
+  read = 0  # bytes of data lines
   for path in paths:
     if sum(len(t) for t in tables) >= rows:
       break
@@ -152,35 +179,42 @@ def _sample_csv(paths: Sequence[str], fmt: spec_lib.FileFormat, rows: int) -> pa
       tables.append(prepare.read_csv_segment(path, fmt, names, {c: "str" for c in names}, {},
                                              segment, (1 if fmt.header else 0) + done + 1,
                                              options))
+      read += len(segment)
       if sum(len(t) for t in tables) >= rows:
         break
+  total, exact = _input_rows(paths, sum(len(t) for t in tables), read, header)
   if not tables:
-    return pa.table({c: pa.array([], pa.string()) for c in names})
-  return pa.concat_tables(tables).slice(0, rows)
+    return pa.table({c: pa.array([], pa.string()) for c in names}), total, exact
+  return pa.concat_tables(tables).slice(0, rows), total, exact
 
 
-def _sample_parquet(paths: Sequence[str], rows: int) -> pa.Table:
+def _sample_parquet(paths: Sequence[str], rows: int) -> tuple[pa.Table, int, bool]:
+  """The first ``rows`` rows and the input's rows (exact: the files' metadata)."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   tables = []
   for path in paths:
     if sum(len(t) for t in tables) >= rows:
       break
-    from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
     pf = pq.ParquetFile(prepare._source(path))  # pylint: disable=protected-access
     _refuse_duplicates(path, pf.schema_arrow.names)
     for batch in pf.iter_batches(batch_size=min(rows, 65_536)):
       tables.append(pa.Table.from_batches([batch]))
       if sum(len(t) for t in tables) >= rows:
         break
-  return pa.concat_tables(tables, promote_options="default").slice(0, rows)
+  total = sum(pq.read_metadata(prepare._source(p)).num_rows  # pylint: disable=protected-access
+              for p in paths)
+  return pa.concat_tables(tables, promote_options="default").slice(0, rows), total, True
 
 
-def _sample_tfrecord(paths: Sequence[str], rows: int) -> pa.Table:
-  """The first ``rows`` records; each file's features are those prepare reads: the union over
-  its first records (``prepare._tfrecord_head``); a record without one has it missing."""
+def _sample_tfrecord(paths: Sequence[str], rows: int) -> tuple[pa.Table, int, bool]:
+  """The first ``rows`` records and the input's records (:func:`_input_rows`); each file's
+  features are those prepare reads: the union over its first records
+  (``prepare._tfrecord_head``); a record without one has it missing."""
   from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   kinds: dict[str, str] = {}
   first: dict[str, str] = {}  # feature -> the file that gave its kind
   parts: list[dict[str, list]] = []
+  read = 0  # bytes
   for path in paths:
     taken = sum(len(next(iter(p.values()), [])) for p in parts)
     if taken >= rows:
@@ -192,7 +226,11 @@ def _sample_tfrecord(paths: Sequence[str], rows: int) -> pa.Table:
                          f"{first[name]}")
       first.setdefault(name, path)
     if head:
-      parts.append(_tfrecord_values(path, head, rows - taken))
+      values, size = _tfrecord_values(path, head, rows - taken)
+      parts.append(values)
+      read += size
+    else:  # (no features in its first records: left out, as a file read)
+      read += spec_lib.stat(path).size
   if not kinds:
     raise ValueError(f"{paths[0]}: no records")
   columns: dict[str, list] = {k: [] for k in kinds}
@@ -200,24 +238,33 @@ def _sample_tfrecord(paths: Sequence[str], rows: int) -> pa.Table:
     n = len(next(iter(part.values())))
     for k in kinds:
       columns[k] += part.get(k, [None] * n)
-  return pa.table({k: pa.array(v) for k, v in columns.items()})
+  table = pa.table({k: pa.array(v) for k, v in columns.items()})
+  return (table, *_input_rows(paths, len(table), read))
 
 
-def _tfrecord_values(path: str, head: dict[str, str], rows: int) -> dict[str, list]:
-  """{feature: one value (str, int or float) or None per record} of the first ``rows``."""
+# A TFRecord's framing around each record: its length (8 bytes) and two CRCs (4 each).
+_TFRECORD_FRAMING = 16
+
+
+def _tfrecord_values(path: str, head: dict[str, str], rows: int
+                     ) -> tuple[dict[str, list], int]:
+  """({feature: one value (str, int or float) or None per record} of the first ``rows``, the
+  bytes of the file they take)."""
   from apem_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
   tf = pipeline._import_tf()  # pylint: disable=protected-access
   dtype = {"bytes_list": tf.string, "float_list": tf.float32, "int64_list": tf.int64}
   features = {k: tf.io.RaggedFeature(dtype.get(v, tf.string)) for k, v in head.items()}
   columns: dict[str, list] = {k: [] for k in head}
+  size = 0
   ds = tf.data.TFRecordDataset(path).take(rows).batch(prepare.BATCH_ROWS)
-  iterator = iter(ds.map(lambda x: tf.io.parse_example(x, features)))
+  iterator = iter(ds.map(lambda x: (tf.io.parse_example(x, features),
+                                    tf.reduce_sum(tf.strings.length(x)))))
   while True:
     done = len(columns[next(iter(head))])
     try:
-      batch = next(iterator)
+      batch, length = next(iterator)
     except StopIteration:
-      return columns
+      return columns, size
     except tf.errors.OpError as e:
       raise prepare._tfrecord_parse_error(  # pylint: disable=protected-access
           path, done, e.message, head) from None
@@ -225,12 +272,20 @@ def _tfrecord_values(path: str, head: dict[str, str], rows: int) -> dict[str, li
       for row in batch[k].to_list():
         v = row[0] if len(row) == 1 else None
         columns[k].append(v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+    size += int(length) + _TFRECORD_FRAMING * (len(columns[next(iter(head))]) - done)
 
 
-def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
+def _stripped(strings: pa.Array) -> pa.Array:
+  """Category values as the preparation reads them: ASCII whitespace stripped
+  (``prepare.Chunk.parts``)."""
+  return pc.utf8_trim(strings, characters=prep_lib.ASCII_WHITESPACE)
+
+
+def _numbers(arr: pa.Array, csv: bool = False) -> tuple[np.ndarray | None, bool]:
   """(float64 [n] of the values that are not null, NaN kept (a missing value to the preparation:
   a float NaN, or the text ``NaN`` of a CSV); whether all the others are integers) or
-  (None, False) if not numbers."""
+  (None, False) if not numbers. ``csv``: texts of a CSV, read as the preparation reads them
+  (Arrow's CSV reader: spaces and tabs around a number are dropped, `` 1.5`` is 1.5)."""
   arr = arr.drop_null()
   if pa.types.is_dictionary(arr.type):
     arr = arr.dictionary_decode()
@@ -245,9 +300,11 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray | None, bool]:
     ok = x[~np.isnan(x)]
     return x, bool(np.all(np.isfinite(ok)) and np.all(ok == np.round(ok)))
   if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-    lowered = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+    lowered = pc.utf8_lower(_stripped(arr))  # (a label's text: read as a category value)
     if len(arr) and pc.all(pc.is_in(lowered, pa.array(["true", "false"]))).as_py():
       return pc.cast(pc.equal(lowered, "true"), pa.float64()).to_numpy(), True
+    if csv:
+      arr = pc.utf8_trim(arr, characters=_CSV_NUMBER_SPACES)
     try:
       x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -326,6 +383,25 @@ def _next_pow2(n: int) -> int:
   return 1 << max(10, math.ceil(math.log2(max(n, 1))))
 
 
+def _hash_buckets(distinct: int, mostly_unique: bool, n: int, total: int, exact: bool
+                  ) -> tuple[int, str]:
+  """(num_buckets, what the note adds): 4 per distinct value, a power of 2, at most
+  MAX_BUCKETS; when the ``n`` sampled rows are not all ``total`` (``exact`` or estimated), a
+  mostly-unique column's distinct values are scaled by ``total / n`` (an id grows with the
+  rows)."""
+  expected, said = distinct, ""
+  rows = f"{n:,} sampled rows of {'' if exact else 'about '}{total:,}"
+  if total > n and mostly_unique:
+    expected = math.ceil(distinct * total / n)
+    said = f"; sized for about {expected:,} values, estimated from {rows}"
+  elif total > n:
+    said = f"; sized from {rows}: more values may appear"
+  wanted = _next_pow2(4 * expected)
+  if wanted > MAX_BUCKETS:
+    said += f"; capped at {MAX_BUCKETS:,} buckets"
+  return min(MAX_BUCKETS, wanted), said
+
+
 def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str | None = None,
                sample_rows: int = SAMPLE_ROWS, labels: Sequence[str] = ()
                ) -> tuple[dict[str, Any], list[str]]:
@@ -359,13 +435,15 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
   delimiter = "\t" if fmt_name == "csv" and paths[0].lower().endswith(".tsv") else ","
   csv_format = spec_lib.FileFormat("csv", delimiter=delimiter)
   if fmt_name == "csv":
-    table = _sample_csv(paths, csv_format, sample_rows)
+    table, total, exact = _sample_csv(paths, csv_format, sample_rows)
   elif fmt_name == "parquet":
-    table = _sample_parquet(paths, sample_rows)
+    table, total, exact = _sample_parquet(paths, sample_rows)
   else:
-    table = _sample_tfrecord(paths, sample_rows)
+    table, total, exact = _sample_tfrecord(paths, sample_rows)
   n = len(table)
-  notes = [f"read {n:,} rows from {len(paths)} file(s) ({fmt_name})"]
+  # The input's rows, when the sample is not all of them: "of 1,000,000" or "of about ...".
+  of_total = "" if total <= n else f" of {'' if exact else 'about '}{total:,}"
+  notes = [f"read {n:,} rows{of_total} from {len(paths)} file(s) ({fmt_name})"]
   if n == 0:
     raise ValueError(f"{paths[0]}: no rows to infer a spec from")
   missing_labels = [c for c in labels if c not in table.column_names]
@@ -398,28 +476,31 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     if pa.types.is_dictionary(column.type):
       column = column.dictionary_decode()
     rows = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))  # row of each value
-    present = column.drop_null()
-    x, integer = _numbers(present)
+    present = column.drop_null()  # (a CSV's texts as written: missing_values match them so)
+    csv = fmt_name == "csv"
+    x, integer = _numbers(present, csv)
     if x is not None and np.isnan(x).any():  # NaN is missing (as to the preparation)
       keep = ~np.isnan(x)
       if fmt_name == "csv" and pa.types.is_string(present.type):  # (only a CSV has the key)
         nan_texts |= set(pc.unique(present.filter(pa.array(~keep))).to_pylist())
       present, rows = present.filter(pa.array(keep)), rows[keep]
-      x, integer = _numbers(present)
+      x, integer = _numbers(present, csv)
     if x is None and fmt_name == "csv" and pa.types.is_string(present.type) and len(present):
       # Numbers but for texts that mark a missing value (a label or price with a few "N/A"
       # was taken for a categorical feature): those texts become format.missing_values.
-      marked = pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(present)),
+      marked = pc.is_in(pc.utf8_lower(_stripped(present)),
                         pa.array(_MISSING_MARKERS)).to_numpy(zero_copy_only=False)
       if (marked.any() and not marked.all()
-          and _numbers(present.filter(pa.array(~marked)))[0] is not None):
+          and _numbers(present.filter(pa.array(~marked)), csv)[0] is not None):
         nan_texts |= set(pc.unique(present.filter(pa.array(marked))).to_pylist())
         present, rows = present.filter(pa.array(~marked)), rows[~marked]
-        x, integer = _numbers(present)
+        x, integer = _numbers(present, csv)
     nulls = n - len(present)  # missing values: null or NaN
-    distinct = pc.count_distinct(present).as_py() if len(present) else 0
+    texts = pa.types.is_string(present.type) or pa.types.is_large_string(present.type)
+    distinct = (pc.count_distinct(_stripped(present) if texts else present).as_py()
+                if len(present) else 0)
     binary = x is not None and len(x) > 0 and bool(np.all((x == 0) | (x == 1)))
-    as_strings = (pc.utf8_trim_whitespace(pc.cast(present, pa.string()))
+    as_strings = (_stripped(pc.cast(present, pa.string()))
                   if x is None and len(present) else None)
     words = _binary_words(as_strings) if as_strings is not None else None
     if _SPLIT_FLAG_NAME.match(name) and name not in labels and (binary or words is not None):
@@ -516,9 +597,10 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     mostly_unique = distinct > 0.5 * len(present)
     if distinct > HASH_DISTINCT or (distinct > HASH_DISTINCT_UNIQUE and mostly_unique) or (
         id_like and distinct > HASH_DISTINCT_UNIQUE):
-      feature["num_buckets"] = min(MAX_BUCKETS, _next_pow2(4 * distinct))
+      feature["num_buckets"], sized = _hash_buckets(
+          distinct, mostly_unique, n, total, exact)
       notes.append(f"{name}: categorical, hashed into {feature['num_buckets']:,} buckets "
-                   f"({distinct:,} distinct values in {len(present):,} sampled rows)")
+                   f"({distinct:,} distinct values in {len(present):,} sampled rows{sized})")
     else:
       if distinct > 1_000:
         feature["min_count"] = 5
@@ -558,8 +640,9 @@ def infer_spec(files: Sequence[str], *, output_dir: str = ".", file_format: str 
     fmt["delimiter"] = delimiter
   if nan_texts:
     fmt["missing_values"] = [""] + sorted(nan_texts)
+    shown = [t if t and t == t.strip() else repr(t) for t in sorted(nan_texts)]  # ' ', ' NA'
     notes.append(f"format.missing_values: {fmt['missing_values']} (the text "
-                 f"{' and '.join(sorted(nan_texts))} is a missing value)")
+                 f"{' and '.join(shown)} is a missing value)")
   spec: dict[str, Any] = {"format": fmt_name if len(fmt) == 1 else fmt, "files": rel}
   by_file = _splits_by_file_name(rel) if split_column is None else None
   if by_file is not None:
