@@ -157,6 +157,23 @@ def test_csv_matches_in_memory_preprocessing(funnel_csv):
   assert not [n for n in names if ".tmp" in n or n.endswith(".arrow")], names
 
 
+def test_a_header_with_spaces_after_its_delimiters_names_the_columns_without_them(funnel_csv):
+  """``user, country, ...``: the names kept their leading space, so the spec's ``country`` was
+  "not a column" (values lose theirs: ``fr`` for `` fr``)."""
+  directory, rows = funnel_csv
+  plain = prepare.prepare(write_spec(directory, base_spec()), directory / "cache")
+  lines = (directory / "events.csv").read_text().splitlines()
+  spaced = directory / "spaced"
+  spaced.mkdir()
+  (spaced / "events.csv").write_text(
+      "\n".join([", ".join(lines[0].split(",")) + " "] + lines[1:]) + "\n")
+  result = prepare.prepare(write_spec(spaced, base_spec()), spaced / "cache")
+  a, b = prepared.load_prepared(plain.path), prepared.load_prepared(result.path)
+  for split in prepared.SPLITS:
+    for key in ("categorical", "numeric", "labels"):
+      np.testing.assert_array_equal(a.arrays[split][key], b.arrays[split][key])
+
+
 def test_exports_raw_feature_encoder_reproduces_the_prepared_arrays(funnel_csv):
   """preprocessing.json is what apem-export's in-graph encoder (serving.RawFeatureEncoder)
   reads: fed the raw validation values, it gives the prepared validation arrays."""

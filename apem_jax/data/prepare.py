@@ -213,11 +213,13 @@ def _csv_first_line(path: str, fmt: spec_lib.FileFormat) -> tuple[bytes, list[st
 
 
 def _csv_header(path: str, fmt: spec_lib.FileFormat) -> list[str]:
+  """The header's names, without the ASCII whitespace around them (``a, b``: ``b``, as the
+  values' categories lose theirs)."""
   line, fields = _csv_first_line(path, fmt)
   if fields is None:
     raise DataError(f"{path}: {'the file is empty' if not line else 'line 1 is empty'}: "
                     f"expected a header line naming the columns")
-  return fields
+  return [name.strip(prep_lib.ASCII_WHITESPACE) for name in fields]
 
 
 def _csv_columns(path: str, fmt: spec_lib.FileFormat) -> list[str]:
