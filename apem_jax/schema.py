@@ -92,6 +92,9 @@ class Schema:
     if not self.tasks:
       raise ValueError("schema: at least one task is required")
     task_names = [t.name for t in self.tasks]
+    repeated = sorted({n for n in task_names if task_names.count(n) > 1})
+    if repeated:
+      raise ValueError(f"schema: duplicate task names {repeated}")
     for task in self.tasks:
       if task.depends_on is not None and task.depends_on not in task_names[:task_names.index(task.name)]:
         raise ValueError(

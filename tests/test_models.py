@@ -648,3 +648,14 @@ def test_apem_candidate_switches_keep_shapes_and_do_what_they_say():
     assert model.apply({"params": params}, batch)["logits"].shape == (3, 2)
     widths[skip] = params["towers"]["kernel_0"].shape[-2]  # [T, in, out]: in = d + shared
   assert widths[True] == widths[False] + 4 * 8
+
+
+def test_a_schema_refuses_two_tasks_of_one_name():
+  """A schema given in Python or read from a dict took (a, a, b after a): parents (-1, -1, 0),
+  the second 'a' unreachable by name (specs refuse it; Schema did not)."""
+  from apem_jax.schema import Task  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"^schema: duplicate task names \['a'\]$"):
+    make_schema((5,), 1, ("a", "a", "b"))
+  with pytest.raises(ValueError, match=r"duplicate task names"):
+    make_schema((5,), 1, ("a",)).__class__(categorical=(), numeric=(), tasks=(
+        Task("a"), Task("a"), Task("b", depends_on="a")))

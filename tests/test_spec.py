@@ -131,6 +131,19 @@ def _edit(path: str, value):
      "spec.json: features[2].missing.fill: expected a finite number, got Infinity"),
     ("tasks.0.threshold", float("nan"), "spec.json: tasks[0].threshold: expected a finite "
      "number, got NaN"),
+    # A list or object where a variant's name goes was a TypeError (unhashable) traceback.
+    ("features.1.type", ["categorical"], "spec.json: features[1].type: [\"categorical\"] is not "
+     "one of ['categorical', 'numeric']"),
+    ("format.type", {"csv": True}, "spec.json: format.type: {\"csv\": true} is not one of"),
+    # A character the CSV reader refuses failed at preparation without naming the key.
+    ("format.delimiter", "§", "spec.json: format.delimiter: '§': expected one ASCII character "
+     "other than a line break"),
+    ("format.delimiter", "\n", "spec.json: format.delimiter: '\\n': expected one ASCII"),
+    ("format.quote_char", "«", "spec.json: format.quote_char: '«': expected one ASCII"),
+    # A boolean among numbers: [true, 2] labelled 2 negative, [2, true] refused 'true'.
+    ("tasks.1.positive_values", [True, 2], "spec.json: tasks[1].positive_values: give all "
+     "strings, all numbers or all booleans, not a mix (true, 2)"),
+    ("tasks.1.positive_values", [2, True], "spec.json: tasks[1].positive_values: give all "),
 ])
 def test_validation_errors_name_the_key_and_what_was_expected(path, value, message):
   spec = _edit(path, value)
@@ -149,6 +162,27 @@ def test_load_spec_errors(tmp_path):
   (tmp_path / "bad.json").write_text('{"format": "csv",\n "files": [}')
   with pytest.raises(spec_lib.SpecError, match=r"bad.json: not valid JSON: .* at line 2 column"):
     spec_lib.load_spec(tmp_path / "bad.json")
+
+
+def test_label_values_lose_the_whitespace_around_them_as_the_data_does():
+  """The data's texts are compared stripped; the spec's were not: "yes " matched no row and
+  every label was 0."""
+  spec = _edit("tasks.1.positive_values", [" yes "])
+  spec["tasks"][1]["negative_values"] = ["no\t"]
+  purchase = spec_lib.parse_spec(spec).tasks[1]
+  assert purchase.positive_values == ("yes",) and purchase.negative_values == ("no",)
+
+
+def test_load_spec_refuses_a_key_given_twice(tmp_path):
+  """JSON keeps the last of a repeated key: {"type": "numeric", "type": "categorical"} was a
+  categorical feature, silently."""
+  text = json.dumps(VALID).replace('"type": "numeric", "transform": "log1p"',
+                                   '"type": "numeric", "type": "categorical", "transform": "log1p"')
+  (tmp_path / "spec.json").write_text(text)
+  with pytest.raises(spec_lib.SpecError) as info:
+    spec_lib.load_spec(tmp_path / "spec.json")
+  assert str(info.value) == (f"{tmp_path / 'spec.json'}: features[2].type: the key is given "
+                             f"twice (JSON keeps the last one); give it once")
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -102,6 +102,8 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from apem_jax.data import preprocessing as prep_lib
+
 SPLITS = ("train", "validation", "test")
 FORMATS = ("csv", "parquet", "tfrecord")
 FEATURE_TYPES = ("categorical", "numeric")
@@ -340,7 +342,7 @@ def schema_errors(value: Any, schema: Mapping[str, Any], path: str = "") -> list
       key, variants = schema["x-discriminator"], schema["x-variants"]
       if key not in value:
         return [f"{where}: missing required key {key!r} (one of {list(variants)})"]
-      if value[key] not in variants or not isinstance(value[key], str):
+      if not isinstance(value[key], str) or value[key] not in variants:
         return [f"{_join(path, key)}: {_json(value[key])} is not one of {list(variants)}"]
       return schema_errors(value, variants[value[key]], path)
     properties = schema.get("properties", {})
@@ -511,6 +513,10 @@ def parse_spec(raw: Any, source: str = "spec.json", base_dir: str = ".") -> Spec
       quote_char=fmt.get("quote_char", '"'), header=fmt.get("header", True),
       column_names=tuple(fmt["column_names"]) if fmt.get("column_names") else None,
       missing_values=tuple(fmt.get("missing_values", ("",))))
+  for key, char in (("delimiter", file_format.delimiter), ("quote_char", file_format.quote_char)):
+    if char is not None and (not char.isascii() or char in "\r\n"):
+      raise _fail(source, f"format.{key}", f"{char!r}: expected one ASCII character other than a "
+                  f"line break (the CSV reader takes no other)")
   if file_format.quote_char is not None and file_format.quote_char == file_format.delimiter:
     raise _fail(source, "format.quote_char", "must differ from the delimiter")
 
@@ -608,14 +614,18 @@ def parse_spec(raw: Any, source: str = "spec.json", base_dir: str = ".") -> Spec
       raise _fail(source, f"{path}.threshold", "cannot be combined with positive_values")
     if "negative_values" in t and "positive_values" not in t:
       raise _fail(source, f"{path}.negative_values", "only with positive_values")
-    pos, neg = t.get("positive_values"), t.get("negative_values")
+    # Strings as the data's are compared: without the ASCII whitespace around them.
+    pos, neg = [None if t.get(k) is None else
+                [v.strip(prep_lib.ASCII_WHITESPACE) if isinstance(v, str) else v for v in t[k]]
+                for k in ("positive_values", "negative_values")]
     for key, vals in (("positive_values", pos), ("negative_values", neg)):
-      if vals is not None and len({type(v) is str for v in vals}) > 1:
-        raise _fail(source, f"{path}.{key}", "give all strings or all numbers, not both")
+      if vals is not None and len({_value_kind(v) for v in vals}) > 1:
+        raise _fail(source, f"{path}.{key}", "give all strings, all numbers or all booleans, "
+                    f"not a mix ({', '.join(_json(v) for v in vals)})")
     if pos is not None and neg is not None:
-      if (type(pos[0]) is str) != (type(neg[0]) is str):
+      if _value_kind(pos[0]) != _value_kind(neg[0]):
         raise _fail(source, f"{path}.negative_values", "must be strings if positive_values are "
-                    "strings, numbers if they are numbers")
+                    "strings, numbers if they are numbers, booleans if booleans")
       both = [v for v in pos if v in neg]
       if both:
         raise _fail(source, f"{path}.negative_values", f"{_json(both[0])} is also a positive "
@@ -688,6 +698,41 @@ class _NotJson:
   literal: str
 
 
+def _value_kind(value: Any) -> str:
+  """A label value's kind: booleans are not numbers here (``[true, 2]`` is a mix)."""
+  return ("boolean" if isinstance(value, bool) else "string" if isinstance(value, str) else
+          "number")
+
+
+class _Repeated(dict):
+  """A JSON object in which a key appears twice (``repeated``: the first such key)."""
+  repeated: str = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+  """``json`` object hook: a dict, a :class:`_Repeated` when a key is given twice."""
+  value = dict(pairs)
+  if len(value) == len(pairs):
+    return value
+  seen = set()
+  repeated = _Repeated(value)
+  repeated.repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+  return repeated
+
+
+def _find_repeated(value: Any, path: str = "") -> str | None:
+  """The key path of the first key given twice in one object of a parsed spec, or None."""
+  if isinstance(value, _Repeated):
+    return _join(path, value.repeated)
+  items = value.items() if isinstance(value, dict) else (
+      enumerate(value) if isinstance(value, list) else ())
+  for key, item in items:
+    found = _find_repeated(item, _join(path, key))
+    if found is not None:
+      return found
+  return None
+
+
 def _find_not_json(value: Any, path: str = "") -> tuple[str, str] | None:
   """(key path, literal) of the first :class:`_NotJson` in a parsed spec, or None."""
   if isinstance(value, _NotJson):
@@ -716,9 +761,13 @@ def load_spec(path: str | os.PathLike) -> Spec:
   except UnicodeDecodeError as e:
     raise SpecError(f"{path}: not UTF-8 text: {e}") from e
   try:
-    raw = json.loads(text, parse_constant=_NotJson)
+    raw = json.loads(text, parse_constant=_NotJson, object_pairs_hook=_object)
   except json.JSONDecodeError as e:
     raise SpecError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+  repeated = _find_repeated(raw)
+  if repeated is not None:
+    raise SpecError(f"{path}: {repeated}: the key is given twice (JSON keeps the last one); give "
+                    f"it once")
   found = _find_not_json(raw)
   if found is not None:
     raise SpecError(f"{path}: {found[0]}: {found[1]} is not a JSON number (JSON has no NaN or "
