@@ -8,6 +8,7 @@ the eval path's predictions; the NumPy encoder and the graph encoder give the pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -382,3 +383,75 @@ def test_a_categorical_value_missing_where_the_spec_refuses_it_is_refused_when_s
       with pytest.raises(tf.errors.InvalidArgumentError,
                          match="feature country: a value is missing"):
         graph({k: tf.constant(v) for k, v in bad.items()})
+
+
+def test_number_like_missing_values_are_missing_when_served(tmp_path):
+  """``format.missing_values`` ["", "-1"]: a numeric feature's -1 is missing in preparation (and
+  so is "-1.0", the same float32); the NumPy and graph encoders, sent -1.0, read it so too."""
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = serving.tf
+  n = ["-1", "10", "-1.0", "20", "", "7", "-1", "3", "12", "5"]
+  rows = [{"split": ["train", "validation", "test"][i % 3], "c": "a", "n": n[i % 10],
+           "m": "-1" if n[(i + 2) % 10] in ("", "-1.0") else n[(i + 2) % 10],
+           "clicked": str(i % 2)} for i in range(60)]
+  write_csv(tmp_path / "events.csv", rows)
+  spec = {"format": {"type": "csv", "missing_values": ["", "-1", "NA"]},
+          "files": ["events.csv"], "split": {"split_column": "split"},
+          "features": [{"name": "c", "type": "categorical"},
+                       {"name": "n", "type": "numeric", "missing": "indicator"},
+                       {"name": "m", "type": "numeric", "missing": {"fill": 4.0}}],
+          "tasks": [{"name": "click", "label_column": "clicked"}]}
+  data = prepared.load_prepared(
+      prepare.prepare(write_spec(tmp_path, spec), tmp_path / "cache").path)
+  prep = data.preprocessing
+  assert prep.numeric_missing_values == ((-1.0,), (-1.0,))
+  assert prep_lib.Preprocessing.from_json(prep.to_json()) == prep
+  encoder = tf.function(serving.RawFeatureEncoder(prep), autograph=False)
+  for split in prepared.SPLITS:
+    part = _split(rows, split)
+    raw = {"c": np.array([r["c"] for r in part]),
+           "n": np.array([np.nan if r["n"] == "" else float(r["n"]) for r in part], np.float32),
+           "m": np.array([float(r["m"]) for r in part], np.float32)}
+    want = data.arrays[split]
+    np.testing.assert_array_equal(want["categorical"][:, 1], np.isnan(raw["n"]) | (raw["n"] == -1))
+    assert (raw["n"] == -1).any() and (raw["m"] == -1).any()
+    for got in (prep_lib.encode(raw, prep),
+                {k: v.numpy() for k, v in encoder({k: tf.constant(v) for k, v in raw.items()}
+                                                  ).items()}):
+      np.testing.assert_array_equal(got["categorical"], want["categorical"])
+      np.testing.assert_allclose(got["numeric"], want["numeric"], atol=1e-6, rtol=0)
+  # Under policy 'error' the number is refused as missing, by name.
+  strict = dataclasses.replace(prep, numeric_missing=("indicator", "error"),
+                               numeric_fills=(None, None))
+  bad = {"c": np.array(["a"]), "n": np.array([-1.0], np.float32), "m": np.array([-1.0], np.float32)}
+  with pytest.raises(ValueError, match=r"'m', row 0: the value is missing \(NaN or one of "
+                                       r"\[-1.0\]\)"):
+    prep_lib.encode(bad, strict)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"feature m: a value is missing \(NaN or one of \[-1.0\]\)"):
+    serving.RawFeatureEncoder(strict)({k: tf.constant(v) for k, v in bad.items()})
+  # A preprocessing.json written before: no missing numbers.
+  old = prep_lib.Preprocessing.from_dict(
+      {k: v for k, v in prep.to_dict().items() if k != "numeric_missing_values"})
+  assert old.numeric_missing_values == ((), ())
+  assert prep_lib.encode(bad, old)["categorical"][0, 1] == 0
+
+
+def test_a_blank_category_is_missing_when_served_under_policy_error(tmp_path):
+  """``"missing": "error"``: preparation refuses a value blank once stripped (" "), and so do
+  the NumPy and graph encoders; under 'value' it is the value ""."""
+  from apem_jax.data import serving  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  tf = serving.tf
+  prep = prep_lib.Preprocessing(("u", "c"), (), (("", "a"), ("a", "b")), (), (), "none",
+                                categorical_missing=("value", "error"))
+  graph = tf.function(serving.RawFeatureEncoder(prep), autograph=False)
+  ok = {"u": np.array([" ", "a"]), "c": np.array(["a", " b "])}
+  np.testing.assert_array_equal(prep_lib.encode(ok, prep)["categorical"], [[0, 0], [1, 1]])
+  np.testing.assert_array_equal(graph({k: tf.constant(v) for k, v in ok.items()})
+                                ["categorical"].numpy(), [[0, 0], [1, 1]])
+  for blank in (" ", "", "\t "):
+    bad = dict(ok, c=np.array(["a", blank]))
+    with pytest.raises(ValueError, match="'c', row 1: the value is missing"):
+      prep_lib.encode(bad, prep)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="feature c: a value is missing"):
+      graph({k: tf.constant(v) for k, v in bad.items()})

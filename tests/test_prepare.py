@@ -440,7 +440,8 @@ def test_hashing_missing_values_and_vocabulary_limits(tmp_path):
   rows = [{"user": f"user-{i % 97}", "city": ["a", "b", "c", "d"][min(int(rng.zipf(2)), 4) - 1],
            "price": "" if i % 7 == 0 else f"{rng.normal(5, 2):.4f}",
            "age": "" if i % 5 == 0 else str(20 + i % 40), "tag": "" if i % 3 == 0 else "x",
-           "clicked": str(i % 2), "buy": "" if i % 4 == 0 else "0"} for i in range(n)]
+           "clicked": str(i % 2), "buy": "" if i % 4 == 0 else str(int(i % 9 == 1))}
+          for i in range(n)]
   write_csv(tmp_path / "d.csv", rows)
   spec = {"format": "csv", "files": ["d.csv"],
           "split": {"fractions": {"train": 0.6, "validation": 0.2, "test": 0.2}},
@@ -927,3 +928,137 @@ def test_trains_on_a_funnel_csv_with_string_categories(funnel_csv, tmp_path):
   assert set(summary["best_validation"]) >= {"click", "purchase"}
   with open(workdir / "preprocessing.json") as f:
     assert json.load(f)["categorical_fields"] == ["user", "country", "device"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Values a preparation refused silently, or read wrongly (review)
+# ---------------------------------------------------------------------------------------------
+
+def _tiny(directory: pathlib.Path, header: str, rows: list[str], **changes) -> dict:
+  """x.csv with ``rows`` under ``header``; a spec with a split column ``split``, a categorical
+  ``c`` and a task ``click`` on ``y`` (``changes`` replace keys)."""
+  (directory / "x.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+  spec = {"format": "csv", "files": ["x.csv"], "split": {"split_column": "split"},
+          "features": [{"name": "c", "type": "categorical"}],
+          "tasks": [{"name": "click", "label_column": "y"}]}
+  spec.update(changes)
+  return spec
+
+
+def _numeric_spec(**feature) -> list[dict]:
+  return [{"name": "c", "type": "categorical"}, dict({"name": "n", "type": "numeric"}, **feature)]
+
+
+def test_numbers_whose_moments_or_standardised_values_overflow_are_refused(tmp_path):
+  rows = ["train,a,1e200,0", "train,a,2e200,1", "train,a,3e200,0", "validation,a,1,1",
+          "test,a,1,0"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,n,y", rows, features=_numeric_spec()),
+         r"spec.json: feature 'n': its training values are too large, their mean or variance "
+         r"overflows float64; give it \"transform\": \"log1p\"")
+  # A batch of one huge value: its M2 is 0, not inf * 0 (NaN), so its std is that of a constant.
+  moments = prepare._Moments()  # pylint: disable=protected-access
+  moments.add(np.array([1e160]))
+  assert moments.m2 == 0.0 and moments.mean == 1e160
+  # Standardised beyond float32 (a tiny training spread), and labels and weights beyond it.
+  rows = ["train,a,0,0", "train,a,1e-30,1", "validation,a,1e10,1", "test,a,0,0"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,n,y", rows, features=_numeric_spec()),
+         r"x.csv, line 4, column 'n' \(a numeric feature\): 10000000000.0 standardised \("
+         r"training mean 5e-31, std 5e-31\) overflows float32")
+  rows = ["train,a,1,2.5", "train,b,2,1e39", "validation,a,1,0", "test,a,1,0"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,w,y", rows, weight_column="w",
+                         tasks=[{"name": "v", "label_column": "y", "kind": "regression"}]),
+         r"x.csv, line 3, column 'y' \(the label of task 'v'\): 1e\+39 overflows float32")
+  rows = ["train,a,1,1", "train,b,1e39,0", "validation,a,1,0", "test,a,1,0"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,w,y", rows, weight_column="w"),
+         r"x.csv, line 3, column 'w' \(the weight column\): 1e\+39 overflows float32")
+
+
+@pytest.mark.parametrize("role", ["label", "weight", "split", "hash"])
+def test_a_column_may_have_any_name_the_preparation_uses_inside(tmp_path, role):
+  """The split ids pass 1 spills are kept outside the data's columns: a column named
+  ``__split__`` (once their name) is read as any other."""
+  def arrays(name):
+    changes = {"label": dict(tasks=[{"name": "click", "label_column": name}]),
+               "weight": dict(weight_column=name),
+               "split": dict(split={"split_column": name}),
+               "hash": dict(split={"hash_column": name,
+                                   "fractions": {"train": 0.6, "validation": 0.2, "test": 0.2}})}
+    columns = {"label": "split,c,{},w", "weight": "split,c,y,{}", "split": "{},c,y,w",
+               "hash": "h,c,y,w"}
+    rows = [f"{['train', 'validation', 'test'][i % 3]},{'ab'[i % 2]},{i % 2},{1 + i % 3}"
+            for i in range(60)]
+    if role == "hash":
+      rows = [f"k{i},{r.split(',', 1)[1]}" for i, r in enumerate(rows)]
+      columns["hash"] = "{},c,y,w"
+    spec = _tiny(tmp_path, columns[role].format(name), rows, **changes[role])
+    spec.setdefault("tasks", [{"name": "click", "label_column": "y"}])
+    if role != "weight":
+      spec["weight_column"] = "w"
+    result = prepare.prepare(write_spec(tmp_path, spec), tmp_path / f"cache-{name}")
+    return prepared.load_prepared(result.path).arrays
+  want, got = arrays("other"), arrays("__split__")
+  for split in prepared.SPLITS:
+    assert len(got[split]["labels"])
+    for key, value in want[split].items():
+      np.testing.assert_array_equal(got[split][key], value)
+
+
+def test_a_numeric_feature_without_a_training_value_is_refused(tmp_path):
+  rows = ["train,a,,1", "train,b,,0", "validation,a,1000000,1", "test,a,-5,0"]
+  message = _fails(tmp_path, _tiny(tmp_path, "split,c,n,y", rows,
+                                   features=_numeric_spec(missing="indicator")),
+                   r"spec.json: feature 'n': no value in the training split \(its 2 values "
+                   r"there are all missing\)")
+  assert "x.csv" not in message
+
+
+def test_tiny_values_are_standardised_and_a_constant_is_relative_to_the_mean(tmp_path):
+  rows = ["train,a,1e-13,0", "train,a,2e-13,1", "train,a,3e-13,0", "validation,a,2e-13,1",
+          "test,a,4e-13,0"]
+  spec = _tiny(tmp_path, "split,c,n,y", rows, features=_numeric_spec())
+  data = prepared.load_prepared(prepare.prepare(write_spec(tmp_path, spec), tmp_path / "c").path)
+  z = np.sqrt(1.5)
+  np.testing.assert_allclose(data.arrays["train"]["numeric"][:, 0], [-z, 0, z], atol=1e-6)
+  np.testing.assert_allclose(data.arrays["test"]["numeric"][:, 0], [2 * z], atol=1e-5)
+  x = np.array([1e-13, 2e-13, 3e-13])
+  fitted = prep_lib.fit_preprocessing({"n": x}, (), ("n",), numeric_transform="none")
+  assert fitted.stds == data.preprocessing.stds and fitted.stds[0] == pytest.approx(x.std())
+  # A constant whose mean rounds off it (0.1 + 0.1 + 0.1 != 0.3): std 1, in both paths.
+  rows = [f"train,a,{v},{i % 2}" for i, v in enumerate(["123456.7"] * 7)] + [
+      "validation,a,1,1", "test,a,1,0"]
+  spec = _tiny(tmp_path, "split,c,n,y", rows, features=_numeric_spec())
+  data = prepared.load_prepared(prepare.prepare(write_spec(tmp_path, spec), tmp_path / "d").path)
+  fitted = prep_lib.fit_preprocessing({"n": np.full(7, 123456.7)}, (), ("n",),
+                                      numeric_transform="none")
+  assert data.preprocessing.stds == fitted.stds == (1.0,)
+
+
+def test_a_binary_task_without_positives_or_negatives_in_training_is_refused(tmp_path):
+  rows = ["train,a,yes", "train,b,no", "validation,a,yes", "test,b,no"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,y", rows,
+                         tasks=[{"name": "buy", "label_column": "y", "positive_values": ["Yes"]}]),
+         r"spec.json: task 'buy': no positive label among its 2 labelled rows of the training "
+         r"split \(positive: positive_values \['Yes'\]\)")
+  rows = ["train,a,5", "train,b,", "train,b,7", "validation,a,1", "test,b,0"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,y", rows, tasks=[
+      {"name": "big", "label_column": "y", "threshold": 2, "missing": "mask"}]),
+         r"task 'big': no negative label among its 2 labelled rows of the training split "
+         r"\(positive: a label > threshold 2")
+
+
+def test_training_weights_that_are_all_zero_are_refused(tmp_path):
+  rows = ["train,a,1,0", "train,a,0,0", "validation,a,0,1", "test,a,1,1"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,y,w", rows, weight_column="w"),
+         r"spec.json: the weight column 'w': every weight of the training split \(2 rows\) is 0")
+
+
+def test_a_blank_category_is_missing(tmp_path):
+  rows = ["train,a,0", "train, ,1", "validation,a,0", "test,a,1"]
+  _fails(tmp_path, _tiny(tmp_path, "split,c,y", rows, features=[
+      {"name": "c", "type": "categorical", "missing": "error"}]),
+         r"x.csv, line 3, column 'c' \(a categorical feature\): the value is missing \(' ' is "
+         r"blank\) \(the feature's \"missing\" is \"error\"\)")
+  # Where missing values are values, a blank one is the missing value "".
+  spec = _tiny(tmp_path, "split,c,y", rows)
+  data = prepared.load_prepared(prepare.prepare(write_spec(tmp_path, spec), tmp_path / "c").path)
+  assert data.preprocessing.vocabularies == (("", "a"),)

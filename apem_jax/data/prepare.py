@@ -78,7 +78,6 @@ SPLIT_HASH_BUCKETS = 1 << 30
 SPLIT_HASH_KEY = (0x6170656D2D6A6178, 0x73706C69742D3031)  # fixed: changing it moves rows
 _COMPACT_AT = 1 << 20  # pending vocabulary entries before they are merged
 _DICT = pa.dictionary(pa.int32(), pa.string())
-_SPILL_SPLIT = "__split__"
 
 
 class DataError(ValueError):
@@ -802,7 +801,12 @@ def labels_of(chunk: Chunk, spec: spec_lib.Spec) -> tuple[np.ndarray, np.ndarray
                         f"is missing (give the task \"missing\": \"mask\" to leave such rows "
                         f"out of its loss)")
       mask[missing, t] = 0.0
-    labels[:, t] = value
+    with np.errstate(over="ignore"):  # (refused below)
+      labels[:, t] = value
+    if task.kind == "regression" and np.isinf(labels[:, t]).any():
+      i = int(np.argmax(np.isinf(labels[:, t])))
+      raise DataError(f"{chunk.where(i)}, column {column!r} (the label of task {task.name!r}): "
+                      f"{value[i]} overflows float32")
   return labels, mask
 
 
@@ -816,7 +820,13 @@ def weights_of(chunk: Chunk, spec: spec_lib.Spec) -> np.ndarray:
     i = int(np.argmax(bad))
     what = "is missing" if np.isnan(x[i]) else f"{x[i]} is not a finite number >= 0"
     raise DataError(f"{chunk.where(i)}, column {c!r} (the weight column): {what}")
-  return x.astype(np.float32)
+  with np.errstate(over="ignore"):  # (refused below)
+    w = x.astype(np.float32)
+  if np.isinf(w).any():
+    i = int(np.argmax(np.isinf(w)))
+    raise DataError(f"{chunk.where(i)}, column {c!r} (the weight column): {x[i]} overflows "
+                    f"float32")
+  return w
 
 
 def inconsistent_funnel(labels: np.ndarray, mask: np.ndarray, spec: spec_lib.Spec) -> np.ndarray:
@@ -850,12 +860,29 @@ def _funnel_error(chunk: Chunk, bad: np.ndarray, ids: np.ndarray, labels: np.nda
                    f"split); fix the data{drop}")
 
 
-def _numeric(chunk: Chunk, feature: spec_lib.Feature
+def missing_numbers(spec: spec_lib.Spec) -> tuple[float, ...]:
+  """The finite numbers among a CSV spec's ``format.missing_values`` (stripped, as Arrow casts
+  text): a numeric feature's value equal to one in float32 is missing, as the exported encoder,
+  which is sent float32, reads it."""
+  if spec.format.type != "csv":
+    return ()
+  numbers = set()
+  for text in spec.format.missing_values:
+    try:
+      x = pc.cast(pa.array([text.strip(prep_lib.ASCII_WHITESPACE)]), pa.float64())[0].as_py()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+      continue
+    if x is not None and np.isfinite(x):
+      numbers.add(x + 0.0)
+  return tuple(sorted(numbers))
+
+
+def _numeric(chunk: Chunk, feature: spec_lib.Feature, markers: Sequence[float] = ()
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(transformed float64 values, missing mask after fills, missing mask of the file) of a
-  numeric feature; fills applied."""
+  numeric feature; fills applied. ``markers``: :func:`missing_numbers`."""
   x = chunk.numbers(feature.name)
-  missing = in_file = np.isnan(x)
+  missing = in_file = np.isnan(x) | prep_lib.is_missing_number(x, markers)
   if np.isinf(x).any():
     i = int(np.argmax(np.isinf(x)))
     raise DataError(f"{chunk.where(i)}, column {feature.name!r} (a numeric feature): {x[i]} is "
@@ -863,8 +890,9 @@ def _numeric(chunk: Chunk, feature: spec_lib.Feature
   if missing.any():
     if feature.missing == "error":
       i = int(np.argmax(missing))
+      what = "" if np.isnan(x[i]) else f" ({x[i]} is a missing value: format.missing_values)"
       raise DataError(f"{chunk.where(i)}, column {feature.name!r} (a numeric feature): the value "
-                      f"is missing; give the feature \"missing\": {{\"fill\": <value>}} or "
+                      f"is missing{what}; give the feature \"missing\": {{\"fill\": <value>}} or "
                       f"\"indicator\" to accept missing values")
     if feature.missing == "fill":
       x = np.where(missing, feature.fill, x)
@@ -873,10 +901,18 @@ def _numeric(chunk: Chunk, feature: spec_lib.Feature
 
 
 def _categorical_missing(chunk: Chunk, feature: spec_lib.Feature, idx: np.ndarray) -> None:
-  if feature.missing == "error" and chunk.missing_count(feature.name):
-    i = int(np.argmax(idx < 0))
+  """Under the policy 'error', refuses a missing value: a null, or one blank once stripped."""
+  if feature.missing != "error":
+    return
+  values, _ = chunk.parts(feature.name)
+  blank = pc.fill_null(pc.equal(values, ""), False).to_numpy(zero_copy_only=False)
+  bad = (idx < 0) | (blank[np.maximum(idx, 0)] & (idx >= 0)) if len(values) else idx < 0
+  if bad.any():
+    i = int(np.argmax(bad))
+    what = "" if idx[i] < 0 else (
+        f" ({chunk.columns[feature.name].dictionary[int(idx[i])].as_py()!r} is blank)")
     raise DataError(f"{chunk.where(i)}, column {feature.name!r} (a categorical feature): the "
-                    f"value is missing (the feature's \"missing\" is \"error\")")
+                    f"value is missing{what} (the feature's \"missing\" is \"error\")")
 
 
 # --------------------------------------------------------------------------------------------
@@ -921,12 +957,17 @@ class _Moments:
     nb = len(x)
     if not nb:
       return
-    mb = float(x.mean())
-    m2b = float(np.square(x - mb).sum())
+    with np.errstate(over="ignore"):  # (an overflow is refused in _Fitter.finalize)
+      mb = float(x.mean())
+      m2b = float(np.square(x - mb).sum())
+    self.merge(nb, mb, m2b)
+
+  def merge(self, nb: int, mb: float, m2b: float) -> None:
+    """Adds a batch's count, mean and M2 (no cross term into an empty state: ``inf * 0``)."""
     total = self.n + nb
     delta = mb - self.mean
     self.mean += delta * nb / total
-    self.m2 += m2b + delta * delta * self.n * nb / total
+    self.m2 += m2b + (delta * delta * self.n * nb / total if self.n else 0.0)
     self.n = total
 
   @property
@@ -972,6 +1013,20 @@ class Fitted:
   statistics: dict[str, Any]
 
 
+# A count kept in ``_Fitter.missing`` (a key no feature name can be, merged as its counts are):
+# the training rows with a weight > 0.
+_WEIGHTED = ("weighted",)
+
+
+def _positive_rule(task: spec_lib.TaskSpec) -> str:
+  """Which labels of a binary task are positive, for a message."""
+  if task.threshold is not None:
+    return f"a label > threshold {task.threshold}"
+  if task.positive_values is None:
+    return "1 or true"
+  return f"positive_values {list(task.positive_values)}"
+
+
 class _Fitter:
   def __init__(self, spec: spec_lib.Spec):
     self.spec = spec
@@ -980,6 +1035,9 @@ class _Fitter:
     self.samples = {f.name: _DistinctSample(QUANTILE_SAMPLE_SIZE) for f in spec.numeric
                     if f.buckets >= 2}
     self.missing = {f.name: 0 for f in spec.features}
+    self.markers = missing_numbers(spec)
+    if spec.weight_column:
+      self.missing[_WEIGHTED] = 0
     self.rows = 0
     self.dropped = 0
     self.positives = np.zeros(len(spec.tasks))
@@ -989,7 +1047,7 @@ class _Fitter:
     """Checks every row of the chunk; counts the training rows (``ids == 0``)."""
     spec = self.spec
     labels, mask = labels_of(chunk, spec)
-    weights_of(chunk, spec)  # checked; not a statistic
+    weights = weights_of(chunk, spec)
     train = ids == 0
     bad = inconsistent_funnel(labels, mask, spec)
     if bad.any():
@@ -1003,6 +1061,8 @@ class _Fitter:
       labels, mask = labels[train], mask[train]
     self.positives += (labels * mask).sum(axis=0)
     self.labelled += mask.sum(axis=0)
+    if spec.weight_column:
+      self.missing[_WEIGHTED] += int(((weights > 0) & train).sum())
     for f in spec.categorical:
       values, idx = chunk.parts(f.name)
       _categorical_missing(chunk, f, idx)
@@ -1014,7 +1074,7 @@ class _Fitter:
       if not f.hashed:
         self.counters[f.name].add(pa.concat_arrays([values, pa.array([""])]), counts)
     for f in spec.numeric:
-      t, missing, in_file = _numeric(chunk, f)
+      t, missing, in_file = _numeric(chunk, f, self.markers)
       use = ~missing if everything else train & ~missing
       self.missing[f.name] += int((in_file & train).sum())  # a filled value was missing too
       present = t if use.all() else t[use]
@@ -1056,8 +1116,15 @@ class _Fitter:
     means, stds, boundaries = {}, {}, {}
     for f in spec.numeric:
       m = self.moments[f.name]
-      mean, std = (m.mean, m.std) if m.n else (0.0, 1.0)
-      std = std if std > 1e-12 else 1.0
+      if not m.n:
+        raise DataError(f"{spec.source}: feature {f.name!r}: no value in the training split (its "
+                        f"{self.missing[f.name]} values there are all missing)")
+      mean, std = m.mean, m.std
+      if not (np.isfinite(mean) and np.isfinite(std)):
+        raise DataError(f"{spec.source}: feature {f.name!r}: its training values are too "
+                        f"large, their mean or variance overflows float64; give it "
+                        f"\"transform\": \"log1p\"")
+      std = prep_lib.fitted_std(mean, std)
       means[f.name], stds[f.name] = mean, std
       b: tuple[float, ...] = ()
       entry = {"name": f.name, "transform": f.transform, "mean": mean, "std": std,
@@ -1076,6 +1143,14 @@ class _Fitter:
     stats["tasks"] = [{"name": t.name, "kind": t.kind, "labelled_in_train": int(n),
                        "positives_in_train": int(p) if t.kind == "binary" else None}
                       for t, n, p in zip(spec.tasks, self.labelled, self.positives)]
+    for t, n, p in zip(spec.tasks, self.labelled, self.positives):
+      if t.kind == "binary" and (p == 0 or p == n):
+        raise DataError(f"{spec.source}: task {t.name!r}: no {'positive' if p == 0 else 'negative'}"
+                        f" label among its {int(n)} labelled rows of the training split "
+                        f"(positive: {_positive_rule(t)}); check the spec against the data")
+    if spec.weight_column and not self.missing[_WEIGHTED]:
+      raise DataError(f"{spec.source}: the weight column {spec.weight_column!r}: every weight of "
+                      f"the training split ({self.rows} rows) is 0")
     stats["vocabularies"] = {k: list(v) for k, v in vocabularies.items()}
     return Fitted(vocabularies, arrays, means, stds, boundaries, stats)
 
@@ -1119,14 +1194,21 @@ def encode_chunk(chunk: Chunk, ids: np.ndarray, spec: spec_lib.Spec, fitted: Fit
     np.take(entries.astype(id_type), chunk.codes(f.name), out=categorical[j])
   numeric = np.zeros((n, len(spec.numeric)), np.float32)
   j_indicator = len(spec.categorical)
+  markers = missing_numbers(spec) if spec.numeric else ()
   for j, f in enumerate(spec.numeric):
-    t, missing, _ = _numeric(chunk, f)
+    t, missing, _ = _numeric(chunk, f, markers)
     z = (t - fitted.means[f.name]) / fitted.stds[f.name]
     if f.missing == "indicator":
       z[missing] = 0.0  # the training mean
       categorical[j_indicator] = missing
       j_indicator += 1
-    numeric[:, j] = z
+    with np.errstate(over="ignore"):  # (refused below)
+      numeric[:, j] = z
+    if np.isinf(numeric[:, j]).any():
+      i = int(np.argmax(np.isinf(numeric[:, j])))
+      raise DataError(f"{chunk.where(i)}, column {f.name!r} (a numeric feature): "
+                      f"{chunk.numbers(f.name)[i]} standardised (training mean "
+                      f"{fitted.means[f.name]}, std {fitted.stds[f.name]}) overflows float32")
   arrays = {"categorical": categorical.T, "numeric": numeric, "labels": labels,
             "label_mask": mask, "weight": weight}
   # Rows by split: train rows with an inconsistent funnel (policy 'drop') go to no split (3).
@@ -1202,7 +1284,8 @@ def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted) -> prep_lib.Preproce
       indicator_columns=tuple(columns.get(f.name, -1) for f in spec.numeric),
       # The CSV reader reads these as missing (""); Parquet and TFRecord have nulls instead.
       missing_values=spec.format.missing_values if spec.format.type == "csv" else (),
-      categorical_missing=tuple(f.missing for f in spec.categorical))
+      categorical_missing=tuple(f.missing for f in spec.categorical),
+      numeric_missing_values=tuple(missing_numbers(spec) for _ in spec.numeric))
 
 
 def check_splits_have_rows(spec: spec_lib.Spec, files: Mapping[str, Sequence[spec_lib.FileInfo]],
@@ -1363,37 +1446,41 @@ def _name(spec: spec_lib.Spec) -> str:
 
 
 class _Spill:
-  """Pass 1's parsed batches in an Arrow IPC stream, for pass 2 to read back without parsing."""
+  """Pass 1's parsed batches in an Arrow IPC stream, for pass 2 to read back without parsing;
+  each row's split id in a file of its own (a column beside the data's could take a name the
+  data uses)."""
 
   def __init__(self, path: pathlib.Path):
     self.path = path
+    self.ids_path = path.with_name(path.name + ".ids")
     self.chunks: list[tuple[str, int, str, int]] = []  # file, first_row, unit, line_offset
-    self._writer = None
+    self._writer = self._ids = None
 
   def write(self, chunk: Chunk, ids: np.ndarray) -> None:
-    columns = dict(chunk.columns)
-    columns[_SPILL_SPLIT] = pa.array(ids, pa.int8())
-    batch = pa.record_batch(columns)
+    batch = pa.record_batch(dict(chunk.columns))
     if self._writer is None:
       self._writer = pa_ipc.new_stream(str(self.path), batch.schema)
+      self._ids = open(self.ids_path, "wb")
     self._writer.write_batch(batch)
+    self._ids.write(np.asarray(ids, np.int8).tobytes())
     self.chunks.append((chunk.file, chunk.first_row, chunk.unit, chunk.line_offset))
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
-      self._writer = None
+      self._ids.close()
+      self._writer = self._ids = None
 
   def read(self) -> Iterator[tuple[Chunk, np.ndarray]]:
     self.close()
     if not self.chunks:
       return
-    with pa.OSFile(str(self.path)) as source:  # not memory-mapped: RSS stays bounded
-      reader = pa_ipc.open_stream(source)
+    with pa.OSFile(str(self.path)) as source, open(self.ids_path, "rb") as ids:
+      reader = pa_ipc.open_stream(source)  # (not memory-mapped: RSS stays bounded)
       for (file, first_row, unit, offset), batch in zip(self.chunks, reader):
-        columns = {name: batch.column(name) for name in batch.schema.names if name != _SPILL_SPLIT}
+        columns = {name: batch.column(name) for name in batch.schema.names}
         yield (Chunk(columns, batch.num_rows, file, first_row, unit, offset),
-               batch.column(_SPILL_SPLIT).to_numpy())
+               np.frombuffer(ids.read(batch.num_rows), np.int8))
 
 
 def _record_categorical_missing(directory: pathlib.Path, spec: spec_lib.Spec) -> None:
@@ -1487,6 +1574,7 @@ def _prepare_into(directory: pathlib.Path, spec: spec_lib.Spec,
   rows_written = {s: w.rows for s, w in writers.writers.items()}
   if spill is not None:
     spill.path.unlink(missing_ok=True)
+    spill.ids_path.unlink(missing_ok=True)
   check_splits_have_rows(spec, files, rows_written)
   pass2_seconds = time.perf_counter() - start
   for split, count in inconsistent_kept.items():

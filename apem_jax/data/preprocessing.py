@@ -11,11 +11,12 @@ fields call TensorFlow's farmhash op, imported on first use, as preparation does
 * Categorical field, hashed (``num_buckets`` > 0): value -> ``farmhash64(value) % num_buckets``
   (``tf.strings.to_hash_bucket_fast``); no vocabulary, no OOV.
   Either way a value is first stripped of surrounding ASCII whitespace; a missing value (None,
-  NaN, or one of ``missing_values``) is the empty string, or refused under the field's policy
-  ``'error'``.
+  NaN, one of ``missing_values``, or blank once stripped) is the empty string, or refused under
+  the field's policy ``'error'``.
 * Numeric field: ``z = (t(x) - mean) / std`` with ``t`` (per field) = identity (``'none'``) or
   ``sign(x) * log1p(|x|)`` (``'log1p'``), mean/std (population, ddof=0) of ``t(x)`` over the
-  training rows; a constant field gets ``std = 1``. A missing value (NaN) is handled by the
+  training rows; a constant field (``std <= 1e-12 * |mean|``) gets ``std = 1``. A missing value
+  (NaN, or equal in float32 to one of the field's ``numeric_missing_values``) is handled by the
   field's policy: ``'error'`` (refused), ``'fill'`` (replaced by the fill value, in the column's
   units, before ``t``), ``'indicator'`` (``z = 0``, the training mean, and an extra categorical
   column ``<name>_missing`` with id 1 where missing, 0 where present).
@@ -71,12 +72,14 @@ class Preprocessing:
       ``format.missing_values``: preparation reads them as missing), compared before stripping.
     categorical_missing: per categorical field, what a missing value is: 'value' (the id of
       ``""``, as any value) or 'error' (refused, as preparation refused it).
+    numeric_missing_values: per numeric field, the finite numbers read as missing (a CSV spec's
+      number-like ``format.missing_values``), compared in float32 (the serving dtype).
 
-  The last seven were added later: a file without them (written before) loads with what they
+  The last eight were added later: a file without them (written before) loads with what they
   meant then: every categorical field a vocabulary whose missing value is ``""``, every numeric
-  field ``numeric_transform``, no missing values accepted, no indicators. Constructed with them
-  left empty, they are filled in the same way (indicators, if any, after the categorical
-  fields).
+  field ``numeric_transform``, no missing values accepted, no indicators, no missing numbers.
+  Constructed with them left empty, they are filled in the same way (indicators, if any, after
+  the categorical fields).
   """
 
   categorical_fields: tuple[str, ...]
@@ -94,6 +97,7 @@ class Preprocessing:
   indicator_columns: tuple[int, ...] = ()
   missing_values: tuple[str, ...] = ()
   categorical_missing: tuple[str, ...] = ()
+  numeric_missing_values: tuple[tuple[float, ...], ...] = ()
 
   def __post_init__(self):
     fc, fn = len(self.categorical_fields), len(self.numeric_fields)
@@ -169,6 +173,12 @@ class Preprocessing:
                        f"only those) needs its own column in [0, {width})")
     set_("indicator_columns", columns)
     set_("missing_values", tuple(str(v) for v in self.missing_values))
+    markers = tuple(tuple(float(v) for v in vs) for vs in self.numeric_missing_values) or (
+        ((),) * fn)
+    if len(markers) != fn or not all(np.isfinite(v) for vs in markers for v in vs):
+      raise ValueError(f"Preprocessing: one tuple of finite missing numbers per numeric field is "
+                       f"required, got {markers}")
+    set_("numeric_missing_values", markers)
 
   @property
   def vocab_sizes(self) -> tuple[int, ...]:
@@ -225,7 +235,9 @@ class Preprocessing:
         "numeric_fills": list(self.numeric_fills),
         "indicator_columns": list(self.indicator_columns),
         "missing_values": list(self.missing_values),
-        "categorical_missing": list(self.categorical_missing),
+        "numeric_missing_values": [list(v) for v in self.numeric_missing_values],
+        "categorical_missing": list(self.categorical_missing),  # last: see prepare.py's
+        # _record_categorical_missing, which appends it to a file written before it
     }
 
   @classmethod
@@ -246,6 +258,8 @@ class Preprocessing:
         indicator_columns=tuple(int(c) for c in d.get("indicator_columns", ())),
         missing_values=tuple(d.get("missing_values", ())),
         categorical_missing=tuple(d.get("categorical_missing", ())),
+        numeric_missing_values=tuple(tuple(float(x) for x in v)
+                                     for v in d.get("numeric_missing_values", ())),
     )
 
   def to_json(self) -> str:
@@ -302,16 +316,17 @@ ASCII_WHITESPACE = " \t\n\v\f\r"
 
 def categorical_missing(values: np.ndarray | Sequence, missing_values: Sequence[str] = ()
                         ) -> np.ndarray:
-  """bool ``[N]``: where a raw categorical value is missing (None, NaN, or exactly one of
-  ``missing_values``), as preparation reads a null."""
+  """bool ``[N]``: where a raw categorical value is missing (None, NaN, exactly one of
+  ``missing_values``, or blank once stripped), as preparation reads it."""
   raw = np.asarray(values)
   if raw.dtype == object:
     missing = np.array([_is_missing(v) for v in raw.reshape(-1)], bool).reshape(raw.shape)
   else:
     missing = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+  strings = as_str_array(raw)
   if len(missing_values):
-    missing |= np.isin(as_str_array(raw), np.asarray(missing_values, dtype=str))
-  return missing
+    missing |= np.isin(strings, np.asarray(missing_values, dtype=str))
+  return missing | (np.char.strip(strings, ASCII_WHITESPACE) == "")
 
 
 def categorical_values(values: np.ndarray | Sequence, missing_values: Sequence[str] = ()
@@ -334,6 +349,16 @@ def transform_numeric(values: np.ndarray, transform: str) -> np.ndarray:
   if transform == "log1p":
     return np.sign(x) * np.log1p(np.abs(x))
   raise ValueError(f"numeric_transform must be one of {NUMERIC_TRANSFORMS}, got {transform!r}")
+
+
+# A field is constant when its std is below this fraction of its mean (rounding: the mean of n
+# equal values need not be that value): relative, so that tiny values (1e-13, 2e-13) are not.
+CONSTANT_RTOL = 1e-12
+
+
+def fitted_std(mean: float, std: float) -> float:
+  """The std a field is normalised by: ``std``, or 1 for a constant field."""
+  return 1.0 if std <= CONSTANT_RTOL * abs(mean) else std
 
 
 def fit_preprocessing(train_columns: Mapping[str, np.ndarray],
@@ -369,7 +394,7 @@ def fit_preprocessing(train_columns: Mapping[str, np.ndarray],
   for name in numeric_fields:
     t = transform_numeric(train_columns[name], numeric_transform)
     mean, std = float(t.mean()), float(t.std())
-    std = std if std > 1e-12 else 1.0
+    std = fitted_std(mean, std)
     means.append(mean)
     stds.append(std)
     if numeric_buckets > 1:
@@ -421,26 +446,37 @@ def hash_categorical(values: np.ndarray, num_buckets: int, missing_values: Seque
       tf.constant(np.char.encode(values, "utf-8")), int(num_buckets)).numpy().astype(np.int32)
 
 
+def is_missing_number(x: np.ndarray, markers: Sequence[float]) -> np.ndarray:
+  """bool ``[N]``: where float ``x`` equals one of ``markers`` in float32 (the serving dtype)."""
+  if not len(markers):
+    return np.zeros(np.shape(x), bool)
+  with np.errstate(over="ignore"):
+    return np.isin(np.asarray(x).astype(np.float32), np.asarray(markers, np.float32))
+
+
 def encode_numeric(values: np.ndarray, preprocessing: Preprocessing, j: int
                    ) -> tuple[np.ndarray, np.ndarray]:
   """(float32 ``[N]`` normalised values, bool ``[N]`` missing) of numeric field ``j``.
 
-  Missing (NaN, or None in an object array) per the field's policy: 'error' raises, 'fill' uses
-  the fill value, 'indicator' gives 0 (the training mean) and reports the row as missing.
+  Missing (NaN, None in an object array, or one of the field's ``numeric_missing_values``) per
+  the field's policy: 'error' raises, 'fill' uses the fill value, 'indicator' gives 0 (the
+  training mean) and reports the row as missing.
 
   Raises:
     ValueError: an infinite value, or a missing one under policy 'error'.
   """
   name, policy = preprocessing.numeric_fields[j], preprocessing.numeric_missing[j]
   x = np.asarray(values, dtype=np.float64)
-  missing = np.isnan(x)
+  markers = preprocessing.numeric_missing_values[j]
+  missing = np.isnan(x) | is_missing_number(x, markers)
   if np.isinf(x).any():
     i = int(np.argmax(np.isinf(x)))
     raise ValueError(f"numeric field {name!r}, row {i}: {x[i]} is not a finite number")
   if missing.any():
     if policy == "error":
       i = int(np.argmax(missing))
-      raise ValueError(f"numeric field {name!r}, row {i}: the value is missing (NaN) and the "
+      what = f"NaN or one of {list(markers)}" if markers else "NaN"
+      raise ValueError(f"numeric field {name!r}, row {i}: the value is missing ({what}) and the "
                        f"field accepts no missing values (policy 'error')")
     if policy == "fill":
       x = np.where(missing, preprocessing.numeric_fills[j], x)

@@ -15,14 +15,17 @@ tables are saved with it) and that turns raw columns into the model's arrays exa
 
   A missing value is sent as the empty string (preparation reads a missing value as ``""``), or
   as one of the CSV spec's ``format.missing_values`` (``Preprocessing.missing_values``), which
-  read as ``""`` too.
+  read as ``""`` too; a value blank once stripped is missing as well (refused under the field's
+  policy 'error', as preparation refuses it).
 * numeric field: ``float32 [b]`` -> ``(t(x) - mean) / std`` computed in float64 (as NumPy does),
   then rounded to float32; ``t`` (per field) = identity or ``sign(x) * log1p(|x|)``. A missing
-  value is sent as NaN and handled by the field's policy: 'fill' -> the fill value before ``t``;
-  'indicator' -> 0 (the training mean) and id 1 in the field's ``<name>_missing`` column of the
-  ``categorical`` array (0 when present); 'error' (the field had no missing values in
-  preparation) -> the call fails with ``InvalidArgumentError`` naming the feature. An infinite
-  value fails the call under every policy (preparation refuses it too).
+  value is sent as NaN (or as one of the field's ``numeric_missing_values``, a CSV spec's
+  number-like ``format.missing_values``, compared in float32) and handled by the field's policy:
+  'fill' -> the fill value before ``t``; 'indicator' -> 0 (the training mean) and id 1 in the
+  field's ``<name>_missing`` column of the ``categorical`` array (0 when present); 'error' (the
+  field had no missing values in preparation) -> the call fails with ``InvalidArgumentError``
+  naming the feature. An infinite value fails the call under every policy (preparation refuses
+  it too).
 
 Without a :class:`~apem_jax.data.preprocessing.Preprocessing` (synthetic data: numeric fields
 only, generated already normalised) the numeric inputs pass through unchanged.
@@ -123,15 +126,15 @@ class RawFeatureEncoder(tf.Module):
       if p.missing_values:  # read as missing, as preparation does: compared before stripping
         is_missing = tf.reduce_any(
             tf.equal(value[:, None], tf.constant(p.missing_values, tf.string)[None, :]), axis=1)
-        if policy == "error":
-          with tf.control_dependencies([tf.debugging.Assert(
-              tf.logical_not(tf.reduce_any(is_missing)),
-              [f"feature {f}: a value is missing (one of the dataset spec's missing_values), "
-               f"but the feature accepts none (its missing policy in the spec is error)"],
-              name=f"categorical_present_{c}")]):
-            value = tf.identity(value)
         value = tf.where(is_missing, tf.constant(""), value)
       value = tf.strings.strip(value)
+      if policy == "error":  # a missing value, or a blank one, is "" now
+        with tf.control_dependencies([tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(tf.equal(value, ""))),
+            [f"feature {f}: a value is missing (blank, or one of the dataset spec's "
+             f"missing_values), but the feature accepts none (its missing policy in the spec is "
+             f"error)"], name=f"categorical_present_{c}")]):
+          value = tf.identity(value)
       ids = (tf.strings.to_hash_bucket_fast(value, buckets) if buckets else table.lookup(value))
       columns[c] = tf.cast(ids, tf.int32)
     numeric = []
@@ -147,8 +150,11 @@ class RawFeatureEncoder(tf.Module):
   @staticmethod
   def _numeric(p: prep_lib.Preprocessing, j: int, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(float32 normalised values, bool missing) of numeric field ``j`` from float64 ``x``."""
-    name, policy = p.numeric_fields[j], p.numeric_missing[j]
+    name, policy, markers = p.numeric_fields[j], p.numeric_missing[j], p.numeric_missing_values[j]
     is_missing = tf.math.is_nan(x)
+    if markers:  # compared in float32, the dtype a client sends
+      is_missing |= tf.reduce_any(tf.equal(tf.cast(x, tf.float32)[:, None],
+                                           tf.constant(markers, tf.float32)[None, :]), axis=1)
     # (Messages without quotes: graph mode shows them escaped.)
     checks = [tf.debugging.Assert(
         tf.logical_not(tf.reduce_any(tf.math.is_inf(x))),
@@ -157,8 +163,9 @@ class RawFeatureEncoder(tf.Module):
     if policy == "error":
       checks.append(tf.debugging.Assert(
           tf.logical_not(tf.reduce_any(is_missing)),
-          [f"feature {name}: a value is missing (NaN), but the feature accepts none (its "
-           f"missing-value policy in the dataset spec is error)"], name=f"present_{j}"))
+          [f"feature {name}: a value is missing (NaN"
+           + (f" or one of {list(markers)}" if markers else "") + "), but the feature accepts "
+           f"none (its missing-value policy in the dataset spec is error)"], name=f"present_{j}"))
     with tf.control_dependencies(checks):
       x = tf.identity(x)
     if policy == "fill":
