@@ -720,27 +720,16 @@ def _object(pairs: list[tuple[str, Any]]) -> dict:
   return repeated
 
 
-def _find_repeated(value: Any, path: str = "") -> str | None:
-  """The key path of the first key given twice in one object of a parsed spec, or None."""
-  if isinstance(value, _Repeated):
-    return _join(path, value.repeated)
+def _find(value: Any, pick, path: str = "") -> tuple[str, Any] | None:
+  """(key path, ``pick(node)``) of the first node of a parsed spec for which ``pick`` gives
+  something other than None, or None."""
+  here = pick(value)
+  if here is not None:
+    return path, here
   items = value.items() if isinstance(value, dict) else (
       enumerate(value) if isinstance(value, list) else ())
   for key, item in items:
-    found = _find_repeated(item, _join(path, key))
-    if found is not None:
-      return found
-  return None
-
-
-def _find_not_json(value: Any, path: str = "") -> tuple[str, str] | None:
-  """(key path, literal) of the first :class:`_NotJson` in a parsed spec, or None."""
-  if isinstance(value, _NotJson):
-    return path or "(top level)", value.literal
-  items = value.items() if isinstance(value, dict) else (
-      enumerate(value) if isinstance(value, list) else ())
-  for key, item in items:
-    found = _find_not_json(item, _join(path, key))
+    found = _find(item, pick, _join(path, key))
     if found is not None:
       return found
   return None
@@ -764,13 +753,13 @@ def load_spec(path: str | os.PathLike) -> Spec:
     raw = json.loads(text, parse_constant=_NotJson, object_pairs_hook=_object)
   except json.JSONDecodeError as e:
     raise SpecError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-  repeated = _find_repeated(raw)
+  repeated = _find(raw, lambda node: node.repeated if isinstance(node, _Repeated) else None)
   if repeated is not None:
-    raise SpecError(f"{path}: {repeated}: the key is given twice (JSON keeps the last one); give "
-                    f"it once")
-  found = _find_not_json(raw)
+    raise SpecError(f"{path}: {_join(*repeated)}: the key is given twice (JSON keeps the last "
+                    f"one); give it once")
+  found = _find(raw, lambda node: node.literal if isinstance(node, _NotJson) else None)
   if found is not None:
-    raise SpecError(f"{path}: {found[0]}: {found[1]} is not a JSON number (JSON has no NaN or "
+    raise SpecError(f"{path}: {found[0] or '(top level)'}: {found[1]} is not a JSON number (JSON has no NaN or "
                     f"Infinity); write a finite number")
   base = os.path.dirname(path) if not _is_remote(path) else path.rsplit("/", 1)[0]
   return parse_spec(raw, source=path, base_dir=base or ".")
