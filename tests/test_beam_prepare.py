@@ -192,3 +192,28 @@ def test_object_store_publish_moves_metadata_only_once_every_file_arrived(tmp_pa
   with pytest.raises(OSError, match=r"1 prepared files did not arrive .*train-00000.tfrecord"):
     beam_prepare._publish(str(tmp), str(final))  # pylint: disable=protected-access
   assert not (final / prepared.METADATA_FILE).exists()
+
+
+def test_training_weights_all_zero_are_refused_as_prepare_refuses_them(tmp_path, monkeypatch):
+  """The count of weighted training rows is merged across the pieces Beam reads: a training
+  split over several pieces, every weight 0, is refused with prepare's message; one weight > 0
+  in its last piece is enough."""
+  monkeypatch.setattr(prepare, "CSV_SEGMENT_BYTES", 1000)  # pieces of about 15 rows
+  rows = make_rows(60)
+  for row in rows:
+    row["w"] = "0" if row["split"] == "train" else "1"
+  write_csv(tmp_path / "events.csv", rows)
+  spec = write_spec(tmp_path, base_spec())
+  with pytest.raises(prepare.DataError) as expected:
+    prepare.prepare(spec, tmp_path / "local")
+  with pytest.raises(prepare.DataError) as got:
+    beam_prepare.prepare(spec, tmp_path / "beam", pipeline_options=DIRECT)
+  assert str(got.value) == str(expected.value)
+  assert "the weight column 'w': every weight of the training split" in str(got.value)
+  assert all_files(tmp_path / "beam") == []
+  last_train = max(i for i, row in enumerate(rows) if row["split"] == "train")
+  rows[last_train]["w"] = "1"
+  write_csv(tmp_path / "events.csv", rows)
+  _assert_same_directory(prepare.prepare(spec, tmp_path / "local").path,
+                         beam_prepare.prepare(spec, tmp_path / "beam",
+                                              pipeline_options=DIRECT).path)

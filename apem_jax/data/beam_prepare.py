@@ -189,6 +189,7 @@ def _merge(into: _Partial, other: _Partial) -> _Partial:
     a.missing[name] += n
   a.rows += b.rows
   a.dropped += b.dropped
+  a.weighted += b.weighted
   a.positives = a.positives + b.positives
   a.labelled = a.labelled + b.labelled
   into.rows_read += other.rows_read

@@ -1013,11 +1013,6 @@ class Fitted:
   statistics: dict[str, Any]
 
 
-# A count kept in ``_Fitter.missing`` (a key no feature name can be, merged as its counts are):
-# the training rows with a weight > 0.
-_WEIGHTED = ("weighted",)
-
-
 def _positive_rule(task: spec_lib.TaskSpec) -> str:
   """Which labels of a binary task are positive, for a message."""
   if task.threshold is not None:
@@ -1036,8 +1031,7 @@ class _Fitter:
                     if f.buckets >= 2}
     self.missing = {f.name: 0 for f in spec.features}
     self.markers = missing_numbers(spec)
-    if spec.weight_column:
-      self.missing[_WEIGHTED] = 0
+    self.weighted = 0  # training rows with a weight > 0
     self.rows = 0
     self.dropped = 0
     self.positives = np.zeros(len(spec.tasks))
@@ -1061,8 +1055,7 @@ class _Fitter:
       labels, mask = labels[train], mask[train]
     self.positives += (labels * mask).sum(axis=0)
     self.labelled += mask.sum(axis=0)
-    if spec.weight_column:
-      self.missing[_WEIGHTED] += int(((weights > 0) & train).sum())
+    self.weighted += int(((weights > 0) & train).sum())
     for f in spec.categorical:
       values, idx = chunk.parts(f.name)
       _categorical_missing(chunk, f, idx)
@@ -1148,7 +1141,7 @@ class _Fitter:
         raise DataError(f"{spec.source}: task {t.name!r}: no {'positive' if p == 0 else 'negative'}"
                         f" label among its {int(n)} labelled rows of the training split "
                         f"(positive: {_positive_rule(t)}); check the spec against the data")
-    if spec.weight_column and not self.missing[_WEIGHTED]:
+    if spec.weight_column and not self.weighted:
       raise DataError(f"{spec.source}: the weight column {spec.weight_column!r}: every weight of "
                       f"the training split ({self.rows} rows) is 0")
     stats["vocabularies"] = {k: list(v) for k, v in vocabularies.items()}
