@@ -392,6 +392,26 @@ def _versions() -> dict[str, str]:
   return out
 
 
+def missing_values_text(prep: Preprocessing) -> dict[str, str]:
+  """How a client sends a missing value to the SavedModel, per kind of feature (metadata.json's
+  ``saved_model.missing_values``): NaN, or a number-like token a numeric field reads as missing,
+  and ``""``, or a categorical token read as missing."""
+  markers = {name: list(m) for name, m in zip(prep.numeric_fields, prep.numeric_missing_values)
+             if m}
+  numeric = (f"send {serving.MISSING_NUMERIC}" +
+             (f" (or, for {', '.join(markers)}, one of {sorted(set().union(*markers.values()))})"
+              if markers else "") +
+             ": a feature with missing 'fill' gets its fill value, one with 'indicator' the "
+             "training mean and 1 in its indicator field; one with 'error' fails the call")
+  categorical = ("send the empty string (what preparation reads a missing value as)" +
+                 (f" or one of {list(prep.missing_values)}"
+                  if set(prep.missing_values) - {""} else "") +
+                 (f"; a feature with missing 'error' fails the call on one of "
+                  f"{list(prep.missing_values)}"
+                  if prep.missing_values and "error" in prep.categorical_missing else ""))
+  return {"numeric": numeric, "categorical": categorical}
+
+
 def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
              checks: dict) -> dict:
   schema, prep = run.schema, run.preprocessing
@@ -420,6 +440,8 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
       policy = prep.numeric_missing[j]
       entry.update(transform=prep.numeric_transforms[j], mean=prep.means[j], std=prep.stds[j],
                    missing=policy)
+      if prep.numeric_missing_values[j]:
+        entry["missing_values"] = list(prep.numeric_missing_values[j])
       if policy == "fill":
         entry["fill"] = prep.numeric_fills[j]
       elif policy == "indicator":
@@ -444,18 +466,7 @@ def metadata(run: Run, exported: jax.export.Exported, platforms: Sequence[str],
       "saved_model": {
           "path": SAVED_MODEL_DIR, "tag": "serve", "signature": SIGNATURE,
           "inputs": {f["name"]: {"dtype": f["dtype"], "shape": [None]} for f in fields},
-          "missing_values": (
-              {"numeric": f"send {serving.MISSING_NUMERIC}: a feature with missing 'fill' gets "
-                          f"its fill value, one with 'indicator' the training mean and 1 in "
-                          f"its indicator field; one with 'error' fails the call",
-               "categorical": "send the empty string (what preparation reads a missing value "
-                              "as)" + (f" or one of {list(prep.missing_values)}"
-                                       if set(prep.missing_values) - {""} else "") +
-                              (f"; a feature with missing 'error' fails the call on one of "
-                               f"{list(prep.missing_values)}"
-                               if prep.missing_values and "error" in prep.categorical_missing
-                               else "")}
-              if prep is not None else None),
+          "missing_values": missing_values_text(prep) if prep is not None else None,
           "outputs": {t.name: {"dtype": "float32", "shape": [None]} for t in schema.tasks},
           "platforms": list(platforms),
           "preprocessing": PREPROCESSING_FILE if prep is not None else None},

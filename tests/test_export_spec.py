@@ -127,7 +127,8 @@ def test_export_metadata_describes_encodings_and_missing_values(spec_run):
   meta = spec_run["meta"]
   assert meta["checks"]["max_diff_saved_model"] <= ATOL
   assert list(meta["saved_model"]["inputs"]) == list(CATEGORICAL + NUMERIC)  # no indicator
-  assert meta["saved_model"]["missing_values"]["numeric"].startswith("send NaN")
+  assert meta["saved_model"]["missing_values"]["numeric"].startswith("send NaN: ")
+  assert not any("missing_values" in f for f in meta["fields"])  # no number-like token
   fields = {f["name"]: f for f in meta["fields"]}
   assert fields["user"]["encoding"] == "hash" and fields["user"]["num_buckets"] == 16
   assert fields["country"]["encoding"] == "vocabulary"
@@ -430,6 +431,9 @@ def test_number_like_missing_values_are_missing_when_served(tmp_path):
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r"feature m: a value is missing \(NaN or one of \[-1.0\]\)"):
     serving.RawFeatureEncoder(strict)({k: tf.constant(v) for k, v in bad.items()})
+  # The export's metadata tells a client so, in words and per field.
+  text = export_lib.missing_values_text(prep)["numeric"]
+  assert text.startswith("send NaN (or, for n, m, one of [-1.0]): "), text
   # A preprocessing.json written before: no missing numbers.
   old = prep_lib.Preprocessing.from_dict(
       {k: v for k, v in prep.to_dict().items() if k != "numeric_missing_values"})
