@@ -355,8 +355,8 @@ def test_inconsistent_funnel_rows_pure_function():
 
 
 def test_pipeline_errors_on_inconsistent_funnels_or_drops_them(monkeypatch, tmp_path):
-  """A source registered as in-memory gets the funnel check of ``data.inconsistent_funnel``
-  (a file source's spec settles it at preparation: tests/test_prepare.py)."""
+  """A source registered as in-memory gets the funnel check of ``data.inconsistent_funnel`` on
+  its training split only, as a spec's (settled at preparation: tests/test_prepare.py)."""
   from apem_jax.data import sources  # pylint: disable=g-import-not-at-top
   config = tiny_funnel_config().data
   config.data_dir = str(tmp_path)
@@ -368,6 +368,9 @@ def test_pipeline_errors_on_inconsistent_funnels_or_drops_them(monkeypatch, tmp_
     labels = arrays["train"]["labels"].copy()
     labels[[5, 9]] = [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]  # two impossible rows in train
     arrays["train"]["labels"] = labels
+    labels = arrays["validation"]["labels"].copy()
+    labels[3] = [0.0, 1.0, 0.0]  # scored as it is, never filtered
+    arrays["validation"]["labels"] = labels
     return pipeline.DatasetSplits(real.schema, real.preprocessing, arrays)
 
   monkeypatch.setitem(sources.SOURCES, "corrupted_funnel", corrupted)
@@ -378,8 +381,10 @@ def test_pipeline_errors_on_inconsistent_funnels_or_drops_them(monkeypatch, tmp_
     pipeline.load_dataset(config)
   config.inconsistent_funnel = "drop"
   data = pipeline.load_dataset(config)
-  assert data.inconsistent_funnel_rows == {"train": 2, "validation": 0, "test": 0}
+  assert data.inconsistent_funnel_rows == {"train": 2}
   assert data.num_examples("train") == 2558
+  assert data.num_examples("validation") == real.num_examples("validation")
+  assert data.arrays["validation"]["labels"][3].tolist() == [0.0, 1.0, 0.0]
   assert not pipeline.inconsistent_funnel_rows(data.arrays["train"]["labels"],
                                                data.arrays["train"]["label_mask"],
                                                data.schema.parents).any()

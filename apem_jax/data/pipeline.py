@@ -284,8 +284,8 @@ def load_dataset(data_config: Any) -> DatasetSplits:
   reads the rest of ``data``.
 
   ``data.inconsistent_funnel`` ('error' | 'drop', default 'error'): what to do with rows of a
-  generated funnel whose later step is positive where an earlier one is negative (a spec sets it
-  in the spec).
+  source's training split whose later funnel step is positive where an earlier one is negative
+  (validation and test are scored as they are; a spec sets it in the spec).
 
   Raises:
     ValueError: unknown ``data.name``, or a key the dataset does not take or a bad value.
@@ -307,11 +307,9 @@ def load_dataset(data_config: Any) -> DatasetSplits:
     raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
                      f"{INCONSISTENT_FUNNEL_POLICIES}")
   splits = sources.SOURCES[name](data_config)
-  if splits.schema.has_funnel:
-    for split in list(splits.arrays):
-      splits.arrays[split], dropped = enforce_funnel_consistency(
-          splits.arrays[split], splits.schema, policy, f"dataset {name!r}, split {split!r}")
-      splits.inconsistent_funnel_rows[split] = dropped
+  if splits.schema.has_funnel and "train" in splits.arrays:  # validation and test: as they are
+    splits.arrays["train"], splits.inconsistent_funnel_rows["train"] = enforce_funnel_consistency(
+        splits.arrays["train"], splits.schema, policy, f"dataset {name!r}, split 'train'")
   return splits
 
 
