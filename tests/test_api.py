@@ -54,7 +54,16 @@ def test_columns_become_a_validated_dataset_and_a_run_takes_it(tmp_path):
     (dict(splits={"train": dict(_columns(50), price=[1.0] * 49 + [float("nan")]),
                   "validation": _columns(50)}),
      r"split 'train', row 49, numeric column 'price': nan is not a finite number"),
-    (dict(splits={"train": dict(_columns(50), click=[0.0] * 50, buy=[1.0] + [0.0] * 49),
+    (dict(splits={"train": dict(_columns(50), price=[1e200, -1e200] * 25),
+                  "validation": _columns(50)}),
+     r"field 'price': its training values are too large, their mean or variance overflows"),
+    (dict(splits={"train": _columns(50), "validation": dict(_columns(50), price=[1e300] * 50)}),
+     r"split 'validation', row 0, numeric column 'price': 1e\+300 standardised \(training mean "
+     r".*overflows float32"),
+    (dict(splits={"train": dict(_columns(50), click=[0.0] * 50, buy=[0.0] * 50),
+                  "validation": _columns(50)}),
+     r"split 'train', label column 'click': no positive \(1\) label among its 50 labelled rows"),
+    (dict(splits={"train": dict(_columns(50), click=[0.0] * 49 + [1.0], buy=[1.0] + [0.0] * 49),
                   "validation": _columns(50)}),
      r"split 'train': 1 of 50 rows are inconsistent funnels.*first at row 0.* set "
      r"inconsistent_funnel='drop'"),  # the argument's name, not the config key
@@ -80,7 +89,7 @@ def test_a_missing_category_is_the_empty_string_and_numbers_read_as_preparation_
 
 
 def test_inconsistent_funnel_rows_are_dropped_from_training_only():
-  bad = dict(_columns(50), click=[0.0] * 50, buy=[1.0] + [0.0] * 49)
+  bad = dict(_columns(50), click=[0.0] * 49 + [1.0], buy=[1.0] + [0.0] * 48 + [1.0])
   data = _data(splits={"train": bad, "validation": bad}, inconsistent_funnel="drop")
   assert data.num_examples("train") == 49 and data.num_examples("validation") == 50
   assert data.inconsistent_funnel_rows == {"train": 1}

@@ -11,7 +11,9 @@ statistics, optional quantile buckets), encodes every split and returns a valida
 
 Every column must be a feature, a task's label or listed in ``ignore``: a column left out by
 mistake is an error, not silently dropped. A task's label column is named as the task; a binary
-label is 0 or 1, and a missing one (NaN or None) is masked out of the loss and the metrics.
+label is 0 or 1 (both present in training), and a missing one (NaN or None) is masked out of the
+loss and the metrics. Numeric values whose training mean or variance overflows, or whose
+standardised value overflows float32, are refused by name.
 Funnel steps (``Task(..., depends_on=...)``) of the training split are checked for consistency
 (a step positive where the step it depends on is not): an error naming the row, or, with
 ``inconsistent_funnel='drop'``, those rows dropped (validation and test are never filtered by
@@ -71,6 +73,30 @@ def _labels(columns: Mapping[str, np.ndarray], tasks: Sequence[schema_lib.Task],
     labels.append(np.where(present, values, 0.0))
     mask.append(present)
   return (np.stack(labels, -1).astype(np.float32), np.stack(mask, -1).astype(np.float32))
+
+
+def _check_both_classes(labels: np.ndarray, label_mask: np.ndarray,
+                        tasks: Sequence[schema_lib.Task]) -> None:
+  """A binary task needs positive and negative labels among the training rows kept (labels,
+  label_mask: [N, T])."""
+  for t, task in enumerate(tasks):
+    present = label_mask[:, t] > 0
+    positives, labelled = int(labels[present, t].sum()), int(present.sum())
+    if task.kind == "binary" and positives in (0, labelled):
+      raise ValueError(f"split 'train', label column {task.name!r}: no "
+                       f"{'positive (1)' if positives == 0 else 'negative (0)'} label among its "
+                       f"{labelled} labelled rows; a binary task needs both")
+
+
+def _check_standardised(numeric: np.ndarray, columns: Mapping[str, np.ndarray],
+                        prep: prep_lib.Preprocessing, split: str) -> None:
+  """Refuses a value whose standardised form (numeric: float32 [N, Fn]) overflows float32."""
+  for j, name in enumerate(prep.numeric_fields):
+    if not np.isfinite(numeric[:, j]).all():
+      row = int(np.argmax(~np.isfinite(numeric[:, j])))
+      raise ValueError(f"split {split!r}, row {row}, numeric column {name!r}: "
+                       f"{columns[name][row]} standardised (training mean {prep.means[j]}, std "
+                       f"{prep.stds[j]}) overflows float32")
 
 
 def _show(v: Any) -> str:
@@ -153,9 +179,12 @@ def dataset_from_columns(splits: Mapping[str, Any], *, categorical: Sequence[str
   arrays = {}
   for split, cols in columns.items():
     labels, label_mask = _labels(cols, tasks, split)
-    arrays[split] = dict(prep_lib.encode(cols, prep), labels=labels, label_mask=label_mask)
+    with np.errstate(over="ignore"):  # (refused by name below)
+      arrays[split] = dict(prep_lib.encode(cols, prep), labels=labels, label_mask=label_mask)
+    _check_standardised(arrays[split]["numeric"], cols, prep, split)
   dropped = {}
   if schema.has_funnel:  # training rows only: evaluation never filters examples by their labels
     arrays["train"], dropped["train"] = pipeline.enforce_funnel_consistency(
         arrays["train"], schema, inconsistent_funnel, "split 'train'", "inconsistent_funnel")
+  _check_both_classes(arrays["train"]["labels"], arrays["train"]["label_mask"], tasks)
   return pipeline.DatasetSplits(schema, prep, arrays, dropped)

@@ -375,8 +375,8 @@ def fit_preprocessing(train_columns: Mapping[str, np.ndarray],
     numeric_buckets: at most this many buckets per numeric field (0 = no bucketing).
 
   Raises:
-    ValueError: bad ``min_count``/``numeric_transform``, or a field left with an empty
-      vocabulary.
+    ValueError: bad ``min_count``/``numeric_transform``, a field left with an empty
+      vocabulary, or numeric values whose mean or variance overflows.
   """
   if int(min_count) < 1:
     raise ValueError(f"min_count must be >= 1, got {min_count}")
@@ -393,7 +393,11 @@ def fit_preprocessing(train_columns: Mapping[str, np.ndarray],
   means, stds, boundaries = [], [], []
   for name in numeric_fields:
     t = transform_numeric(train_columns[name], numeric_transform)
-    mean, std = float(t.mean()), float(t.std())
+    with np.errstate(over="ignore", invalid="ignore"):  # (refused below)
+      mean, std = float(t.mean()), float(t.std())
+    if not (np.isfinite(mean) and np.isfinite(std)):
+      raise ValueError(f"field {name!r}: its training values are too large, their mean or "
+                       f"variance overflows float64; transform them first (log1p)")
     std = fitted_std(mean, std)
     means.append(mean)
     stds.append(std)
