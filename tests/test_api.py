@@ -121,6 +121,18 @@ def test_encoded_arrays_are_checked_against_the_schema():
   arrays["validation"]["weight"] = np.ones(100, np.float32)
   with pytest.raises(ValueError, match=r"split 'validation' has arrays \['weight'\] the schema"):
     pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  # True probabilities for the oracle metrics: a finite float row per example, a column per task.
+  arrays["validation"].pop("weight")
+  arrays["validation"]["true_q"] = np.full((100, 2), 0.5)
+  pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+  for bad, message in ((np.full((10, 2), 0.5), r"validation/true_q has shape \(10, 2\)"),
+                       (np.full((100, 2), "a"), r"validation/true_q .* dtype <U1; expected "
+                                                r"float \[100, 2\]"),
+                       (np.array([[0.5, np.nan]] * 100), r"validation/true_q row 0, task "
+                                                         r"'buy': nan is not a finite")):
+    arrays["validation"]["true_q"] = bad
+    with pytest.raises(ValueError, match=message):
+      pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
 
 
 def test_public_names_and_registry():

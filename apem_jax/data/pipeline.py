@@ -193,7 +193,7 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
   encoded splits of ``schema``: split names among :data:`SPLITS` with ``train`` and
   ``validation``; per split ``categorical`` int [N, Fc] with field i's ids in [0, vocab_size_i],
   ``numeric`` float [N, Fn] finite, ``labels`` and ``label_mask`` float [N, T] (mask 0/1, binary
-  labels 0/1 where present), any :data:`EVAL_ONLY_KEYS` with N rows, and in the training split
+  labels 0/1 where present), any :data:`EVAL_ONLY_KEYS` float [N, T] finite, and in the training split
   optionally ``weight`` float [N], finite and >= 0."""
   unknown = sorted(set(arrays) - set(SPLITS))
   missing = [s for s in ("train", "validation") if s not in arrays]
@@ -240,6 +240,16 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
       row, col = map(int, np.argwhere(~np.isfinite(split_arrays["numeric"]))[0])
       raise ValueError(f"dataset: {split}/numeric row {row}, field {schema.numeric[col].name!r}: "
                        f"{split_arrays['numeric'][row, col]} is not a finite number")
+    for key in set(EVAL_ONLY_KEYS) & set(split_arrays):
+      a = np.asarray(split_arrays[key])
+      if a.shape != (rows, schema.num_tasks) or not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"dataset: {split}/{key} has shape {a.shape} and dtype {a.dtype}; "
+                         f"expected float [{rows}, {schema.num_tasks}] (a row per example, a "
+                         f"column per task)")
+      if not np.all(np.isfinite(a)):
+        row, col = map(int, np.argwhere(~np.isfinite(a))[0])
+        raise ValueError(f"dataset: {split}/{key} row {row}, task {schema.tasks[col].name!r}: "
+                         f"{a[row, col]} is not a finite number")
     if WEIGHT_KEY in split_arrays:
       weight = np.asarray(split_arrays[WEIGHT_KEY])
       if weight.shape != (rows,) or not np.issubdtype(weight.dtype, np.floating):
