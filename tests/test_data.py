@@ -423,6 +423,9 @@ def test_tfds_builder_on_written_files(small_census):
   for task in cs.ALL_TASKS:
     np.testing.assert_array_equal(raw["validation"][cs.label_key(task)], expected[task][val_rows])
   assert raw["train"][cs.label_key("education")].dtype == np.int64
+  with pytest.raises(ValueError, match=r"split 'train\[:10%\]'; expected a whole split, one of "
+                                       r"\['test', 'train', 'validation'\]"):
+    census_tfds.read_split(builder, "train[:10%]")  # it read all of train
   # The education attribute keeps its raw values (TFDS 1.0.0 stored the label under its name).
   train_source = cs.read_raw_file(cs.raw_dir(small_census) / "train.csv")
   np.testing.assert_array_equal(raw["train"]["education"].astype(str), train_source["education"])
@@ -468,6 +471,24 @@ def test_census_source_is_a_spec_prepared_like_any_files(small_census):
   again = pipeline.load_dataset(config)
   assert again.fingerprint() == splits.fingerprint()
   assert list((small_census / "prepared").iterdir()) == prepared
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(name="synthetic_funnel", shard_rows=0), r"data.shard_rows=0: expected an integer >= 1"),
+    (dict(name="synthetic_funnel", shuffle_buffer=10),
+     r"data.shuffle_buffer: used only by the streamed input; not with data.stream=false"),
+    (dict(name="synthetic_mmoe", synthetic=5), r"data.synthetic=5: expected a mapping"),
+    (dict(name="census_income", stream="yes"), r"data.stream='yes': expected true or false"),
+    (dict(name="census_income", min_count=2.7), r"data.min_count=2.7: expected an integer >= 1"),
+    (dict(name="census_income", numeric_buckets="8"),
+     r"data.numeric_buckets='8': expected an integer >= 0"),
+])
+def test_a_built_in_source_refuses_a_bad_value_before_writing_anything(config, message, tmp_path):
+  """Generic keys were checked only once the source had downloaded or generated its files."""
+  data_dir = tmp_path / "data"
+  with pytest.raises(ValueError, match=message):
+    pipeline.load_dataset(ml_collections.ConfigDict(dict(config, data_dir=str(data_dir))))
+  assert not data_dir.exists()
 
 
 def test_synthetic_funnel_is_a_file_source_with_its_true_probabilities(tmp_path):

@@ -452,12 +452,11 @@ def spec_dict(task_group: str, numeric_transform: str, min_count: int, numeric_b
   if numeric_transform not in NUMERIC_TRANSFORMS:
     raise ValueError(f"data.numeric_transform: unknown {numeric_transform!r}; known: "
                      f"{list(NUMERIC_TRANSFORMS)}")
-  if int(min_count) < 1:
-    raise ValueError(f"data.min_count must be >= 1, got {min_count}")
-  if int(numeric_buckets) < 0:
-    raise ValueError(f"data.numeric_buckets must be >= 0, got {numeric_buckets}")
+  for key, value, low in (("min_count", min_count, 1), ("numeric_buckets", numeric_buckets, 0)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"data.{key}={value!r}: expected an integer >= {low}")
   categorical, numeric = feature_columns(task_group)
-  buckets = int(numeric_buckets) if int(numeric_buckets) > 1 else 0
+  buckets = int(numeric_buckets) if numeric_buckets > 1 else 0
   used = set(categorical) | set(numeric) | {_TASK_LABELS[t]["label_column"] for t in tasks}
   return {
       "format": {"type": "csv", "header": False, "column_names": list(COLUMNS),

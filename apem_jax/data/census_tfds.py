@@ -135,6 +135,10 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str, *, read_batch: int
   of one example at a time. Strings come back as ``bytes`` object arrays, labels as int64.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  known = sorted(builder.info.splits.keys())
+  if split not in known:  # a slice ("train[:10%]") would read the whole files
+    raise ValueError(f"census_tfds.read_split: split {split!r}; expected a whole split, one of "
+                     f"{known}")
   spec = _parse_spec(builder)
 
   def parse(serialized):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -1695,36 +1696,60 @@ def load_spec_dataset(data_config: Any):
   Funnel label consistency follows the spec's ``inconsistent_funnel`` (training rows only are
   dropped); ``data.inconsistent_funnel`` is refused here so that there is one place to set it.
   """
-  def get(key, default=None):
-    if data_config is None:
-      return default
-    value = data_config.get(key, default) if hasattr(data_config, "get") else getattr(
-        data_config, key, default)
-    return default if value is None else value
-
+  get = functools.partial(_config_value, data_config)
   keys = list(data_config.keys()) if hasattr(data_config, "keys") else []
   for key in keys:
-    if key not in SPEC_CONFIG_KEYS and get(key) is not None:
+    if key not in SPEC_CONFIG_KEYS and get(key, None) is not None:
       where = " (set \"inconsistent_funnel\" in the spec)" if key == "inconsistent_funnel" else (
           " (set it in the spec)")
       raise ValueError(f"data.{key}: not used with data.name='spec'{where}; data keys: "
                        f"{list(SPEC_CONFIG_KEYS)}")
-  path = get("spec")
+  path = get("spec", None)
   if not path:
     raise ValueError("data.spec: required with data.name='spec' (the path of a dataset spec "
                      "JSON file; `apem-data infer FILES --output spec.json` writes a first one)")
-  stream = get("stream", True)
-  if not isinstance(stream, (bool, np.bool_)):
-    raise ValueError(f"data.stream={stream!r}: expected true or false")
-  if not stream:
-    given = [k for k in STREAM_CONFIG_KEYS if get(k) is not None]
-    if given:
-      raise ValueError(f"data.{given[0]}: used only by the streamed input; not with "
-                       f"data.stream=false")
-  prepared = prepare(path, get("data_dir", "data"),
-                     shard_rows=int(get("shard_rows", DEFAULT_SHARD_ROWS)))
-  if not stream:
+  settings = input_settings(data_config, stream_default=True)
+  prepared = prepare(path, settings["data_dir"], shard_rows=settings["shard_rows"])
+  if not settings["stream"]:
     return prepared_lib.load_prepared(prepared.path)
   from apem_jax.data import stream as stream_lib  # pylint: disable=g-import-not-at-top
-  return stream_lib.StreamedSplits(prepared.path, **{
-      arg: get(key) for key, arg in STREAM_CONFIG_KEYS.items() if get(key) is not None})
+  return stream_lib.StreamedSplits(prepared.path, **settings["stream_args"])
+
+
+def _config_value(config: Any, key: str, default: Any) -> Any:
+  """``config[key]`` of a ConfigDict, mapping or object, ``default`` where absent or None (as
+  ``pipeline.config_value``, which this module does not import: it loads JAX)."""
+  if config is None:
+    return default
+  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+  return default if value is None else value
+
+
+def input_settings(data_config: Any, stream_default: bool) -> dict[str, Any]:
+  """The checked values of the data keys every prepared dataset takes (``data.data_dir``,
+  ``shard_rows``, ``stream`` and the streamed input's keys), refused in one line naming the key
+  before anything is prepared or written.
+
+  Returns:
+    ``{"data_dir": str, "shard_rows": int, "stream": bool, "stream_args": {StreamedSplits
+    argument: int}}``.
+  """
+  get = functools.partial(_config_value, data_config)
+  data_dir = get("data_dir", "data")
+  if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
+    raise ValueError(f"data.data_dir={data_dir!r}: expected a directory path")
+  stream = get("stream", stream_default)
+  if not isinstance(stream, (bool, np.bool_)):
+    raise ValueError(f"data.stream={stream!r}: expected true or false")
+  given = {k: get(k, None) for k in STREAM_CONFIG_KEYS if get(k, None) is not None}
+  if given and not stream:
+    raise ValueError(f"data.{next(iter(given))}: used only by the streamed input; not with "
+                     f"data.stream=false")
+  lows = {"shard_rows": 1, "shuffle_buffer": 1, "stream_groups": 0, "interleave_cycle": 1}
+  values = dict(given, shard_rows=get("shard_rows", DEFAULT_SHARD_ROWS))
+  for key, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lows[key]:
+      raise ValueError(f"data.{key}={value!r}: expected an integer >= {lows[key]}")
+  return {"data_dir": str(data_dir), "shard_rows": int(values["shard_rows"]),
+          "stream": bool(stream),
+          "stream_args": {STREAM_CONFIG_KEYS[k]: int(v) for k, v in given.items()}}

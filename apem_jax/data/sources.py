@@ -48,20 +48,23 @@ def _keys(config: Any) -> set[str]:
 
 
 def _check_keys(data_config: Any, own: set[str]) -> None:
+  """Refuses a key the source does not take, and a bad value of a generic key, before the source
+  downloads or writes anything."""
+  from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   name = config_value(data_config, "name", None)
   unknown = sorted(_keys(data_config) - own - set(_SPEC_KEYS) - {"name"})
   if unknown:
     raise ValueError(f"data.{unknown[0]}: not a key of data.name={name!r}; keys: "
                      f"{sorted(own | set(_SPEC_KEYS))}")
+  prepare.input_settings(data_config, stream_default=False)
 
 
 def _load_spec(spec_path: Any, data_config: Any):
   """The prepared splits of a source's spec, read in memory unless ``data.stream=true``."""
   from apem_jax.data import prepare  # pylint: disable=g-import-not-at-top
   config = {k: config_value(data_config, k, None) for k in _SPEC_KEYS}
-  config.update(name="spec", spec=str(spec_path), data_dir=config_value(data_config, "data_dir",
-                                                                        "data"),
-                stream=config_value(data_config, "stream", False))
+  config.update(name="spec", spec=str(spec_path), stream=config_value(data_config, "stream",
+                                                                      False))
   return prepare.load_spec_dataset(config)
 
 
@@ -81,6 +84,9 @@ def _settings(data_config: Any, key: str, defaults: Mapping[str, Any]) -> dict[s
   refused."""
   _check_keys(data_config, {key})
   sub = config_value(data_config, key, None)
+  if sub is not None and not hasattr(sub, "keys"):
+    raise ValueError(f"data.{key}={sub!r}: expected a mapping of generator settings (keys "
+                     f"{sorted(defaults)})")
   unknown = sorted(_keys(sub) - set(defaults))
   if unknown:
     raise ValueError(f"data.{key}: unknown keys {unknown}; known: {sorted(defaults)}")
