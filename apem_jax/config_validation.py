@@ -32,7 +32,8 @@ _POSITIVE = ("train.batch_size", "train.eval_batch_size", "train.num_epochs", "t
 
 
 # (key, low, high, what is expected): low <= value < high.
-_RANGES = (("optimizer.b1", 0.0, 1.0, "a number in [0, 1)"),
+_RANGES = (("seed", 0, 2**63, "an int in [0, 2**63) (numpy and JAX seeds)"),
+           ("optimizer.b1", 0.0, 1.0, "a number in [0, 1)"),
            ("optimizer.b2", 0.0, 1.0, "a number in [0, 1)"),
            ("optimizer.final_lr_ratio", 0.0, math.inf,
             "a number >= 0 (the final learning rate over the peak)"),

@@ -194,6 +194,7 @@ def test_config_errors_name_the_key(tmp_path):
   # Values that trained without a word: a negative final ratio ends the schedule going uphill,
   # weights all 0 never train, NaN compared false with every bound.
   for key, value, match in [
+      ("seed", -1, r"seed=-1; expected an int in \[0, 2\*\*63\)"),  # else numpy refused it late
       ("optimizer.final_lr_ratio", -1.0, r"final_lr_ratio=-1.0; expected a number >= 0"),
       ("optimizer.b2", 1.5, r"optimizer.b2=1.5; expected a number in \[0, 1\)"),
       ("optimizer.weight_decay", -0.1, r"weight_decay=-0.1; expected a number >= 0"),

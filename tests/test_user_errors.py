@@ -26,6 +26,8 @@ CASES = [
     ("non-positive epochs", TRAIN + ["--config={tiny}", "--workdir={new}",
                                      "--config.train.num_epochs=0"],
      "train.py: error: config: train.num_epochs=0 must be positive"),
+    ("negative seed", TRAIN + ["--config={tiny}", "--workdir={new}", "--config.seed=-1"],
+     r"train.py: error: config: seed=-1; expected an int in [0, 2**63)"),
     ("unknown model", TRAIN + ["--config={tiny}", "--workdir={new}",
                                "--config.model.name=transformer"],
      "train.py: error: unknown model 'transformer'"),
