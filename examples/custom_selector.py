@@ -17,7 +17,6 @@ import ml_collections
 
 import apem_jax
 from apem_jax.configs import common
-from apem_jax.models import APEM
 
 
 class MaxPoolSelector(nn.Module):
@@ -43,7 +42,7 @@ class MaxPoolSelector(nn.Module):
     return h, alpha
 
 
-class APEMWithMaxPool(APEM):
+class APEMWithMaxPool(apem_jax.APEM):
   selector = MaxPoolSelector
 
 

@@ -8,10 +8,9 @@ import numpy as np
 
 import apem_jax
 from apem_jax.configs import common
-from apem_jax.schema import make_schema
 
 # Two categorical fields (10 and 20 values), three numeric ones, two binary tasks.
-schema = make_schema(vocab_sizes=(10, 20), num_numeric=3, task_names=("click", "buy"))
+schema = apem_jax.make_schema(vocab_sizes=(10, 20), num_numeric=3, task_names=("click", "buy"))
 config = common.base_config("apem")
 config.model.update(embed_dim=8, num_blocks=1, num_groups=4, tower_hidden=(16,))
 model = apem_jax.build_model(config.model, schema)

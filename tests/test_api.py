@@ -137,7 +137,8 @@ def test_encoded_arrays_are_checked_against_the_schema():
 
 def test_public_names_and_registry():
   assert set(apem_jax.__all__) >= {"dataset_from_columns", "Experiment", "train_and_evaluate",
-                                    "register_model", "bind_steps", "Balancing"}
+                                    "register_model", "bind_steps", "Balancing", "make_schema",
+                                    "APEM", "restore_checkpoint"}
   assert all(getattr(apem_jax, name) is not None for name in apem_jax.__all__)
   with pytest.raises(ValueError, match="already registered"):
     apem_jax.register_model("mmoe", apem_jax.MODELS["mmoe"], defaults_of="mmoe")

@@ -1,6 +1,7 @@
 """The scripts in examples/ run as a user runs them, and do what they say."""
 
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -65,7 +66,12 @@ def test_examples_run(tmp_path):
   with open(tmp_path / "custom" / "config.json") as f:
     config = json.load(f)
   assert config["model"]["name"] == "apem_maxpool" and config["train"]["balancing"] == "pcgrad"
-  assert os.path.isdir(tmp_path / "custom" / "checkpoints")
+  saved = glob.glob(str(tmp_path / "custom" / "checkpoints" / "*" / "state" / "_METADATA"))
+  assert saved
+  for path in saved:  # Orbax's record of the saved tree
+    with open(path) as f:
+      leaves = json.load(f)["tree_metadata"]
+    assert "('params', 'pattern_selector', 'project', 'kernel')" in leaves, sorted(leaves)[:20]
 
 
 def test_own_files_train_evaluate_and_export_from_a_spec_with_no_python(tmp_path):

@@ -391,6 +391,19 @@ def test_pipeline_errors_on_inconsistent_funnels_or_drops_them(monkeypatch, tmp_
   config.inconsistent_funnel = "fix"
   with pytest.raises(ValueError, match="data.inconsistent_funnel='fix'"):
     pipeline.load_dataset(config)
+  # Rows the source dropped itself are counted with those dropped here (the count was replaced).
+  def already_dropped(data_config):
+    data = corrupted(data_config)
+    return pipeline.DatasetSplits(data.schema, data.preprocessing, data.arrays, {"train": 3})
+
+  monkeypatch.setitem(sources.SOURCES, "corrupted_funnel", already_dropped)
+  config.inconsistent_funnel = "drop"
+  assert pipeline.load_dataset(config).inconsistent_funnel_rows == {"train": 5}
+  # A source not registered in memory would ignore the key, even a wrong value: refused.
+  monkeypatch.setattr(sources, "IN_MEMORY", sources.IN_MEMORY - {"corrupted_funnel"})
+  with pytest.raises(ValueError, match=r"data.inconsistent_funnel: not used by "
+                                       r"data.name='corrupted_funnel'.*in_memory=True"):
+    pipeline.load_dataset(config)
 
 
 # --------------------------------------------------------------------------------------------

@@ -310,16 +310,24 @@ def load_dataset(data_config: Any) -> DatasetSplits:
   if name not in sources.SOURCES:
     raise ValueError(f"data.name: unknown dataset {name!r}; known: "
                      f"{['spec', *sources.SOURCES]}")
+  policy = config_value(data_config, "inconsistent_funnel", None)
   if name not in sources.IN_MEMORY:
+    if policy is not None:  # else ignored: the source's files were checked by its spec
+      raise ValueError(f"data.inconsistent_funnel: not used by data.name={name!r}, a source of "
+                       f"files (its spec's \"inconsistent_funnel\" applies); a source that "
+                       f"builds its splits in Python takes it when registered with "
+                       f"in_memory=True")
     return sources.SOURCES[name](data_config)
-  policy = config_value(data_config, "inconsistent_funnel", "error")
+  policy = policy or "error"
   if policy not in INCONSISTENT_FUNNEL_POLICIES:
     raise ValueError(f"data.inconsistent_funnel={policy!r}; expected one of "
                      f"{INCONSISTENT_FUNNEL_POLICIES}")
   splits = sources.SOURCES[name](data_config)
   if splits.schema.has_funnel and "train" in splits.arrays:  # validation and test: as they are
-    splits.arrays["train"], splits.inconsistent_funnel_rows["train"] = enforce_funnel_consistency(
+    splits.arrays["train"], dropped = enforce_funnel_consistency(
         splits.arrays["train"], splits.schema, policy, f"dataset {name!r}, split 'train'")
+    rows = splits.inconsistent_funnel_rows
+    rows["train"] = rows.get("train", 0) + dropped  # (the source may have dropped some itself)
   return splits
 
 
