@@ -50,10 +50,22 @@ def test_columns_become_a_validated_dataset_and_a_run_takes_it(tmp_path):
      r"split 'train', row 0, label column 'click': 2.0; expected 0 or 1"),
     (dict(splits={"train": dict(_columns(50), price=["cheap"] + [1.0] * 49),
                   "validation": _columns(50)}),
-     r"split 'train', numeric column 'price': 'cheap' is not a number"),
+     r"split 'train', row 0, numeric column 'price': 'cheap' is not a number"),
     (dict(splits={"train": dict(_columns(50), price=[1.0] * 49 + [float("nan")]),
                   "validation": _columns(50)}),
-     r"split 'train', row 49, numeric column 'price': nan is not a finite number"),
+     r"split 'train', row 49, numeric column 'price': nan is missing; a numeric feature given "
+     r"in Python takes no missing value"),
+    (dict(splits={"train": dict(_columns(50), price=[1.0] * 48 + [None, 2.0]),
+                  "validation": _columns(50)}),
+     r"split 'train', row 48, numeric column 'price': None is missing"),
+    (dict(splits={"train": dict(_columns(50), price=[1.0] * 49 + [float("inf")]),
+                  "validation": _columns(50)}),
+     r"split 'train', row 49, numeric column 'price': inf is not a finite number"),
+    (dict(splits={"train": dict(_columns(50), click=np.array([b"1", b""] * 25)),
+                  "validation": _columns(50)}),
+     r"no negative \(0\) label among its 25 labelled rows"),  # b"" is missing, as "" is
+    (dict(splits=[_columns(50), _columns(50)]), r"splits: expected a mapping of split name"),
+    (dict(tasks="click"), r"tasks='click': expected a list of column names \(\['click'\]\)"),
     (dict(splits={"train": dict(_columns(50), price=[1e200, -1e200] * 25),
                   "validation": _columns(50)}),
      r"field 'price': its training values are too large, their mean or variance overflows"),
@@ -69,7 +81,7 @@ def test_columns_become_a_validated_dataset_and_a_run_takes_it(tmp_path):
      r"inconsistent_funnel='drop'"),  # the argument's name, not the config key
 ])
 def test_a_dataset_that_does_not_fit_is_refused_when_built(change, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises((ValueError, TypeError), match=message):
     _data(**change)
 
 

@@ -745,8 +745,8 @@ def test_infer_sizes_hash_buckets_for_the_whole_input_not_the_sample(tmp_path, m
      r"split 'train', column 'price': values of shape \(40, 2\); expected one value per row"),
     ("click", np.zeros((40, 1)),
      r"split 'train', column 'click': values of shape \(40, 1\); expected one value per row"),
-    ("click", np.array([b"", b"1"] * 20),  # (named before too)
-     r"split 'train', label column 'click': b'' is not a number"),
+    ("click", np.array([b"x", b"1"] * 20),  # (named before too; b"" is a missing label)
+     r"split 'train', label column 'click': b'x' is not a number"),
 ])
 def test_dataset_from_columns_errors_name_the_column(column, values, message):
   """A mixed-type categorical column and a 2-D column were refused without the column's name."""

@@ -56,7 +56,7 @@ def _labels(columns: Mapping[str, np.ndarray], tasks: Sequence[schema_lib.Task],
   labels, mask = [], []
   for task in tasks:
     raw = columns[task.name]
-    present = (np.array([v is not None and v != "" for v in raw], bool)
+    present = (np.array([v is not None and v != "" and v != b"" for v in raw], bool)
                if raw.dtype.kind in "OUS" else np.ones(len(raw), bool))
     try:
       values = (raw.astype(np.float64) if raw.dtype.kind in "biuf" else
@@ -99,6 +99,10 @@ def _check_standardised(numeric: np.ndarray, columns: Mapping[str, np.ndarray],
                        f"{prep.stds[j]}) overflows float32")
 
 
+_NO_MISSING = ("is missing; a numeric feature given in Python takes no missing value (fill it, "
+               "or prepare the data from a spec, whose \"missing\" policies do)")
+
+
 def _show(v: Any) -> str:
   """``repr`` of a value as the user wrote it (numpy scalars as Python ones)."""
   return repr(v.item() if isinstance(v, np.generic) else v)
@@ -133,6 +137,13 @@ def dataset_from_columns(splits: Mapping[str, Any], *, categorical: Sequence[str
   Raises:
     ValueError: naming the split, column (and row) that does not fit.
   """
+  if not isinstance(splits, Mapping):
+    raise TypeError(f"splits: expected a mapping of split name -> columns ({{'train': ..., "
+                    f"'validation': ...}}), got {type(splits).__name__}")
+  for argument, names in (("categorical", categorical), ("numeric", numeric), ("tasks", tasks),
+                          ("ignore", ignore)):
+    if isinstance(names, (str, bytes)):
+      raise TypeError(f"{argument}={names!r}: expected a list of column names ([{names!r}])")
   tasks = tuple(schema_lib.Task(t) if isinstance(t, str) else t for t in tasks)
   columns = {split: _as_columns(table, split) for split, table in splits.items()}
   named = list(categorical) + list(numeric) + [t.name for t in tasks] + list(ignore)
@@ -157,16 +168,19 @@ def dataset_from_columns(splits: Mapping[str, Any], *, categorical: Sequence[str
       except ValueError as e:
         raise ValueError(f"split {split!r}, categorical column {name!r}: {e}") from None
     for name in numeric:
-      try:
-        cols[name] = cols[name].astype(np.float64)
-      except (TypeError, ValueError):
-        bad = next(v for v in cols[name] if not _is_number(v))
-        raise ValueError(f"split {split!r}, numeric column {name!r}: {_show(bad)} is not a "
-                         f"number") from None
+      values = cols[name]
+      row = None if values.dtype.kind in "biuf" else next(
+          (i for i, v in enumerate(values) if v is None or not _is_number(v)), None)
+      if row is not None:
+        raise ValueError(f"split {split!r}, row {row}, numeric column {name!r}: "
+                         f"{_show(values[row])} " +
+                         (_NO_MISSING if values[row] is None else "is not a number"))
+      cols[name] = values.astype(np.float64)
       if not np.all(np.isfinite(cols[name])):
         row = int(np.argmax(~np.isfinite(cols[name])))
         raise ValueError(f"split {split!r}, row {row}, numeric column {name!r}: "
-                         f"{cols[name][row]} is not a finite number")
+                         f"{values[row]} " + (_NO_MISSING if np.isnan(cols[name][row])
+                                              else "is not a finite number"))
   prep = prep_lib.fit_preprocessing(columns["train"], categorical, numeric,
                                     numeric_transform=numeric_transform, min_count=min_count,
                                     numeric_buckets=numeric_buckets)
