@@ -335,6 +335,42 @@ def test_trains_streamed_and_evaluates_exactly_as_in_memory(funnel, tmp_path):
   assert test == trainer.evaluate_checkpoint(config, workdir, "test", data=memory)
 
 
+def test_row_groups_that_do_not_divide_the_batch_are_refused_before_the_run_writes(funnel,
+                                                                                  tmp_path):
+  """The check ran at the first batch, once config.json, the checkpoint directory and the
+  TensorBoard events were written."""
+  from apem_jax import trainer  # pylint: disable=g-import-not-at-top
+  config = tiny_config(funnel, stream_groups=5)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"batch_size=96 must be a multiple of the 5 row groups"):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "flipped"])
+def test_a_damaged_shard_is_named_damaged_not_read_around(funnel, tmp_path, damage):
+  """A training shard emptied (a valid TFRecord file of no record) ended each epoch early, and
+  the trainer took its batches from the next epoch: rows seen twice, no error. A shard cut
+  mid-record or with a flipped byte raised TensorFlow's DataLossError, naming no file."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "prepared"
+  shutil.copytree(streamed(funnel).directory, directory)
+  shard = directory / json.loads((directory / prepared.METADATA_FILE).read_text())[
+      "splits"]["train"]["shards"][3]["file"]
+  record = shard.read_bytes()
+  if damage == "flipped":
+    record = record[:-10] + bytes([record[-10] ^ 0xFF]) + record[-9:]
+  shard.write_bytes({"empty": b"", "cut": record[:len(record) // 2]}.get(damage, record))
+  data = stream.StreamedSplits(directory)
+  message = rf"{directory}: split 'train': .*the prepared data is damaged; delete the directory"
+  batches = data.train_batches(BATCH, seed=0)
+  with pytest.raises(ValueError, match=message):
+    for _ in range(TRAIN_ROWS // BATCH):
+      next(batches)
+  with pytest.raises(ValueError, match=message):
+    list(data.eval_batches("train", BATCH))
+
+
 def test_example_weight_reaches_the_loss(funnel):
   """Rows of weight 0 do not move the parameters; rows of weight > 0 do, and their weights
   count (the same batch at weight 1 trains to other parameters)."""

@@ -311,8 +311,28 @@ class StreamedSplits:
       ds = (self._epoch(tf, batch_size, seed, epoch, skip)
             .prefetch(2)
             .with_options(self._options(tf)))
-      yield from ds.as_numpy_iterator()
+      got = yield from self._read(tf, ds, "train")
+      if got != steps - skip:  # a shard shorter than its metadata: the epoch would end early
+        raise self._damaged("train", f"epoch {epoch} gave {skip + got} batches of {batch_size} "
+                                     f"rows, its metadata's {self.num_examples('train')} rows "
+                                     f"make {steps}")
       epoch, skip = epoch + 1, 0
+
+  def _read(self, tf, ds, split: str) -> Iterator[Batch]:
+    """Yields ``ds``'s elements (NumPy) and returns how many; a damaged record is a ValueError
+    naming the directory and split (TensorFlow's DataLossError named neither)."""
+    count = 0
+    try:
+      for batch in ds.as_numpy_iterator():
+        count += 1
+        yield batch
+    except tf.errors.DataLossError as e:
+      raise self._damaged(split, e.message.splitlines()[0] if e.message else str(e)) from None
+    return count
+
+  def _damaged(self, split: str, what: str) -> ValueError:
+    return ValueError(f"{self.directory}: split {split!r}: {what}: the prepared data is damaged; "
+                      f"delete the directory and prepare again")
 
   def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
     """Finite iterator over this process's rows of ``split``, fixed batch shape, padded last.
@@ -334,7 +354,7 @@ class StreamedSplits:
     widths = {"categorical": (fc, np.int32), "numeric": (fn, np.float32),
               "labels": (t, np.float32), "label_mask": (t, np.float32)}
     read = 0
-    for batch in ds.as_numpy_iterator():
+    for batch in self._read(tf, ds, split):
       real = len(batch["weight"])
       read += real
       if read > mine:
@@ -350,9 +370,8 @@ class StreamedSplits:
       num_batches -= 1
       yield out
     if read != mine:
-      raise ValueError(f"{self.directory}: split {split!r} gave {read} rows to process {index} "
-                       f"of {count}, its metadata says {mine}: the prepared data is damaged; "
-                       f"delete the directory and prepare again")
+      raise self._damaged(split, f"gave {read} rows to process {index} of {count}, its metadata "
+                                 f"says {mine}")
     for _ in range(num_batches):
       out = {k: np.zeros((per_process, width), dtype) for k, (width, dtype) in widths.items()}
       out["weight"] = np.zeros((per_process,), np.float32)
