@@ -31,7 +31,9 @@ import jax  # noqa: E402
 
 from apem_jax import balancing as balancing_lib, losses, step as step_lib  # noqa: E402
 from apem_jax.models import build_model  # noqa: E402
+from apem_jax.models import MODELS  # noqa: E402
 from benchmarks.gpu_step import get_config, load_schema, random_batch  # noqa: E402
+import arguments  # noqa: E402  (benchmarks/arguments.py)
 
 
 def compile_method(name: str, method: str, batch_size: int, schema, batch):
@@ -88,15 +90,18 @@ def bench_model(name: str, methods: list[str], batch_size: int, steps: int, reps
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="mmoe,apem")
-  p.add_argument("--methods", default=",".join(balancing_lib.METHODS))
-  p.add_argument("--batch_size", type=int, default=1024)
-  p.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
-  p.add_argument("--reps", type=int, default=5, help="repetitions (rounds over the methods)")
+  p.add_argument("--models", type=arguments.names(MODELS), default="mmoe,apem")
+  p.add_argument("--methods", type=arguments.names(balancing_lib.METHODS),
+                 default=",".join(balancing_lib.METHODS))
+  p.add_argument("--batch_size", type=arguments.at_least(1), default=1024)
+  p.add_argument("--steps", type=arguments.at_least(1), default=5,
+                 help="steps per timed repetition")
+  p.add_argument("--reps", type=arguments.at_least(1), default=5,
+                 help="repetitions (rounds over the methods)")
   args = p.parse_args(argv)
   start = time.time()
   schema = load_schema()
-  methods = args.methods.split(",")
+  methods = args.methods
   if "fixed" not in methods:
     methods = ["fixed"] + methods
   dev = jax.devices()[0]
@@ -105,7 +110,7 @@ def main(argv=None):
         f"{len(schema.numeric)} numeric fields, tasks {list(schema.task_names)}; batch "
         f"{args.batch_size}; median of {args.reps} x {args.steps} steps", flush=True)
   rows = []
-  for name in args.models.split(","):
+  for name in args.models:
     rows += bench_model(name, methods, args.batch_size, args.steps, args.reps, schema)
   print()
   print("| model | method | median ms/step | ratio to fixed | compile s |")

@@ -26,6 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+import arguments  # noqa: E402  (benchmarks/arguments.py)
 import xla_env  # tests/xla_env.py: the flags the suite compiles with  # noqa: E402
 
 DEVICES = "--xla_force_host_platform_device_count=8"
@@ -97,7 +98,8 @@ def table(rounds: list[dict], models: list[str]) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--reps", type=int, default=3, help="rounds over the flag sets")
+  parser.add_argument("--reps", type=arguments.at_least(1), default=3,
+                      help="rounds over the flag sets")
   parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: apem, "
                       "shared_bottom or any registered model (the tests' tiny config)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -111,7 +113,7 @@ def main() -> None:
     rounds.append({f: run_child(flags, models) for f, flags in FLAG_SETS.items()})
     print(f"round {rep + 1}/{args.reps}: {json.dumps(rounds[-1])}", file=sys.stderr)
   print(f"Medians over {args.reps} rounds; 8 simulated CPU devices; "
-        f"`python benchmarks/compile_flags.py --reps {args.reps}`\n")
+        f"`python benchmarks/compile_flags.py --reps {args.reps} --models {args.models}`\n")
   print(table(rounds, models))
 
 

@@ -15,9 +15,10 @@ it), prepares it (``prepare.prepare``, in this process), then, each in a fresh p
 * ``step``: the train step alone, on one batch fed again and again (no input): examples/s;
 * ``train``: ``trainer.train_and_evaluate`` for one epoch of a small MMoE (embed_dim 4, 8
   experts of [16], towers [8], row-wise Adagrad for the tables) on the streamed path, with its
-  validation pass: training examples/s (steps x batch / the training window, compilation
-  included, validation excluded) and the process's peak RSS (``machine.peak_rss_mb``: its own
-  ``VmHWM``; ``ru_maxrss`` would start from this parent's size).
+  validation pass: training examples/s (steps x batch / the trainer's
+  ``train_seconds_this_run``, which includes compiling the step and starting the input, both of
+  which the two rates above leave out; validation excluded) and the process's peak RSS
+  (``machine.peak_rss_mb``: its own ``VmHWM``; ``ru_maxrss`` would start from this parent's size).
 
 ``--reuse`` keeps a ``--dir`` that already holds the Parquet file and its prepared shards: the
 preparation is then found, not measured, and only the three processes run.
@@ -246,7 +247,7 @@ def main() -> None:
   print(f"| train step alone (one batch, fed again) | "
         f"**{results['step']['examples_per_second']:,.0f} examples/s** |")
   t = results["train"]
-  print(f"| training, 1 epoch streamed ({t['steps']} steps) | "
+  print(f"| training, 1 epoch streamed ({t['steps']} steps; compilation included) | "
         f"**{t['examples_per_second']:,.0f} examples/s** ({t['train_seconds']:.1f} s; "
         f"{t['wall_seconds']:.1f} s with validation and start-up) |")
   print(f"| training process peak RSS | **{t['max_rss_mb']:,.0f} MB** |")

@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import arguments  # noqa: E402  (benchmarks/arguments.py)
 import machine  # noqa: E402  (benchmarks/machine.py)
 from apem_jax import step as step_lib  # noqa: E402
 from apem_jax.configs import common  # noqa: E402
-from apem_jax.models import build_model  # noqa: E402
+from apem_jax.models import MODELS, build_model  # noqa: E402
 from apem_jax.schema import make_schema  # noqa: E402
 
 VOCAB_SIZES = (1_000_000, 100_000, 500, 10, 5)
@@ -57,15 +58,16 @@ def _step(model_name: str, optimizer: str, schema, batch):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="mmoe,apem")
-  parser.add_argument("--batch_size", type=int, default=1024)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=5, help="Steps per timed repetition.")
+  parser.add_argument("--models", type=arguments.names(MODELS), default="mmoe,apem")
+  parser.add_argument("--batch_size", type=arguments.at_least(1), default=1024)
+  parser.add_argument("--rounds", type=arguments.at_least(1), default=5)
+  parser.add_argument("--steps", type=arguments.at_least(1), default=5,
+                      help="Steps per timed repetition.")
   args = parser.parse_args()
   schema = make_schema(VOCAB_SIZES, 4, ("click", "cart", "buy"))
   batch = jax.device_put(_batch(args.batch_size, np.random.default_rng(0)))
   rows = []
-  for model_name in args.models.split(","):
+  for model_name in args.models:
     runs = {name: list(_step(model_name, name, schema, batch)) for name in OPTIMIZERS}
     times = {name: [] for name in OPTIMIZERS}
     for _ in range(args.rounds):

@@ -24,7 +24,8 @@ ml-collections is missing on the GPU machine, carry a wheel from here:
   PYTHONPATH=.:$(ls .whl/ml_collections-*.whl) python benchmarks/gpu_step.py
   # or: pip install --no-deps .whl/ml_collections-*.whl
 ``--max_seconds`` (default 420) stops starting new rows once that much time has passed, so a run
-stays under 8 minutes; skipped rows are listed.
+stays under 8 minutes; skipped rows are listed. ``--json`` is rewritten after every row, so a run
+that fails later (out of memory at a large batch) keeps the rows measured before.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from apem_jax import losses, step as step_lib  # noqa: E402
-from apem_jax.models import build_model  # noqa: E402
+from apem_jax.models import MODELS, build_model  # noqa: E402
+from apem_jax.models.layers import DTYPES  # noqa: E402
 from apem_jax.schema import Schema  # noqa: E402
 from apem_jax.configs import census, census_apem  # noqa: E402
+import arguments  # noqa: E402  (benchmarks/arguments.py)
 
 SCHEMA_JSON = os.path.join(ROOT, "benchmarks", "census_schema.json")
 
@@ -117,14 +120,17 @@ def bench(name: str, dtype: str, batch_size: int, schema: Schema, steps: int, re
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="apem,mmoe")
-  p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--batch_sizes", default="1024,4096,16384,65536")
-  p.add_argument("--steps", type=int, default=50, help="steps per timed repetition")
-  p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--max_seconds", type=float, default=420.0)
-  p.add_argument("--json", default="", help="also write the rows to this JSON file")
+  p.add_argument("--models", type=arguments.names(MODELS), default="apem,mmoe")
+  p.add_argument("--dtypes", type=arguments.names(DTYPES), default="float32,bfloat16")
+  p.add_argument("--batch_sizes", type=arguments.positive_ints, default="1024,4096,16384,65536")
+  p.add_argument("--steps", type=arguments.at_least(1), default=50,
+                 help="steps per timed repetition")
+  p.add_argument("--reps", type=arguments.at_least(1), default=3)
+  p.add_argument("--max_seconds", type=arguments.at_least(0, float), default=420.0)
+  p.add_argument("--json", default="", help="also write the rows to this JSON file (after each)")
   args = p.parse_args(argv)
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    p.error(f"--json {args.json}: its directory does not exist")
   start = time.time()
   schema = load_schema()
   dev = jax.devices()[0]
@@ -137,9 +143,9 @@ def main(argv=None):
   print(header, flush=True)
   # Every model at one dtype and batch size before the next, so that a run cut short by
   # --max_seconds still holds side-by-side rows to compare.
-  for dtype in args.dtypes.split(","):
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-      for name in args.models.split(","):
+  for dtype in args.dtypes:
+    for bs in args.batch_sizes:
+      for name in args.models:
         if time.time() - start > args.max_seconds:
           skipped.append(f"{name}/{dtype}/{bs}")
           continue
@@ -148,12 +154,20 @@ def main(argv=None):
         print(f"{r['model']:6s} {r['dtype']:9s} {r['batch']:7d} {r['ms_per_step']:9.2f} "
               f"{r['examples_per_s']:12,.0f} {r['mflop_per_example']:9.3f} {r['tflop_per_s']:8.3f} "
               f"{r['compile_s']:9.1f}", flush=True)
+        write_json(args.json, dev, rows, skipped)
   if skipped:
     print(f"skipped (over --max_seconds={args.max_seconds:g}): {', '.join(skipped)}")
+    write_json(args.json, dev, rows, skipped)
   print(f"total {time.time() - start:.0f}s")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": str(dev), "rows": rows, "skipped": skipped}, f, indent=1)
+
+
+def write_json(path: str, dev, rows: list[dict], skipped: list[str]) -> None:
+  """The rows so far to ``path`` (if given), replaced whole: a run that fails later keeps them."""
+  if not path:
+    return
+  with open(path + ".tmp", "w") as f:
+    json.dump({"device": str(dev), "rows": rows, "skipped": skipped}, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import arguments  # noqa: E402  (benchmarks/arguments.py)
 import machine  # noqa: E402  (benchmarks/machine.py)
 
 NUM_CATEGORICAL, NUM_NUMERIC = 32, 7
@@ -119,8 +120,8 @@ def run_one(spec_path: str, cache_root: str) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--rows", type=int, default=1_000_000)
-  parser.add_argument("--formats", default="csv,parquet")
+  parser.add_argument("--rows", type=arguments.at_least(1), default=1_000_000)
+  parser.add_argument("--formats", type=arguments.names(("csv", "parquet")), default="csv,parquet")
   parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
   parser.add_argument("--run", default=None, help=argparse.SUPPRESS)   # internal: spec path
   parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # internal
@@ -137,13 +138,17 @@ def main() -> None:
                     for p in paths.values()), flush=True)
   load = os.getloadavg()[0]
   results = {}
-  for fmt in args.formats.split(","):
+  for fmt in args.formats:
     spec_path = os.path.join(directory, f"spec_{fmt}.json")
     with open(spec_path, "w") as f:
       json.dump(spec_for(os.path.basename(paths[fmt]), fmt), f, indent=1)
     cache = tempfile.mkdtemp(prefix=f"cache_{fmt}_", dir=directory)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--run", spec_path,
-                          "--cache", cache], check=True, capture_output=True, text=True)
+                          "--cache", cache], capture_output=True, text=True)
+    if out.returncode:  # its stderr's tail, then what failed
+      sys.stderr.write(out.stderr[-4000:])
+      sys.exit(f"{parser.prog}: error: preparing {paths[fmt]} failed (exit "
+               f"{out.returncode}; its stderr above)")
     results[fmt] = json.loads(out.stdout.strip().splitlines()[-1])
   print(f"\nload average before the runs: {load:.2f} on {os.cpu_count()} CPUs; CPU s: user + system "
         f"time of the preparing process (all its threads)\n")

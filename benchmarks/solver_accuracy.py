@@ -26,12 +26,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import optimize  # noqa: E402
 
-from apem_jax import balancing as bl  # noqa: E402
+from apem_jax import balancing as bl, cli  # noqa: E402
 
-_PROBLEMS = flags.DEFINE_integer("problems", 150, "Random problems.")
-_MAX_TASKS = flags.DEFINE_integer("max_tasks", 6, "Tasks per problem: 3 to this.")
-_C = flags.DEFINE_float("c", 0.5, "CAGrad's c.")
-_SEED = flags.DEFINE_integer("seed", 1, "Seed of the problems.")
+_PROBLEMS = flags.DEFINE_integer("problems", 150, "Random problems.", lower_bound=1)
+_MAX_TASKS = flags.DEFINE_integer("max_tasks", 6, "Tasks per problem: 3 to this.", lower_bound=3)
+_C = flags.DEFINE_float("c", 0.5, "CAGrad's c.", lower_bound=0.0)
+_SEED = flags.DEFINE_integer("seed", 1, "Seed of the problems.", lower_bound=0)
 
 
 def _slsqp(objective, num_tasks: int) -> np.ndarray:
@@ -82,9 +82,10 @@ def main(argv):
       if kind == "CAGrad":
         ref_conflict = min(g @ _direction(g, references[kind], kappa)) < 0
         conflicts[name] += int(min(g @ _direction(g, w, kappa)) < 0 and not ref_conflict)
+  command = "python benchmarks/solver_accuracy.py " + " ".join(
+      f"--{f.name}={f.value}" for f in (_PROBLEMS, _MAX_TASKS, _SEED, _C))
   print(f"{_PROBLEMS.value} random problems of 3 to {_MAX_TASKS.value} tasks (seed "
-        f"{_SEED.value}), against SLSQP in float64; `python benchmarks/solver_accuracy.py "
-        f"--problems {_PROBLEMS.value} --max_tasks {_MAX_TASKS.value}`\n")
+        f"{_SEED.value}, c {c:g}), against SLSQP in float64; `{command}`\n")
   print("| solver | worst objective excess / max abs K | d conflicts where the optimum's does not |")
   print("|---|---:|---:|")
   for name in solvers:
@@ -93,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("benchmarks/solver_accuracy.py"))

@@ -6,16 +6,17 @@
 Measures, for APEM (configs/census_apem.py) and MMoE (configs/census.py:mmoe) on Census-Income:
 
 (a) step: ``Experiment.train_step`` (jit, state donated) on one device-resident batch, no input
-    pipeline; ``block_until_ready`` after each repetition of k steps; median over repetitions after
-    warm-up (compile + 2 steps).
+    pipeline; each repetition runs steps until ``--target_s`` seconds have passed
+    (``block_until_ready`` before the clock is read); median over repetitions after warm-up
+    (compile + 2 steps). "first call s": the step's first call (tracing, compiling, one step).
 (b) pipeline: ``DatasetSplits.train_batches`` (tf.data) iterated alone, batches discarded.
 (c) end-to-end: pipeline + ``Experiment.device_batch`` + step + the trainer's on-device loss sum,
     as ``trainer.train_and_evaluate`` does; then one exact evaluation of the validation split
     (padded last batch) and ``Experiment.traces`` (the step must have been traced once).
 
 (d) side by side: at ``--side_by_side_batch``, the train steps of all ``--models`` timed in
-    turn within each repetition (k steps of one, then of the next), so that a machine whose load
-    drifts during the run still compares them under the same load; medians and ratios.
+    turn within each repetition (``--target_s`` of one, then of the next), so that a machine whose
+    load drifts during the run still compares them under the same load; medians and ratios.
 
 Also: the step's FLOPs per example (XLA's ``cost_analysis`` of the compiled step), the FLOP/s that
 achieves, a 2048x2048 f32 matmul's FLOP/s measured in the same run (the practical ceiling), an
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import statistics
@@ -46,6 +48,9 @@ import numpy as np  # noqa: E402
 from apem_jax import losses, step as step_lib  # noqa: E402
 from apem_jax.trainer import Experiment  # noqa: E402
 from apem_jax.configs import census, census_apem  # noqa: E402
+from apem_jax.models import MODELS, build_model  # noqa: E402
+from apem_jax.schema import Schema  # noqa: E402
+import arguments  # noqa: E402  (benchmarks/arguments.py)
 import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,15 +79,29 @@ def _block(tree):
   jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def timed_reps(run_k, first_step_s: float, reps: int, target_s: float) -> tuple[float, int]:
-  """Median seconds per step over ``reps`` repetitions of k steps (k from the warm-up time)."""
-  k = int(min(50, max(1, round(target_s / max(first_step_s, 1e-6)))))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def one_rep(run_k, step_s: float, target_s: float) -> tuple[float, int]:
+  """One timed repetition of at least ``target_s`` seconds: ``run_k(k)`` with k from ``step_s``
+  (seconds per step known so far), again with the steps left while ``target_s`` has not passed.
+  Returns (seconds per step, steps run)."""
+  steps, elapsed, t0 = 0, 0.0, time.perf_counter()
+  while not steps or elapsed < target_s:
+    k = max(1, math.ceil((target_s - elapsed) / max(step_s, 1e-6)))
     run_k(k)
-    times.append((time.perf_counter() - t0) / k)
-  return statistics.median(times), k
+    steps += k
+    elapsed = time.perf_counter() - t0
+    step_s = elapsed / steps
+  return step_s, steps
+
+
+def timed_reps(run_k, first_step_s: float, reps: int, target_s: float) -> tuple[float, int]:
+  """Median seconds per step over ``reps`` repetitions of at least ``target_s`` seconds each (k
+  steps first from the warm-up time), and the median number of steps of a repetition."""
+  times, steps = [], []
+  for _ in range(reps):
+    sec, k = one_rep(run_k, times[-1] if times else first_step_s, target_s)
+    times.append(sec)
+    steps.append(k)
+  return statistics.median(times), int(statistics.median(steps))
 
 
 def fixed_batch(exp: Experiment, batch_size: int) -> dict:
@@ -115,7 +134,7 @@ def bench_step(exp: Experiment, batch_size: int, reps: int, target_s: float) -> 
 
   t0 = time.perf_counter()
   run_k(1)
-  compile_s = time.perf_counter() - t0
+  first_call_s = time.perf_counter() - t0  # tracing, compiling and one step
   t0 = time.perf_counter()
   run_k(1)
   first = time.perf_counter() - t0
@@ -124,7 +143,7 @@ def bench_step(exp: Experiment, batch_size: int, reps: int, target_s: float) -> 
   traces = exp.traces["train_step"]
   flops = flops_of(exp.train_step, holder["state"], batch) if not exp.pmap else float("nan")
   exp.traces["train_step"] = traces  # lowering for the cost analysis is not a training trace
-  return {"step_s": sec, "k": k, "compile_s": compile_s, "flops_per_step": flops,
+  return {"step_s": sec, "k": k, "first_call_s": first_call_s, "flops_per_step": flops,
           "state": holder["state"]}
 
 
@@ -174,9 +193,9 @@ def bench_e2e(exp: Experiment, state, batch_size: int, reps: int, target_s: floa
 
 
 def side_by_side(runs: dict, batch_size: int, reps: int, target_s: float) -> dict[str, float]:
-  """(d) ``runs``: model -> (Experiment, train state). Each repetition runs k steps of every
-  model in turn (k per model from one timed step, as ``timed_reps``). Returns median ex/s."""
-  holders, ks, times = {}, {}, {name: [] for name in runs}
+  """(d) ``runs``: model -> (Experiment, train state). Each repetition runs every model in turn
+  for at least ``target_s`` seconds (``one_rep``, from one timed step). Returns median ex/s."""
+  holders, step_s, times = {}, {}, {name: [] for name in runs}
   for name, (exp, state) in runs.items():
     holders[name] = {"state": state, "batch": exp.device_batch(fixed_batch(exp, batch_size))}
 
@@ -192,12 +211,11 @@ def side_by_side(runs: dict, batch_size: int, reps: int, target_s: float) -> dic
     run_k(name, 1)
     t0 = time.perf_counter()
     run_k(name, 1)
-    ks[name] = int(min(50, max(1, round(target_s / max(time.perf_counter() - t0, 1e-6)))))
+    step_s[name] = time.perf_counter() - t0
   for _ in range(reps):
     for name in runs:
-      t0 = time.perf_counter()
-      run_k(name, ks[name])
-      times[name].append((time.perf_counter() - t0) / ks[name])
+      step_s[name], _ = one_rep(lambda k, name=name: run_k(name, k), step_s[name], target_s)
+      times[name].append(step_s[name])
   return {name: batch_size / statistics.median(t) for name, t in times.items()}
 
 
@@ -216,15 +234,41 @@ def matmul_ceiling(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
-def profile_apem(batch_size: int, reps: int, target_s: float, ablations: list[str]) -> list[dict]:
-  """Forward / forward+backward / full step of APEM, then full-step ablations."""
+def ablation_overrides(spec: str) -> dict:
+  """``key=value[;key=value...]`` of APEM's model config -> its overrides (a value that is not
+  JSON is taken as a string), checked as ``build_model`` checks them on Census's schema.
+
+  Raises:
+    ValueError: naming the part that is not ``key=value`` of a key of APEM's model config, or the
+      value of the wrong type or that the model does not take.
+  """
+  keys = sorted(census_apem.get_config().model)
+  overrides = {}
+  for part in spec.split(";"):
+    key, sep, text = part.partition("=")
+    if not sep or key not in keys:
+      raise ValueError(f"{part!r}: expected key=value with a key of APEM's model config "
+                       f"({', '.join(keys)})")
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = text
+    overrides[key] = tuple(value) if isinstance(value, list) else value
+  try:
+    config = model_config("apem", 8, overrides)
+  except TypeError as e:  # ml_collections: a value of another type than the key's
+    raise ValueError(str(e)) from None
+  with open(os.path.join(ROOT, "benchmarks", "census_schema.json")) as f:
+    build_model(config.model, Schema.from_dict(json.load(f)))
+  return overrides
+
+
+def profile_apem(batch_size: int, reps: int, target_s: float,
+                 ablations: dict[str, dict]) -> list[dict]:
+  """Forward / forward+backward / full step of APEM, then full-step ablations (spec ->
+  overrides, as ``ablation_overrides`` returns them)."""
   rows = _profile_parts(batch_size, reps, target_s)
-  for spec in ["full step (census_apem config)"] + ablations:
-    overrides = {}
-    if "=" in spec:
-      for part in spec.split(";"):
-        k, v = part.split("=")
-        overrides[k] = json.loads(v) if v not in ("none", "standard", "competitive", "pooled", "flat") else v
+  for spec, overrides in {"full step (census_apem config)": {}, **ablations}.items():
     exp = Experiment(model_config("apem", batch_size, overrides))
     r = bench_step(exp, batch_size, reps, target_s)
     rows.append({"what": spec, "step_s": r["step_s"], "flops_per_step": r["flops_per_step"]})
@@ -300,19 +344,25 @@ def fmt(x: float, nd: int = 0) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="apem,mmoe")
-  p.add_argument("--batch_sizes", default="512,1024,4096,16384")
-  p.add_argument("--apem_batch_sizes", default="", help="overrides --batch_sizes for APEM")
-  p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--target_s", type=float, default=1.0, help="seconds per timed repetition")
-  p.add_argument("--profile_batch", type=int, default=4096, help="APEM profile batch size (0: none)")
-  p.add_argument("--side_by_side_batch", type=int, default=4096,
+  p.add_argument("--models", type=arguments.names([*MODELS, *VARIANTS]), default="apem,mmoe")
+  p.add_argument("--batch_sizes", type=arguments.positive_ints, default="512,1024,4096,16384")
+  p.add_argument("--apem_batch_sizes", default="", help="overrides --batch_sizes for APEM",
+                 type=lambda text: arguments.positive_ints(text) if text else [])
+  p.add_argument("--reps", type=arguments.at_least(1), default=3)
+  p.add_argument("--target_s", type=arguments.at_least(0, float), default=1.0,
+                 help="seconds per timed repetition (at least; 0: one step)")
+  p.add_argument("--profile_batch", type=arguments.at_least(0), default=4096,
+                 help="APEM profile batch size (0: none)")
+  p.add_argument("--side_by_side_batch", type=arguments.at_least(0), default=4096,
                  help="(d): time every model's step in turn at this batch size (0: none)")
   p.add_argument("--ablations", default="grouping=none|se=false|pattern_selector=false|"
-                                        "tower_input=pooled|adaptive_indicators=false")
+                                        "tower_input=pooled|adaptive_indicators=false",
+                 help="APEM profile rows, '|'-separated, each key=value[;key=value...] of APEM's "
+                      "model config (a value that is not JSON is a string)")
   p.add_argument("--rechub_python", default="/tmp/rechub-venv/bin/python")
-  p.add_argument("--rechub_batch", type=int, default=1024)
-  p.add_argument("--rechub_steps", type=int, default=40)
+  p.add_argument("--rechub_batch", type=arguments.at_least(1), default=1024,
+                 help="torch-rechub's batch size: one of MMoE's batch sizes")
+  p.add_argument("--rechub_steps", type=arguments.at_least(1), default=40)
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
   p.add_argument("--render", default="", help="only rewrite --out from this raw JSON (no runs)")
   args = p.parse_args(argv)
@@ -320,14 +370,24 @@ def main(argv=None):
     with open(args.render) as f:
       render(json.load(f), args.out)
     return
-  models = args.models.split(",")
-  sizes_of = {name: [int(b) for b in (args.apem_batch_sizes if name == "apem" and
-                                      args.apem_batch_sizes else args.batch_sizes).split(",")]
-              for name in models}
+  models = args.models
+  sizes_of = {name: args.apem_batch_sizes if name == "apem" and args.apem_batch_sizes
+              else args.batch_sizes for name in models}
   lacking = [name for name in models if args.side_by_side_batch not in sizes_of[name]]
   if args.side_by_side_batch and len(models) > 1 and lacking:  # (d) would silently be missing
     p.error(f"--side_by_side_batch={args.side_by_side_batch} is not among the batch sizes of "
             f"{lacking}; add it, or choose one of every model's sizes")
+  rechub_models = [name for name in models if name.startswith("mmoe")]
+  short = [name for name in rechub_models if args.rechub_batch not in sizes_of[name]]
+  if short and args.rechub_python and os.path.exists(args.rechub_python):  # no target line
+    p.error(f"--rechub_batch={args.rechub_batch} is not among the batch sizes of {short}, whose "
+            f"rows torch-rechub is compared with; choose one of them, or --rechub_python ''")
+  ablations = {}
+  for spec in filter(None, args.ablations.split("|")):
+    try:
+      ablations[spec] = ablation_overrides(spec)
+    except (ValueError, TypeError) as e:
+      p.error(f"--ablations: {e}")
   command = "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
   started = time.time()
 
@@ -356,7 +416,8 @@ def main(argv=None):
       print(f"{name:5s} B={bs:6d} step {row['step_eps']:10.0f} ex/s  pipeline {row['pipe_eps']:10.0f} "
             f"ex/s  e2e {row['e2e_eps']:10.0f} ex/s  {row['flops_per_ex'] / 1e6:.2f} MFLOP/ex  "
             f"{row['achieved'] / 1e9:.2f} GFLOP/s ({100 * row['achieved'] / ceiling:.1f}% of matmul)  "
-            f"compile {row['compile_s']:.1f}s  traces {row['traces']}  [{time.time() - t0:.0f}s]",
+            f"first call {row['first_call_s']:.1f}s  traces {row['traces']}  "
+            f"[{time.time() - t0:.0f}s]",
             flush=True)
       del exp, state
 
@@ -368,15 +429,14 @@ def main(argv=None):
   kept.clear()
 
   profile = []
-  if args.profile_batch and "apem" in args.models:
-    profile = profile_apem(args.profile_batch, args.reps, args.target_s,
-                           [a for a in args.ablations.split("|") if a])
+  if args.profile_batch and "apem" in models:
+    profile = profile_apem(args.profile_batch, args.reps, args.target_s, ablations)
     for r in profile:
       print(f"profile B={args.profile_batch} {r['what']:40s} {r['step_s'] * 1e3:9.1f} ms  "
             f"{r['flops_per_step'] / args.profile_batch / 1e6:.2f} MFLOP/ex", flush=True)
 
   rechub = None
-  if any(m.startswith("mmoe") for m in args.models.split(",")) and args.rechub_python:
+  if rechub_models and args.rechub_python:
     rechub = run_rechub(args.rechub_python, args.rechub_batch, args.rechub_steps, args.reps,
                         model_config("mmoe", args.rechub_batch).model)
     print("torch-rechub:", json.dumps(rechub), flush=True)
@@ -424,23 +484,26 @@ def render(raw: dict, out: str) -> None:
        "`Experiment.device_batch` + step + on-device loss sum, as the trainer's loop. FLOPs: "
        "XLA `cost_analysis()` of the compiled step (forward + backward + Adam). Traces: "
        "`Experiment.traces` after (a), (c) and (first batch size only) an exact evaluation of the "
-       "validation split (8192-row eval batches, last one padded).", "",
+       "validation split (8192-row eval batches, last one padded). First call: the step's first "
+       "call (tracing, compiling and one step).", "",
        "| model | batch | (a) step | (b) pipeline | (c) end-to-end | pipeline / step | "
-       "MFLOP / example | achieved GFLOP/s | % of matmul | compile s | traces train (eval) |",
+       "MFLOP / example | achieved GFLOP/s | % of matmul | first call s | traces train (eval) |",
        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
+    first_call = r.get("first_call_s", r.get("compile_s"))  # compile_s: a raw file of before
     L.append(f"| {r['model']} | {r['batch']} | {fmt(r['step_eps'])} | {fmt(r['pipe_eps'])} | "
              f"{fmt(r['e2e_eps'])} | {r['pipe_eps'] / r['step_eps']:.1f} | "
              f"{r['flops_per_ex'] / 1e6:.2f} | {r['achieved'] / 1e9:.1f} | "
-             f"{100 * r['achieved'] / ceiling:.0f} | {r['compile_s']:.1f} | "
+             f"{100 * r['achieved'] / ceiling:.0f} | {first_call:.1f} | "
              f"{r['traces']['train_step']} ({r['traces']['eval_step']}) |")
   L.append("")
   paired = raw.get("side_by_side") or {}
   if paired:
     ref = "mmoe" if "mmoe" in paired else next(iter(paired))
     L += [f"## Train steps side by side (batch {raw['side_by_side_batch']})", "",
-          "(d): each repetition runs k steps of every model in turn (medians of "
-          f"{raw['reps']}), so a drift of the machine's load hits them alike.", "",
+          f"(d): each repetition runs the steps of every model in turn, >= {raw['target_s']:g} s "
+          f"of each (medians of {raw['reps']}), so a drift of the machine's load hits them "
+          "alike.", "",
           f"| model | step examples / s | / {ref} |", "|---|---:|---:|"]
     for name, eps in paired.items():
       L.append(f"| {name} | {fmt(eps)} | {eps / paired[ref]:.2f} |")

@@ -148,12 +148,27 @@ def _run_path(root: str) -> None:
                     "summaries": summaries}))
 
 
+def _child_args(argv: list[str]) -> list[str]:
+  """``argv`` without the flags that the parent sets for a child or keeps for itself (--path,
+  --workdir, --out), each given as ``--flag=VALUE`` or as ``--flag VALUE``."""
+  args, skip = [], False
+  for arg in argv:
+    name, sep, _ = arg.lstrip("-").partition("=")
+    if skip or (arg.startswith("-") and name in ("path", "workdir", "out")):
+      skip = not skip and not sep  # the next argument is this flag's value
+      continue
+    args.append(arg)
+  return args
+
+
 def _subprocess(path: str, root: str) -> dict:
   args = [sys.executable, os.path.abspath(__file__), f"--path={path}", f"--workdir={root}"]
-  args += [a for a in sys.argv[1:] if not a.startswith(("--path", "--workdir", "--out"))]
-  result = subprocess.run(args, capture_output=True, text=True, check=False)
-  if result.returncode:
-    raise RuntimeError(f"{path} path failed:\n{result.stderr[-3000:]}")
+  result = subprocess.run(args + _child_args(sys.argv[1:]), capture_output=True, text=True,
+                          check=False)
+  if result.returncode:  # its stderr's tail, then what failed
+    sys.stderr.write(result.stderr[-3000:])
+    sys.exit(f"benchmarks/vmap_seeds.py: error: the {path} path failed (exit "
+             f"{result.returncode}; its stderr above)")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -164,6 +179,15 @@ def main(argv):
   if _PATH.value:
     _run_path(root)
     return
+  try:
+    _compare(root)
+  finally:  # a temporary workdir goes, also when a path failed
+    if _WORKDIR.value is None:
+      shutil.rmtree(root, ignore_errors=True)
+
+
+def _compare(root: str) -> None:
+  """Both paths (and the profile) in subprocesses; prints the table, writes --out."""
   configs = _configs()
   n = len(configs)
   trainer.Experiment(configs[0])  # data prepared (downloaded, built, encoded) before any timing
@@ -224,8 +248,6 @@ def main(argv):
                  "max_abs_metric_diff": worst, "same_best_steps": same_best,
                  "per_seed": [d for d, _ in diffs], "load_before": load_before,
                  "load_after": load_after, "command": command}, f, indent=2)
-  if _WORKDIR.value is None:
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
