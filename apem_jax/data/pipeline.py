@@ -193,8 +193,8 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
   encoded splits of ``schema``: split names among :data:`SPLITS` with ``train`` and
   ``validation``; per split ``categorical`` int [N, Fc] with field i's ids in [0, vocab_size_i],
   ``numeric`` float [N, Fn] finite, ``labels`` and ``label_mask`` float [N, T] (mask 0/1, binary
-  labels 0/1 where present), any :data:`EVAL_ONLY_KEYS` float [N, T] finite, and in the training split
-  optionally ``weight`` float [N], finite and >= 0."""
+  labels 0/1 where present), any :data:`EVAL_ONLY_KEYS` float [N, T] finite, and in the training
+  split optionally ``weight`` float [N], finite and >= 0."""
   unknown = sorted(set(arrays) - set(SPLITS))
   missing = [s for s in ("train", "validation") if s not in arrays]
   if unknown or missing:
