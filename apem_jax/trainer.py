@@ -98,6 +98,7 @@ class Experiment:
     self.pmap = config.parallel.mode == "pmap"
     if training:
       parallel.check_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
+      self.data.check_batch_size(config.train.batch_size)  # (the streamed input's row groups)
     parallel.check_batch_size(config.train.eval_batch_size, self.mesh, "train.eval_batch_size")
     self.data_fingerprint = self.data.fingerprint()
     self.steps_per_epoch = self.data.num_examples("train") // config.train.batch_size
@@ -332,21 +333,12 @@ def train_batches_from(exp: Experiment,
   only on (seed, e), so a run resumed at any step sees exactly the batches an uninterrupted run
   would have seen."""
   epoch, skip = position["epoch"], position["batch"]
-  # The first epoch's input now: its checks (batch size, the streamed input's row groups) fail
-  # here, not at the first batch, after the run's files are written.
-  first = exp.data.train_batches(exp.config.train.batch_size,
-                                 seed=_epoch_seed(exp.config.seed, epoch), skip=skip)
-  return _epochs_from(exp, first, epoch, skip)
-
-
-def _epochs_from(exp: Experiment, batches: Iterator[Mapping[str, np.ndarray]], epoch: int,
-                 skip: int) -> Iterator[Mapping[str, np.ndarray]]:
   while True:
+    batches = exp.data.train_batches(exp.config.train.batch_size,
+                                     seed=_epoch_seed(exp.config.seed, epoch), skip=skip)
     for _ in range(exp.steps_per_epoch - skip):
       yield next(batches)
     epoch, skip = epoch + 1, 0
-    batches = exp.data.train_batches(exp.config.train.batch_size,
-                                     seed=_epoch_seed(exp.config.seed, epoch))
 
 
 def write_preprocessing(data: Any, path: str) -> None:
@@ -532,16 +524,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.time()
   exp = Experiment(config, data)
   config = exp.config
-  # Every check before anything in the workdir is written: the resume's, then the input's.
-  reader = checkpointing.Checkpoints(workdir, read_only=True)
-  try:
-    resumed = _resume(reader, exp, workdir)
-    batches = train_batches_from(exp, data_position(
-        resumed[1]["step"] if resumed else 0, exp.steps_per_epoch, exp.input_groups))
-  finally:
-    reader.close()
   ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest,
                                    async_save=config.checkpoint.async_save)
+  try:
+    resumed = _resume(ckpt, exp, workdir)  # every check before anything in the workdir is written
+  except BaseException:
+    ckpt.close()
+    raise
   _write_run_files(exp, workdir)
   writer = reporting.ScalarWriter(workdir)
 
@@ -572,6 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   mininterval=1.0)
   with StopRequests() as stop_requests:
     try:
+      batches = train_batches_from(exp, data_position(step, spe, exp.input_groups))
       while step < total_steps and not meta["stopped"]:
         state, step_metrics = exp.train_step(state, exp.device_batch(next(batches)))
         step += 1

@@ -119,6 +119,10 @@ class DatasetSplits:
                        f"jax.process_count()={count}")
     return batch_size // count, count, index
 
+  def check_batch_size(self, batch_size: int) -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits into the processes."""
+    self._per_process(batch_size)
+
   def train_batches(self, batch_size: int, seed: int, skip: int = 0) -> Iterator[Batch]:
     """Infinite iterator of this process's training batches of ``batch_size // process_count``.
 

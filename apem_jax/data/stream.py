@@ -221,6 +221,11 @@ class StreamedSplits:
   def _per_process(self, batch_size: int) -> tuple[int, int, int]:
     return pipeline.DatasetSplits._per_process(batch_size)  # pylint: disable=protected-access
 
+  def check_batch_size(self, batch_size: int) -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits into the processes and row groups."""
+    self._per_process(batch_size)
+    self._groups(batch_size)
+
   def _groups(self, batch_size: int) -> tuple[int, range]:
     """``(groups, this process's groups)`` for ``batch_size``."""
     count, index = jax.process_count(), jax.process_index()
@@ -294,8 +299,7 @@ class StreamedSplits:
     rows: ``categorical``, ``numeric``, ``labels``, ``label_mask``, ``weight`` (the prepared
     example weight). Same seed -> same sequence; ``skip``: start at that batch of the sequence
     (see the module docstring for the order and the cost of skipping)."""
-    self._per_process(batch_size)  # errors now, not at the first next()
-    self._groups(batch_size)
+    self.check_batch_size(batch_size)  # errors now, not at the first next()
     steps = self.num_examples("train") // batch_size
     if steps < 1:
       raise ValueError(f"batch_size={batch_size} exceeds the {self.num_examples('train')} "
