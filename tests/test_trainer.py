@@ -211,6 +211,21 @@ def test_config_errors_name_the_key(tmp_path):
       trainer.Experiment(config)
 
 
+@pytest.mark.parametrize("module, arg", [("census", "mmoe"), ("census_apem", None),
+                                         ("synthetic", "mmoe,0.5"), ("funnel", "aitm"),
+                                         ("spec", "events.json,apem")])
+def test_every_shipped_config_takes_a_data_dir(module, arg):
+  """The synthetic and funnel configs had no data.data_dir: --config.data.data_dir=... was "no
+  key", and their files went under ./data whatever the README said."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from apem_jax import config_validation  # pylint: disable=g-import-not-at-top
+  get_config = importlib.import_module(f"apem_jax.configs.{module}").get_config
+  config = get_config(arg) if arg else get_config()
+  assert config.data.data_dir == "data"
+  config_validation.apply_override(config, "data.data_dir=/shared/data", "--config")
+  assert config.data.data_dir == "/shared/data"
+
+
 def test_set_override_parses_by_the_keys_type_unset_placeholders_too():
   """``--set`` (benchmarks/quality.py) refused keys whose default is an unset placeholder
   (``train.calibration_weight``, ``data.stream``): it read the type from the value, None."""

@@ -20,7 +20,7 @@ def funnel_data(num_steps: int = 3) -> ml_collections.ConfigDict:
   funnel = dict(synthetic_funnel.DEFAULTS)
   funnel["num_steps"] = num_steps
   return ml_collections.ConfigDict(dict(
-      name="synthetic_funnel",
+      name="synthetic_funnel", data_dir="data",
       funnel=funnel, **common.input_keys()))
 
 

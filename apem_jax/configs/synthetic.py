@@ -13,7 +13,7 @@ def get_config(arg: str = "apem,0.5"):
   model, _, correlation = arg.partition(",")
   config = common.base_config()
   config.data = ml_collections.ConfigDict(dict(
-      name="synthetic_mmoe",
+      name="synthetic_mmoe", data_dir="data",
       synthetic=dict(input_dim=100, scale=1.0, correlation=float(correlation or 0.5),
                      num_sines=10, noise_std=0.1, num_examples=100_000, seed=0,
                      task_kind="regression"), **common.input_keys()))
