@@ -161,7 +161,8 @@ def restore_run(workdir: str, kind: str = checkpointing.BEST, step: int | None =
   Args:
     workdir: a training workdir.
     kind: ``'best'`` (the best evaluated checkpoint) or ``'latest'``.
-    step: a specific checkpoint step (default: the one ``kind`` names).
+    step: a specific checkpoint step (default: the one ``kind`` names); the run's kind is then
+      ``'step'``, and its meta's ``best_step``/``best_score`` are the workdir's best now.
     config: optional; must agree with the checkpoint's config on every ``model.*`` and ``data.*``
       key (``data.data_dir`` aside). It also fills in keys the checkpoint's config lacks (a run
       trained before this version of the code required them).
@@ -188,6 +189,11 @@ def restore_run(workdir: str, kind: str = checkpointing.BEST, step: int | None =
     schema = Schema.from_dict(meta["schema"])
     model = trainer.stored_model(run_config, schema)
     params, meta = ckpt.restore_params(trainer.abstract_params(model, schema), step=resolved)
+    if step is not None:  # a checkpoint by its step: the run's best is the one named now
+      kind, best = "step", ckpt.step_of(checkpointing.BEST)
+      best_meta = ckpt.restore_meta(step=best) if best is not None else {}
+      meta = dict(meta, best_step=best_meta.get("best_step"),
+                  best_score=best_meta.get("best_score"))
   finally:
     ckpt.close()
   if isinstance(model, parallel.RowPaddedModel):  # serve the tables without their padding rows

@@ -50,8 +50,9 @@ def _run(argv: Sequence[str]) -> None:
         config=_CONFIG.value, overwrite=_OVERWRITE.value, platforms=tuple(_PLATFORMS.value),
         num_check_examples=_CHECK_EXAMPLES.value)
   checks, ckpt = meta["checks"], meta["checkpoint"]
-  print(f"Exported the {ckpt['kind']} checkpoint (step {ckpt['step']}) of {_WORKDIR.value} to "
-        f"{_OUTPUT.value}:")
+  which = (f"the checkpoint of step {ckpt['step']}" if ckpt["kind"] == "step" else
+           f"the {ckpt['kind']} checkpoint (step {ckpt['step']})")
+  print(f"Exported {which} of {_WORKDIR.value} to {_OUTPUT.value}:")
   inputs = meta["saved_model"]["inputs"]
   strings = sum(spec["dtype"] == "string" for spec in inputs.values())
   print(f"  {export_lib.SAVED_MODEL_DIR}/  (signature {export_lib.SIGNATURE!r}: {len(inputs)} raw "

@@ -341,6 +341,26 @@ def test_sigterm_during_an_export_leaves_nothing_behind(synthetic_run, tmp_path)
 # Bad input
 # --------------------------------------------------------------------------------------------
 
+def test_a_checkpoint_named_by_its_step_is_not_called_the_best(tmp_path):
+  """``apem-export --step=N`` printed "Exported the best checkpoint (step N)" and its metadata
+  said kind 'best' with the best step as it was when step N was saved."""
+  config = tiny_config("shared_bottom")
+  config.data.synthetic.num_examples = 1200
+  config.train.num_epochs = 2
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  steps, best = ckpt.steps(), ckpt.step_of(checkpointing.BEST)
+  best_score = ckpt.restore_meta(step=best)["best_score"]
+  ckpt.close()
+  assert len(steps) == 2
+  for step in steps:
+    run = export_lib.restore_run(workdir, step=step)
+    assert (run.kind, run.step, run.meta["best_step"], run.meta["best_score"]) == (
+        "step", step, best, best_score)
+  assert export_lib.restore_run(workdir).kind == "best"
+
+
 def test_workdir_without_checkpoints(tmp_path):
   empty = tmp_path / "empty_run"
   empty.mkdir()
