@@ -60,7 +60,9 @@ def flatten_metrics(metrics: Mapping[str, Mapping[str, float]], prefix: str) -> 
 
 
 class ScalarWriter:
-  """TensorBoard scalars under ``<workdir>/tensorboard`` (no-op on processes other than 0)."""
+  """TensorBoard scalars under ``<workdir>/tensorboard`` (no-op on processes other than 0). A value
+  that is not finite (an AUC undefined where a batch of validation rows holds one class) is left
+  out: TensorBoard draws no point for it, and tensorboardX warned at every one."""
 
   def __init__(self, workdir: str):
     self._writer = None
@@ -72,7 +74,8 @@ class ScalarWriter:
     if self._writer is None:
       return
     for name, value in scalars.items():
-      self._writer.add_scalar(name, value, step)
+      if math.isfinite(value):
+        self._writer.add_scalar(name, value, step)
     self._writer.flush()
 
   def close(self) -> None:

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from apem_jax import checkpointing, parallel, step as step_lib, trainer
+from apem_jax import checkpointing, parallel, reporting, step as step_lib, trainer
 from apem_jax.configs import common
 from apem_jax.models.defaults import default_model_config
 
@@ -463,6 +463,21 @@ def test_a_balancing_method_trains_and_its_state_resumes_exactly(tmp_path, monke
   b, _ = _params(str(tmp_path / "resumed"), config)
   assert np.all(np.asarray(a.balance["log_var"]) != 0.0)  # it learned the weights
   chex.assert_trees_all_equal(a, b)
+
+
+def test_scalars_that_are_not_finite_are_left_out_of_tensorboard(tmp_path, capfd):
+  """An undefined AUC (NaN) was written, and tensorboardX logged "NaN or Inf found" for each."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  writer = reporting.ScalarWriter(str(tmp_path))
+  writer.write(1, {"validation/click/auc": 0.7, "validation/buy/auc": float("nan")})
+  writer.write(2, {"validation/click/auc": 0.8, "validation/buy/auc": 0.6})
+  writer.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("validation/click/auc")] == [1, 2]
+  assert [(e.step, e.value) for e in events.Scalars("validation/buy/auc")] == [
+      (2, np.float32(0.6))]  # (stored as float32)
+  assert "NaN or Inf" not in capfd.readouterr().err
 
 
 def test_a_key_added_to_the_library_at_its_default_does_not_block_a_resume(tmp_path):
