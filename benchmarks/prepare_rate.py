@@ -21,9 +21,11 @@ machine. The numbers depend on what else the machine runs: run it on an idle mac
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,6 +132,8 @@ def main() -> None:
     print(json.dumps(run_one(args.run, args.cache)))
     return
   directory = args.dir or tempfile.mkdtemp(prefix="prepare_rate_")
+  if not args.dir:  # its generated files and caches go, also when a preparation fails
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
   os.makedirs(directory, exist_ok=True)
   start = time.perf_counter()
   paths = generate(args.rows, directory)

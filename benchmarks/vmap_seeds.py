@@ -38,12 +38,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-from ml_collections.config_flags import config_path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apem_jax import cli, trainer, vmap_runs
+from apem_jax import cli, config_validation, trainer, vmap_runs
 from configs import census as census_configs
 import machine  # benchmarks/machine.py
 
@@ -62,16 +61,6 @@ _PATH = flags.DEFINE_enum("path", None, ["sequential", "vmapped", "profile"],
 _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every run.")
 
 
-def _override(config, override: str) -> None:
-  """``key.path=value``, the value parsed as the key's type (bool, int, float or string)."""
-  key, sep, text = override.partition("=")
-  old = config_path.get_value(key, config) if sep else None
-  if not sep or not isinstance(old, (bool, int, float, str)):
-    raise ValueError(f"--set {override!r}: expected key=value for a bool, int, float or string key")
-  value = text.lower() == "true" if isinstance(old, bool) else type(old)(text)
-  config_path.set_value(key, config, value)
-
-
 def _configs():
   configs = []
   for seed in range(_SEEDS.value):
@@ -80,7 +69,7 @@ def _configs():
     config.train.num_epochs = _EPOCHS.value
     config.train.progress_bar = False
     for override in _SET.value:
-      _override(config, override)
+      config_validation.apply_override(config, override)
     configs.append(config)
   return configs
 
@@ -175,6 +164,10 @@ def _subprocess(path: str, root: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  try:
+    _configs()  # a bad --set: one line, before any directory is made
+  except ValueError as e:
+    sys.exit(f"benchmarks/vmap_seeds.py: error: {e}")
   root = _WORKDIR.value or tempfile.mkdtemp(prefix="vmap_seeds_")
   if _PATH.value:
     _run_path(root)

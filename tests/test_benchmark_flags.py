@@ -34,6 +34,8 @@ CASES = [
     (["gpu_step.py", "--dtypes", "float16", "--json", "{out}/rows.json"],
      "gpu_step.py: error: argument --dtypes: expected distinct comma-separated names among "
      "float32, bfloat16, got 'float16'"),
+    (["vmap_seeds.py", "--set", "no.such=1"],
+     "benchmarks/vmap_seeds.py: error: --set 'no.such=1': no config key 'no.such'"),
     (["solver_accuracy.py", "--max_tasks", "2"],
      "benchmarks/solver_accuracy.py: error: flag --max_tasks=2: 2 is not integer >= 3"),
     (["prepare_rate.py", "--formats", "json", "--rows", "10", "--dir", "{out}/rate"],
@@ -89,3 +91,14 @@ def test_gpu_step_keeps_the_rows_measured_before_a_failure(tmp_path, monkeypatch
                    "--json", str(path)])
   assert [r["model"] for r in json.loads(path.read_text())["rows"]] == ["mmoe"]
   assert os.listdir(tmp_path) == ["rows.json"]
+
+
+def test_prepare_rate_leaves_no_files_in_its_temporary_directory(tmp_path):
+  """Without --dir it left its generated CSV, spec and prepared cache in the temporary folder."""
+  result = subprocess.run(
+      [sys.executable, os.path.join("benchmarks", "prepare_rate.py"), "--rows", "3000",
+       "--formats", "csv"], cwd=REPO, env=dict(os.environ, TMPDIR=str(tmp_path)),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "| csv (" in result.stdout
+  assert not list(tmp_path.iterdir())
