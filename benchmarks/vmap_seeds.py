@@ -118,9 +118,8 @@ def _profile(configs, steps: int) -> dict[str, float]:
   return {"sequential": float(np.median(sequential)), "vmapped": float(np.median(vmapped))}
 
 
-def _run_path(root: str) -> None:
+def _run_path(root: str, configs: list) -> None:
   """--path: one path in this process; its result as JSON on the last line of stdout."""
-  configs = _configs()
   if _PATH.value == "profile":
     print(json.dumps(_profile(configs, _PROFILE_STEPS.value)))
     return
@@ -165,23 +164,22 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    _configs()  # a bad --set: one line, before any directory is made
+    configs = _configs()  # a bad --set: one line, before any directory is made
   except ValueError as e:
     sys.exit(f"benchmarks/vmap_seeds.py: error: {e}")
   root = _WORKDIR.value or tempfile.mkdtemp(prefix="vmap_seeds_")
   if _PATH.value:
-    _run_path(root)
+    _run_path(root, configs)
     return
   try:
-    _compare(root)
+    _compare(root, configs)
   finally:  # a temporary workdir goes, also when a path failed
     if _WORKDIR.value is None:
       shutil.rmtree(root, ignore_errors=True)
 
 
-def _compare(root: str) -> None:
+def _compare(root: str, configs: list) -> None:
   """Both paths (and the profile) in subprocesses; prints the table, writes --out."""
-  configs = _configs()
   n = len(configs)
   trainer.Experiment(configs[0])  # data prepared (downloaded, built, encoded) before any timing
   load_before = os.getloadavg()

@@ -46,6 +46,17 @@ def _assert_same_directory(a: pathlib.Path, b: pathlib.Path) -> None:
       np.testing.assert_array_equal(value, data_b.arrays[split][key], err_msg=key)
 
 
+def _refused_alike(spec: pathlib.Path, tmp_path: pathlib.Path) -> str:
+  """The DataError message both prepare and Beam (which leaves no file) refuse ``spec`` with."""
+  with pytest.raises(prepare.DataError) as expected:
+    prepare.prepare(spec, tmp_path / "local")
+  with pytest.raises(prepare.DataError) as got:
+    beam_prepare.prepare(spec, tmp_path / "beam", pipeline_options=DIRECT)
+  assert str(got.value) == str(expected.value)
+  assert all_files(tmp_path / "beam") == []
+  return str(got.value)
+
+
 def test_direct_runner_writes_what_prepare_writes(tmp_path):
   # Three CSV files split by a column, shards smaller than a file: shards take rows of two files.
   rows = make_rows(900, seed=4)
@@ -104,15 +115,9 @@ def test_errors_are_prepares_and_leave_no_cache(tmp_path):
   rows = make_rows(60)
   rows[28]["price"] = "12abc"  # line 30 of the file
   write_csv(tmp_path / "events.csv", rows)
-  spec = write_spec(tmp_path, base_spec())
-  with pytest.raises(prepare.DataError) as expected:
-    prepare.prepare(spec, tmp_path / "local")
-  with pytest.raises(prepare.DataError) as got:
-    beam_prepare.prepare(spec, tmp_path / "beam", pipeline_options=DIRECT)
-  assert str(got.value) == str(expected.value)
+  message = _refused_alike(write_spec(tmp_path, base_spec()), tmp_path)
   assert "events.csv, line 30, column 'price' (a numeric feature): '12abc' is not a number" in (
-      str(got.value))
-  assert all_files(tmp_path / "beam") == []
+      message)
 
 
 def test_user_error_is_found_in_a_remote_runners_text():
@@ -204,13 +209,8 @@ def test_training_weights_all_zero_are_refused_as_prepare_refuses_them(tmp_path,
     row["w"] = "0" if row["split"] == "train" else "1"
   write_csv(tmp_path / "events.csv", rows)
   spec = write_spec(tmp_path, base_spec())
-  with pytest.raises(prepare.DataError) as expected:
-    prepare.prepare(spec, tmp_path / "local")
-  with pytest.raises(prepare.DataError) as got:
-    beam_prepare.prepare(spec, tmp_path / "beam", pipeline_options=DIRECT)
-  assert str(got.value) == str(expected.value)
-  assert "the weight column 'w': every weight of the training split" in str(got.value)
-  assert all_files(tmp_path / "beam") == []
+  assert "the weight column 'w': every weight of the training split" in _refused_alike(spec,
+                                                                                       tmp_path)
   last_train = max(i for i, row in enumerate(rows) if row["split"] == "train")
   rows[last_train]["w"] = "1"
   write_csv(tmp_path / "events.csv", rows)

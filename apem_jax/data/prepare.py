@@ -1279,7 +1279,7 @@ def make_preprocessing(spec: spec_lib.Spec, fitted: Fitted) -> prep_lib.Preproce
       # The CSV reader reads these as missing (""); Parquet and TFRecord have nulls instead.
       missing_values=spec.format.missing_values if spec.format.type == "csv" else (),
       categorical_missing=tuple(f.missing for f in spec.categorical),
-      numeric_missing_values=tuple(missing_numbers(spec) for _ in spec.numeric))
+      numeric_missing_values=(missing_numbers(spec),) * len(spec.numeric))
 
 
 def check_splits_have_rows(spec: spec_lib.Spec, files: Mapping[str, Sequence[spec_lib.FileInfo]],

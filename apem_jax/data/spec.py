@@ -759,8 +759,8 @@ def load_spec(path: str | os.PathLike) -> Spec:
                     f"one); give it once")
   found = _find(raw, lambda node: node.literal if isinstance(node, _NotJson) else None)
   if found is not None:
-    raise SpecError(f"{path}: {found[0] or '(top level)'}: {found[1]} is not a JSON number (JSON has no NaN or "
-                    f"Infinity); write a finite number")
+    raise SpecError(f"{path}: {found[0] or '(top level)'}: {found[1]} is not a JSON number "
+                    f"(JSON has no NaN or Infinity); write a finite number")
   base = os.path.dirname(path) if not _is_remote(path) else path.rsplit("/", 1)[0]
   return parse_spec(raw, source=path, base_dir=base or ".")
 
