@@ -15,8 +15,9 @@ workdir must be on storage every process sees.
 Several runs in one compiled program (apem_jax/vmap_runs.py): ``--vmap seed=0,1,2,3,4`` (or
 ``optimizer.learning_rate=1e-3,3e-3``, any ``optimizer.*`` key or ``train.patience``) trains one
 run per value, vmapped, each with its own early stopping and checkpoints in
-``<workdir>/<key>=<value>``; ``eval.py``, export and a resume (without ``--vmap``) take each such
-directory as a workdir of its own.
+``<workdir>/<key>=<value>``; rerun the same command to resume them together after a stop or a
+kill; ``eval.py``, export and a resume without ``--vmap`` take each such directory as a workdir of
+its own.
 """
 
 
@@ -65,6 +66,7 @@ def main(argv):
       configs, names = vmap_runs.configs_over(_CONFIG.value, _VMAP.value, "--vmap")
       summaries = vmap_runs.train_runs(configs, _WORKDIR.value, run_dirs=[
           os.path.join(_WORKDIR.value, n) for n in names])
+    trainer.exit_if_stopped(summaries[0])
     for name, summary in zip(names, summaries):
       print(f"{name}: best validation score {summary['best_validation_score']:.5f} at step "
             f"{summary['best_step']}")

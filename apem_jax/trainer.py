@@ -436,12 +436,15 @@ def fresh_meta(exp: Experiment) -> dict:
           "config": exp.config.to_dict(), "schema": exp.schema.to_dict()}
 
 
-def _resume(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str):
+def resume_point(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str,
+                 max_step: int | None = None):
   """``(state, meta, accepted config changes)`` of the checkpoint a run in ``workdir`` continues
-  from, or None for a new run: the newest checkpoint that restores, saying which were skipped
-  and why. A workdir with checkpoints is never restarted from scratch (its first saves would
-  replace them). Nothing is written here."""
-  steps = ckpt.steps()
+  from, or None for a new run: the newest checkpoint (at most ``max_step``) that restores, saying
+  which were skipped and why. A workdir with checkpoints is never restarted from scratch (its
+  first saves would replace them). Nothing is written here. ``exp``: what is read of the
+  experiment (its config, data fingerprint, steps per epoch, input groups, model, schema and
+  abstract state)."""
+  steps = [s for s in ckpt.steps() if max_step is None or s <= max_step]
   if not steps:
     return None
   failures = []
@@ -527,7 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpointing.Checkpoints(workdir, keep_latest=config.checkpoint.keep_latest,
                                    async_save=config.checkpoint.async_save)
   try:
-    resumed = _resume(ckpt, exp, workdir)  # every check before anything in the workdir is written
+    resumed = resume_point(ckpt, exp, workdir)  # every check before the workdir is written
   except BaseException:
     ckpt.close()
     raise

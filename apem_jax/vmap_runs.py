@@ -39,12 +39,18 @@ compile and no batched kernels).
 ``train_seconds`` in a run's history is its share of the shared training time (the window's wall
 time divided by the number of runs that trained in it); ``vmapped.train_seconds`` is the whole.
 
-Not supported: ``parallel.mode='pmap'`` (refused); resuming a killed vmapped training (a run
-directory that already holds ``metrics.json`` or checkpoints is refused: train in a new
-workdir); SIGTERM / preemption saves; ``train.checkpoint_every_steps`` (checkpoints are saved at
-evaluations only); several processes (written for them, untested). A run whose training loss
-becomes non-finite is stopped (nothing of it is saved after that) while the others go on; once
-all are written, :class:`FloatingPointError` names it.
+Stopped and resumed as the trainer is: SIGTERM or SIGINT (or a preemption notice on several
+processes) saves every run still training at the step it is at and returns (``stopped_by`` in
+each summary); the same call again (``train.py --vmap`` rerun) resumes every run from its
+workdir's newest checkpoint (:func:`resume_points`, with the trainer's checks), the runs still
+training together from the newest step each has a checkpoint of, so a run killed at any moment
+continues as if it had not been. Each run's directory also resumes alone, by the trainer.
+
+Not supported: ``parallel.mode='pmap'`` (refused); ``train.checkpoint_every_steps`` (checkpoints
+are saved at evaluations only, so a kill loses the steps since the last one); several processes
+(written for them, untested). A run whose training loss becomes non-finite is stopped (nothing of
+it is saved after that) while the others go on; once all are written,
+:class:`FloatingPointError` names it (a resume leaves it stopped).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import copy
 import functools
 import json
 import os
+import signal
 import time
 import types
 from typing import Any, Callable, Mapping, Sequence
@@ -257,6 +264,10 @@ class Runs:
             step_lib.init_state, exp.model, tx, example_batch=trainer.example_batch(exp.schema),
             balancing=exp.balancing), out_shardings=exp.state_sharding)
       states.append(inits[key](jax.random.key(config.seed)))
+    return self.stack(states)
+
+  def stack(self, states: Sequence[step_lib.TrainState]) -> step_lib.TrainState:
+    """N runs' states (each with the trainer's sharding) stacked on the run axis."""
     stack = jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
                     out_shardings=self.state_sharding)
     return stack(*states)
@@ -296,13 +307,69 @@ def held_run(run_dir: str) -> list[str]:
                                                     not os.listdir(ckpt)))) if there]
 
 
-def _refuse_used(run_dirs: Sequence[str]) -> None:
-  """Refuses a run directory that holds a run (``held_run``)."""
-  for d in run_dirs:
-    held = held_run(d)
-    if held:
-      raise ValueError(f"vmap_runs: {d} already holds a run ({', '.join(held)}); runs trained in "
-                       f"one program do not resume: train them in a new workdir")
+def _run_view(exp: trainer.Experiment,
+              config: ml_collections.ConfigDict) -> types.SimpleNamespace:
+  """What ``trainer.resume_point`` reads of an experiment, with one run's own config."""
+  return types.SimpleNamespace(
+      config=config, data_fingerprint=exp.data_fingerprint, steps_per_epoch=exp.steps_per_epoch,
+      input_groups=exp.input_groups, model=exp.model, schema=exp.schema,
+      abstract_state=exp.abstract_state)
+
+
+def _failed_before(run_dir: str) -> str | None:
+  """The error of a run that an earlier program stopped on a non-finite loss (its
+  ``metrics.json``), or None."""
+  path = os.path.join(run_dir, "metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("error")
+
+
+def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.ConfigDict],
+                  run_dirs: Sequence[str], ckpts: Sequence[checkpointing.Checkpoints]
+                  ) -> list[tuple[Any, dict, dict]] | None:
+  """Per run, ``(state, meta, accepted config changes)`` of the checkpoint it continues from
+  (``trainer.resume_point``, with the trainer's checks), or None where no run directory holds a
+  checkpoint (a new program). The runs still training continue together, from the newest step
+  each of them has a checkpoint of (an older one where a kill came between two runs' saves);
+  a run that had stopped (early stopping, its last epoch, a non-finite loss) stays as it was.
+
+  Raises:
+    ValueError (one line): some run directories hold checkpoints and others none, or the runs
+      still training have no checkpoint at one step.
+  """
+  points = [trainer.resume_point(ckpt, _run_view(exp, c), d)
+            for c, d, ckpt in zip(configs, run_dirs, ckpts)]
+  if all(p is None for p in points):
+    return None
+  if any(p is None for p in points):
+    new = [d for d, p in zip(run_dirs, points) if p is None]
+    raise ValueError(f"vmap_runs: {', '.join(new)} hold no checkpoint while the other run "
+                     f"directories do; resume those alone (train.py without --vmap), or train "
+                     f"the runs in a new workdir")
+  total_steps = exp.steps_per_epoch * configs[0].train.num_epochs
+  training = [i for i, (c, (_, meta, _)) in enumerate(zip(configs, points))
+              if not _stopped(meta, c) and meta["step"] < total_steps
+              and _failed_before(run_dirs[i]) is None]
+  if training:
+    common = min(points[i][1]["step"] for i in training)
+    for i in training:
+      if points[i][1]["step"] != common:
+        point = trainer.resume_point(ckpts[i], _run_view(exp, configs[i]), run_dirs[i],
+                                     max_step=common)
+        if point is None or point[1]["step"] != common:
+          raise ValueError(
+              f"vmap_runs: {run_dirs[i]} has no checkpoint at step {common}, where the other "
+              f"runs continue from (its steps: {ckpts[i].steps()}); resume it alone (train.py "
+              f"without --vmap), or train the runs in a new workdir")
+        points[i] = point
+  return points
+
+
+def _stopped(meta: dict, config: ml_collections.ConfigDict) -> bool:
+  """Early stopping's decision for a run resumed from ``meta``, with its patience now."""
+  return meta["evals_without_improvement"] >= config.train.patience
 
 
 def configs_over(config: ml_collections.ConfigDict, values: str, flag: str = "--vmap"
@@ -341,9 +408,12 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   ``<workdir>/run_<i>``); ``<workdir>/vmap_runs.json`` records the runs and the shared timings
   of each program run in ``workdir`` (:func:`append_record`).
 
+  Run directories that hold checkpoints of an earlier call resume (:func:`resume_points`).
+
   Raises:
-    ValueError: configs that differ in another key than :data:`VARYING_KEYS`, a run directory
-      that already holds a run, ``parallel.mode='pmap'``, or any config error the trainer raises.
+    ValueError: configs that differ in another key than :data:`VARYING_KEYS`, run directories
+      that do not resume together (:func:`resume_points`), ``parallel.mode='pmap'``, or any config
+      error or refused resume the trainer raises.
     FloatingPointError: after every run is written, if a run's training loss became non-finite.
   """
   t_start = time.time()
@@ -354,126 +424,165 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   if len(set(map(os.path.abspath, run_dirs))) != len(run_dirs):
     raise ValueError("vmap_runs: run_dirs must be distinct")
   varied_keys(configs)  # before the (slow) experiment is built
-  _refuse_used(run_dirs)
   runs = Runs(configs, unroll=unroll)
   exp, n = runs.exp, runs.n
   phases = {"experiment": time.time() - t_start}  # seconds of the parts outside the train loop
   config = configs[0]
   varied = [{k: _value(c, k) for k in runs.varied} for c in configs]
+  spe = exp.steps_per_epoch
+  total_steps = spe * config.train.num_epochs
+  eval_every = config.train.eval_every_steps or spe
 
+  readers = [checkpointing.Checkpoints(d, read_only=True) for d in run_dirs]
+  try:
+    points = resume_points(exp, configs, run_dirs, readers)  # all checked before any write
+  finally:
+    for reader in readers:
+      reader.close()
+  ckpts = [checkpointing.Checkpoints(d, keep_latest=c.checkpoint.keep_latest,
+                                     async_save=c.checkpoint.async_save)
+           for c, d in zip(configs, run_dirs)]
   sample = exp.data.head("validation", trainer.VALIDATION_SAMPLE_ROWS)
   for c, d in zip(configs, run_dirs):
     reporting.write_json_atomic(os.path.join(d, "config.json"), c.to_dict())
     trainer.write_preprocessing(exp.data, os.path.join(d, "preprocessing.json"))
     reporting.write_npz_atomic(os.path.join(d, trainer.VALIDATION_SAMPLE_FILE), sample)
   writers = [reporting.ScalarWriter(d) for d in run_dirs]
-  ckpts = [checkpointing.Checkpoints(d, keep_latest=c.checkpoint.keep_latest,
-                                     async_save=c.checkpoint.async_save)
-           for c, d in zip(configs, run_dirs)]
-  metas = []
-  for c in configs:
-    meta = trainer.fresh_meta(exp)
-    meta["config"] = c.to_dict()
-    metas.append(meta)
+  failed: dict[int, str] = {}
+  if points is None:
+    metas = []
+    for c in configs:
+      meta = trainer.fresh_meta(exp)
+      meta["config"] = c.to_dict()
+      metas.append(meta)
+  else:
+    metas = [meta for _, meta, _ in points]
+    for i, (c, d, (_, meta, changes)) in enumerate(zip(configs, run_dirs, points)):
+      if changes:  # recorded once, as the trainer does
+        meta["resumes"].append({"step": meta["step"], "changed": changes})
+        meta["config"] = c.to_dict()
+      meta["stopped"] = _stopped(meta, c)
+      error = _failed_before(d)
+      if error is not None:
+        failed[i] = error
   # What trainer.evaluate_and_decide reads of its experiment, per run (its own patience).
   deciders = [types.SimpleNamespace(config=c, schema=exp.schema,
                                     steps_per_epoch=exp.steps_per_epoch, evaluate=None)
               for c in configs]
 
-  spe = exp.steps_per_epoch
-  total_steps = spe * config.train.num_epochs
-  eval_every = config.train.eval_every_steps or spe
   names = [", ".join(f"{k}={v}" for k, v in v_.items()) for v_ in varied]
   print(f"Training {n} runs in one program ({exp.total_steps} steps each at most)"
         + (f", varying {', '.join(runs.varied)}" if runs.varied else "") + ".", flush=True)
 
   phases["setup"] = time.time() - t_start - phases["experiment"]
   t = time.time()
-  state = jax.block_until_ready(runs.init_state())
+  if points is None:
+    state = runs.init_state()
+  else:
+    state = runs.stack([exp.to_train(s) for s, _, _ in points])
+  state = jax.block_until_ready(state)
   phases["init"] = time.time() - t
   phases.update(evaluate=0.0, save=0.0)
-  active = np.ones(n, bool)
-  run_steps = [0] * n  # each run's own step (frozen once it stops)
-  failed: dict[int, str] = {}
+  run_steps = [meta["step"] for meta in metas]  # each run's own step (frozen once it stops)
+  active = np.array([i not in failed and not meta["stopped"] and meta["step"] < total_steps
+                     for i, meta in enumerate(metas)])
+  step = min(s for s, a in zip(run_steps, active) if a) if active.any() else max(run_steps)
+  if points is not None:
+    print(f"Resuming the runs at step {step} (epoch {step / spe:.2f}): {int(active.sum())} of "
+          f"{n} runs still training.", flush=True)
   iterators = [trainer.train_batches_from(
       types.SimpleNamespace(data=exp.data, config=c, steps_per_epoch=spe),
-      trainer.data_position(0, spe)) for c in configs]
+      trainer.data_position(step, spe, exp.input_groups)) for c in configs]
   last: list[Any] = [None] * n
   first_non_finite = jnp.full((n, exp.schema.num_tasks), -1, jnp.int32)
   loss_sum, loss_count, window_steps = None, 0, 0
   train_seconds, t_window = 0.0, time.time()
   t_loop = t_window
-  step = 0
+  stopped_by = None
   import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm.tqdm(total=total_steps, unit="step", desc=f"train x{n}", dynamic_ncols=True,
-                  disable=jax.process_index() != 0 or not config.train.progress_bar,
-                  mininterval=1.0)
-  try:
-    while step < total_steps and active.any():
-      for i in range(n):  # a stopped run is fed its last batch (its update is masked anyway)
-        if active[i] or last[i] is None:
-          last[i] = next(iterators[i])
-      trained = active.copy()
-      state, metrics = runs.train_step(state, runs.global_batch(last), jnp.asarray(active))
-      step += 1
-      window_steps += 1
-      bar.update(1)
-      for i in np.flatnonzero(active):
-        run_steps[i] = step
-      loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
-      first_non_finite = runs.first_non_finite(first_non_finite, metrics["loss_sum"], state.step)
-      loss_count += 1
-      evaluate = step % eval_every == 0 or step == total_steps
-      if step % config.train.log_every == 0 or evaluate:
-        mean_loss = np.asarray(loss_sum) / loss_count
-        run_metrics = {k: np.asarray(metrics[k]) for k in ("grad_norm", "balance_weights")
-                       if k in metrics}  # [N] and [N, T]
-        first = np.asarray(first_non_finite)
+  bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", desc=f"train x{n}",
+                  dynamic_ncols=True, mininterval=1.0,
+                  disable=jax.process_index() != 0 or not config.train.progress_bar)
+  with trainer.StopRequests() as stop_requests:
+    try:
+      while step < total_steps and active.any():
+        for i in range(n):  # a stopped run is fed its last batch (its update is masked anyway)
+          if active[i] or last[i] is None:
+            last[i] = next(iterators[i])
+        trained = active.copy()
+        state, metrics = runs.train_step(state, runs.global_batch(last), jnp.asarray(active))
+        step += 1
+        window_steps += 1
+        bar.update(1)
         for i in np.flatnonzero(active):
-          try:
-            trainer.check_finite_loss(float(mean_loss[i]), step, first[i], exp.schema.task_names)
-          except FloatingPointError as e:
-            failed[i] = str(e)
-            active[i] = False
-            print(f"run {i} ({names[i]}): {e}", flush=True)
-            continue
-          writers[i].write(step, trainer.train_scalars(
-              float(mean_loss[i]), {k: v[i] for k, v in run_metrics.items()},
-              exp.schema.task_names))
-        bar.set_postfix(loss=f"{float(np.nanmean(mean_loss[trained])):.4f}",
-                        epoch=f"{step / spe:.2f}", running=int(active.sum()))
-        loss_sum, loss_count = None, 0
-      if not evaluate:
-        continue
-
-      seconds = time.time() - t_window
-      train_seconds += seconds
-      evaluated = [int(i) for i in np.flatnonzero(active)]
-      share = seconds / max(int(trained.sum()), 1)
+          run_steps[i] = step
+        loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
+        first_non_finite = runs.first_non_finite(first_non_finite, metrics["loss_sum"],
+                                                 state.step)
+        loss_count += 1
+        evaluate = step % eval_every == 0 or step == total_steps
+        if step % config.train.log_every == 0 or evaluate:
+          mean_loss = np.asarray(loss_sum) / loss_count
+          run_metrics = {k: np.asarray(metrics[k]) for k in ("grad_norm", "balance_weights")
+                         if k in metrics}  # [N] and [N, T]
+          first = np.asarray(first_non_finite)
+          for i in np.flatnonzero(active):
+            try:
+              trainer.check_finite_loss(float(mean_loss[i]), step, first[i],
+                                        exp.schema.task_names)
+            except FloatingPointError as e:
+              failed[i] = str(e)
+              active[i] = False
+              print(f"run {i} ({names[i]}): {e}", flush=True)
+              continue
+            writers[i].write(step, trainer.train_scalars(
+                float(mean_loss[i]), {k: v[i] for k, v in run_metrics.items()},
+                exp.schema.task_names))
+          bar.set_postfix(loss=f"{float(np.nanmean(mean_loss[trained])):.4f}",
+                          epoch=f"{step / spe:.2f}", running=int(active.sum()))
+          loss_sum, loss_count = None, 0
+        if evaluate:
+          seconds = time.time() - t_window
+          train_seconds += seconds
+          evaluated = [int(i) for i in np.flatnonzero(active)]
+          share = seconds / max(int(trained.sum()), 1)
+          t = time.time()
+          results = runs.evaluate(state, "validation", evaluated) if evaluated else {}
+          phases["evaluate"] += time.time() - t
+          for i in evaluated:
+            meta = metas[i]
+            meta.update(step=step, epoch=step // spe,
+                        data_position=trainer.data_position(step, spe, exp.input_groups))
+            deciders[i].evaluate = lambda _state, _split, m=results[i]: m
+            if jax.process_index() == 0 and n > 1:
+              tqdm.tqdm.write(f"run {i}" + (f" ({names[i]})" if names[i] else "") + ":")
+            score = trainer.evaluate_and_decide(deciders[i], None, meta, step, share,
+                                                 window_steps, writers[i])
+            t = time.time()
+            ckpts[i].save(step, runs.take(state, jnp.int32(i)), meta, score=score)
+            phases["save"] += time.time() - t
+            if meta["stopped"]:
+              active[i] = False
+          t_window, window_steps = time.time(), 0
+        if stop_requests.signum is None and ckpts[0].reached_preemption(step):
+          stop_requests.signum = signal.SIGTERM
+        if stop_requests.signum is not None:
+          if not evaluate:  # the runs still training, saved where they stand
+            for i in np.flatnonzero(active):
+              metas[i].update(step=step, epoch=step // spe,
+                              data_position=trainer.data_position(step, spe, exp.input_groups))
+              ckpts[i].save(step, runs.take(state, jnp.int32(i)), metas[i])
+          stopped_by = {"signal": signal.Signals(stop_requests.signum).name, "step": step}
+          break
+    finally:
+      bar.close()
       t = time.time()
-      results = runs.evaluate(state, "validation", evaluated) if evaluated else {}
-      phases["evaluate"] += time.time() - t
-      for i in evaluated:
-        meta = metas[i]
-        meta.update(step=step, epoch=step // spe,
-                    data_position=trainer.data_position(step, spe, exp.input_groups))
-        deciders[i].evaluate = lambda _state, _split, m=results[i]: m
-        if jax.process_index() == 0 and n > 1:
-          tqdm.tqdm.write(f"run {i}" + (f" ({names[i]})" if names[i] else "") + ":")
-        score = trainer.evaluate_and_decide(deciders[i], None, meta, step, share, window_steps,
-                                             writers[i])
-        t = time.time()
-        ckpts[i].save(step, runs.take(state, jnp.int32(i)), meta, score=score)
-        phases["save"] += time.time() - t
-        if meta["stopped"]:
-          active[i] = False
-      t_window, window_steps = time.time(), 0
-  finally:
-    bar.close()
-    t = time.time()
-    for c in ckpts:
-      c.close()
-    phases["save"] += time.time() - t
+      for c in ckpts:
+        c.close()
+      phases["save"] += time.time() - t
+    if stopped_by:
+      print(f"Stopped at step {step} ({stopped_by['signal']}); checkpoints saved. Rerun the same "
+            f"command to resume.", flush=True)
 
   num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params)))
   wall = time.time() - t_start
@@ -486,7 +595,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
         "best_validation": next((h["validation"] for h in history if h["step"] == best_step),
                                 None),
         "steps": run_steps[i], "epochs": run_steps[i] / spe, "stopped_early": meta["stopped"],
-        "stopped_by": None, "history": history, "resumes": [],
+        "stopped_by": stopped_by, "history": history, "resumes": meta["resumes"],
         "train_seconds_this_run": sum(h["train_seconds"] for h in history),
         "wall_seconds_this_run": wall,
         "train_step_traces": runs.traces["train_step"],

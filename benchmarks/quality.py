@@ -220,7 +220,7 @@ def _trained_vmapped(summary_path: str) -> bool:
     return False
   with open(summary_path) as f:
     summary = json.load(f)
-  return "vmapped" in summary and "error" not in summary
+  return "vmapped" in summary and "error" not in summary and not summary.get("stopped_by")
 
 
 def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
@@ -240,7 +240,8 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
     return
   shared = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, "s_vmapped"))
   t0 = time.time()
-  vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+  summaries = vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+  trainer.exit_if_stopped(summaries[0])
   print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in todo]} trained "
         f"in one program, {time.time() - t0:.0f}s", flush=True)
 

@@ -3,6 +3,8 @@ the other by the trainer, on tiny synthetic data."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -53,9 +55,16 @@ def _assert_params_match(vmapped, sequential, learning_rate: float) -> None:
     assert np.count_nonzero(diff > 1e-6) <= diff.size // 10_000, (name, np.sort(diff.ravel())[-5:])
 
 
-def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
+@pytest.fixture(scope="module")
+def vmapped(tmp_path_factory):
+  """``_configs()`` trained as one program: (its workdir, the runs' summaries)."""
+  workdir = tmp_path_factory.mktemp("vmapped")
+  return workdir, vmap_runs.train_runs(_configs(), str(workdir))
+
+
+def test_runs_equal_sequential_runs_and_their_dirs_evaluate(vmapped, tmp_path):
   configs = _configs()
-  summaries = vmap_runs.train_runs(configs, str(tmp_path / "vmapped"))
+  workdir, summaries = vmapped
   assert [s["vmapped"]["varied"] for s in summaries] == [
       {"optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.0, "seed": 0,
        "train.patience": 100},
@@ -67,7 +76,7 @@ def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
   assert summaries[1]["stopped_early"] and summaries[1]["steps"] < 60
 
   for i, (config, summary) in enumerate(zip(configs, summaries)):
-    run_dir = str(tmp_path / "vmapped" / f"run_{i}")
+    run_dir = str(workdir / f"run_{i}")
     sequential_dir = str(tmp_path / f"sequential_{i}")
     sequential = trainer.train_and_evaluate(config, sequential_dir)
     with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -99,20 +108,107 @@ def test_runs_equal_sequential_runs_and_their_dirs_evaluate(tmp_path):
         assert result["metrics"][task]["auc"] == pytest.approx(m["auc"], abs=1e-6)
         assert result["metrics"][task]["logloss"] == pytest.approx(m["logloss"], abs=1e-6)
 
-  # A workdir that holds results is refused before anything is built or written.
-  with pytest.raises(ValueError, match="run_0 already holds a run"):
-    vmap_runs.train_runs(configs, str(tmp_path / "vmapped"))
+
+def _steps(run_dir):
+  ckpt = checkpointing.Checkpoints(str(run_dir), read_only=True)
+  steps = ckpt.steps()
+  ckpt.close()
+  return steps
 
 
-def test_a_program_stopped_before_its_first_save_can_be_run_again(tmp_path):
-  """The checkpoint manager makes ``checkpoints/`` when the program starts: an empty one is no
-  run to protect; one with a checkpoint in it is."""
+def _final_states(workdir):
+  """Per run of ``_configs()`` in ``workdir``: its newest checkpoint's state."""
+  states = []
+  for i, config in enumerate(_configs()):
+    ckpt = checkpointing.Checkpoints(str(workdir / f"run_{i}"), read_only=True)
+    states.append(jax.device_get(ckpt.restore(trainer.Experiment(config).abstract_state)[0]))
+    ckpt.close()
+  return states
+
+
+def test_a_program_killed_or_stopped_resumes_as_if_it_had_run_through(vmapped, tmp_path,
+                                                                       monkeypatch):
+  """Crashed after step 24 (checkpoints at 10 and 20; run 0's step 20 lost, as a kill between
+  the runs' saves loses it), then stopped by SIGTERM after step 35 (a step without an
+  evaluation), then run again: every run ends bit for bit as the uninterrupted program's, with
+  the same evaluations; run 1 (patience 1) stops early as it did there."""
+  reference_dir, reference = vmapped
+  workdir = tmp_path / "w"
+  calls = {"n": 0}
+  batches = vmap_runs.Runs.global_batch
+
+  def interrupted(at, action):
+    def global_batch(self, locals_):
+      calls["n"] += 1
+      if calls["n"] == at:
+        action()
+      return batches(self, locals_)
+    return global_batch
+
+  def crash():
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", interrupted(25, crash))
+  with pytest.raises(KeyboardInterrupt):
+    vmap_runs.train_runs(_configs(), str(workdir))
+  assert not (workdir / "run_0" / "metrics.json").exists()
+  shutil.rmtree(workdir / "run_0" / "checkpoints" / "20")
+
+  calls["n"] = 0
+  stop = lambda: os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", interrupted(26, stop))  # from step 10
+  stopped = vmap_runs.train_runs(_configs(), str(workdir))
+  assert stopped[0]["stopped_by"] == {"signal": "SIGTERM", "step": 36}
+  assert 36 in _steps(workdir / "run_0")
+  with pytest.raises(SystemExit, match="143"):
+    trainer.exit_if_stopped(stopped[0])
+
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
+  summaries = vmap_runs.train_runs(_configs(), str(workdir))
+  for summary, expected in zip(summaries, reference):
+    assert summary["stopped_by"] is None
+    for key in ("best_step", "steps", "stopped_early", "best_validation_score"):
+      assert summary[key] == expected[key], key
+    assert _validation(summary) == _validation(expected)
+  chex.assert_trees_all_equal(_final_states(workdir), _final_states(reference_dir))
+
+  # Run again once finished: nothing left to train, the same runs.
+  again = vmap_runs.train_runs(_configs(), str(workdir))
+  assert [s["train_step_traces"] for s in again] == [0, 0]
+  assert [_validation(s) for s in again] == [_validation(s) for s in summaries]
+
+
+def test_run_directories_that_do_not_resume_together_are_refused(vmapped, tmp_path):
+  """A run directory without checkpoints beside one with them, and runs still training whose
+  checkpoints share no step, are refused in one line naming the directory, before anything is
+  written."""
+  reference_dir, _ = vmapped
+  workdir = tmp_path / "w"
+  shutil.copytree(reference_dir / "run_0", workdir / "run_0")
+  with pytest.raises(ValueError, match=r"^vmap_runs: \S*run_1 hold no checkpoint while the "
+                                       r"other run directories do; resume those alone"):
+    vmap_runs.train_runs(_configs(), str(workdir))
+  assert not (workdir / "run_1").exists()
+
+  configs = _configs()
+  for config in configs:
+    config.train.update(num_epochs=3, patience=100)  # both runs still training at step 60
+  shutil.copytree(reference_dir / "run_1", workdir / "run_1")
+  stop_step = _steps(workdir / "run_1")[-1]
+  assert stop_step not in _steps(workdir / "run_0")
+  with pytest.raises(ValueError, match=rf"run_0 has no checkpoint at step {stop_step}, where"):
+    vmap_runs.train_runs(configs, str(workdir))
+
+
+def test_held_run(tmp_path):
+  """The checkpoint manager makes ``checkpoints/`` when the program starts: an empty one holds
+  no run."""
   run_dir = tmp_path / "run_0"
   (run_dir / "checkpoints").mkdir(parents=True)
-  vmap_runs._refuse_used([str(run_dir)])
+  assert vmap_runs.held_run(str(run_dir)) == []
   (run_dir / "checkpoints" / "20").mkdir()
-  with pytest.raises(ValueError, match=r"run_0 already holds a run \(checkpoints\)"):
-    vmap_runs._refuse_used([str(run_dir)])
+  (run_dir / "metrics.json").write_text("{}")
+  assert vmap_runs.held_run(str(run_dir)) == ["metrics.json", "checkpoints"]
 
 
 def test_a_stopped_run_stays_frozen():
@@ -195,6 +291,11 @@ def test_train_command_line_vmap(tmp_path):
     for task in ("y1", "y2"):
       weights = [e.value for e in events.Scalars(f"train/loss_weight/{task}")]
       assert len(weights) >= 2 and np.all(np.isfinite(weights)) and np.ptp(weights) > 0, weights
+  # The same command again resumes the runs, finished: nothing to train.
+  again = subprocess.run(cmd + ["--vmap", "seed=0,1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "0 of 2 runs still training" in again.stdout
 
 
 def test_a_second_program_in_a_workdir_adds_its_record(tmp_path):
