@@ -40,17 +40,18 @@ compile and no batched kernels).
 time divided by the number of runs that trained in it); ``vmapped.train_seconds`` is the whole.
 
 Stopped and resumed as the trainer is: SIGTERM or SIGINT (or a preemption notice on several
-processes) saves every run still training at the step it is at and returns (``stopped_by`` in
-each summary); the same call again (``train.py --vmap`` rerun) resumes every run from its
-workdir's newest checkpoint (:func:`resume_points`, with the trainer's checks), the runs still
-training together from the newest step each has a checkpoint of, so a run killed at any moment
-continues as if it had not been. Each run's directory also resumes alone, by the trainer.
+processes) saves every run still training at the step it is at and returns (``stopped_by``, the
+program's signal and step, in every run's summary; no :class:`FloatingPointError` then); the same
+call again (``train.py --vmap`` rerun) resumes the runs (:func:`resume_points`, with the
+trainer's checks): those still training together from the newest step they all have a
+checkpoint of, so a kill loses at most the steps since the last evaluation; a run that stopped
+stays as it was. Each run's directory also resumes alone, by the trainer.
 
 Not supported: ``parallel.mode='pmap'`` (refused); ``train.checkpoint_every_steps`` (checkpoints
-are saved at evaluations only, so a kill loses the steps since the last one); several processes
-(written for them, untested). A run whose training loss becomes non-finite is stopped (nothing of
-it is saved after that) while the others go on; once all are written,
-:class:`FloatingPointError` names it (a resume leaves it stopped).
+are saved at evaluations and stops only); several processes (written for them, untested). A run
+whose training loss becomes non-finite is stopped (nothing of it is saved after that) while the
+others go on; once all are written, :class:`FloatingPointError` names it (a resume leaves it
+stopped, its error in its ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -316,54 +317,55 @@ def _run_view(exp: trainer.Experiment,
       abstract_state=exp.abstract_state)
 
 
-def _failed_before(run_dir: str) -> str | None:
-  """The error of a run that an earlier program stopped on a non-finite loss (its
-  ``metrics.json``), or None."""
+def _failed_before(run_dir: str) -> dict | None:
+  """The summary (``metrics.json``) of a run that an earlier program stopped on a non-finite
+  loss (its ``error``, its ``steps``), or None."""
   path = os.path.join(run_dir, "metrics.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f).get("error")
+    summary = json.load(f)
+  return summary if "error" in summary else None
 
 
 def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.ConfigDict],
                   run_dirs: Sequence[str], ckpts: Sequence[checkpointing.Checkpoints]
-                  ) -> list[tuple[Any, dict, dict]] | None:
+                  ) -> list[tuple[Any, dict, dict] | None]:
   """Per run, ``(state, meta, accepted config changes)`` of the checkpoint it continues from
-  (``trainer.resume_point``, with the trainer's checks), or None where no run directory holds a
-  checkpoint (a new program). The runs still training continue together, from the newest step
-  each of them has a checkpoint of (an older one where a kill came between two runs' saves);
-  a run that had stopped (early stopping, its last epoch, a non-finite loss) stays as it was.
+  (``trainer.resume_point``, with the trainer's checks), or None where it starts afresh (every
+  run, in a new program). The runs still training continue together, from the newest step they
+  all have a checkpoint of: an older one for a run whose newest is later (a kill between two
+  runs' saves), and step 0 (a fresh start) if a run still training has none while the others
+  have at most their first evaluation's. A run that had stopped (early stopping, its last epoch,
+  a non-finite loss: ``metrics.json`` holds its error) stays as it was.
 
   Raises:
-    ValueError (one line): some run directories hold checkpoints and others none, or the runs
-      still training have no checkpoint at one step.
+    ValueError (one line): the runs still training have no checkpoint at one step.
   """
   points = [trainer.resume_point(ckpt, _run_view(exp, c), d)
             for c, d, ckpt in zip(configs, run_dirs, ckpts)]
-  if all(p is None for p in points):
-    return None
-  if any(p is None for p in points):
-    new = [d for d, p in zip(run_dirs, points) if p is None]
-    raise ValueError(f"vmap_runs: {', '.join(new)} hold no checkpoint while the other run "
-                     f"directories do; resume those alone (train.py without --vmap), or train "
-                     f"the runs in a new workdir")
   total_steps = exp.steps_per_epoch * configs[0].train.num_epochs
-  training = [i for i, (c, (_, meta, _)) in enumerate(zip(configs, points))
-              if not _stopped(meta, c) and meta["step"] < total_steps
+  step = [0 if p is None else p[1]["step"] for p in points]
+  training = [i for i, (c, p) in enumerate(zip(configs, points))
+              if (p is None or not _stopped(p[1], c)) and step[i] < total_steps
               and _failed_before(run_dirs[i]) is None]
-  if training:
-    common = min(points[i][1]["step"] for i in training)
-    for i in training:
-      if points[i][1]["step"] != common:
-        point = trainer.resume_point(ckpts[i], _run_view(exp, configs[i]), run_dirs[i],
-                                     max_step=common)
-        if point is None or point[1]["step"] != common:
-          raise ValueError(
-              f"vmap_runs: {run_dirs[i]} has no checkpoint at step {common}, where the other "
-              f"runs continue from (its steps: {ckpts[i].steps()}); resume it alone (train.py "
-              f"without --vmap), or train the runs in a new workdir")
-        points[i] = point
+  common = min((step[i] for i in training), default=0)
+  first_evaluation = configs[0].train.eval_every_steps or exp.steps_per_epoch
+  for i in training:
+    if step[i] == common:
+      continue
+    if common == 0 and step[i] <= first_evaluation:
+      points[i] = None  # one evaluation's window to train again, as the fresh runs do
+      continue
+    point = trainer.resume_point(ckpts[i], _run_view(exp, configs[i]), run_dirs[i],
+                                 max_step=common) if common else None
+    if point is None or point[1]["step"] != common:
+      behind = [run_dirs[j] for j in training if step[j] == common]
+      raise ValueError(
+          f"vmap_runs: {run_dirs[i]} has no checkpoint at step {common}, where "
+          f"{', '.join(behind)} continue from (its steps: {ckpts[i].steps()}); resume the runs "
+          f"alone (train.py without --vmap), or train them in a new workdir")
+    points[i] = point
   return points
 
 
@@ -449,22 +451,23 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
     reporting.write_npz_atomic(os.path.join(d, trainer.VALIDATION_SAMPLE_FILE), sample)
   writers = [reporting.ScalarWriter(d) for d in run_dirs]
   failed: dict[int, str] = {}
-  if points is None:
-    metas = []
-    for c in configs:
+  failed_at: dict[int, int] = {}  # the step of a run that failed in the program resumed
+  metas = []
+  for i, (c, d, point) in enumerate(zip(configs, run_dirs, points)):
+    if point is None:
       meta = trainer.fresh_meta(exp)
       meta["config"] = c.to_dict()
-      metas.append(meta)
-  else:
-    metas = [meta for _, meta, _ in points]
-    for i, (c, d, (_, meta, changes)) in enumerate(zip(configs, run_dirs, points)):
+    else:
+      _, meta, changes = point
       if changes:  # recorded once, as the trainer does
         meta["resumes"].append({"step": meta["step"], "changed": changes})
         meta["config"] = c.to_dict()
       meta["stopped"] = _stopped(meta, c)
-      error = _failed_before(d)
-      if error is not None:
-        failed[i] = error
+    metas.append(meta)
+    earlier = _failed_before(d)
+    if earlier is not None and any(points):  # a run that failed in the program resumed
+      failed[i], failed_at[i] = earlier["error"], earlier["steps"]
+  history_before = [len(m["history"]) for m in metas]  # the evaluations of earlier programs
   # What trainer.evaluate_and_decide reads of its experiment, per run (its own patience).
   deciders = [types.SimpleNamespace(config=c, schema=exp.schema,
                                     steps_per_epoch=exp.steps_per_epoch, evaluate=None)
@@ -476,18 +479,19 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
 
   phases["setup"] = time.time() - t_start - phases["experiment"]
   t = time.time()
-  if points is None:
-    state = runs.init_state()
-  else:
-    state = runs.stack([exp.to_train(s) for s, _, _ in points])
+  state = runs.init_state() if not all(points) else None
+  if any(points):  # a resume: each run's state from its checkpoint, or fresh
+    state = runs.stack([runs.take(state, jnp.int32(i)) if p is None else exp.to_train(p[0])
+                        for i, p in enumerate(points)])
   state = jax.block_until_ready(state)
   phases["init"] = time.time() - t
   phases.update(evaluate=0.0, save=0.0)
-  run_steps = [meta["step"] for meta in metas]  # each run's own step (frozen once it stops)
   active = np.array([i not in failed and not meta["stopped"] and meta["step"] < total_steps
                      for i, meta in enumerate(metas)])
+  # Each run's own step (frozen once it stops).
+  run_steps = [failed_at.get(i, meta["step"]) for i, meta in enumerate(metas)]
   step = min(s for s, a in zip(run_steps, active) if a) if active.any() else max(run_steps)
-  if points is not None:
+  if any(points):
     print(f"Resuming the runs at step {step} (epoch {step / spe:.2f}): {int(active.sum())} of "
           f"{n} runs still training.", flush=True)
   iterators = [trainer.train_batches_from(
@@ -498,7 +502,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   loss_sum, loss_count, window_steps = None, 0, 0
   train_seconds, t_window = 0.0, time.time()
   t_loop = t_window
-  stopped_by = None
+  stopped_by = None  # the signal that stopped the program, and its step (every run's summary)
   import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", desc=f"train x{n}",
                   dynamic_ncols=True, mininterval=1.0,
@@ -572,7 +576,6 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
               metas[i].update(step=step, epoch=step // spe,
                               data_position=trainer.data_position(step, spe, exp.input_groups))
               ckpts[i].save(step, runs.take(state, jnp.int32(i)), metas[i])
-          stopped_by = {"signal": signal.Signals(stop_requests.signum).name, "step": step}
           break
     finally:
       bar.close()
@@ -580,6 +583,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
       for c in ckpts:
         c.close()
       phases["save"] += time.time() - t
+    if stop_requests.signum is not None:  # also one that came after the last step
+      stopped_by = {"signal": signal.Signals(stop_requests.signum).name, "step": step}
     if stopped_by:
       print(f"Stopped at step {step} ({stopped_by['signal']}); checkpoints saved. Rerun the same "
             f"command to resume.", flush=True)
@@ -596,7 +601,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
                                 None),
         "steps": run_steps[i], "epochs": run_steps[i] / spe, "stopped_early": meta["stopped"],
         "stopped_by": stopped_by, "history": history, "resumes": meta["resumes"],
-        "train_seconds_this_run": sum(h["train_seconds"] for h in history),
+        "train_seconds_this_run": sum(h["train_seconds"] for h in history[history_before[i]:]),
         "wall_seconds_this_run": wall,
         "train_step_traces": runs.traces["train_step"],
         "eval_step_traces": runs.traces["eval_step"], "num_params": num_params,
@@ -612,7 +617,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
       "train_seconds": train_seconds, "wall_seconds": wall, "phase_seconds": phases,
       "steps": step, "train_step_traces": runs.traces["train_step"],
       "failed": {str(i): e for i, e in failed.items()}})
-  if failed:
+  if failed and not stopped_by:
     raise FloatingPointError(
         f"vmap_runs: {len(failed)} of {n} runs stopped on a non-finite training loss "
         f"({'; '.join(f'run {i} ({names[i]})' for i in failed)}); the others finished, see "

@@ -167,14 +167,19 @@ def main(argv):
     configs = _configs()  # a bad --set: one line, before any directory is made
   except ValueError as e:
     sys.exit(f"benchmarks/vmap_seeds.py: error: {e}")
-  root = _WORKDIR.value or tempfile.mkdtemp(prefix="vmap_seeds_")
+  workdir = _WORKDIR.value
+  if workdir and not _PATH.value and os.path.exists(workdir) and (
+      not os.path.isdir(workdir) or os.listdir(workdir)):  # runs there would resume: no timing
+    sys.exit(f"benchmarks/vmap_seeds.py: error: --workdir {workdir} exists and is not an empty "
+             f"directory; give a new one")
+  root = workdir or tempfile.mkdtemp(prefix="vmap_seeds_")
   if _PATH.value:
     _run_path(root, configs)
     return
   try:
     _compare(root, configs)
   finally:  # a temporary workdir goes, also when a path failed
-    if _WORKDIR.value is None:
+    if workdir is None:
       shutil.rmtree(root, ignore_errors=True)
 
 

@@ -36,6 +36,8 @@ CASES = [
      "float32, bfloat16, got 'float16'"),
     (["vmap_seeds.py", "--set", "no.such=1"],
      "benchmarks/vmap_seeds.py: error: --set 'no.such=1': no config key 'no.such'"),
+    (["vmap_seeds.py", "--workdir", "benchmarks"],
+     "benchmarks/vmap_seeds.py: error: --workdir benchmarks exists and is not an empty directory"),
     (["solver_accuracy.py", "--max_tasks", "2"],
      "benchmarks/solver_accuracy.py: error: flag --max_tasks=2: 2 is not integer >= 3"),
     (["prepare_rate.py", "--formats", "json", "--rows", "10", "--dir", "{out}/rate"],

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from apem_jax import checkpointing, trainer, vmap_runs
-from test_trainer import tiny_config, write_config_file
+from test_trainer import tiny_config, tiny_mlp_config, write_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,6 +126,23 @@ def _final_states(workdir):
   return states
 
 
+def _interrupted(at: int, action):
+  """``Runs.global_batch`` that calls ``action()`` at its ``at``-th call (before step ``at`` of
+  the program)."""
+  batches, calls = vmap_runs.Runs.global_batch, [0]
+
+  def global_batch(self, locals_):
+    calls[0] += 1
+    if calls[0] == at:
+      action()
+    return batches(self, locals_)
+  return global_batch
+
+
+def _crash():
+  raise KeyboardInterrupt
+
+
 def test_a_program_killed_or_stopped_resumes_as_if_it_had_run_through(vmapped, tmp_path,
                                                                        monkeypatch):
   """Crashed after step 24 (checkpoints at 10 and 20; run 0's step 20 lost, as a kill between
@@ -134,29 +151,15 @@ def test_a_program_killed_or_stopped_resumes_as_if_it_had_run_through(vmapped, t
   the same evaluations; run 1 (patience 1) stops early as it did there."""
   reference_dir, reference = vmapped
   workdir = tmp_path / "w"
-  calls = {"n": 0}
   batches = vmap_runs.Runs.global_batch
-
-  def interrupted(at, action):
-    def global_batch(self, locals_):
-      calls["n"] += 1
-      if calls["n"] == at:
-        action()
-      return batches(self, locals_)
-    return global_batch
-
-  def crash():
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", interrupted(25, crash))
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(25, _crash))
   with pytest.raises(KeyboardInterrupt):
     vmap_runs.train_runs(_configs(), str(workdir))
   assert not (workdir / "run_0" / "metrics.json").exists()
   shutil.rmtree(workdir / "run_0" / "checkpoints" / "20")
 
-  calls["n"] = 0
   stop = lambda: os.kill(os.getpid(), signal.SIGTERM)
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", interrupted(26, stop))  # from step 10
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(26, stop))  # from step 10
   stopped = vmap_runs.train_runs(_configs(), str(workdir))
   assert stopped[0]["stopped_by"] == {"signal": "SIGTERM", "step": 36}
   assert 36 in _steps(workdir / "run_0")
@@ -179,25 +182,77 @@ def test_a_program_killed_or_stopped_resumes_as_if_it_had_run_through(vmapped, t
 
 
 def test_run_directories_that_do_not_resume_together_are_refused(vmapped, tmp_path):
-  """A run directory without checkpoints beside one with them, and runs still training whose
-  checkpoints share no step, are refused in one line naming the directory, before anything is
-  written."""
+  """Runs still training whose checkpoints share no step (one without any beside one past its
+  first evaluation; one stopped early by a patience now raised beside one further on) are
+  refused in one line naming the directories, before anything is written."""
   reference_dir, _ = vmapped
   workdir = tmp_path / "w"
   shutil.copytree(reference_dir / "run_0", workdir / "run_0")
-  with pytest.raises(ValueError, match=r"^vmap_runs: \S*run_1 hold no checkpoint while the "
-                                       r"other run directories do; resume those alone"):
-    vmap_runs.train_runs(_configs(), str(workdir))
-  assert not (workdir / "run_1").exists()
-
   configs = _configs()
   for config in configs:
-    config.train.update(num_epochs=3, patience=100)  # both runs still training at step 60
+    config.train.update(num_epochs=3, patience=100)  # both runs still training after step 60
+  before = sorted(p.name for p in (workdir / "run_0").rglob("*"))
+  with pytest.raises(ValueError, match=r"^vmap_runs: \S*run_0 has no checkpoint at step 0, "
+                                       r"where \S*run_1 continue from"):
+    vmap_runs.train_runs(configs, str(workdir))
+  assert not (workdir / "run_1").exists()
+  assert sorted(p.name for p in (workdir / "run_0").rglob("*")) == before
+
   shutil.copytree(reference_dir / "run_1", workdir / "run_1")
   stop_step = _steps(workdir / "run_1")[-1]
   assert stop_step not in _steps(workdir / "run_0")
   with pytest.raises(ValueError, match=rf"run_0 has no checkpoint at step {stop_step}, where"):
     vmap_runs.train_runs(configs, str(workdir))
+
+
+def test_a_program_killed_before_every_first_save_starts_again(vmapped, tmp_path, monkeypatch):
+  """Run 1's first checkpoint lost (a kill while the first evaluation's saves were written): the
+  runs start again from step 0 and end as the uninterrupted program did."""
+  reference_dir, reference = vmapped
+  workdir = tmp_path / "w"
+  batches = vmap_runs.Runs.global_batch
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(15, _crash))
+  with pytest.raises(KeyboardInterrupt):
+    vmap_runs.train_runs(_configs(), str(workdir))
+  shutil.rmtree(workdir / "run_1" / "checkpoints" / "10")
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
+  summaries = vmap_runs.train_runs(_configs(), str(workdir))
+  for summary, expected in zip(summaries, reference):
+    assert _validation(summary) == _validation(expected)
+  chex.assert_trees_all_equal(_final_states(workdir), _final_states(reference_dir))
+
+
+def test_a_failed_run_stays_failed_through_a_stop_and_a_resume(tmp_path, monkeypatch):
+  """Run 1's loss becomes non-finite before its first evaluation (so it has no checkpoint), then
+  SIGTERM stops the program after step 15: it returns (the runs did not finish: no
+  FloatingPointError yet). The same call again finishes run 0 from its checkpoint, leaves run 1
+  as it failed, and then names it."""
+  def configs():
+    out = []
+    for seed, learning_rate in ((0, 3e-3), (1, 1e8)):
+      config = tiny_mlp_config()
+      config.seed = seed
+      config.train.update(num_epochs=1, eval_every_steps=10)
+      config.optimizer.update(learning_rate=learning_rate, grad_clip_norm=1e30)
+      out.append(config)
+    return out
+
+  batches = vmap_runs.Runs.global_batch
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch",
+                      _interrupted(15, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+  stopped = vmap_runs.train_runs(configs(), str(tmp_path))
+  assert [s["stopped_by"] for s in stopped] == [{"signal": "SIGTERM", "step": 15}] * 2
+  assert "error" not in stopped[0] and "not finite" in stopped[1]["error"]
+  assert stopped[1]["steps"] == 10 and _steps(tmp_path / "run_1") == []
+
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
+  with pytest.raises(FloatingPointError, match=r"1 of 2 runs .*run 1 \("):
+    vmap_runs.train_runs(configs(), str(tmp_path))
+  finished, failed = (json.loads((tmp_path / f"run_{i}" / "metrics.json").read_text())
+                      for i in (0, 1))
+  assert finished["steps"] == 30 and finished["stopped_by"] is None
+  assert [h["step"] for h in finished["history"]] == [10, 20, 30]
+  assert failed["error"] == stopped[1]["error"] and failed["steps"] == 10
 
 
 def test_held_run(tmp_path):
