@@ -215,7 +215,8 @@ def read_record() -> dict:
 
 def _trained_vmapped(summary_path: str) -> bool:
   """Whether the run's ``metrics.json`` is that of a run of ``vmap_runs`` that finished (one
-  stopped by a non-finite loss is resumed by the trainer, which stops on it as it would have)."""
+  stopped by a non-finite loss is resumed by the trainer, which stops on it as it would have;
+  one stopped by a signal is resumed by the trainer)."""
   if not os.path.exists(summary_path):
     return False
   with open(summary_path) as f:
