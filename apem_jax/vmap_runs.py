@@ -44,8 +44,10 @@ processes) saves every run still training at the step it is at and returns (``st
 program's signal and step, in every run's summary; no :class:`FloatingPointError` then); the same
 call again (``train.py --vmap`` rerun) resumes the runs (:func:`resume_points`, with the
 trainer's checks): those still training together from the newest step they all have a
-checkpoint of, so a kill loses at most the steps since the last evaluation; a run that stopped
-stays as it was. Each run's directory also resumes alone, by the trainer.
+checkpoint of (after a kill, the last evaluation all of them saved; step 0 if one has none and
+none is past its first evaluation, else refused); a run that stopped stays as it was (one that
+failed is recorded in its ``metrics.json`` at once). Each run's directory also resumes alone, by
+the trainer.
 
 Not supported: ``parallel.mode='pmap'`` (refused); ``train.checkpoint_every_steps`` (checkpoints
 are saved at evaluations and stops only); several processes (written for them, untested). A run
@@ -317,27 +319,31 @@ def _run_view(exp: trainer.Experiment,
       abstract_state=exp.abstract_state)
 
 
-def _failed_before(run_dir: str) -> dict | None:
-  """The summary (``metrics.json``) of a run that an earlier program stopped on a non-finite
-  loss (its ``error``, its ``steps``), or None."""
+def _failed_before(run_dir: str, newest_step: int) -> dict | None:
+  """The summary (``metrics.json``: its ``error``, its ``steps``) of a run that an earlier
+  program stopped on a non-finite loss, or None. A run is never saved after it fails: an error
+  not later than the run's ``newest_step`` checkpoint is that of a run trained again since."""
   path = os.path.join(run_dir, "metrics.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     summary = json.load(f)
-  return summary if "error" in summary else None
+  return summary if "error" in summary and summary["steps"] > newest_step else None
 
 
 def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.ConfigDict],
                   run_dirs: Sequence[str], ckpts: Sequence[checkpointing.Checkpoints]
-                  ) -> list[tuple[Any, dict, dict] | None]:
-  """Per run, ``(state, meta, accepted config changes)`` of the checkpoint it continues from
-  (``trainer.resume_point``, with the trainer's checks), or None where it starts afresh (every
-  run, in a new program). The runs still training continue together, from the newest step they
-  all have a checkpoint of: an older one for a run whose newest is later (a kill between two
-  runs' saves), and step 0 (a fresh start) if a run still training has none while the others
-  have at most their first evaluation's. A run that had stopped (early stopping, its last epoch,
-  a non-finite loss: ``metrics.json`` holds its error) stays as it was.
+                  ) -> tuple[list[tuple[Any, dict, dict] | None], dict[int, dict]]:
+  """``(points, failed)``. ``points``: per run, ``(state, meta, accepted config changes)`` of the
+  checkpoint it continues from (``trainer.resume_point``, with the trainer's checks), or None
+  where it starts afresh (every run, in a new program). ``failed``: ``{run: its summary}`` of
+  the runs an earlier program stopped on a non-finite loss (they stay as they were).
+
+  The runs still training continue together, from the newest step they all have a checkpoint
+  of: an older one for a run whose newest is later (a kill between two runs' saves), and step 0
+  (a fresh start) if a run still training has none while the others have at most their first
+  evaluation's. A run that had stopped (early stopping, its last epoch, a non-finite loss) stays
+  as it was.
 
   Raises:
     ValueError (one line): the runs still training have no checkpoint at one step.
@@ -346,19 +352,27 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
             for c, d, ckpt in zip(configs, run_dirs, ckpts)]
   total_steps = exp.steps_per_epoch * configs[0].train.num_epochs
   step = [0 if p is None else p[1]["step"] for p in points]
+  failed = {i: summary for i, summary in enumerate(_failed_before(d, s)
+                                                   for d, s in zip(run_dirs, step)) if summary}
   training = [i for i, (c, p) in enumerate(zip(configs, points))
               if (p is None or not _stopped(p[1], c)) and step[i] < total_steps
-              and _failed_before(run_dirs[i]) is None]
+              and i not in failed]
   common = min((step[i] for i in training), default=0)
   first_evaluation = configs[0].train.eval_every_steps or exp.steps_per_epoch
+  fresh = [run_dirs[i] for i in training if step[i] == 0]
   for i in training:
     if step[i] == common:
       continue
     if common == 0 and step[i] <= first_evaluation:
       points[i] = None  # one evaluation's window to train again, as the fresh runs do
       continue
+    if common == 0:
+      raise ValueError(
+          f"vmap_runs: {', '.join(fresh)} hold no checkpoint while {run_dirs[i]} is past its "
+          f"first evaluation (step {step[i]}); resume the runs alone (train.py without --vmap), "
+          f"or train them in a new workdir")
     point = trainer.resume_point(ckpts[i], _run_view(exp, configs[i]), run_dirs[i],
-                                 max_step=common) if common else None
+                                 max_step=common)
     if point is None or point[1]["step"] != common:
       behind = [run_dirs[j] for j in training if step[j] == common]
       raise ValueError(
@@ -366,7 +380,7 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
           f"{', '.join(behind)} continue from (its steps: {ckpts[i].steps()}); resume the runs "
           f"alone (train.py without --vmap), or train them in a new workdir")
     points[i] = point
-  return points
+  return points, failed
 
 
 def _stopped(meta: dict, config: ml_collections.ConfigDict) -> bool:
@@ -437,7 +451,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
 
   readers = [checkpointing.Checkpoints(d, read_only=True) for d in run_dirs]
   try:
-    points = resume_points(exp, configs, run_dirs, readers)  # all checked before any write
+    points, failed_before = resume_points(exp, configs, run_dirs, readers)  # before any write
   finally:
     for reader in readers:
       reader.close()
@@ -450,10 +464,10 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
     trainer.write_preprocessing(exp.data, os.path.join(d, "preprocessing.json"))
     reporting.write_npz_atomic(os.path.join(d, trainer.VALIDATION_SAMPLE_FILE), sample)
   writers = [reporting.ScalarWriter(d) for d in run_dirs]
-  failed: dict[int, str] = {}
-  failed_at: dict[int, int] = {}  # the step of a run that failed in the program resumed
+  failed = {i: summary["error"] for i, summary in failed_before.items()}
+  failed_at = {i: summary["steps"] for i, summary in failed_before.items()}  # frozen steps
   metas = []
-  for i, (c, d, point) in enumerate(zip(configs, run_dirs, points)):
+  for c, point in zip(configs, points):
     if point is None:
       meta = trainer.fresh_meta(exp)
       meta["config"] = c.to_dict()
@@ -464,9 +478,6 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
         meta["config"] = c.to_dict()
       meta["stopped"] = _stopped(meta, c)
     metas.append(meta)
-    earlier = _failed_before(d)
-    if earlier is not None and any(points):  # a run that failed in the program resumed
-      failed[i], failed_at[i] = earlier["error"], earlier["steps"]
   history_before = [len(m["history"]) for m in metas]  # the evaluations of earlier programs
   # What trainer.evaluate_and_decide reads of its experiment, per run (its own patience).
   deciders = [types.SimpleNamespace(config=c, schema=exp.schema,
@@ -525,7 +536,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
                                                  state.step)
         loss_count += 1
         evaluate = step % eval_every == 0 or step == total_steps
-        if step % config.train.log_every == 0 or evaluate:
+        # A stop is checked too: a run saved at it must not have failed since the last check.
+        if step % config.train.log_every == 0 or evaluate or stop_requests.signum is not None:
           mean_loss = np.asarray(loss_sum) / loss_count
           run_metrics = {k: np.asarray(metrics[k]) for k in ("grad_norm", "balance_weights")
                          if k in metrics}  # [N] and [N, T]
@@ -538,6 +550,10 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
               failed[i] = str(e)
               active[i] = False
               print(f"run {i} ({names[i]}): {e}", flush=True)
+              # Recorded at once: a kill before the program's end must not resume it.
+              reporting.write_json_atomic(os.path.join(run_dirs[i], "metrics.json"), {
+                  "error": failed[i], "steps": step, "stopped_by": None,
+                  "vmapped": {"runs": n, "index": int(i)}})
               continue
             writers[i].write(step, trainer.train_scalars(
                 float(mean_loss[i]), {k: v[i] for k, v in run_metrics.items()},

@@ -192,8 +192,8 @@ def test_run_directories_that_do_not_resume_together_are_refused(vmapped, tmp_pa
   for config in configs:
     config.train.update(num_epochs=3, patience=100)  # both runs still training after step 60
   before = sorted(p.name for p in (workdir / "run_0").rglob("*"))
-  with pytest.raises(ValueError, match=r"^vmap_runs: \S*run_0 has no checkpoint at step 0, "
-                                       r"where \S*run_1 continue from"):
+  with pytest.raises(ValueError, match=r"^vmap_runs: \S*run_1 hold no checkpoint while "
+                                       r"\S*run_0 is past its first evaluation \(step 60\)"):
     vmap_runs.train_runs(configs, str(workdir))
   assert not (workdir / "run_1").exists()
   assert sorted(p.name for p in (workdir / "run_0").rglob("*")) == before
@@ -222,14 +222,15 @@ def test_a_program_killed_before_every_first_save_starts_again(vmapped, tmp_path
   chex.assert_trees_all_equal(_final_states(workdir), _final_states(reference_dir))
 
 
-def test_a_failed_run_stays_failed_through_a_stop_and_a_resume(tmp_path, monkeypatch):
-  """Run 1's loss becomes non-finite before its first evaluation (so it has no checkpoint), then
-  SIGTERM stops the program after step 15: it returns (the runs did not finish: no
-  FloatingPointError yet). The same call again finishes run 0 from its checkpoint, leaves run 1
-  as it failed, and then names it."""
+def test_a_failed_run_stays_failed_through_stops_kills_and_resumes(tmp_path, monkeypatch):
+  """Run 1's loss becomes non-finite at once. SIGTERM after step 5 (no log step): the stop checks
+  the loss, so run 1 is recorded as failed and not saved, and the program returns (no
+  FloatingPointError: the runs did not finish). Run again, then killed after step 13 (run 1's
+  record already written, run 0 saved at step 10); run again to the end: run 0 finishes from
+  its checkpoint, run 1 stays as it failed, and is then named."""
   def configs():
     out = []
-    for seed, learning_rate in ((0, 3e-3), (1, 1e8)):
+    for seed, learning_rate in ((0, 3e-3), (1, 1e30)):
       config = tiny_mlp_config()
       config.seed = seed
       config.train.update(num_epochs=1, eval_every_steps=10)
@@ -237,22 +238,41 @@ def test_a_failed_run_stays_failed_through_a_stop_and_a_resume(tmp_path, monkeyp
       out.append(config)
     return out
 
+  def summary(i):
+    return json.loads((tmp_path / f"run_{i}" / "metrics.json").read_text())
+
   batches = vmap_runs.Runs.global_batch
   monkeypatch.setattr(vmap_runs.Runs, "global_batch",
-                      _interrupted(15, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+                      _interrupted(5, lambda: os.kill(os.getpid(), signal.SIGTERM)))
   stopped = vmap_runs.train_runs(configs(), str(tmp_path))
-  assert [s["stopped_by"] for s in stopped] == [{"signal": "SIGTERM", "step": 15}] * 2
+  assert [s["stopped_by"] for s in stopped] == [{"signal": "SIGTERM", "step": 5}] * 2
   assert "error" not in stopped[0] and "not finite" in stopped[1]["error"]
-  assert stopped[1]["steps"] == 10 and _steps(tmp_path / "run_1") == []
+  assert stopped[1]["steps"] == 5 and _steps(tmp_path / "run_1") == []
+  assert _steps(tmp_path / "run_0") == [5]
+
+  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(9, _crash))
+  with pytest.raises(KeyboardInterrupt):
+    vmap_runs.train_runs(configs(), str(tmp_path))
+  assert _steps(tmp_path / "run_0")[-1] == 10 and _steps(tmp_path / "run_1") == []
+  assert summary(1)["error"] == stopped[1]["error"]
 
   monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
   with pytest.raises(FloatingPointError, match=r"1 of 2 runs .*run 1 \("):
     vmap_runs.train_runs(configs(), str(tmp_path))
-  finished, failed = (json.loads((tmp_path / f"run_{i}" / "metrics.json").read_text())
-                      for i in (0, 1))
+  finished, failed = summary(0), summary(1)
   assert finished["steps"] == 30 and finished["stopped_by"] is None
   assert [h["step"] for h in finished["history"]] == [10, 20, 30]
-  assert failed["error"] == stopped[1]["error"] and failed["steps"] == 10
+  assert failed["error"] == stopped[1]["error"] and failed["steps"] == 5
+
+
+def test_an_error_older_than_a_checkpoint_is_no_failure(tmp_path):
+  """A run is never saved after it fails: a checkpoint at or after its recorded error is that of
+  a run trained again since (in a new program, or alone), which is then no failed run."""
+  (tmp_path / "metrics.json").write_text(json.dumps({"error": "loss nan", "steps": 10}))
+  assert vmap_runs._failed_before(str(tmp_path), 0)["error"] == "loss nan"
+  assert vmap_runs._failed_before(str(tmp_path), 10) is None
+  (tmp_path / "metrics.json").write_text(json.dumps({"steps": 30}))
+  assert vmap_runs._failed_before(str(tmp_path), 0) is None
 
 
 def test_held_run(tmp_path):
