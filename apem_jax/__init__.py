@@ -8,7 +8,8 @@ The public API (docs/api.md), importable from here; each name is loaded on first
 * models: ``build_model``, ``register_model``, ``MODELS``, ``APEM`` (to subclass);
 * steps: ``TrainState``, ``init_state``, ``train_step``, ``eval_step``, ``bind_steps``,
   ``make_optimizer``; task balancing: ``Balancing``, ``balancing_from_config``;
-* runs: ``Experiment``, ``train_and_evaluate``, ``evaluate_checkpoint``, ``restore_checkpoint``;
+* runs: ``Experiment``, ``train_and_evaluate``, ``evaluate_checkpoint``, ``restore_checkpoint``,
+  ``train_runs`` (several seeds or learning rates as one vmapped program);
   serving: ``apem_jax.export.export(workdir, output)`` (a module of its own: it imports
   TensorFlow);
 * configs: ``apem_jax.configs`` (``common.base_config()``, ``census.get_config('mmoe')``, ...);
@@ -34,6 +35,7 @@ _PUBLIC = {
     "Balancing": "apem_jax.balancing", "balancing_from_config": "apem_jax.balancing",
     "Experiment": "apem_jax.trainer", "train_and_evaluate": "apem_jax.trainer",
     "evaluate_checkpoint": "apem_jax.trainer", "restore_checkpoint": "apem_jax.trainer",
+    "train_runs": "apem_jax.vmap_runs",
 }
 __all__ = sorted(_PUBLIC)
 _SUBMODULES = ("configs", "export", "parallel")

@@ -189,9 +189,12 @@ class Runs:
   ``unroll=False``: the forward and backward pass are ``jax.vmap``-ed over the runs (batched
   kernels; XLA may round them otherwise than the trainer's, see the module doc). ``unroll=True``:
   each run's whole train step is its own copy of the trainer's step inside the one program (the
-  trainer's arithmetic; compile time grows with N)."""
+  trainer's arithmetic; compile time grows with N). ``data``: a dataset given in Python, as the
+  trainer's."""
 
-  def __init__(self, configs: Sequence[ml_collections.ConfigDict], unroll: bool = False):
+  def __init__(self, configs: Sequence[ml_collections.ConfigDict], unroll: bool = False,
+               data: Any = None):
+    configs = [trainer.with_given_data(c, data) for c in configs]
     self.varied = varied_keys(configs)
     for config in configs[1:]:
       config_validation.validate(config)
@@ -201,7 +204,7 @@ class Runs:
     self.configs = list(configs)
     self.n = n = len(configs)
     self.unroll = unroll
-    self.exp = exp = trainer.Experiment(configs[0])
+    self.exp = exp = trainer.Experiment(configs[0], data)
     self.txs = [step_lib.make_optimizer(c, exp.total_steps) for c in configs]
     abstract_params = exp.abstract_state.params
     opt_shapes = [jax.eval_shape(tx.init, abstract_params) for tx in self.txs]
@@ -418,11 +421,13 @@ def append_record(workdir: str, program: dict) -> None:
 
 
 def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
-               run_dirs: Sequence[str] | None = None, unroll: bool = False) -> list[dict]:
+               run_dirs: Sequence[str] | None = None, unroll: bool = False,
+               data: Any = None) -> list[dict]:
   """Trains ``configs`` as one vmapped program (see the module doc); returns each run's summary,
   also written to its ``metrics.json``. ``run_dirs``: each run's workdir (default
   ``<workdir>/run_<i>``); ``<workdir>/vmap_runs.json`` records the runs and the shared timings
-  of each program run in ``workdir`` (:func:`append_record`).
+  of each program run in ``workdir`` (:func:`append_record`). ``data``: a dataset given in
+  Python (``apem_jax.dataset_from_columns``), as ``trainer.train_and_evaluate``'s.
 
   Run directories that hold checkpoints of an earlier call resume (:func:`resume_points`).
 
@@ -440,8 +445,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   if len(set(map(os.path.abspath, run_dirs))) != len(run_dirs):
     raise ValueError("vmap_runs: run_dirs must be distinct")
   varied_keys(configs)  # before the (slow) experiment is built
-  runs = Runs(configs, unroll=unroll)
-  exp, n = runs.exp, runs.n
+  runs = Runs(configs, unroll=unroll, data=data)
+  exp, n, configs = runs.exp, runs.n, runs.configs
   phases = {"experiment": time.time() - t_start}  # seconds of the parts outside the train loop
   config = configs[0]
   varied = [{k: _value(c, k) for k in runs.varied} for c in configs]

@@ -1,5 +1,7 @@
 """The Python API: data given as columns, validated when it is built; public names; registry."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -145,6 +147,28 @@ def test_encoded_arrays_are_checked_against_the_schema():
     arrays["validation"]["true_q"] = bad
     with pytest.raises(ValueError, match=message):
       pipeline.DatasetSplits(good.schema, good.preprocessing, arrays)
+
+
+def test_seeds_on_data_given_in_python_train_as_one_program(tmp_path):
+  """``apem_jax.train_runs(configs, workdir, data=)``: two seeds of a dataset given in Python in
+  one vmapped program; each run's directory evaluates, with the same data, as the run scored
+  its best checkpoint on validation."""
+  data = _data()
+  configs = []
+  for seed in (0, 1):
+    config = common.base_config("shared_bottom")
+    config.seed = seed
+    config.train.update(batch_size=64, num_epochs=2, progress_bar=False)
+    configs.append(config)
+  summaries = apem_jax.train_runs(configs, str(tmp_path), data=data)
+  assert summaries[0]["best_validation"] != summaries[1]["best_validation"]  # two seeds
+  for i, (config, summary) in enumerate(zip(configs, summaries)):
+    run_dir = tmp_path / f"run_{i}"
+    assert json.loads((run_dir / "config.json").read_text())["data"] == {"name": "given"}
+    result = apem_jax.evaluate_checkpoint(config, str(run_dir), "validation", data=data)
+    assert result["step"] == summary["best_step"]
+    for task, metrics in summary["best_validation"].items():
+      assert result["metrics"][task]["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
 
 
 def test_public_names_and_registry():
