@@ -143,37 +143,48 @@ def _crash():
   raise KeyboardInterrupt
 
 
-def test_a_program_killed_or_stopped_resumes_as_if_it_had_run_through(vmapped, tmp_path,
-                                                                       monkeypatch):
-  """Crashed after step 24 (checkpoints at 10 and 20; run 0's step 20 lost, as a kill between
-  the runs' saves loses it), then stopped by SIGTERM after step 35 (a step without an
-  evaluation), then run again: every run ends bit for bit as the uninterrupted program's, with
-  the same evaluations; run 1 (patience 1) stops early as it did there."""
+def _train_crashing(monkeypatch, configs, workdir, at: int) -> None:
+  """``train_runs`` interrupted before its step ``at`` as a crash interrupts it."""
+  with monkeypatch.context() as patch:
+    patch.setattr(vmap_runs.Runs, "global_batch", _interrupted(at, _crash))
+    with pytest.raises(KeyboardInterrupt):
+      vmap_runs.train_runs(configs, str(workdir))
+
+
+def _assert_ended_as(summaries, workdir, vmapped) -> None:
+  """The runs in ``workdir`` made the evaluations of the uninterrupted program and hold its
+  final states, bit for bit."""
   reference_dir, reference = vmapped
-  workdir = tmp_path / "w"
-  batches = vmap_runs.Runs.global_batch
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(25, _crash))
-  with pytest.raises(KeyboardInterrupt):
-    vmap_runs.train_runs(_configs(), str(workdir))
-  assert not (workdir / "run_0" / "metrics.json").exists()
-  shutil.rmtree(workdir / "run_0" / "checkpoints" / "20")
-
-  stop = lambda: os.kill(os.getpid(), signal.SIGTERM)
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(26, stop))  # from step 10
-  stopped = vmap_runs.train_runs(_configs(), str(workdir))
-  assert stopped[0]["stopped_by"] == {"signal": "SIGTERM", "step": 36}
-  assert 36 in _steps(workdir / "run_0")
-  with pytest.raises(SystemExit, match="143"):
-    trainer.exit_if_stopped(stopped[0])
-
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
-  summaries = vmap_runs.train_runs(_configs(), str(workdir))
   for summary, expected in zip(summaries, reference):
     assert summary["stopped_by"] is None
     for key in ("best_step", "steps", "stopped_early", "best_validation_score"):
       assert summary[key] == expected[key], key
     assert _validation(summary) == _validation(expected)
   chex.assert_trees_all_equal(_final_states(workdir), _final_states(reference_dir))
+
+
+def test_a_program_killed_or_stopped_resumes_as_if_it_had_run_through(vmapped, tmp_path,
+                                                                       monkeypatch):
+  """Crashed after step 24 (checkpoints at 10 and 20; run 0's step 20 lost, as a kill between
+  the runs' saves loses it), then stopped by SIGTERM after step 35 (a step without an
+  evaluation), then run again: every run ends bit for bit as the uninterrupted program's, with
+  the same evaluations; run 1 (patience 1) stops early as it did there."""
+  workdir = tmp_path / "w"
+  _train_crashing(monkeypatch, _configs(), workdir, 25)
+  assert not (workdir / "run_0" / "metrics.json").exists()
+  shutil.rmtree(workdir / "run_0" / "checkpoints" / "20")
+
+  stop = lambda: os.kill(os.getpid(), signal.SIGTERM)
+  with monkeypatch.context() as patch:
+    patch.setattr(vmap_runs.Runs, "global_batch", _interrupted(26, stop))  # from step 10
+    stopped = vmap_runs.train_runs(_configs(), str(workdir))
+  assert stopped[0]["stopped_by"] == {"signal": "SIGTERM", "step": 36}
+  assert 36 in _steps(workdir / "run_0")
+  with pytest.raises(SystemExit, match="143"):
+    trainer.exit_if_stopped(stopped[0])
+
+  summaries = vmap_runs.train_runs(_configs(), str(workdir))
+  _assert_ended_as(summaries, workdir, vmapped)
 
   # Run again once finished: nothing left to train, the same runs.
   again = vmap_runs.train_runs(_configs(), str(workdir))
@@ -208,18 +219,10 @@ def test_run_directories_that_do_not_resume_together_are_refused(vmapped, tmp_pa
 def test_a_program_killed_before_every_first_save_starts_again(vmapped, tmp_path, monkeypatch):
   """Run 1's first checkpoint lost (a kill while the first evaluation's saves were written): the
   runs start again from step 0 and end as the uninterrupted program did."""
-  reference_dir, reference = vmapped
   workdir = tmp_path / "w"
-  batches = vmap_runs.Runs.global_batch
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(15, _crash))
-  with pytest.raises(KeyboardInterrupt):
-    vmap_runs.train_runs(_configs(), str(workdir))
+  _train_crashing(monkeypatch, _configs(), workdir, 15)
   shutil.rmtree(workdir / "run_1" / "checkpoints" / "10")
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
-  summaries = vmap_runs.train_runs(_configs(), str(workdir))
-  for summary, expected in zip(summaries, reference):
-    assert _validation(summary) == _validation(expected)
-  chex.assert_trees_all_equal(_final_states(workdir), _final_states(reference_dir))
+  _assert_ended_as(vmap_runs.train_runs(_configs(), str(workdir)), workdir, vmapped)
 
 
 def test_a_failed_run_stays_failed_through_stops_kills_and_resumes(tmp_path, monkeypatch):
@@ -241,22 +244,19 @@ def test_a_failed_run_stays_failed_through_stops_kills_and_resumes(tmp_path, mon
   def summary(i):
     return json.loads((tmp_path / f"run_{i}" / "metrics.json").read_text())
 
-  batches = vmap_runs.Runs.global_batch
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch",
-                      _interrupted(5, lambda: os.kill(os.getpid(), signal.SIGTERM)))
-  stopped = vmap_runs.train_runs(configs(), str(tmp_path))
+  with monkeypatch.context() as patch:
+    patch.setattr(vmap_runs.Runs, "global_batch",
+                  _interrupted(5, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    stopped = vmap_runs.train_runs(configs(), str(tmp_path))
   assert [s["stopped_by"] for s in stopped] == [{"signal": "SIGTERM", "step": 5}] * 2
   assert "error" not in stopped[0] and "not finite" in stopped[1]["error"]
   assert stopped[1]["steps"] == 5 and _steps(tmp_path / "run_1") == []
   assert _steps(tmp_path / "run_0") == [5]
 
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", _interrupted(9, _crash))
-  with pytest.raises(KeyboardInterrupt):
-    vmap_runs.train_runs(configs(), str(tmp_path))
+  _train_crashing(monkeypatch, configs(), tmp_path, 9)
   assert _steps(tmp_path / "run_0")[-1] == 10 and _steps(tmp_path / "run_1") == []
   assert summary(1)["error"] == stopped[1]["error"]
 
-  monkeypatch.setattr(vmap_runs.Runs, "global_batch", batches)
   with pytest.raises(FloatingPointError, match=r"1 of 2 runs .*run 1 \("):
     vmap_runs.train_runs(configs(), str(tmp_path))
   finished, failed = summary(0), summary(1)
