@@ -436,6 +436,11 @@ def fresh_meta(exp: Experiment) -> dict:
           "config": exp.config.to_dict(), "schema": exp.schema.to_dict()}
 
 
+def early_stopped(meta: Mapping, config: ml_collections.ConfigDict) -> bool:
+  """Early stopping's decision for a run at ``meta``, with the config's patience now."""
+  return meta["evals_without_improvement"] >= config.train.patience
+
+
 def resume_point(ckpt: checkpointing.Checkpoints, exp: "Experiment", workdir: str,
                  max_step: int | None = None):
   """``(state, meta, accepted config changes)`` of the checkpoint a run in ``workdir`` continues
@@ -555,7 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps = spe * config.train.num_epochs
   eval_every = config.train.eval_every_steps or spe
   save_every = config.train.checkpoint_every_steps or eval_every
-  meta["stopped"] = meta["evals_without_improvement"] >= config.train.patience  # may change
+  meta["stopped"] = early_stopped(meta, config)  # the patience may have changed
 
   train_seconds, t_window, window_steps, stopped_by = 0.0, time.time(), 0, None
   train_loss = _TrainLoss(exp.schema.task_names)

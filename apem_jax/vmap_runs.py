@@ -358,7 +358,7 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
   failed = {i: summary for i, summary in enumerate(_failed_before(d, s)
                                                    for d, s in zip(run_dirs, step)) if summary}
   training = [i for i, (c, p) in enumerate(zip(configs, points))
-              if (p is None or not _stopped(p[1], c)) and step[i] < total_steps
+              if (p is None or not trainer.early_stopped(p[1], c)) and step[i] < total_steps
               and i not in failed]
   common = min((step[i] for i in training), default=0)
   first_evaluation = configs[0].train.eval_every_steps or exp.steps_per_epoch
@@ -384,11 +384,6 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
           f"alone (train.py without --vmap), or train them in a new workdir")
     points[i] = point
   return points, failed
-
-
-def _stopped(meta: dict, config: ml_collections.ConfigDict) -> bool:
-  """Early stopping's decision for a run resumed from ``meta``, with its patience now."""
-  return meta["evals_without_improvement"] >= config.train.patience
 
 
 def configs_over(config: ml_collections.ConfigDict, values: str, flag: str = "--vmap"
@@ -481,7 +476,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
       if changes:  # recorded once, as the trainer does
         meta["resumes"].append({"step": meta["step"], "changed": changes})
         meta["config"] = c.to_dict()
-      meta["stopped"] = _stopped(meta, c)
+      meta["stopped"] = trainer.early_stopped(meta, c)
     metas.append(meta)
   history_before = [len(m["history"]) for m in metas]  # the evaluations of earlier programs
   # What trainer.evaluate_and_decide reads of its experiment, per run (its own patience).
