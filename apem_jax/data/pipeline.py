@@ -33,6 +33,7 @@ import numpy as np
 
 from apem_jax import schema as schema_lib
 from apem_jax.data import preprocessing as prep_lib
+from apem_jax.data.config_access import config_value
 
 SPLITS = ("train", "validation", "test")
 # Arrays evaluation reads but training batches leave out: the true conditional probabilities of
@@ -282,14 +283,6 @@ def check_arrays(schema: schema_lib.Schema, arrays: Mapping[str, Mapping[str, np
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-
-def config_value(config: Any, key: str, default: Any) -> Any:
-  """``config[key]`` of a ConfigDict, mapping or object, ``default`` where absent or None."""
-  if config is None:
-    return default
-  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  return default if value is None else value
-
 
 def load_dataset(data_config: Any) -> DatasetSplits:
   """The dataset a config names: ``data.name='spec'`` (a user's files, described by the dataset

@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 
 from apem_jax import schema as schema_lib
 from apem_jax.data import files as files_lib
+from apem_jax.data.config_access import config_value
 from apem_jax.data import preprocessing as prep_lib
 from apem_jax.data import prepared as prepared_lib
 from apem_jax.data import spec as spec_lib
@@ -107,6 +108,11 @@ class Chunk:
     if self.unit == "line":
       return f"{self.file}, line {n + self.line_offset}"
     return f"{self.file}, {self.unit} {n}"
+
+  def span(self) -> str:
+    """The chunk's rows as ``'lines 2-101'`` (``rows``, ``records``)."""
+    first = self.first_row + 1 + (self.line_offset if self.unit == "line" else 0)
+    return f"{self.unit}s {first}-{first + self.num_rows - 1}"
 
   def parts(self, column: str) -> tuple[pa.Array, np.ndarray]:
     """A string column as (distinct values stripped of ASCII whitespace, int32 index per row,
@@ -858,7 +864,8 @@ def _funnel_error(chunk: Chunk, bad: np.ndarray, ids: np.ndarray, labels: np.nda
           " (validation and test rows are never dropped for their labels)")
   return DataError(f"{chunk.where(i)}: task {task.name!r} is positive where the task it depends "
                    f"on, {task.depends_on!r}, is negative (an inconsistent funnel, {split} "
-                   f"split); fix the data{drop}")
+                   f"split; {int(bad.sum())} such rows in {chunk.span()}, the block read when "
+                   f"the first was found, later rows not checked); fix the data{drop}")
 
 
 def missing_numbers(spec: spec_lib.Spec) -> tuple[float, ...]:
@@ -1696,7 +1703,7 @@ def load_spec_dataset(data_config: Any):
   Funnel label consistency follows the spec's ``inconsistent_funnel`` (training rows only are
   dropped); ``data.inconsistent_funnel`` is refused here so that there is one place to set it.
   """
-  get = functools.partial(_config_value, data_config)
+  get = functools.partial(config_value, data_config)
   keys = list(data_config.keys()) if hasattr(data_config, "keys") else []
   for key in keys:
     if key not in SPEC_CONFIG_KEYS and get(key, None) is not None:
@@ -1716,15 +1723,6 @@ def load_spec_dataset(data_config: Any):
   return stream_lib.StreamedSplits(prepared.path, **settings["stream_args"])
 
 
-def _config_value(config: Any, key: str, default: Any) -> Any:
-  """``config[key]`` of a ConfigDict, mapping or object, ``default`` where absent or None (as
-  ``pipeline.config_value``, which this module does not import: it loads JAX)."""
-  if config is None:
-    return default
-  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  return default if value is None else value
-
-
 def input_settings(data_config: Any, stream_default: bool) -> dict[str, Any]:
   """The checked values of the data keys every prepared dataset takes (``data.data_dir``,
   ``shard_rows``, ``stream`` and the streamed input's keys), refused in one line naming the key
@@ -1734,7 +1732,7 @@ def input_settings(data_config: Any, stream_default: bool) -> dict[str, Any]:
     ``{"data_dir": str, "shard_rows": int, "stream": bool, "stream_args": {StreamedSplits
     argument: int}}``.
   """
-  get = functools.partial(_config_value, data_config)
+  get = functools.partial(config_value, data_config)
   data_dir = get("data_dir", "data")
   if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
     raise ValueError(f"data.data_dir={data_dir!r}: expected a directory path")

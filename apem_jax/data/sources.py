@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from apem_jax.data import census_source
-from apem_jax.data.pipeline import DatasetSplits, config_value
+from apem_jax.data.config_access import config_value
+from apem_jax.data.pipeline import DatasetSplits
 from apem_jax.data import synthetic
 from apem_jax.data import synthetic_funnel
 from apem_jax.data import synthetic_source
