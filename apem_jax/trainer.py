@@ -578,13 +578,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _kill_point("step", step)
         train_loss.add(step_metrics, state.step)
         evaluate = step % eval_every == 0 or step == total_steps
-        if step % config.train.log_every == 0 or evaluate:
-          mean_loss = train_loss.mean(step)
-          bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=f"{step / spe:.2f}")
-          writer.write(step, train_scalars(mean_loss, step_metrics, exp.schema.task_names))
         if stop_requests.signum is None and ckpt.reached_preemption(step):
           stop_requests.signum = signal.SIGTERM
         save = evaluate or step % save_every == 0 or stop_requests.signum is not None
+        # A save checks the loss too: a checkpoint must not hold a run that failed since the
+        # last log step.
+        if step % config.train.log_every == 0 or save:
+          mean_loss = train_loss.mean(step)
+          bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=f"{step / spe:.2f}")
+          writer.write(step, train_scalars(mean_loss, step_metrics, exp.schema.task_names))
         if not save:
           continue
 

@@ -536,8 +536,11 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
                                                  state.step)
         loss_count += 1
         evaluate = step % eval_every == 0 or step == total_steps
+        if stop_requests.signum is None and ckpts[0].reached_preemption(step):
+          stop_requests.signum = signal.SIGTERM
+        stop = stop_requests.signum is not None  # read once: a signal from here on is next step's
         # A stop is checked too: a run saved at it must not have failed since the last check.
-        if step % config.train.log_every == 0 or evaluate or stop_requests.signum is not None:
+        if step % config.train.log_every == 0 or evaluate or stop:
           mean_loss = np.asarray(loss_sum) / loss_count
           run_metrics = {k: np.asarray(metrics[k]) for k in ("grad_norm", "balance_weights")
                          if k in metrics}  # [N] and [N, T]
@@ -584,9 +587,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
             if meta["stopped"]:
               active[i] = False
           t_window, window_steps = time.time(), 0
-        if stop_requests.signum is None and ckpts[0].reached_preemption(step):
-          stop_requests.signum = signal.SIGTERM
-        if stop_requests.signum is not None:
+        if stop:
           if not evaluate:  # the runs still training, saved where they stand
             for i in np.flatnonzero(active):
               metas[i].update(step=step, epoch=step // spe,

@@ -178,6 +178,28 @@ def test_nan_label_names_the_task_and_step(tmp_path, monkeypatch):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
+def test_a_save_between_log_steps_checks_the_loss_first(tmp_path, monkeypatch):
+  """A checkpoint saved between two log steps (``train.checkpoint_every_steps``, a stop) after
+  the loss became non-finite: the run fails there and the checkpoint is not written."""
+  config = tiny_config()
+  config.train.update(log_every=50, checkpoint_every_steps=3)
+  real = trainer.train_batches_from
+
+  def nan_labels(exp, position):
+    for i, batch in enumerate(real(exp, position)):
+      if i == 1:
+        batch = dict(batch, labels=np.full_like(batch["labels"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(trainer, "train_batches_from", nan_labels)
+  workdir = tmp_path / "nan"
+  with pytest.raises(FloatingPointError, match=r"at step 3 \(not finite: task 'y1' from step 2"):
+    trainer.train_and_evaluate(config, str(workdir))
+  ckpt = checkpointing.Checkpoints(str(workdir), read_only=True)
+  assert ckpt.steps() == []
+  ckpt.close()
+
+
 def test_config_errors_name_the_key(tmp_path):
   config = tiny_config()
   config.train.task_weights = (1.0, 1.0, 1.0)

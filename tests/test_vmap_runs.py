@@ -225,21 +225,37 @@ def test_a_program_killed_before_every_first_save_starts_again(vmapped, tmp_path
   _assert_ended_as(vmap_runs.train_runs(_configs(), str(workdir)), workdir, vmapped)
 
 
+def _run_1_fails_at_once():
+  """Two runs of one epoch (30 steps), an evaluation every 10: run 1's loss is non-finite from
+  its first step on (learning rate 1e30)."""
+  out = []
+  for seed, learning_rate in ((0, 3e-3), (1, 1e30)):
+    config = tiny_mlp_config()
+    config.seed = seed
+    config.train.update(num_epochs=1, eval_every_steps=10)
+    config.optimizer.update(learning_rate=learning_rate, grad_clip_norm=1e30)
+    out.append(config)
+  return out
+
+
+def test_a_preemption_notice_checks_the_loss_before_the_saves(tmp_path, monkeypatch):
+  """The processes agree to stop at step 5 (no log step): run 1, failed since step 1, is
+  recorded as failed and not saved, as a SIGTERM there does."""
+  monkeypatch.setattr(checkpointing.Checkpoints, "reached_preemption",
+                      lambda self, step: step == 5)
+  stopped = vmap_runs.train_runs(_run_1_fails_at_once(), str(tmp_path))
+  assert [s["stopped_by"] for s in stopped] == [{"signal": "SIGTERM", "step": 5}] * 2
+  assert "error" not in stopped[0] and "not finite" in stopped[1]["error"]
+  assert _steps(tmp_path / "run_0") == [5] and _steps(tmp_path / "run_1") == []
+
+
 def test_a_failed_run_stays_failed_through_stops_kills_and_resumes(tmp_path, monkeypatch):
   """Run 1's loss becomes non-finite at once. SIGTERM after step 5 (no log step): the stop checks
   the loss, so run 1 is recorded as failed and not saved, and the program returns (no
   FloatingPointError: the runs did not finish). Run again, then killed after step 13 (run 1's
   record already written, run 0 saved at step 10); run again to the end: run 0 finishes from
   its checkpoint, run 1 stays as it failed, and is then named."""
-  def configs():
-    out = []
-    for seed, learning_rate in ((0, 3e-3), (1, 1e30)):
-      config = tiny_mlp_config()
-      config.seed = seed
-      config.train.update(num_epochs=1, eval_every_steps=10)
-      config.optimizer.update(learning_rate=learning_rate, grad_clip_norm=1e30)
-      out.append(config)
-    return out
+  configs = _run_1_fails_at_once
 
   def summary(i):
     return json.loads((tmp_path / f"run_{i}" / "metrics.json").read_text())
