@@ -509,9 +509,10 @@ def exit_if_stopped(summary: dict[str, Any]) -> None:
     raise SystemExit(128 + signal.Signals[summary["stopped_by"]["signal"]].value)
 
 
-def _kill_point(point: str, step: int) -> None:
+def kill_point(point: str, step: int) -> None:
   """Test instrumentation: ``APEM_JAX_KILL_AT=<point>:<step>`` kills this process with SIGKILL,
-  as a crash or an out-of-memory killer would, at ``step`` (after the train step), ``evaluate``
+  as a crash or an out-of-memory killer would, at ``step`` (after the train step; also in
+  ``vmap_runs``' loop), ``evaluate``
   (after the validation pass, before its checkpoint) or ``save`` (while a checkpoint is being
   written in the background) of that step."""
   if os.environ.get("APEM_JAX_KILL_AT") == f"{point}:{step}":
@@ -575,7 +576,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         step += 1
         window_steps += 1
         bar.update(1)
-        _kill_point("step", step)
+        kill_point("step", step)
         train_loss.add(step_metrics, state.step)
         evaluate = step % eval_every == 0 or step == total_steps
         if stop_requests.signum is None and ckpt.reached_preemption(step):
@@ -598,9 +599,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           seconds = time.time() - t_window
           train_seconds += seconds
           score = evaluate_and_decide(exp, saved, meta, step, seconds, window_steps, writer)
-          _kill_point("evaluate", step)
+          kill_point("evaluate", step)
         ckpt.save(step, saved, meta, score=score)
-        _kill_point("save", step)
+        kill_point("save", step)
         if evaluate:
           t_window, window_steps = time.time(), 0
         if stop_requests.signum is not None:

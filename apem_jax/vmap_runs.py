@@ -334,6 +334,10 @@ def _failed_before(run_dir: str, newest_step: int) -> dict | None:
   return summary if "error" in summary and summary["steps"] > newest_step else None
 
 
+class NotResumableTogether(ValueError):
+  """Run directories whose runs still training hold no checkpoint at one common step."""
+
+
 def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.ConfigDict],
                   run_dirs: Sequence[str], ckpts: Sequence[checkpointing.Checkpoints]
                   ) -> tuple[list[tuple[Any, dict, dict] | None], dict[int, dict]]:
@@ -349,7 +353,7 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
   as it was.
 
   Raises:
-    ValueError (one line): the runs still training have no checkpoint at one step.
+    NotResumableTogether (one line): the runs still training have no checkpoint at one step.
   """
   points = [trainer.resume_point(ckpt, _run_view(exp, c), d)
             for c, d, ckpt in zip(configs, run_dirs, ckpts)]
@@ -370,7 +374,7 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
       points[i] = None  # one evaluation's window to train again, as the fresh runs do
       continue
     if common == 0:
-      raise ValueError(
+      raise NotResumableTogether(
           f"vmap_runs: {', '.join(fresh)} hold no checkpoint while {run_dirs[i]} is past its "
           f"first evaluation (step {step[i]}); resume the runs alone (train.py without --vmap), "
           f"or train them in a new workdir")
@@ -378,7 +382,7 @@ def resume_points(exp: trainer.Experiment, configs: Sequence[ml_collections.Conf
                                  max_step=common)
     if point is None or point[1]["step"] != common:
       behind = [run_dirs[j] for j in training if step[j] == common]
-      raise ValueError(
+      raise NotResumableTogether(
           f"vmap_runs: {run_dirs[i]} has no checkpoint at step {common}, where "
           f"{', '.join(behind)} continue from (its steps: {ckpts[i].steps()}); resume the runs "
           f"alone (train.py without --vmap), or train them in a new workdir")
@@ -427,9 +431,9 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
   Run directories that hold checkpoints of an earlier call resume (:func:`resume_points`).
 
   Raises:
-    ValueError: configs that differ in another key than :data:`VARYING_KEYS`, run directories
-      that do not resume together (:func:`resume_points`), ``parallel.mode='pmap'``, or any config
-      error or refused resume the trainer raises.
+    NotResumableTogether: run directories that do not resume together (:func:`resume_points`).
+    ValueError: configs that differ in another key than :data:`VARYING_KEYS`,
+      ``parallel.mode='pmap'``, or any config error or refused resume the trainer raises.
     FloatingPointError: after every run is written, if a run's training loss became non-finite.
   """
   t_start = time.time()
@@ -529,6 +533,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict], workdir: str,
         step += 1
         window_steps += 1
         bar.update(1)
+        trainer.kill_point("step", step)
         for i in np.flatnonzero(active):
           run_steps[i] = step
         loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]

@@ -72,8 +72,9 @@ _VMAP_SEEDS = flags.DEFINE_bool(
     "vmap_seeds", False, "Train the seeds of each model (and correlation, funnel mode) as one "
     "vmapped program (apem_jax/vmap_runs.py) instead of one after the other; each seed's "
     "workdir, test evaluation and result files are those of a sequential run ('train s / run' "
-    "is then each seed's share of the shared training time). Seeds whose workdir already holds "
-    "a run are resumed or reused as without the flag.")
+    "is then each seed's share of the shared training time). Seeds a stopped or killed program "
+    "left half-trained resume together; a run trained to its end is reused, and one that "
+    "cannot resume with the rest (another step) resumes alone, as without the flag.")
 _TUNE = flags.DEFINE_integer(
     "tune", 0, "Before the seeds, tune every model with this many Optuna trials (the same budget "
     "for each; apem_jax/tuning.py: the shared search space plus the model's size knobs, scored "
@@ -225,10 +226,12 @@ def _trained_vmapped(summary_path: str) -> bool:
 
 
 def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
-  """--vmap_seeds: the seeds of one cell whose workdirs hold no run yet, trained as one vmapped
+  """--vmap_seeds: the seeds of one cell not trained to their end yet, trained as one vmapped
   program into the workdirs ``run_one`` reads (which then evaluates them on test as it does a
-  sequential run)."""
-  todo = []
+  sequential run). Seeds a stopped or killed program left half-trained resume together
+  (``vmap_runs.resume_points``); runs that cannot (a sequential sweep's, at other steps than
+  the rest) are left to ``run_one``, which resumes each alone, and the others train together."""
+  fresh, held = [], []
   for seed in seeds:
     workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, seed))
     config = _config(cell, seed)
@@ -236,15 +239,39 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
     if _run_name(cell, seed) in record:
       continue  # finished, as run_one will read it from the record
     if not vmap_runs.held_run(workdir):
-      todo.append((config, workdir))
+      fresh.append((config, workdir))
+    elif _unfinished(workdir):
+      held.append((config, workdir))
+  todo = sorted(fresh + held, key=lambda run: run[0].seed)
   if not todo:
     return
   shared = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, "s_vmapped"))
   t0 = time.time()
-  summaries = vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+  try:
+    summaries = vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+  except vmap_runs.NotResumableTogether:
+    print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in held]} hold checkpoints at other "
+          "steps than the rest; they resume one by one", flush=True)
+    todo = fresh
+    if not todo:
+      return
+    summaries = vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
   trainer.exit_if_stopped(summaries[0])
   print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in todo]} trained "
         f"in one program, {time.time() - t0:.0f}s", flush=True)
+
+
+def _unfinished(workdir: str) -> bool:
+  """Whether a run ``workdir`` holds is still to be trained: a stopped run (``stopped_by``) or a
+  killed one (checkpoints but no ``metrics.json``); not one trained to its end or failed."""
+  if os.path.exists(os.path.join(workdir, "eval", "test.json")):
+    return False
+  path = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(path):
+    return True
+  with open(path) as f:
+    summary = json.load(f)
+  return bool(summary.get("stopped_by")) and "error" not in summary
 
 
 def check_workdir_config(config, workdir: str) -> None:

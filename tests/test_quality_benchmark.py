@@ -114,16 +114,39 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert "Traceback" not in fourth.stderr
 
 
-def test_vmapped_seeds_include_a_workdir_left_with_an_empty_checkpoints_dir(tmp_path):
-  """--vmap_seeds: a seed whose workdir holds only the empty ``checkpoints/`` a kill before the
-  first save leaves was taken for a run and trained alone afterwards; it joins the program."""
-  (tmp_path / "runs" / "synthetic" / "mmoe" / "seed1" / "p1.0" / "checkpoints").mkdir(
-      parents=True)
-  command = _sweep_command(tmp_path, "--vmap_seeds")
+def test_vmapped_seeds_resume_together_or_alone_after_kills(tmp_path):
+  """--vmap_seeds after kills (MMoE, 2 seeds, 3 epochs of 6 steps, a checkpoint per epoch).
+  A sequential sweep killed after step 14 left seed 0 at step 12; seed 1's workdir holds only the
+  empty ``checkpoints/`` a kill before the first save leaves. Seed 0 cannot resume with a fresh
+  seed 1 (past its first evaluation): it is left to resume alone, and seed 1 trains alone in the
+  vmapped program, killed after step 8 (saved at 6). Run again, the two resume together from
+  step 6 (seed 0's older checkpoint) to the end."""
+  command = _sweep_command(tmp_path, "--set", "train.num_epochs=3")
   command[command.index("--models") + 1] = "mmoe"
-  out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "seeds [0, 1] trained in one program" in out.stdout, out.stdout[-3000:]
+  runs = tmp_path / "runs" / "synthetic" / "mmoe"
+
+  def sweep(*extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **({"APEM_JAX_KILL_AT": kill_at} if kill_at else {}))
+    return subprocess.run(command + list(extra), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+  assert sweep(kill_at="step:14").returncode == -signal.SIGKILL
+  (runs / "seed1" / "p1.0" / "checkpoints").mkdir(parents=True)
+  alone = sweep("--vmap_seeds", kill_at="step:8")
+  assert alone.returncode == -signal.SIGKILL, alone.stderr[-3000:]
+  assert "seeds [0] hold checkpoints at other steps than the rest" in alone.stdout
+  assert "Training 1 runs in one program" in alone.stdout
+
+  together = sweep("--vmap_seeds")
+  assert together.returncode == 0, together.stderr[-3000:]
+  assert "Resuming the runs at step 6 (epoch 1.00): 2 of 2 runs still training" in (
+      together.stdout)
+  assert "seeds [0, 1] trained in one program" in together.stdout
+  for seed in (0, 1):
+    summary = json.loads((runs / f"seed{seed}" / "p1.0" / "metrics.json").read_text())
+    assert summary["vmapped"]["runs"] == 2 and summary["steps"] == 18
+  table = json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"]
+  assert table["mmoe"]["seeds"] == 2
 
 
 def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path):
