@@ -512,9 +512,8 @@ def exit_if_stopped(summary: dict[str, Any]) -> None:
 def kill_point(point: str, step: int) -> None:
   """Test instrumentation: ``APEM_JAX_KILL_AT=<point>:<step>`` kills this process with SIGKILL,
   as a crash or an out-of-memory killer would, at ``step`` (after the train step; also in
-  ``vmap_runs``' loop), ``evaluate``
-  (after the validation pass, before its checkpoint) or ``save`` (while a checkpoint is being
-  written in the background) of that step."""
+  ``vmap_runs``' loop), ``evaluate`` (after the validation pass, before its checkpoint) or
+  ``save`` (while a checkpoint is being written in the background) of that step."""
   if os.environ.get("APEM_JAX_KILL_AT") == f"{point}:{step}":
     os.kill(os.getpid(), signal.SIGKILL)
 
