@@ -1,5 +1,5 @@
-"""Reading one key of a data config, whatever holds it (kept apart so that the JAX-free
-preparation code and the JAX-side pipeline share it)."""
+"""Reading one key of a data config, whatever holds it: one function that the preparation
+code (``prepare.py``, which imports no JAX itself) and the input pipeline share."""
 
 from __future__ import annotations
 

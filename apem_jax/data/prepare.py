@@ -864,8 +864,9 @@ def _funnel_error(chunk: Chunk, bad: np.ndarray, ids: np.ndarray, labels: np.nda
           " (validation and test rows are never dropped for their labels)")
   return DataError(f"{chunk.where(i)}: task {task.name!r} is positive where the task it depends "
                    f"on, {task.depends_on!r}, is negative (an inconsistent funnel, {split} "
-                   f"split; {int(bad.sum())} such rows in {chunk.span()}, the block read when "
-                   f"the first was found, later rows not checked); fix the data{drop}")
+                   f"split; {int(bad.sum())} such rows, of any split, in {chunk.span()}, the "
+                   f"block read when the first was found, later rows not checked); fix the "
+                   f"data{drop}")
 
 
 def missing_numbers(spec: spec_lib.Spec) -> tuple[float, ...]:
