@@ -73,8 +73,8 @@ _VMAP_SEEDS = flags.DEFINE_bool(
     "vmapped program (apem_jax/vmap_runs.py) instead of one after the other; each seed's "
     "workdir, test evaluation and result files are those of a sequential run ('train s / run' "
     "is then each seed's share of the shared training time). Seeds a stopped or killed program "
-    "left half-trained resume together; a run trained to its end is reused, and one that "
-    "cannot resume with the rest (another step) resumes alone, as without the flag.")
+    "left half-trained resume together (those whose checkpoints cannot join the rest, at "
+    "other steps, resume one by one, as without the flag); a run trained to its end is reused.")
 _TUNE = flags.DEFINE_integer(
     "tune", 0, "Before the seeds, tune every model with this many Optuna trials (the same budget "
     "for each; apem_jax/tuning.py: the shared search space plus the model's size knobs, scored "
@@ -228,9 +228,11 @@ def _trained_vmapped(summary_path: str) -> bool:
 def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
   """--vmap_seeds: the seeds of one cell not trained to their end yet, trained as one vmapped
   program into the workdirs ``run_one`` reads (which then evaluates them on test as it does a
-  sequential run). Seeds a stopped or killed program left half-trained resume together
-  (``vmap_runs.resume_points``); runs that cannot (a sequential sweep's, at other steps than
-  the rest) are left to ``run_one``, which resumes each alone, and the others train together."""
+  sequential run). Seeds a stopped or killed program left half-trained resume with the others
+  (``vmap_runs.resume_points``). Where their checkpoints cannot join the fresh seeds' (a run
+  past its first evaluation), the fresh seeds train together and the held ones together; held
+  seeds that cannot resume together either (a sequential sweep's, at other steps) are left to
+  ``run_one``, which resumes each alone."""
   fresh, held = [], []
   for seed in seeds:
     workdir = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, seed))
@@ -240,30 +242,41 @@ def train_seeds_vmapped(cell: Cell, seeds: list[int], record: dict) -> None:
       continue  # finished, as run_one will read it from the record
     if not vmap_runs.held_run(workdir):
       fresh.append((config, workdir))
-    elif _unfinished(workdir):
+    elif _unfinished(workdir, config):
       held.append((config, workdir))
-  todo = sorted(fresh + held, key=lambda run: run[0].seed)
-  if not todo:
+  if _train_together(cell, sorted(fresh + held, key=lambda run: run[0].seed)):
     return
+  if fresh and held:  # the fresh seeds always start together; the held ones may too
+    _train_together(cell, fresh)
+    if _train_together(cell, held):
+      return
+  print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in held]} hold checkpoints at "
+        "different steps; they resume one by one", flush=True)
+
+
+def _train_together(cell: Cell, runs: list) -> bool:
+  """Trains ``runs`` (``(config, workdir)`` pairs) as one vmapped program; False where their
+  checkpoints do not resume together (nothing of the runs is written then)."""
+  if not runs:
+    return True
   shared = os.path.join(_RUNS.value, _DATASET.value, _run_name(cell, "s_vmapped"))
   t0 = time.time()
   try:
-    summaries = vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+    summaries = vmap_runs.train_runs([c for c, _ in runs], shared, run_dirs=[w for _, w in runs])
   except vmap_runs.NotResumableTogether:
-    print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in held]} hold checkpoints at other "
-          "steps than the rest; they resume one by one", flush=True)
-    todo = fresh
-    if not todo:
-      return
-    summaries = vmap_runs.train_runs([c for c, _ in todo], shared, run_dirs=[w for _, w in todo])
+    return False
   trainer.exit_if_stopped(summaries[0])
-  print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in todo]} trained "
+  print(f"{_run_name(cell, 's')}: seeds {[c.seed for c, _ in runs]} trained "
         f"in one program, {time.time() - t0:.0f}s", flush=True)
+  return True
 
 
-def _unfinished(workdir: str) -> bool:
-  """Whether a run ``workdir`` holds is still to be trained: a stopped run (``stopped_by``) or a
-  killed one (checkpoints but no ``metrics.json``); not one trained to its end or failed."""
+def _unfinished(workdir: str, config) -> bool:
+  """Whether the run ``workdir`` holds is still to be trained: one stopped by a signal before its
+  end (``stopped_by``), or killed (checkpoints but no ``metrics.json``, or a stale one of an
+  earlier stop). Not one trained to its end, stopped early, or recorded as failed by
+  ``vmap_runs`` (the trainer records no failure: a run it failed counts as killed, and fails
+  again wherever it resumes)."""
   if os.path.exists(os.path.join(workdir, "eval", "test.json")):
     return False
   path = os.path.join(workdir, "metrics.json")
@@ -271,7 +284,8 @@ def _unfinished(workdir: str) -> bool:
     return True
   with open(path) as f:
     summary = json.load(f)
-  return bool(summary.get("stopped_by")) and "error" not in summary
+  return (bool(summary.get("stopped_by")) and "error" not in summary
+          and not summary["stopped_early"] and summary["epochs"] < config.train.num_epochs)
 
 
 def check_workdir_config(config, workdir: str) -> None:

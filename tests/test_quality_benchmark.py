@@ -114,39 +114,107 @@ def test_sweep_table_resume_and_config_check(tmp_path):
   assert "Traceback" not in fourth.stderr
 
 
-def test_vmapped_seeds_resume_together_or_alone_after_kills(tmp_path):
-  """--vmap_seeds after kills (MMoE, 2 seeds, 3 epochs of 6 steps, a checkpoint per epoch).
-  A sequential sweep killed after step 14 left seed 0 at step 12; seed 1's workdir holds only the
-  empty ``checkpoints/`` a kill before the first save leaves. Seed 0 cannot resume with a fresh
-  seed 1 (past its first evaluation): it is left to resume alone, and seed 1 trains alone in the
-  vmapped program, killed after step 8 (saved at 6). Run again, the two resume together from
-  step 6 (seed 0's older checkpoint) to the end."""
-  command = _sweep_command(tmp_path, "--set", "train.num_epochs=3")
+def test_vmapped_seeds_resume_together_after_a_kill(tmp_path):
+  """--vmap_seeds after a kill (MMoE, 3 epochs of 6 steps, a checkpoint per epoch). Seed 1's
+  workdir holds only the empty ``checkpoints/`` a kill before the first save leaves: it trains
+  with seed 0, killed after step 14 (both saved at 12). Run again with a third seed, which
+  cannot join runs past their first evaluation: it trains in a program of its own, then seeds 0
+  and 1 resume together from step 12 to the end."""
+  command = _sweep_command(tmp_path, "--set", "train.num_epochs=3", "--vmap_seeds")
   command[command.index("--models") + 1] = "mmoe"
   runs = tmp_path / "runs" / "synthetic" / "mmoe"
 
   def sweep(*extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, **({"APEM_JAX_KILL_AT": kill_at} if kill_at else {}))
-    return subprocess.run(command + list(extra), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
+    out = subprocess.run(command + list(extra), cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == (-signal.SIGKILL if kill_at else 0), out.stderr[-3000:]
+    return out
 
-  assert sweep(kill_at="step:14").returncode == -signal.SIGKILL
   (runs / "seed1" / "p1.0" / "checkpoints").mkdir(parents=True)
-  alone = sweep("--vmap_seeds", kill_at="step:8")
-  assert alone.returncode == -signal.SIGKILL, alone.stderr[-3000:]
-  assert "seeds [0] hold checkpoints at other steps than the rest" in alone.stdout
-  assert "Training 1 runs in one program" in alone.stdout
+  assert "Training 2 runs in one program" in sweep(kill_at="step:14").stdout
 
-  together = sweep("--vmap_seeds")
-  assert together.returncode == 0, together.stderr[-3000:]
-  assert "Resuming the runs at step 6 (epoch 1.00): 2 of 2 runs still training" in (
-      together.stdout)
-  assert "seeds [0, 1] trained in one program" in together.stdout
-  for seed in (0, 1):
+  more = sweep("--seeds", "3").stdout
+  assert more.index("seeds [2] trained in one program") < more.index(
+      "Resuming the runs at step 12 (epoch 2.00): 2 of 2 runs still training")
+  assert "seeds [0, 1] trained in one program" in more
+  for seed, runs_in_program in ((0, 2), (1, 2), (2, 1)):
     summary = json.loads((runs / f"seed{seed}" / "p1.0" / "metrics.json").read_text())
-    assert summary["vmapped"]["runs"] == 2 and summary["steps"] == 18
+    assert summary["vmapped"]["runs"] == runs_in_program and summary["steps"] == 18
   table = json.loads((tmp_path / "out" / "synthetic.json").read_text())["1.0"]
-  assert table["mmoe"]["seeds"] == 2
+  assert table["mmoe"]["seeds"] == 3
+
+
+# --vmap_seeds' choice of programs, with vmap_runs.train_runs replaced by one that refuses any
+# program holding a run with checkpoints beside another run (checkpoints at different steps).
+CHOOSE_PROGRAMS = r"""
+import json, os, sys
+sys.path.insert(0, "benchmarks")
+from absl import flags
+import quality
+from apem_jax import vmap_runs
+
+runs, out = sys.argv[1:3]
+flags.FLAGS(["quality.py", "--dataset", "synthetic", "--runs", runs, "--out", out])
+calls = []
+
+def train_runs(configs, shared, run_dirs):
+  calls.append([c.seed for c in configs])
+  if len(run_dirs) > 1 and any(os.path.isdir(os.path.join(d, "checkpoints")) for d in run_dirs):
+    raise vmap_runs.NotResumableTogether("no common step")
+  return [{"stopped_by": None}] * len(configs)
+
+vmap_runs.train_runs = train_runs
+quality.train_seeds_vmapped(quality.Cell(1.0, "mmoe"), [0, 1, 2], {})
+config = quality._config(quality.Cell(1.0, "mmoe"), 0)
+unfinished = {name: quality._unfinished(os.path.join(runs, name), config)
+              for name in sorted(os.listdir(runs)) if name.startswith("summary_")}
+print(json.dumps({"calls": calls, "unfinished": unfinished}))
+"""
+
+
+def test_vmapped_seeds_choose_their_programs(tmp_path):
+  """Seeds 0 and 1 hold checkpoints at steps that do not meet, seed 2 none: the three are tried
+  as one program, then seed 2 alone, then seeds 0 and 1, which are left to resume one by one.
+  Which runs count as still to train, by their ``metrics.json``."""
+  runs = tmp_path / "runs"
+  for seed, step in ((0, 6), (1, 12)):
+    (runs / "synthetic" / "mmoe" / f"seed{seed}" / "p1.0" / "checkpoints" / str(step)).mkdir(
+        parents=True)
+  num_epochs = json.loads(subprocess.run(
+      [sys.executable, "-c", "from apem_jax.configs import synthetic; "
+       "print(synthetic.get_config('mmoe').train.num_epochs)"],
+      cwd=REPO, capture_output=True, text=True, check=True).stdout)
+  summaries = {"summary_finished": {"stopped_by": None, "stopped_early": False,
+                                    "epochs": num_epochs},
+               "summary_stopped": {"stopped_by": {"signal": "SIGTERM", "step": 3},
+                                   "stopped_early": False, "epochs": 0.5},
+               "summary_stopped_after_its_end": {"stopped_by": {"signal": "SIGTERM", "step": 9},
+                                                 "stopped_early": False, "epochs": num_epochs},
+               "summary_stopped_early": {"stopped_by": {"signal": "SIGTERM", "step": 9},
+                                         "stopped_early": True, "epochs": 1.0},
+               "summary_failed": {"error": "loss nan", "stopped_by": {"signal": "SIGTERM"},
+                                  "stopped_early": False, "epochs": 0.5}}
+  for name, summary in summaries.items():
+    (runs / name).mkdir()
+    (runs / name / "metrics.json").write_text(json.dumps(summary))
+  (runs / "summary_killed").mkdir()
+  (runs / "summary_evaluated" / "eval").mkdir(parents=True)
+  (runs / "summary_evaluated" / "eval" / "test.json").write_text("{}")
+  (runs / "summary_evaluated" / "metrics.json").write_text(
+      json.dumps(summaries["summary_stopped"]))
+  out = subprocess.run([sys.executable, "-c", CHOOSE_PROGRAMS, str(runs), str(tmp_path / "out")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["calls"] == [[0, 1, 2], [2], [0, 1]]
+  assert "mmoe/seeds/p1.0: seeds [2] trained in one program" in out.stdout
+  assert ("mmoe/seeds/p1.0: seeds [0, 1] hold checkpoints at different steps; they resume one "
+          "by one") in out.stdout
+  assert result["unfinished"] == {
+      "summary_evaluated": False, "summary_failed": False, "summary_finished": False,
+      "summary_killed": True, "summary_stopped": True, "summary_stopped_after_its_end": False,
+      "summary_stopped_early": False}
 
 
 def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path):

@@ -203,8 +203,9 @@ def test_run_directories_that_do_not_resume_together_are_refused(vmapped, tmp_pa
   for config in configs:
     config.train.update(num_epochs=3, patience=100)  # both runs still training after step 60
   before = sorted(p.name for p in (workdir / "run_0").rglob("*"))
-  with pytest.raises(ValueError, match=r"^vmap_runs: \S*run_1 hold no checkpoint while "
-                                       r"\S*run_0 is past its first evaluation \(step 60\)"):
+  with pytest.raises(vmap_runs.NotResumableTogether,
+                     match=r"^vmap_runs: \S*run_1 hold no checkpoint while "
+                           r"\S*run_0 is past its first evaluation \(step 60\)"):
     vmap_runs.train_runs(configs, str(workdir))
   assert not (workdir / "run_1").exists()
   assert sorted(p.name for p in (workdir / "run_0").rglob("*")) == before
@@ -212,7 +213,8 @@ def test_run_directories_that_do_not_resume_together_are_refused(vmapped, tmp_pa
   shutil.copytree(reference_dir / "run_1", workdir / "run_1")
   stop_step = _steps(workdir / "run_1")[-1]
   assert stop_step not in _steps(workdir / "run_0")
-  with pytest.raises(ValueError, match=rf"run_0 has no checkpoint at step {stop_step}, where"):
+  with pytest.raises(vmap_runs.NotResumableTogether,
+                     match=rf"run_0 has no checkpoint at step {stop_step}, where"):
     vmap_runs.train_runs(configs, str(workdir))
 
 
