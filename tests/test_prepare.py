@@ -841,8 +841,8 @@ def test_inconsistent_funnel_error_or_drop_training_rows_only(tmp_path):
   rows = _inconsistent_funnel_csv(tmp_path)
   _fails(tmp_path, base_spec(), r"events.csv, line 5: task 'purchase' is positive where the task "
          r"it depends on, 'click', is negative \(an inconsistent funnel, train split; 4 such "
-         r"rows, of any split, in lines 2-101, the block read when the first was found, later rows not "
-         r"checked\); fix the data")
+         r"rows, of any split, in lines 2-101, the block read when the first was found, later "
+         r"rows not checked\); fix the data")
   result = prepare.prepare(write_spec(tmp_path, base_spec(inconsistent_funnel="drop")),
                            tmp_path / "cache")
   splits = result.metadata["splits"]

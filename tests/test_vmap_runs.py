@@ -257,26 +257,24 @@ def test_a_failed_run_stays_failed_through_stops_kills_and_resumes(tmp_path, mon
   FloatingPointError: the runs did not finish). Run again, then killed after step 13 (run 1's
   record already written, run 0 saved at step 10); run again to the end: run 0 finishes from
   its checkpoint, run 1 stays as it failed, and is then named."""
-  configs = _run_1_fails_at_once
-
   def summary(i):
     return json.loads((tmp_path / f"run_{i}" / "metrics.json").read_text())
 
   with monkeypatch.context() as patch:
     patch.setattr(vmap_runs.Runs, "global_batch",
                   _interrupted(5, lambda: os.kill(os.getpid(), signal.SIGTERM)))
-    stopped = vmap_runs.train_runs(configs(), str(tmp_path))
+    stopped = vmap_runs.train_runs(_run_1_fails_at_once(), str(tmp_path))
   assert [s["stopped_by"] for s in stopped] == [{"signal": "SIGTERM", "step": 5}] * 2
   assert "error" not in stopped[0] and "not finite" in stopped[1]["error"]
   assert stopped[1]["steps"] == 5 and _steps(tmp_path / "run_1") == []
   assert _steps(tmp_path / "run_0") == [5]
 
-  _train_crashing(monkeypatch, configs(), tmp_path, 9)
+  _train_crashing(monkeypatch, _run_1_fails_at_once(), tmp_path, 9)
   assert _steps(tmp_path / "run_0")[-1] == 10 and _steps(tmp_path / "run_1") == []
   assert summary(1)["error"] == stopped[1]["error"]
 
   with pytest.raises(FloatingPointError, match=r"1 of 2 runs .*run 1 \("):
-    vmap_runs.train_runs(configs(), str(tmp_path))
+    vmap_runs.train_runs(_run_1_fails_at_once(), str(tmp_path))
   finished, failed = summary(0), summary(1)
   assert finished["steps"] == 30 and finished["stopped_by"] is None
   assert [h["step"] for h in finished["history"]] == [10, 20, 30]
